@@ -1,0 +1,30 @@
+# Fresh machine: `make demo` or `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# On a machine without a GPU a CPU build of torch is enough; override TORCH for your CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test demo lint bench clean
+
+$(BIN)/qlora: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(BIN)/qlora
+
+install: $(BIN)/qlora
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+lint: install
+	$(BIN)/ruff check qlora_cli tests scripts
+	$(BIN)/ruff format --check qlora_cli tests scripts
+
+clean:
+	rm -rf $(VENV) models/tiny-demo runs/demo .pytest_cache

@@ -1,0 +1,174 @@
+"""Adapters on disk in PEFT's format, so ``peft.PeftModel.from_pretrained`` and vLLM load them as they are.
+
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
+                                base_model.model.<module path>.lora_B.weight  (out, r)
+    adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, ...
+
+The key mapping lives here and only here (``to_peft_key`` / ``from_peft_key``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_cli.config import LoRASettings
+from qlora_cli.errors import ModelError
+from qlora_cli.lora import LoRALinear, adapter_state_dict, inject_lora, lora_layers, suffixes
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(key: str) -> str:
+    """``model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``base_model.model.model.layers.0...lora_A.weight``."""
+    return PEFT_PREFIX + key
+
+
+def from_peft_key(key: str) -> str:
+    """The inverse of ``to_peft_key``; also accepts PEFT's in-memory form with an adapter name (``lora_A.default``)."""
+    if not key.startswith(PEFT_PREFIX):
+        raise ModelError(f"adapter key {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT LoRA adapter")
+    key = key[len(PEFT_PREFIX) :]
+    for which in ("lora_A", "lora_B"):
+        key = key.replace(f".{which}.default.", f".{which}.")
+    return key
+
+
+def peft_adapter_config(
+    settings: LoRASettings, target_names: list[str], base_model: str, fan_in_fan_out: bool
+) -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` fields for this adapter. ``target_modules`` lists the module-name suffixes, which
+    is how PEFT and vLLM match them (``all-linear`` is resolved to the names it found)."""
+    targets = suffixes(target_names) if settings.target_modules == "all-linear" else list(settings.target_modules)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": settings.use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path, settings: LoRASettings, base_model: str) -> None:
+    """Write adapter weights and config into ``out_dir``; each file lands atomically (temp file + rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ModelError("the model has no LoRA layers to save")
+    state = {to_peft_key(k): v.to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
+    fan_in_fan_out = any(m.fan_in_fan_out for _, m in layers)
+    config = peft_adapter_config(settings, [n for n, _ in layers], base_model, fan_in_fan_out)
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config dict, {our key: tensor}) from a PEFT-format folder. Raises ``ModelError``."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise ModelError(f"adapter folder not found: {adapter_dir}")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).exists():
+            raise ModelError(f"adapter folder {adapter_dir} is missing {name}")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: malformed JSON ({e.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ModelError(f"{folder / ADAPTER_CONFIG} is missing {key!r}")
+    if config.get("use_dora"):
+        raise ModelError(f"{folder}: DoRA adapters are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    state = {from_peft_key(k): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
+    return config, state
+
+
+def settings_from_peft_config(config: dict[str, Any]) -> LoRASettings:
+    targets = config["target_modules"]
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ModelError(f"adapter target_modules is a regex ({targets!r}); qlora reads lists of module names")
+    return LoRASettings(
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        target_modules=targets,
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> list[str]:
+    """Inject LoRA layers matching the saved adapter into ``model`` and load its weights.
+
+    The adapter must fit the base exactly: every saved module must exist with the saved shapes, and every
+    module the config targets must have saved weights. Returns the wrapped module names.
+    """
+    config, state = read_adapter(adapter_dir)
+    settings = settings_from_peft_config(config)
+    saved_modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    module_names = {n for n, _ in model.named_modules()}
+    missing = [m for m in saved_modules if m not in module_names]
+    if missing:
+        raise ModelError(f"adapter {adapter_dir} does not fit the base model: no module named {missing[0]!r}")
+    try:
+        names = inject_lora(model, settings)
+    except ModelError as e:
+        raise ModelError(f"adapter {adapter_dir} does not fit the base model: {e}") from None
+    layers: dict[str, LoRALinear] = dict(lora_layers(model))
+    not_saved = [n for n in names if n not in saved_modules]
+    if not_saved:
+        raise ModelError(f"adapter {adapter_dir} has no weights for targeted module {not_saved[0]!r}")
+    extra = [m for m in saved_modules if m not in layers]
+    if extra:
+        raise ModelError(f"adapter {adapter_dir} has weights for {extra[0]!r}, which its target_modules do not match")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for which in ("lora_A", "lora_B"):
+                tensor = state[f"{name}.{which}.weight"]
+                param = getattr(layer, which).weight
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ModelError(
+                        f"adapter {adapter_dir} does not fit the base model: {name}.{which} has shape "
+                        f"{tuple(tensor.shape)}, the base needs {tuple(param.shape)}"
+                    )
+                param.copy_(tensor.to(param.dtype))
+    return names

@@ -1,0 +1,308 @@
+"""The run config: one flat YAML file, validated once, strictly.
+
+This module is the single place that knows key names and defaults. Everything downstream receives a
+validated ``RunConfig`` (or one of its small sub-views: ``cfg.lora``, ``cfg.quant``, ``cfg.data``) and never
+re-checks a key. Key names follow Axolotl where one exists, so a user's muscle memory carries over.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qlora_cli.errors import ConfigError
+
+DatasetType = Literal["completion", "alpaca", "chat", "text"]
+DType = Literal["bfloat16", "float16", "float32"]
+Optimizer = Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"]
+Scheduler = Literal["cosine", "linear", "constant"]
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DatasetSpec(BaseModel):
+    """One entry of ``datasets`` / ``eval_datasets``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)  # a local .jsonl/.json/.csv/.parquet file, or a datasets hub name
+    type: DatasetType = "completion"  # how a row becomes prompt and target text
+    split: str = "train"  # hub datasets only: which split to read
+
+
+class RunConfig(BaseModel):
+    """Every key of a run. ``extra="forbid"``: an unknown key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    base_model: str = Field(min_length=1)  # local folder or hub id
+    tokenizer: str | None = None  # default: base_model
+    trust_remote_code: bool = False  # run Python shipped with the model; off unless asked for
+    allow_pickle_weights: bool = False  # also read .bin/.pt weights (pickle can run code); safetensors only by default
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # None: transformers picks
+    chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a Jinja template string
+    # quantization
+    load_in_4bit: bool = True  # False: plain LoRA on a 16-bit base
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
+    bnb_4bit_compute_dtype: DType = "bfloat16"  # matmul dtype; also the dtype of the unquantized base parts
+    # LoRA
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_use_rslora: bool = False  # scaling = alpha/sqrt(r) instead of alpha/r
+    # data
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    eval_datasets: list[DatasetSpec] = Field(default_factory=list)
+    val_set_size: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of training rows held out when no eval_datasets
+    train_on_inputs: bool = False  # True: loss on prompts too
+    sequence_len: int = Field(512, ge=2)  # longer examples are truncated (and counted)
+    # batch and schedule
+    micro_batch_size: int = Field(4, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # when set, overrides num_epochs
+    learning_rate: float = Field(2.0e-4, gt=0)
+    lr_scheduler: Scheduler = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    optimizer: Optimizer = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% more compute
+    # logging, eval, output
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)  # None: eval only at the end
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    output_dir: str = "runs/my-run"
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _one_target_as_list(cls, v: Any) -> Any:
+        # `lora_target_modules: q_proj` means the one suffix, not a regex.
+        return [v] if isinstance(v, str) and v != "all-linear" else v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must list at least one module name, or be the string all-linear")
+            if any(not t.strip() for t in v):
+                raise ValueError("module names must not be empty")
+        return v
+
+    @field_validator("learning_rate", "lora_alpha", "num_epochs", "weight_decay", "val_set_size")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode turns `lora_r: true` into 1; a boolean where a number belongs is a typo.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    ann = str(field.annotation)
+                    if "int" in ann or "float" in ann:
+                        raise ValueError(f"__key__{key}: expected a number, got {value!r}")
+        return data
+
+    # -- sub-views handed to the modules that need them --------------------------------------
+    @property
+    def lora(self) -> LoRASettings:
+        return LoRASettings(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            use_rslora=self.lora_use_rslora,
+        )
+
+    @property
+    def quant(self) -> QuantSettings:
+        return QuantSettings(
+            load_in_4bit=self.load_in_4bit,
+            quant_type=self.bnb_4bit_quant_type,
+            double_quant=self.bnb_4bit_use_double_quant,
+            compute_dtype=self.bnb_4bit_compute_dtype,
+        )
+
+    @property
+    def data(self) -> DataSettings:
+        return DataSettings(
+            datasets=list(self.datasets),
+            eval_datasets=list(self.eval_datasets),
+            val_set_size=self.val_set_size,
+            train_on_inputs=self.train_on_inputs,
+            sequence_len=self.sequence_len,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] | str
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    load_in_4bit: bool
+    quant_type: str
+    double_quant: bool
+    compute_dtype: str
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    datasets: list[DatasetSpec]
+    eval_datasets: list[DatasetSpec]
+    val_set_size: float
+    train_on_inputs: bool
+    sequence_len: int
+    seed: int
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a folder, expected a YAML file: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)  # safe_load only: a !!python/object tag is refused
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"learning_rate=1e-4"`` -> ``("learning_rate", 1e-4)``; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        value = _maybe_number(value)
+    return key, value
+
+
+def _maybe_number(s: str) -> Any:
+    # YAML 1.1 reads "1e-4" (no dot) as a string; users mean a number.
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def _normalise_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        field = RunConfig.model_fields.get(key)
+        if isinstance(value, str) and field is not None and "float" in str(field.annotation):
+            value = _maybe_number(value)
+        out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **fields: Any) -> RunConfig:
+    """Read, override and validate a config. Raises ``ConfigError`` with one line on any problem.
+
+    ``path`` may be None when every key comes from ``fields`` (tests, other commands).
+    """
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    data.update(fields)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        data[key] = value
+    return validate_config(data, source=str(path) if path is not None else "config")
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    unknown = [k for k in data if k not in RunConfig.model_fields]
+    if unknown:
+        key = unknown[0]
+        hint = difflib.get_close_matches(str(key), list(RunConfig.model_fields), n=1, cutoff=0.6)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{source}: unknown key '{key}'{suggestion}")
+    try:
+        return RunConfig(**_normalise_numbers(data))
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line naming the key, what was wrong and what is allowed."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if msg.startswith("__key__"):  # raised by a model-level validator that knows the key
+            key, _, rest = msg[len("__key__") :].partition(": ")
+            parts.append(f"key '{key}': {rest}")
+            continue
+        if err["type"] == "missing":
+            parts.append(f"missing required key '{loc}'")
+            continue
+        if err["type"] == "extra_forbidden":
+            field_names = list(DatasetSpec.model_fields) if "datasets" in loc else list(RunConfig.model_fields)
+            name = str(err["loc"][-1])
+            hint = difflib.get_close_matches(name, field_names, n=1, cutoff=0.6)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            parts.append(f"unknown key '{loc}'{suggestion}")
+            continue
+        got = err.get("input")
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        parts.append(f"key '{loc}': {msg}, got {got!r}")
+    first = parts[0]
+    return first if len(parts) == 1 else f"{first} (and {len(parts) - 1} more problem(s))"
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every key present, in declaration order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

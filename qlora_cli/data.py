@@ -1,0 +1,435 @@
+"""Datasets -> token ids + labels -> padded batches.
+
+Four row formats, each ending in EOS, which is always a target token (also when pad == eos, because the
+attention mask and label padding come from lengths, never from comparing ids with the pad id):
+
+    completion  {"prompt", "completion"}             prompt | completion EOS
+    alpaca      {"instruction", "input"?, "output"}  Alpaca prompt | output EOS
+    chat        {"messages": [{"role", "content"}]}  tokenizer's chat template; targets = assistant turns
+    text        {"text"}                             text EOS, every token a target
+
+Labels are -100 where no loss is taken (the prompt, unless ``train_on_inputs``). Prompt and target are
+tokenized separately and concatenated, so the boundary is exact and generation at eval time sees exactly
+the prompt tokens the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_cli.config import DATA_EXTENSIONS, DatasetSpec, DataSettings
+from qlora_cli.errors import DataError
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+REQUIRED_FIELDS = {
+    "completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+}
+
+
+@dataclass
+class Row:
+    where: str  # "data/train.jsonl:12", for error messages
+    fields: dict[str, Any]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken; same length as input_ids
+    row: Row | None = field(default=None, repr=False, compare=False)  # where it came from (eval, reports)
+    fmt: str = ""
+
+    @property
+    def n_targets(self) -> int:
+        # Position 0 is never predicted (nothing precedes it), so it never counts as a target.
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0  # cut at sequence_len (kept if targets remain)
+    dropped: int = 0  # no target token left after truncation
+    tokens: int = 0
+    target_tokens: int = 0
+
+    def add(self, other: DataStats) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class TrainData:
+    train: list[Example]
+    eval: list[Example]
+    train_stats: DataStats
+    eval_stats: DataStats
+
+
+# ---------------------------------------------------------------------------------------------
+# reading rows
+
+
+def read_rows(spec: DatasetSpec) -> list[Row]:
+    """Every row of one dataset entry, with a location for error messages. Raises ``DataError``."""
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        raise DataError(f"dataset path is a folder, expected a file: {spec.path}")
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix not in DATA_EXTENSIONS:
+            raise DataError(
+                f"unsupported dataset file extension '{path.suffix}' in {spec.path} (use {', '.join(DATA_EXTENSIONS)})"
+            )
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        rows = readers[suffix](path)
+    elif path.suffix.lower() in DATA_EXTENSIONS or spec.path.startswith((".", "/", "~")) or spec.path.count("/") > 1:
+        raise DataError(f"dataset file not found: {spec.path}")
+    else:
+        rows = _read_hub(spec)
+    if not rows:
+        raise DataError(f"dataset {spec.path} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(Row(where, obj))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        obj = next(iter(obj.values()))  # {"data": [...]}
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    rows = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}[{i}]: expected a JSON object, got {type(item).__name__}")
+        rows.append(Row(f"{path}[{i}]", item))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid with a useful message
+        raise DataError(f"{path}: cannot read CSV: {str(e).splitlines()[0]}") from None
+    return [Row(f"{path}:{i + 2}", r) for i, r in enumerate(table.to_pylist())]  # line 1 is the header
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
+    return [Row(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
+
+
+def _read_hub(spec: DatasetSpec) -> list[Row]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"dataset {spec.path!r} is not a local file and the datasets library is not installed"
+        ) from None
+    try:
+        ds = datasets.load_dataset(spec.path, split=spec.split)
+    except Exception as e:
+        raise DataError(
+            f"dataset {spec.path!r} is not a local file and could not be loaded from the hub: {str(e).splitlines()[0]}"
+        ) from None
+    return [Row(f"{spec.path}[{spec.split}][{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# rows -> prompt/target text
+
+
+def _field(row: Row, name: str, fmt: str, optional: bool = False) -> str:
+    if name not in row.fields or (row.fields[name] is None and not optional):
+        needed = ", ".join(REQUIRED_FIELDS[fmt])
+        raise DataError(f"{row.where}: row is missing field '{name}' (type {fmt} needs {needed})")
+    value = row.fields[name]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def prompt_and_target(row: Row, fmt: str) -> tuple[str, str]:
+    """(prompt text, target text) for completion and alpaca rows; EOS is added at tokenization."""
+    if fmt == "completion":
+        return _field(row, "prompt", fmt), _field(row, "completion", fmt)
+    if fmt == "alpaca":
+        instruction = _field(row, "instruction", fmt)
+        inp = _field(row, "input", fmt, optional=True) if "input" in row.fields else ""
+        output = _field(row, "output", fmt)
+        template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
+        return template.format(instruction=instruction, input=inp), output
+    raise ValueError(f"prompt_and_target does not handle {fmt}")
+
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_messages(row: Row) -> list[dict[str, str]]:
+    """The row's messages as [{role, content}], accepting ShareGPT's {from, value} too."""
+    messages = row.fields.get("messages", row.fields.get("conversations"))
+    if messages is None:
+        raise DataError(f"{row.where}: row is missing field 'messages' (type chat needs messages)")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
+            m = {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{row.where}: messages[{i}] is missing field 'role' or 'content'")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise DataError(f"{row.where}: messages[{i}] role and content must be strings")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> Example:
+    """One row -> token ids and labels (untruncated)."""
+    eos = tokenizer.eos_token_id
+    if fmt in ("completion", "alpaca"):
+        prompt, target = prompt_and_target(row, fmt)
+        prompt_ids = _encode(tokenizer, prompt, special=True)
+        target_ids = _encode(tokenizer, target, special=False) + [eos]
+        ids = prompt_ids + target_ids
+        labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        return Example(ids, labels)
+    if fmt == "text":
+        ids = _encode(tokenizer, _field(row, "text", fmt), special=True) + [eos]
+        return Example(ids, list(ids))
+    if fmt == "chat":
+        return _tokenize_chat(row, tokenizer, train_on_inputs)
+    raise ValueError(fmt)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (content + end-of-turn).
+
+    Each span runs from the end of the conversation-so-far rendered with a generation prompt to the end of
+    the conversation rendered through that turn, trailing whitespace excluded. This needs the template to be
+    prefix-stable (rendering more messages only appends text), which is checked.
+    """
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not full.startswith(through) or not through.startswith(before):
+            raise DataError(
+                f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier text), "
+                "so assistant turns cannot be located; set chat_template to a simpler template"
+            )
+        end = len(through.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return full, spans
+
+
+def _tokenize_chat(row: Row, tokenizer: Any, train_on_inputs: bool) -> Example:
+    messages = chat_messages(row)
+    text, spans = assistant_spans(tokenizer, messages, row.where)
+    eos = tokenizer.eos_token_id
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # A token is a target when its characters overlap an assistant span.
+        is_target = [
+            any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in enc["offset_mapping"]
+        ]
+    else:  # slow tokenizers have no offsets: count tokens of each rendered prefix instead
+        ids = _encode(tokenizer, text, special=False)
+        is_target = [False] * len(ids)
+        for start, end in spans:
+            a = len(_encode(tokenizer, text[:start], special=False))
+            b = len(_encode(tokenizer, text[:end], special=False))
+            for j in range(a, min(b, len(ids))):
+                is_target[j] = True
+    labels = [t if (train_on_inputs or flag) else IGNORE_INDEX for t, flag in zip(ids, is_target)]
+    # EOS must be learned: append it unless the last assistant turn already ends with it.
+    last_target = max((j for j, flag in enumerate(is_target) if flag), default=-1)
+    if last_target < 0 or ids[last_target] != eos:
+        ends_with_assistant = messages[-1]["role"] == "assistant"
+        ids.append(eos)
+        labels.append(eos if (ends_with_assistant or train_on_inputs) else IGNORE_INDEX)
+    return Example(ids, labels)
+
+
+def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
+    rows = read_rows(spec)
+    if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
+            "set chat_template: chatml (or a Jinja template) in the config"
+        )
+    return tokenize_rows(rows, spec.type, tokenizer, settings)
+
+
+def tokenize_rows(rows: list[Row], fmt: str, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
+    stats = DataStats(rows=len(rows))
+    examples = []
+    for row in rows:
+        ex = tokenize_row(row, fmt, tokenizer, settings.train_on_inputs)
+        ex.row, ex.fmt = row, fmt
+        if len(ex.input_ids) > settings.sequence_len:
+            ex.input_ids, ex.labels = ex.input_ids[: settings.sequence_len], ex.labels[: settings.sequence_len]
+            stats.truncated += 1
+        if ex.n_targets == 0:
+            stats.dropped += 1
+            continue
+        examples.append(ex)
+        stats.tokens += len(ex.input_ids)
+        stats.target_tokens += ex.n_targets
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
+    """Tokenize the training and eval datasets. Raises ``DataError`` when nothing is left to train on."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
+    train: list[Example] = []
+    train_stats = DataStats()
+    for spec in settings.datasets:
+        examples, stats = tokenize_dataset(spec, tokenizer, settings)
+        train.extend(examples)
+        train_stats.add(stats)
+    if not train:
+        raise DataError(
+            f"no training examples left: all {train_stats.rows} rows were truncated away at sequence_len="
+            f"{settings.sequence_len} or have no target tokens"
+        )
+    eval_examples: list[Example] = []
+    eval_stats = DataStats()
+    for spec in settings.eval_datasets:
+        examples, stats = tokenize_dataset(spec, tokenizer, settings)
+        eval_examples.extend(examples)
+        eval_stats.add(stats)
+    if not settings.eval_datasets and settings.val_set_size > 0:
+        order = list(range(len(train)))
+        random.Random(settings.seed).shuffle(order)
+        n_val = max(1, round(len(train) * settings.val_set_size))
+        if n_val >= len(train):
+            raise DataError(f"val_set_size={settings.val_set_size} leaves no training examples out of {len(train)}")
+        val_idx = set(order[:n_val])
+        eval_examples = [ex for i, ex in enumerate(train) if i in val_idx]
+        train = [ex for i, ex in enumerate(train) if i not in val_idx]
+        eval_stats = DataStats(
+            examples=len(eval_examples),
+            tokens=sum(len(e.input_ids) for e in eval_examples),
+            target_tokens=sum(e.n_targets for e in eval_examples),
+        )
+        train_stats.examples = len(train)
+        train_stats.tokens -= eval_stats.tokens
+        train_stats.target_tokens -= eval_stats.target_tokens
+    return TrainData(train, eval_examples, train_stats, eval_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. The mask comes from lengths, so a pad id equal to EOS is harmless.
+
+    Returns input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on padding.
+    """
+    longest = max(len(e.input_ids) for e in examples)
+    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Index lists of one epoch's micro-batches, shuffled by (seed, epoch) so a resumed run sees the same order."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+        order = torch.randperm(n_examples, generator=g).tolist()
+    else:
+        order = list(range(n_examples))
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def iter_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """In-order batches, for evaluation."""
+    for idx in epoch_batches(len(examples), batch_size, 0, 0, shuffle=False):
+        yield collate([examples[i] for i in idx], pad_id)

@@ -1,0 +1,261 @@
+"""Our LoRA layer, target matching and injection, and the delta/merge math as pure functions.
+
+    y = W x + (α / r) · B (A dropout(x))          (α / √r with rsLoRA)
+
+``A`` is (r, in) Kaiming-uniform, ``B`` is (out, r) zeros, so a fresh adapter changes nothing. The adapter
+weights are float32 master weights whatever the base's dtype: a 4-bit base cannot hold a gradient and a
+bfloat16 adapter loses small updates. ``base`` may be ``nn.Linear``, a bitsandbytes ``Linear4bit`` (a subclass
+of ``nn.Linear``) or GPT-2's ``Conv1D``, whose weight is stored transposed, (in, out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qlora_cli.config import LoRASettings
+from qlora_cli.errors import ModelError
+
+try:  # transformers' GPT-2 style linear layer, weight (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always has it today
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure math
+
+
+def lora_delta(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """scaling · B @ A in float32: (out, in), or (in, out) for a Conv1D base (``fan_in_fan_out``)."""
+    delta = (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
+    return delta.T if fan_in_fan_out else delta
+
+
+def merge_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """W + scaling · B @ A, computed in float32 and returned in float32 (the caller picks the output dtype)."""
+    return weight.float() + lora_delta(lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
+    if isinstance(module, nn.Linear):  # includes bnb Linear4bit, whose .weight is packed but attrs are true
+        return module.in_features, module.out_features, False
+    if bool(Conv1D) and isinstance(module, Conv1D):
+        n_in, n_out = module.weight.shape
+        return n_in, n_out, True
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for bitsandbytes 4-bit layers (their weight is packed and cannot be merged in place)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and hasattr(weight, "quant_state")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: ``y = base(x) + scaling · B(A(dropout(x)))``."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        in_features, out_features, fan_in_fan_out = linear_shape(base)
+        device = _param_device(base)
+        self.base = base
+        self.r = r
+        self.alpha = alpha
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = in_features, out_features
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
+        nn.init.zeros_(self.lora_B.weight)
+
+    # The wrapped layer's weight and bias, so code that reads `module.weight` keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self.disabled:
+            return out
+        x_lora = self.dropout(x).to(self.lora_A.weight.dtype)  # (..., in)
+        update = self.lora_B(self.lora_A(x_lora))  # (..., r) -> (..., out)
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update this adapter adds to the base weight, float32, in the base weight's layout."""
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+
+    def merge(self) -> None:
+        """Add the delta into a 16/32-bit base weight in place (a 4-bit base goes through ``qlora merge``)."""
+        if self.merged:
+            return
+        if is_quantized(self.base):
+            raise ModelError("cannot merge into a 4-bit weight in place; use `qlora merge`, which dequantizes first")
+        w = self.base.weight
+        w.data = merge_weight(w.data, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out).to(
+            w.dtype
+        )
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.data = (w.data.float() - self.delta_weight()).to(w.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# matching and injection
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def linear_module_names(model: nn.Module, include_head: bool = False) -> list[str]:
+    """Names of every linear layer (``nn.Linear``, ``Linear4bit``, ``Conv1D``), the output head excluded."""
+    head = None if include_head else output_head(model)
+    inside_lora = {id(sub) for m in model.modules() if isinstance(m, LoRALinear) for sub in m.modules()}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in inside_lora:
+            continue
+        if is_linear(module) and module is not head and name:
+            names.append(name)
+    return names
+
+
+def matches_target(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """The names of the modules LoRA will wrap. Raises ``ModelError`` for a target that matches nothing."""
+    linear = linear_module_names(model)
+    if targets == "all-linear":
+        if not linear:
+            raise ModelError("lora_target_modules: all-linear found no linear layers in this model")
+        return linear
+    all_linear = set(linear_module_names(model, include_head=True))
+    chosen: list[str] = []
+    for target in targets:
+        hits = [n for n in all_linear if matches_target(n, target)]
+        if not hits:
+            other = [n for n, _ in model.named_modules() if n and matches_target(n, target)]
+            if other:
+                kind = type(model.get_submodule(other[0])).__name__
+                raise ModelError(
+                    f"lora_target_modules: '{target}' matches '{other[0]}', a {kind}, not a linear layer; "
+                    f"linear layers here: {', '.join(suffixes(linear))}"
+                )
+            raise ModelError(
+                f"lora_target_modules: '{target}' matches no module; linear layers in this model: "
+                f"{', '.join(suffixes(linear))} (or use all-linear)"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {n: i for i, n in enumerate(n for n, _ in model.named_modules())}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def suffixes(names: list[str]) -> list[str]:
+    """Unique last name components in first-seen order: ['q_proj', 'k_proj', ...]."""
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(n.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def inject_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
+    """Freeze ``model`` and wrap each targeted linear layer in a ``LoRALinear``. Returns the wrapped names."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ModelError("this model already has LoRA layers")
+    names = match_targets(model, settings.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child_name)
+        layer = LoRALinear(base, settings.r, settings.alpha, settings.dropout, settings.use_rslora)
+        layer.train(base.training)  # a new module starts in training mode; follow the model's mode
+        setattr(parent, child_name, layer)
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module path>.lora_A.weight": (r, in), "<module path>.lora_B.weight": (out, r)}``, detached."""
+    state = {}
+    for name, m in lora_layers(model):
+        state[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        state[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return state
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone: every LoRA layer returns ``base(x)`` inside this block."""
+    layers = [m for _, m in lora_layers(model)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous):
+            m.disabled = was

@@ -1,0 +1,183 @@
+"""Base model and tokenizer loading: transformers + bitsandbytes NF4, on GPU or CPU.
+
+The loading path is the same for a local folder and a hub id; tests and the demo load local folders built
+in code, exactly as a downloaded model would be loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_cli.config import QuantSettings, RunConfig
+from qlora_cli.data import CHATML_TEMPLATE
+from qlora_cli.errors import ConfigError, ModelError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quiet_libraries() -> None:
+    """Silence load-time chatter (progress bars, optional-kernel notices) that is not the user's concern."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but no CUDA GPU is available (use device: auto or cpu)")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def is_local(name: str) -> bool:
+    """A path-like name (or an existing folder) is local; ``org/model`` that does not exist is a hub id."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def check_model_folder(name: str, what: str = "base_model") -> None:
+    """Fail early, in one line, on a local model folder that cannot be loaded."""
+    if not is_local(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(f"{what} folder not found: {name}")
+    if not path.is_dir():
+        raise ModelError(f"{what} must be a model folder, got a file: {name}")
+    if not (path / "config.json").exists():
+        raise ModelError(f"{what} folder {name} has no config.json (is it a transformers model folder?)")
+
+
+def check_weights(name: str, allow_pickle: bool) -> None:
+    if not is_local(name):
+        return
+    path = Path(name).expanduser()
+    safetensors = list(path.glob("*.safetensors"))
+    pickles = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+    if safetensors:
+        return
+    if pickles and not allow_pickle:
+        raise ModelError(
+            f"base_model folder {name} has only pickle weights ({pickles[0].name}); qlora reads safetensors only "
+            "unless you set allow_pickle_weights: true (pickle files can run code when loaded)"
+        )
+    if not pickles:
+        raise ModelError(f"base_model folder {name} has no weights (*.safetensors)")
+
+
+def check_base_model(cfg: RunConfig) -> None:
+    check_model_folder(cfg.base_model)
+    check_weights(cfg.base_model, cfg.allow_pickle_weights)
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer with a pad token (EOS when it has none) and the configured chat template."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.base_model
+    check_model_folder(name, "tokenizer" if cfg.tokenizer else "base_model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer from {name}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, so EOS stays a target
+    if cfg.chat_template == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def bnb_config(quant: QuantSettings) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("load_in_4bit: true needs bitsandbytes; pip install 'bitsandbytes>=0.49'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
+
+
+def load_base_model(cfg: RunConfig, device: torch.device) -> Any:
+    """The frozen base model on ``device``, 4-bit when asked, norms and biases in float32 under autocast.
+
+    Returns a transformers ``PreTrainedModel`` with ``use_cache`` off (training) and no parameter requiring grad.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_base_model(cfg)
+    quant = cfg.quant
+    dtype = DTYPES[quant.compute_dtype]
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": {"": device},
+        "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": not cfg.allow_pickle_weights,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(quant)
+    quiet_libraries()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load base model {cfg.base_model}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device.type == "cpu":
+        disable_cpu_weight_repacking(model)
+    if dtype != torch.float32:
+        upcast_small_parameters(model)
+    return model
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight the first time it runs in
+    eval mode without grad, and from then on uses a kernel that has no autograd: after one evaluation,
+    training would silently stop propagating gradients through the base layers. That kernel also computes
+    in bfloat16 whatever the compute dtype. Turning it off keeps evaluation numerically equal to training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def upcast_small_parameters(model: torch.nn.Module) -> None:
+    """Norm weights and biases to float32 (as PEFT's prepare_model_for_kbit_training does): they are tiny,
+    and autocast runs norms in float32 anyway. Embeddings and the output head stay 16-bit (they are large)."""
+    for p in model.parameters():
+        if p.ndim == 1 and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in backward. Non-reentrant checkpointing needs no input that requires grad,
+    which is what makes it work with a frozen (4-bit) base and trainable adapters inside it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,0 +1,143 @@
+"""Tiny random-init models and a character-level tokenizer, built in code and saved as ordinary
+transformers folders, for the demo and the tests (nothing is downloaded; the folders load exactly as a
+downloaded model would).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_cli.data import CHATML_TEMPLATE as CHATML
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHARS = string.ascii_letters + string.digits + string.punctuation + " \n\t"
+
+
+def build_char_tokenizer(pad_is_eos: bool = False, add_bos: bool = True, chat_template: str | None = CHATML) -> Any:
+    """A fast character-level tokenizer: one token per character, plus the special tokens above.
+
+    ``pad_is_eos`` makes pad == eos (as in Llama and GPT-2 setups), to test that EOS stays a target.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>" if pad_is_eos else "<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _common(tok: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def tiny_config(
+    arch: str,
+    tok: Any,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    max_positions: int = 512,
+    **extra: Any,
+) -> Any:
+    """A transformers config for ``arch`` at toy size. ``arch`` is a model_type: llama, qwen2, mistral,
+    phi3, gemma2, gpt2, gpt_neox, opt."""
+    import transformers as tf
+
+    inter = intermediate or 2 * hidden
+    c = _common(tok)
+    llama_like = dict(
+        **extra,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        **c,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like, tie_word_embeddings=False)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=hidden // heads)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **c)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=max_positions,
+            **c,
+        )
+    if arch == "opt":
+        return tf.OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=inter,
+            max_position_embeddings=max_positions,
+            word_embed_proj_dim=hidden,
+            **c,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2", "gpt_neox", "opt")
+
+
+def build_tiny_model(
+    folder: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+    **config_kwargs: Any,
+) -> Path:
+    """Save a random-init ``arch`` model and its tokenizer to ``folder`` (safetensors). Returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.model import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(folder)
+    tok = tokenizer if tokenizer is not None else build_char_tokenizer()
+    config = tiny_config(arch, tok, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

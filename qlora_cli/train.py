@@ -1,0 +1,373 @@
+"""The training loop, readable top to bottom.
+
+    config -> tokenizer -> data -> 4-bit base -> LoRA -> optimizer/schedule -> loop -> adapter on disk
+
+Everything that can be wrong with the user's input (config, data, model folder, targets) is checked
+before the output folder is touched, so a mistake leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from qlora_cli.adapter_io import save_adapter
+from qlora_cli.config import RunConfig, dump_config
+from qlora_cli.data import Example, TrainData, build_datasets, collate, epoch_batches
+from qlora_cli.errors import ConfigError
+from qlora_cli.lora import inject_lora, lora_parameters
+from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
+from qlora_cli.model import (
+    DTYPES,
+    check_base_model,
+    enable_gradient_checkpointing,
+    load_base_model,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_device,
+)
+
+CONFIG_FILE = "qlora_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float  # token-weighted mean over the last logging window
+    eval_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def check_output_dir(path: str, force: bool) -> Path:
+    """Refuse to mix a new run into an old one; nothing is created here."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {path} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output_dir {path} exists and is not empty (use --force to overwrite)")
+    return out
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer over adapter parameters only. bitsandbytes' paged optimizers page state to CPU under
+    memory pressure on CUDA; elsewhere they behave as the unpaged ones."""
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"optimizer {cfg.optimizer} needs bitsandbytes; install it or use adamw_torch") from None
+    optimizers = {
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }
+    return optimizers[cfg.optimizer](params, **kwargs)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+
+def steps_per_epoch(n_examples: int, micro_batch_size: int, accumulation: int, num_processes: int = 1) -> int:
+    micro_batches = math.ceil(n_examples / micro_batch_size)
+    return math.ceil(micro_batches / (accumulation * num_processes))
+
+
+def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = steps_per_epoch(n_examples, cfg.micro_batch_size, cfg.gradient_accumulation_steps, num_processes)
+    return max(1, math.ceil(per_epoch * cfg.num_epochs))
+
+
+@dataclass
+class Precision:
+    """Autocast to the compute dtype (norms and the loss stay float32); fp16 also needs loss scaling."""
+
+    device_type: str
+    dtype: torch.dtype
+    scaler: Any = None
+
+    @classmethod
+    def for_run(cls, compute_dtype: str, device: torch.device) -> Precision:
+        if compute_dtype == "float16" and device.type == "cpu":
+            raise ConfigError("bnb_4bit_compute_dtype: float16 needs a GPU; use bfloat16 or float32 on CPU")
+        dtype = DTYPES[compute_dtype]
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return cls(device.type, dtype, scaler)
+
+    def autocast(self) -> Any:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def accumulate_gradients(
+    model: Any,
+    micro_batches: list[list[Example]],
+    pad_id: int,
+    device: torch.device,
+    precision: Precision,
+    no_sync: Any = nullcontext,
+    pad_multiple: int = 1,
+) -> tuple[float, int, int]:
+    """Forward and backward over one optimizer step's micro-batches.
+
+    The loss is the sum of token losses divided by the number of target tokens in the whole window, so
+    every target token weighs the same however the window is cut into micro-batches.
+    Returns (summed loss, target tokens, non-pad tokens).
+    """
+    n_targets = sum(e.n_targets for examples in micro_batches for e in examples)
+    total, n_tokens = 0.0, 0
+    for j, examples in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id, pad_multiple).items()}
+        last = j == len(micro_batches) - 1
+        with nullcontext() if last else no_sync(model):  # DDP: all-reduce gradients once, on the last
+            with precision.autocast():
+                s, _ = loss_sum(model, batch)
+            precision.backward(s / n_targets)
+        total += float(s.detach())
+        n_tokens += int(batch["attention_mask"].sum())
+    return total, n_targets, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` with LoRA and write the adapter to ``cfg.output_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    quiet_libraries()
+    # -- validate everything before writing anything
+    device = resolve_device(cfg.device)
+    precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
+    out = check_output_dir(cfg.output_dir, force)
+    check_base_model(cfg)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    data = build_datasets(cfg.data, tokenizer)
+    model = load_base_model(cfg, device)
+    target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    params = lora_parameters(model)
+    optimizer = build_optimizer(cfg, params)
+    steps = total_steps(cfg, len(data.train), accelerator.num_processes)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    _report_start(console, cfg, data, model, target_names, params, steps, device)
+
+    # -- from here on we write
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(dump_config(cfg))
+    metrics_path = out / METRICS_FILE
+    metrics_path.write_text("")
+    history: list[dict[str, Any]] = []
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    pad_id = tokenizer.pad_token_id
+    pad_multiple = 8 if device.type == "cuda" else 1
+    eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
+
+    def run_eval(step: int) -> EvalResult | None:
+        if not data.eval:
+            return None
+        result = evaluate_loss(model, data.eval, eval_batch, pad_id, device, precision.autocast)
+        log(
+            {
+                "type": "eval",
+                "step": step,
+                "eval_loss": result.loss,
+                "eval_ppl": result.perplexity,
+                "eval_tokens": result.n_tokens,
+            }
+        )
+        console.print(f"step {step}: eval_loss {result.loss:.4f}  ppl {result.perplexity:.2f}")
+        return result
+
+    progress = _Progress(console, steps)
+    step, epoch, last_loss, eval_result = 0, 0, float("nan"), None
+    window_loss, window_targets, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+    t_start = time.perf_counter()
+    with progress:
+        while step < steps:
+            batches = epoch_batches(len(data.train), cfg.micro_batch_size, cfg.seed, epoch)
+            for window in _windows(batches, cfg.gradient_accumulation_steps):
+                micro = [[data.train[i] for i in idx] for idx in window]
+                step_loss, n_targets, n_tokens = accumulate_gradients(
+                    model, micro, pad_id, device, precision, accelerator.no_sync, pad_multiple
+                )
+                precision.unscale(optimizer)
+                grad_norm = _clip(params, cfg.max_grad_norm)
+                precision.step(optimizer)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_loss += step_loss
+                window_targets += n_targets
+                window_tokens += n_tokens
+
+                if step % cfg.logging_steps == 0 or step == steps:
+                    elapsed = time.perf_counter() - t_window
+                    last_loss = window_loss / max(window_targets, 1)
+                    record = {
+                        "type": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                        "elapsed_sec": time.perf_counter() - t_start,
+                    }
+                    log(record)
+                    progress.update(step, record)
+                    window_loss, window_targets, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+                else:
+                    progress.update(step, None)
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < steps:
+                    run_eval(step)
+                if step >= steps:
+                    break
+            epoch += 1
+
+    eval_result = run_eval(step)
+    model.eval()
+    save_adapter(model, out, cfg.lora, cfg.base_model)
+    tokenizer.save_pretrained(out)
+    elapsed = time.perf_counter() - t_start
+    log(
+        {
+            "type": "summary",
+            "steps": step,
+            "train_loss": last_loss,
+            "eval_loss": eval_result.loss if eval_result else None,
+            "train_examples": len(data.train),
+            "train_target_tokens": data.train_stats.target_tokens,
+            "elapsed_sec": elapsed,
+        }
+    )
+    console.print(f"[green]done[/green]: {step} steps in {elapsed:.1f}s; adapter written to {out}")
+    return TrainResult(out, step, last_loss, eval_result.loss if eval_result else None, history)
+
+
+def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
+    """Group micro-batches into optimizer steps; the epoch's last step may have fewer micro-batches."""
+    return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return float(norm)
+
+
+def _report_start(
+    console: Console,
+    cfg: RunConfig,
+    data: TrainData,
+    model: Any,
+    target_names: list[str],
+    params: list[torch.nn.Parameter],
+    steps: int,
+    device: torch.device,
+) -> None:
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())  # 4-bit weights count packed (two per byte)
+    s = data.train_stats
+    console.print(
+        f"[bold]qlora train[/bold] {cfg.base_model} on {device.type}"
+        f" ({'4-bit ' + cfg.bnb_4bit_quant_type if cfg.load_in_4bit else '16-bit base'}, compute {cfg.bnb_4bit_compute_dtype})"
+    )
+    console.print(
+        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {len(target_names)} modules; "
+        f"trainable {trainable:,} params ({100 * trainable / max(total, 1):.3f}% of stored)"
+    )
+    console.print(
+        f"data: {s.examples} train examples, {s.tokens:,} tokens ({s.target_tokens:,} targets), "
+        f"{len(data.eval)} eval; truncated {s.truncated}, dropped {s.dropped}"
+    )
+    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    console.print(
+        f"{steps} steps, effective batch {effective}, lr {cfg.learning_rate:g} {cfg.lr_scheduler}, {cfg.optimizer}"
+    )
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, console: Console, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total, info="")
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_sec']:,.0f} tok/s"
+            self.progress.update(self.task, completed=step, info=info)
+            if not self.live:
+                self.console.print(
+                    f"step {step}/{self.progress.tasks[0].total}  {info}  grad_norm {record['grad_norm']:.3f}"
+                )
+        else:
+            self.progress.update(self.task, completed=step)
