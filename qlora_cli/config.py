@@ -133,6 +133,19 @@ class RunConfig(BaseModel):
         )
 
     @property
+    def base(self) -> ModelSettings:
+        """What loading the base model and tokenizer needs (also built from a bare adapter folder)."""
+        return ModelSettings(
+            base_model=self.base_model,
+            tokenizer=self.tokenizer,
+            trust_remote_code=self.trust_remote_code,
+            allow_pickle_weights=self.allow_pickle_weights,
+            attn_implementation=self.attn_implementation,
+            chat_template=self.chat_template,
+            quant=self.quant,
+        )
+
+    @property
     def quant(self) -> QuantSettings:
         return QuantSettings(
             load_in_4bit=self.load_in_4bit,
@@ -172,6 +185,17 @@ class QuantSettings:
     quant_type: str
     double_quant: bool
     compute_dtype: str
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    base_model: str
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    attn_implementation: str | None = None
+    chat_template: str | None = None
+    quant: QuantSettings = QuantSettings(True, "nf4", True, "bfloat16")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.config import QuantSettings, RunConfig
+from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
 from qlora_cli.data import CHATML_TEMPLATE
 from qlora_cli.errors import ConfigError, ModelError
 
@@ -54,7 +54,10 @@ def check_model_folder(name: str, what: str = "base_model") -> None:
         raise ModelError(f"{what} folder not found: {name}")
     if not path.is_dir():
         raise ModelError(f"{what} must be a model folder, got a file: {name}")
-    if not (path / "config.json").exists():
+    if what == "tokenizer":
+        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ModelError(f"tokenizer folder {name} has no tokenizer files (tokenizer.json, tokenizer_config.json)")
+    elif not (path / "config.json").exists():
         raise ModelError(f"{what} folder {name} has no config.json (is it a transformers model folder?)")
 
 
@@ -75,15 +78,21 @@ def check_weights(name: str, allow_pickle: bool) -> None:
         raise ModelError(f"base_model folder {name} has no weights (*.safetensors)")
 
 
-def check_base_model(cfg: RunConfig) -> None:
+def _settings(cfg: RunConfig | ModelSettings) -> ModelSettings:
+    return cfg.base if isinstance(cfg, RunConfig) else cfg
+
+
+def check_base_model(cfg: RunConfig | ModelSettings) -> None:
+    cfg = _settings(cfg)
     check_model_folder(cfg.base_model)
     check_weights(cfg.base_model, cfg.allow_pickle_weights)
 
 
-def load_tokenizer(cfg: RunConfig) -> Any:
+def load_tokenizer(cfg: RunConfig | ModelSettings) -> Any:
     """The tokenizer with a pad token (EOS when it has none) and the configured chat template."""
     from transformers import AutoTokenizer
 
+    cfg = _settings(cfg)
     name = cfg.tokenizer or cfg.base_model
     check_model_folder(name, "tokenizer" if cfg.tokenizer else "base_model")
     try:
@@ -115,13 +124,14 @@ def bnb_config(quant: QuantSettings) -> Any:
     )
 
 
-def load_base_model(cfg: RunConfig, device: torch.device) -> Any:
+def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device) -> Any:
     """The frozen base model on ``device``, 4-bit when asked, norms and biases in float32 under autocast.
 
     Returns a transformers ``PreTrainedModel`` with ``use_cache`` off (training) and no parameter requiring grad.
     """
     from transformers import AutoModelForCausalLM
 
+    cfg = _settings(cfg)
     check_base_model(cfg)
     quant = cfg.quant
     dtype = DTYPES[quant.compute_dtype]

@@ -34,9 +34,7 @@ from qlora_cli.model import (
     quiet_libraries,
     resolve_device,
 )
-
-CONFIG_FILE = "qlora_config.yaml"
-METRICS_FILE = "metrics.jsonl"
+from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 
 
 @dataclass
