@@ -51,6 +51,9 @@ def train(
         list[str] | None, typer.Option("--set", help="Override a config key: --set learning_rate=1e-4 (repeatable).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output_dir.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in output_dir.")
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base, as the config says."""
@@ -59,7 +62,7 @@ def train(
         from qlora_cli.config import load_config
         from qlora_cli.train import train as run_train
 
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, (set_ or []) + (["resume_from_checkpoint=auto"] if resume else []))
         run_train(cfg, force=force, console=err)
 
     run_command(go, debug)

@@ -84,6 +84,11 @@ class RunConfig(BaseModel):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     output_dir: str = "runs/my-run"
+    # reliability
+    save_steps: int | None = Field(None, ge=1)  # checkpoint every N steps into output_dir/checkpoints/step-N
+    save_total_limit: int | None = Field(None, ge=1)  # keep only the newest K checkpoints
+    resume_from_checkpoint: str | None = None  # "auto" (newest complete checkpoint) or a checkpoint folder
+    max_bad_steps: int = Field(10, ge=1)  # stop after this many consecutive non-finite steps
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod

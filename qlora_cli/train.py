@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,9 +22,10 @@ import torch
 from rich.console import Console
 
 from qlora_cli.adapter_io import save_adapter
+from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data import Example, TrainData, build_datasets, collate, epoch_batches
-from qlora_cli.errors import ConfigError
+from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.lora import inject_lora, lora_parameters
 from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
 from qlora_cli.model import (
@@ -176,7 +179,10 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     # -- validate everything before writing anything
     device = resolve_device(cfg.device)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
-    out = check_output_dir(cfg.output_dir, force)
+    out = check_output_dir(cfg.output_dir, force or cfg.resume_from_checkpoint is not None)
+    resume_from = (
+        find_checkpoint(out, cfg.resume_from_checkpoint, console.print) if cfg.resume_from_checkpoint else None
+    )
     check_base_model(cfg)
     accelerator = Accelerator(cpu=device.type == "cpu")
     set_seed(cfg.seed)
@@ -191,20 +197,17 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     optimizer = build_optimizer(cfg, params)
     steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, steps)
+    state = TrainerState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler)
     _report_start(console, cfg, data, model, target_names, params, steps, device)
+    if resume_from is not None:
+        console.print(f"resuming from {resume_from} at step {state.step}")
 
     # -- from here on we write
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(dump_config(cfg))
-    metrics_path = out / METRICS_FILE
-    metrics_path.write_text("")
-    history: list[dict[str, Any]] = []
-
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
+    metrics = _Metrics(out / METRICS_FILE, keep_through_step=state.step if resume_from is not None else None)
     pad_id = tokenizer.pad_token_id
     pad_multiple = 8 if device.type == "cuda" else 1
     eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
@@ -213,7 +216,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         if not data.eval:
             return None
         result = evaluate_loss(model, data.eval, eval_batch, pad_id, device, precision.autocast)
-        log(
+        metrics.log(
             {
                 "type": "eval",
                 "step": step,
@@ -225,70 +228,159 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         console.print(f"step {step}: eval_loss {result.loss:.4f}  ppl {result.perplexity:.2f}")
         return result
 
-    progress = _Progress(console, steps)
-    step, epoch, last_loss, eval_result = 0, 0, float("nan"), None
-    window_loss, window_targets, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
-    t_start = time.perf_counter()
-    with progress:
-        while step < steps:
-            batches = epoch_batches(len(data.train), cfg.micro_batch_size, cfg.seed, epoch)
-            for window in _windows(batches, cfg.gradient_accumulation_steps):
-                micro = [[data.train[i] for i in idx] for idx in window]
+    def checkpoint() -> Path:
+        path = save_checkpoint(out, cfg, model, optimizer, scheduler, state)
+        console.print(f"step {state.step}: checkpoint saved to {path}")
+        return path
+
+    last_loss = float("nan")
+    window_tokens, t_window, t_start = 0, time.perf_counter(), time.perf_counter()
+    with _Progress(console, steps, state.step) as progress, _StopSignals() as stop:
+        while state.step < steps:
+            batches = epoch_batches(len(data.train), cfg.micro_batch_size, cfg.seed, state.epoch)
+            windows = _windows(batches, cfg.gradient_accumulation_steps)
+            epoch_done = False
+            while not epoch_done and state.step < steps:
+                micro = [[data.train[i] for i in idx] for idx in windows[state.window]]
                 step_loss, n_targets, n_tokens = accumulate_gradients(
                     model, micro, pad_id, device, precision, accelerator.no_sync, pad_multiple
                 )
                 precision.unscale(optimizer)
                 grad_norm = _clip(params, cfg.max_grad_norm)
-                precision.step(optimizer)
+                if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                    precision.step(optimizer)
+                    state.consecutive_bad = 0
+                    state.log_loss += step_loss
+                    state.log_targets += n_targets
+                else:  # skip the update, keep the data position and schedule moving
+                    state.bad_steps += 1
+                    state.consecutive_bad += 1
+                    console.print(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_loss += step_loss
-                window_targets += n_targets
+                state.step += 1
+                state.window += 1
                 window_tokens += n_tokens
+                if state.consecutive_bad >= cfg.max_bad_steps:
+                    metrics.log({"type": "error", "step": state.step, "bad_steps": state.bad_steps})
+                    raise TrainingDiverged(
+                        f"stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite "
+                        f"loss or gradient norm (max_bad_steps={cfg.max_bad_steps}); lower learning_rate or check the "
+                        "data; the last checkpoint is intact"
+                    )
 
-                if step % cfg.logging_steps == 0 or step == steps:
+                if state.step % cfg.logging_steps == 0 or state.step == steps:
                     elapsed = time.perf_counter() - t_window
-                    last_loss = window_loss / max(window_targets, 1)
+                    last_loss = state.log_loss / state.log_targets if state.log_targets else float("nan")
                     record = {
                         "type": "train",
-                        "step": step,
-                        "epoch": epoch,
+                        "step": state.step,
+                        "epoch": state.epoch,
                         "loss": last_loss,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
                         "elapsed_sec": time.perf_counter() - t_start,
+                        "bad_steps": state.bad_steps,
                     }
-                    log(record)
-                    progress.update(step, record)
-                    window_loss, window_targets, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+                    metrics.log(record)
+                    progress.update(state.step, record)
+                    state.log_loss, state.log_targets = 0.0, 0
+                    window_tokens, t_window = 0, time.perf_counter()
                 else:
-                    progress.update(step, None)
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < steps:
-                    run_eval(step)
-                if step >= steps:
-                    break
-            epoch += 1
+                    progress.update(state.step, None)
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < steps:
+                    run_eval(state.step)
+                if state.window == len(windows):  # the epoch is done: the next step reshuffles
+                    state.epoch, state.window, epoch_done = state.epoch + 1, 0, True
+                if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
+                    checkpoint()
+                if stop.signal is not None:
+                    path = checkpoint()
+                    raise TrainingInterrupted(
+                        f"{stop.name} at step {state.step}: checkpoint saved to {path}; continue with "
+                        f"`qlora train <config> --resume`",
+                        exit_code=130 if stop.name == "SIGINT" else 143,
+                    )
 
-    eval_result = run_eval(step)
+    eval_result = run_eval(state.step)
     model.eval()
     save_adapter(model, out, cfg.lora, cfg.base_model)
     tokenizer.save_pretrained(out)
     elapsed = time.perf_counter() - t_start
-    log(
+    metrics.log(
         {
             "type": "summary",
-            "steps": step,
+            "steps": state.step,
             "train_loss": last_loss,
             "eval_loss": eval_result.loss if eval_result else None,
+            "bad_steps": state.bad_steps,
             "train_examples": len(data.train),
             "train_target_tokens": data.train_stats.target_tokens,
             "elapsed_sec": elapsed,
         }
     )
-    console.print(f"[green]done[/green]: {step} steps in {elapsed:.1f}s; adapter written to {out}")
-    return TrainResult(out, step, last_loss, eval_result.loss if eval_result else None, history)
+    console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {out}")
+    return TrainResult(out, state.step, last_loss, eval_result.loss if eval_result else None, metrics.history)
+
+
+class TrainingDiverged(QLoRAError):
+    exit_code = 1
+
+
+class TrainingInterrupted(QLoRAError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Metrics:
+    """metrics.jsonl, appended line by line. On resume, records after the checkpoint's step are dropped,
+    so the log of a resumed run equals the log of an uninterrupted one."""
+
+    def __init__(self, path: Path, keep_through_step: int | None):
+        self.path = path
+        self.history: list[dict[str, Any]] = []
+        kept = []
+        if keep_through_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                if record.get("type") in ("train", "eval") and record.get("step", 0) <= keep_through_step:
+                    kept.append(record)
+        self.history = kept
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and exits. A second SIGINT
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal, self.name = signum, signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
@@ -335,7 +427,7 @@ def _report_start(
 class _Progress:
     """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
 
-    def __init__(self, console: Console, total: int):
+    def __init__(self, console: Console, total: int, completed: int = 0):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
@@ -350,7 +442,7 @@ class _Progress:
             console=console,
             disable=not self.live,
         )
-        self.task = self.progress.add_task("train", total=total, info="")
+        self.task = self.progress.add_task("train", total=total, info="", completed=completed)
 
     def __enter__(self) -> _Progress:
         self.progress.__enter__()

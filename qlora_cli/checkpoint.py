@@ -1,0 +1,213 @@
+"""Atomic checkpoints and exact resume.
+
+    output_dir/checkpoints/step-N/
+        adapter_model.safetensors, adapter_config.json   the adapter (a usable PEFT folder on its own)
+        optimizer.pt, scheduler.pt, rng_state.pt         tensors/plain types: torch.load(weights_only=True)
+        trainer_state.json                               step, data position, log window, RNG (Python,
+                                                         NumPy), config and its hash
+        COMPLETE                                         written last: a folder without it is ignored
+
+A checkpoint is written into a hidden temporary folder, every file flushed to disk, renamed into place,
+then marked complete. Old checkpoints are deleted only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlora_cli.adapter_io import save_adapter
+from qlora_cli.config import RunConfig
+from qlora_cli.errors import ConfigError, ModelError
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+# Keys that may differ between the run that wrote a checkpoint and the run that resumes from it.
+RESUMABLE_KEYS = frozenset(
+    {
+        "max_steps",
+        "num_epochs",
+        "save_steps",
+        "save_total_limit",
+        "logging_steps",
+        "eval_steps",
+        "resume_from_checkpoint",
+        "output_dir",
+        "max_bad_steps",
+    }
+)
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done (skipped bad steps included)
+    epoch: int = 0  # the epoch the next step reads from
+    window: int = 0  # index of the next accumulation window within that epoch
+    log_loss: float = 0.0  # loss sum and target count since the last logged step
+    log_targets: int = 0
+    bad_steps: int = 0  # non-finite steps skipped so far
+    consecutive_bad: int = 0
+    config_hash: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    python_rng: list[Any] = field(default_factory=list)
+    numpy_rng: list[Any] = field(default_factory=list)
+
+
+def config_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """(hash, config dict) over the keys that must not change on resume."""
+    data = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUMABLE_KEYS}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, data
+
+
+def _capture_rng(state: TrainerState) -> dict[str, Any]:
+    py = random.getstate()
+    state.python_rng = [py[0], list(py[1]), py[2]]
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state.numpy_rng = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    tensors: dict[str, Any] = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return tensors
+
+
+def _restore_rng(state: TrainerState, tensors: dict[str, Any]) -> None:
+    if state.python_rng:
+        version, internal, gauss = state.python_rng
+        random.setstate((version, tuple(internal), gauss))
+    if state.numpy_rng:
+        kind, keys, pos, has_gauss, cached = state.numpy_rng
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["torch_cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+) -> Path:
+    """Write ``checkpoints/step-{state.step}`` atomically and prune old ones. Returns its path."""
+    root = output_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    state.config_hash, state.config = config_fingerprint(cfg)
+    rng = _capture_rng(state)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{state.step}.", dir=root))
+    try:
+        save_adapter(model, tmp, cfg.lora, cfg.base_model)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # a stale folder from an earlier attempt at this step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (final / COMPLETE).write_text("")
+        _fsync(final / COMPLETE)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if cfg.save_total_limit:
+        prune_checkpoints(output_dir, cfg.save_total_limit)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
+    """[(step, path, complete)] sorted by step."""
+    root = output_dir / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.fullmatch(r"step-(\d+)", p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p, (p / COMPLETE).exists()))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    complete = [p for _, p, ok in list_checkpoints(output_dir) if ok]
+    for p in complete[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (output_dir / CHECKPOINTS_DIR).glob(".step-*"):  # temp folders of crashed saves
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(output_dir: Path, spec: str, warn: Any = print) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = newest complete one (None if there is none)."""
+    if spec != "auto":
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"resume_from_checkpoint: checkpoint folder not found: {spec}")
+        if not (path / COMPLETE).exists():
+            raise ConfigError(f"resume_from_checkpoint: {spec} is incomplete (no {COMPLETE} marker)")
+        return path
+    newest = None
+    for step, path, complete in list_checkpoints(output_dir):
+        if complete:
+            newest = path
+        else:
+            warn(f"skipping incomplete checkpoint {path} (step {step})")
+    return newest
+
+
+def load_checkpoint(
+    path: Path, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
+    from qlora_cli.adapter_io import read_adapter
+    from qlora_cli.lora import lora_layers
+
+    for name in (STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        if not (path / name).exists():
+            raise ModelError(f"checkpoint {path} is missing {name}")
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    digest, current = config_fingerprint(cfg)
+    if digest != state.config_hash:
+        changed = sorted(k for k in set(current) | set(state.config) if current.get(k) != state.config.get(k))
+        raise ConfigError(
+            f"cannot resume from {path}: the config changed ({', '.join(changed)}); only "
+            f"{', '.join(sorted(RESUMABLE_KEYS - {'resume_from_checkpoint'}))} may change on resume"
+        )
+    _, saved = read_adapter(path)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for which in ("lora_A", "lora_B"):
+                key = f"{name}.{which}.weight"
+                if key not in saved or saved[key].shape != getattr(layer, which).weight.shape:
+                    raise ModelError(f"checkpoint {path} does not fit this model: {key}")
+                getattr(layer, which).weight.copy_(saved[key])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _restore_rng(state, torch.load(path / "rng_state.pt", weights_only=True))
+    return state

@@ -1,0 +1,236 @@
+"""Checkpoints, exact resume, and non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import qlora_cli.train as train_mod
+from qlora_cli.checkpoint import COMPLETE, list_checkpoints
+from qlora_cli.errors import ConfigError
+from qlora_cli.train import TrainingDiverged, TrainingInterrupted, train
+
+from .conftest import make_config, upper_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_config(tmp_path, base, out_name, **kw):
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        write_jsonl(data, upper_rows(22, seed=3))  # 22 examples, micro-batch 4: 6 windows/epoch, the last one short
+    fields = dict(
+        max_steps=14,
+        micro_batch_size=4,
+        save_steps=4,
+        lora_dropout=0.1,
+        learning_rate=5e-3,
+        optimizer="paged_adamw_8bit",
+        lora_target_modules="all-linear",
+        eval_steps=5,
+        eval_datasets=[{"path": str(data)}],
+    )
+    fields.update(kw)
+    return make_config(base, data, tmp_path / out_name, **fields)
+
+
+def adapter_bytes(run: Path) -> bytes:
+    return (run / "adapter_model.safetensors").read_bytes()
+
+
+def loss_log(run: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        (r["type"], r["step"], r.get("loss", r.get("eval_loss"))) for r in records if r["type"] in ("train", "eval")
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, llama_dir):
+    from rich.console import Console
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = run_config(tmp, llama_dir, "run")
+    train(cfg, console=Console(quiet=True))
+    return tmp, cfg
+
+
+def test_checkpoint_layout(reference_run):
+    tmp, cfg = reference_run
+    out = Path(cfg.output_dir)
+    steps = [s for s, _, ok in list_checkpoints(out) if ok]
+    assert steps == [4, 8, 12]
+    ckpt = out / "checkpoints" / "step-8"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        COMPLETE,
+    ):
+        assert (ckpt / name).exists(), name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        torch.load(ckpt / name, weights_only=True)  # no pickle needed to read a checkpoint
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["window"]) == (8, 1, 2)  # 6 windows per epoch
+    assert len(state["config_hash"]) == 16 and state["config"]["lora_r"] == cfg.lora_r
+    assert not list((out / "checkpoints").glob(".step-*"))
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, reference_run, llama_dir, monkeypatch, quiet_console):
+    """SIGINT at step 6 (mid-epoch, between checkpoints) saves a checkpoint and exits; --resume finishes
+    with the same adapter bytes and the same loss log as the uninterrupted run."""
+    ref_tmp, ref_cfg = reference_run
+    cfg = run_config(tmp_path, llama_dir, "run")
+    real = train_mod.accumulate_gradients
+    calls = {"n": 0}
+
+    def interrupt_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the step completes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "accumulate_gradients", interrupt_at_step_6)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg, console=quiet_console)
+    assert e.value.exit_code == 130 and "step 6" in str(e.value)
+    assert (tmp_path / "run" / "checkpoints" / "step-6" / COMPLETE).exists()
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(train_mod, "accumulate_gradients", real)
+
+    resumed = train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet_console)
+    assert resumed.steps == 14
+    assert adapter_bytes(tmp_path / "run") == adapter_bytes(Path(ref_cfg.output_dir))
+    assert loss_log(tmp_path / "run") == loss_log(Path(ref_cfg.output_dir))
+
+
+def test_kill_9_at_a_random_moment_then_resume(tmp_path, reference_run, llama_dir):
+    """A run killed with SIGKILL after its first checkpoint resumes, repeats only the steps since the last
+    checkpoint, and ends with the uninterrupted run's adapter and loss log."""
+    _, ref_cfg = reference_run
+    cfg = run_config(tmp_path, llama_dir, "run", save_steps=2)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # save_steps differs from the reference (2 vs 4): it may change on resume and does not change the numbers
+    # the real CLI, with each step stretched by a sleep so that the kill lands mid-run
+    slow_cli = (
+        "import sys, time; import qlora_cli.train as t; real = t.accumulate_gradients\n"
+        "def slow(*a, **k):\n    time.sleep(0.15)\n    return real(*a, **k)\n"
+        "t.accumulate_gradients = slow\n"
+        "from qlora_cli.cli import main; sys.argv = ['qlora', 'train', sys.argv[1]]; main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow_cli, str(cfg_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step-2" / COMPLETE).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.0))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    done = [s for s, _, ok in list_checkpoints(tmp_path / "run") if ok]
+    assert done and max(done) < 14
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "train", str(cfg_path), "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {max(done)}" in resumed.stderr
+    assert adapter_bytes(tmp_path / "run") == adapter_bytes(Path(ref_cfg.output_dir))
+    assert loss_log(tmp_path / "run") == loss_log(Path(ref_cfg.output_dir))
+
+
+def test_incomplete_checkpoints_are_skipped_with_a_warning(tmp_path, reference_run, llama_dir):
+    import shutil
+
+    from rich.console import Console
+
+    _, ref_cfg = reference_run
+    cfg = run_config(tmp_path, llama_dir, "run", max_steps=8)
+    train(cfg, console=Console(quiet=True))
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(ckpts / "step-4", ckpts / "step-12")
+    (ckpts / "step-12" / COMPLETE).unlink()  # as if the process died between rename and marker
+    console = Console(record=True, width=200)
+    result = train(cfg.model_copy(update={"resume_from_checkpoint": "auto", "max_steps": 14}), console=console)
+    text = console.export_text()
+    assert "skipping incomplete checkpoint" in text and "step 12" in text
+    assert "resuming from" in text and "step-8" in text
+    assert result.steps == 14
+
+
+def test_changed_config_is_refused_naming_the_keys(tmp_path, reference_run, quiet_console):
+    _, ref_cfg = reference_run
+    changed = ref_cfg.model_copy(update={"resume_from_checkpoint": "auto", "lora_r": 8, "learning_rate": 1e-3})
+    with pytest.raises(ConfigError) as e:
+        train(changed, console=quiet_console)
+    assert "config changed (learning_rate, lora_r)" in str(e.value)
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path, llama_dir, quiet_console):
+    cfg = run_config(tmp_path, llama_dir, "run", max_steps=9, save_steps=2, save_total_limit=2, eval_steps=None)
+    train(cfg, console=quiet_console)
+    assert [s for s, _, _ in list_checkpoints(tmp_path / "run")] == [6, 8]
+
+
+def test_resume_from_an_explicit_path_and_errors(tmp_path, reference_run, quiet_console):
+    _, ref_cfg = reference_run
+    with pytest.raises(ConfigError, match="checkpoint folder not found"):
+        train(ref_cfg.model_copy(update={"resume_from_checkpoint": str(tmp_path / "nope")}), console=quiet_console)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypatch, quiet_console):
+    real = train_mod.loss_sum
+    calls = {"n": 0}
+
+    def nan_on_2nd_and_3rd(model, batch):
+        calls["n"] += 1
+        s, n = real(model, batch)
+        return (s * float("nan"), n) if calls["n"] in (2, 3) else (s, n)
+
+    monkeypatch.setattr(train_mod, "loss_sum", nan_on_2nd_and_3rd)
+    cfg = run_config(
+        tmp_path, llama_dir, "run", max_steps=5, save_steps=None, eval_steps=None, logging_steps=1, lora_dropout=0.0
+    )
+    result = train(cfg, console=quiet_console)
+    records = [r for r in result.history if r["type"] == "train"]
+    assert [r["bad_steps"] for r in records] == [0, 1, 2, 2, 2]
+    assert all(r["loss"] == r["loss"] for r in records if r["step"] not in (2, 3))  # finite where not skipped
+    assert result.history[-1]["bad_steps"] == 2
+
+
+def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, llama_dir, monkeypatch, quiet_console):
+    real = train_mod.loss_sum
+    calls = {"n": 0}
+
+    def nan_after_4(model, batch):
+        calls["n"] += 1
+        s, n = real(model, batch)
+        return (s * float("inf"), n) if calls["n"] > 4 else (s, n)
+
+    monkeypatch.setattr(train_mod, "loss_sum", nan_after_4)
+    cfg = run_config(tmp_path, llama_dir, "run", max_steps=30, save_steps=4, eval_steps=None, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg, console=quiet_console)
+    assert e.value.exit_code == 1 and "3 consecutive steps" in str(e.value)
+    assert [s for s, _, ok in list_checkpoints(tmp_path / "run") if ok] == [4]
