@@ -68,6 +68,38 @@ def train(
     run_command(go, debug)
 
 
+@app.command()
+def merge(
+    run: Annotated[Path, typer.Argument(help="A run folder, or any folder with a PEFT LoRA adapter.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+    base: Annotated[str | None, typer.Option("--base", help="Base model folder or hub id; default: the run's.")] = None,
+    base_weights: Annotated[
+        str, typer.Option("--base-weights", help="dequantized (the NF4 weights the adapter trained on) or original.")
+    ] = "dequantized",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="bfloat16, float16 or float32; default: the checkpoint's 16-bit dtype.")
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB.")] = "5GB",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare merged and adapter logits.")] = True,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (merge math and self-check).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Merge a run's adapter into its base: full weights that plain transformers and vLLM load."""
+
+    def go() -> Any:
+        from qlora_cli.merge import merge_run
+
+        return merge_run(
+            run, output, base=base, base_weights=base_weights, dtype=dtype, max_shard_size=max_shard_size,
+            force=force, verify=verify, device=device, console=err,
+        )  # fmt: skip
+
+    result = run_command(go, debug)
+    if result.check is not None and not result.check.passed:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     app(prog_name="qlora")
 

@@ -1,0 +1,390 @@
+"""qlora merge: merged logits equal the adapter's, bit-exact NF4 reproduction, streaming memory, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from qlora_cli import merge as merge_mod
+from qlora_cli.adapter_io import save_adapter
+from qlora_cli.cli import app
+from qlora_cli.config import dump_config
+from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.lora import inject_lora, lora_layers
+from qlora_cli.merge import (
+    OutTensor,
+    SafetensorsWriter,
+    merge_run,
+    nf4_roundtrip,
+    parse_size,
+    read_header,
+    self_check,
+)
+from qlora_cli.model import load_base_model
+from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.tiny import build_tiny_model
+
+from .conftest import make_config, upper_rows, write_jsonl
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_run(base: Path, out: Path, data: Path, b_std: float = 0.05, seed: int = 0, **kw) -> Path:
+    """A run folder with a random (non-zero B) adapter, as `qlora train` would leave it."""
+    cfg = make_config(base, data, out, **kw)
+    plain = make_config(base, data, out, **{**kw, "load_in_4bit": False})
+    model = load_base_model(plain, CPU)  # the adapter's shapes do not depend on quantization
+    torch.manual_seed(seed)
+    inject_lora(model, cfg.lora)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=b_std)
+    save_adapter(model, out, cfg.lora, cfg.base_model)
+    (out / "qlora_config.yaml").write_text(dump_config(cfg))
+    return out
+
+
+def quiet_merge(run: Path, out: Path, **kw):
+    from rich.console import Console
+
+    kw.setdefault("device", "cpu")
+    kw.setdefault("verify", False)
+    return merge_run(run, out, console=Console(quiet=True), **kw)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def load_merged(folder: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(folder / shard))
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and much faster when other test processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("merge-data") / "d.jsonl", upper_rows(16, seed=3))
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(6, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 500 * 10**6 and parse_size("1GiB") == 2**30
+    assert parse_size("64kb") == 64_000 and parse_size(1234) == 1234
+    for bad in ("lots", "-1GB", "0"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_streaming_writer_reads_back_with_safetensors(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.tensor(2.5, dtype=torch.float16),  # 0-dim
+        "e": torch.zeros(0, 4),  # empty
+        "f": torch.tensor([True, False, True]),
+    }
+    code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16", torch.bool: "BOOL"}
+    entries = [OutTensor(k, code[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", entries, {"format": "pt"})
+    for k, t in tensors.items():
+        writer.write(k, [merge_mod.tensor_bytes(t)])
+    writer.close()
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(same_bytes(back[k], t) for k, t in tensors.items())
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    # and our reader reads what safetensors writes
+    save_file(tensors, tmp_path / "y.safetensors")
+    infos, _ = read_header(tmp_path / "y.safetensors")
+    with open(tmp_path / "y.safetensors", "rb") as f:
+        assert all(same_bytes(merge_mod.read_tensor(f, i), tensors[i.name]) for i in infos)
+
+
+@pytest.mark.parametrize(
+    "arch,quant_type,double_quant,compute",
+    [("llama", "nf4", True, "float32"), ("llama", "fp4", False, "bfloat16"), ("gpt2", "nf4", True, "bfloat16")],
+)
+def test_nf4_roundtrip_is_bit_identical_to_the_training_time_base(
+    model_factory, data, tmp_path, arch, quant_type, double_quant, compute
+):
+    """dequant(NF4(W)) computed by merge equals what the 4-bit base that training loads holds, bit for bit."""
+    import bitsandbytes.functional as bnbf
+
+    base = model_factory(arch, initializer_range=0.1)
+    cfg = make_config(
+        base, data, tmp_path / "r", bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )  # fmt: skip
+    model = load_base_model(cfg, CPU)
+    checkpoint = load_file(base / "model.safetensors")
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    if arch == "gpt2":
+        names = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    for name in names:
+        layer = model.get_submodule(name)
+        trained_on = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        w = checkpoint[f"{name}.weight"]
+        mine = nf4_roundtrip(w.T if arch == "gpt2" else w, cfg.quant)  # Conv1D stores (in, out)
+        assert mine.dtype == trained_on.dtype and torch.equal(mine, trained_on), name
+        assert not torch.equal(mine.float(), (w.T if arch == "gpt2" else w).float())  # it did quantize
+
+
+# ---------------------------------------------------------------------------------------------
+# merged == adapter
+
+
+def test_16bit_run_merges_exactly(llama_dir, data, tmp_path, ids):
+    run = make_run(llama_dir, tmp_path / "run", data, load_in_4bit=False, lora_target_modules="all-linear")
+    out = tmp_path / "merged"
+    result = quiet_merge(run, out, dtype="float32", max_shard_size="40KB")
+    assert result.shards > 1 and result.n_merged == 14
+    assert len(list(out.glob("model-*.safetensors"))) == result.shards
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+
+    adapted, _ = load_adapted_model(open_run(run), CPU)
+    merged, plain = load_merged(out), load_merged(llama_dir)
+    expected = logits(adapted, ids)
+    torch.testing.assert_close(logits(merged, ids), expected, atol=1e-4, rtol=0)
+    assert (logits(plain, ids) - expected).abs().max() > 0.05  # the adapter matters, so the test can fail
+
+    base_t, out_t = load_file(llama_dir / "model.safetensors"), merged_tensors(out)
+    targeted = {f"{n}.weight" for n, _ in lora_layers(adapted)}
+    assert targeted and set(out_t) == set(base_t)
+    for name, t in base_t.items():
+        if name in targeted:
+            assert not torch.equal(out_t[name], t), name
+        else:
+            assert same_bytes(out_t[name], t), name  # untargeted: bit for bit
+
+
+def test_4bit_run_dequantized_and_original(llama_dir, data, tmp_path, ids):
+    """dequantized reproduces the 4-bit training-time model; original the adapter on the 16-bit base; the
+    two differ, and the dequantized one is the closer to what was trained."""
+    from qlora_cli.evaluate import generate
+
+    run = make_run(llama_dir, tmp_path / "run", data, lora_target_modules="all-linear")
+    deq = quiet_merge(run, tmp_path / "deq", dtype="float32", verify=True)
+    orig = quiet_merge(run, tmp_path / "orig", dtype="float32", base_weights="original")
+    assert deq.check.passed, deq.check
+    assert deq.check.mean_kl < 1e-6 and deq.check.top1_agreement == 1.0 and deq.check.adapter_kl > 0.01
+    assert deq.check.training_kl is None  # every linear layer targeted: the reference is the training-time model
+    assert all(s.quant_err_rel is not None and s.quant_err_rel > 0 for s in orig.layers)
+
+    training, tok = load_adapted_model(open_run(run), CPU)  # the 4-bit base + adapter, as trained
+    expected = logits(training, ids)
+    m_deq, m_orig = load_merged(tmp_path / "deq"), load_merged(tmp_path / "orig")
+    torch.testing.assert_close(logits(m_deq, ids), expected, atol=1e-4, rtol=0)
+    err_orig = (logits(m_orig, ids) - expected).abs().max()
+    assert err_orig > 1e-3  # merging into the original weights is not what was trained
+
+    opened = open_run(run)
+    sixteen = replace(opened.model, quant=replace(opened.model.quant, load_in_4bit=False))
+    on_16bit, _ = load_adapted_model(opened, CPU, model=sixteen)
+    torch.testing.assert_close(logits(m_orig, ids), logits(on_16bit, ids), atol=1e-4, rtol=0)
+
+    # the merged folder generates the adapter's greedy tokens with plain transformers
+    tok.padding_side = "left"
+    prompts = [list(tok(r["prompt"])["input_ids"]) for r in upper_rows(6, seed=9)]
+    assert generate(m_deq, tok, prompts, max_new_tokens=8) == generate(training, tok, prompts, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_gpt2_conv1d_and_tied_embeddings(model_factory, data, tmp_path, ids, load_in_4bit):
+    """GPT-2 stores c_attn/c_proj/c_fc as Conv1D (in, out) weights, c_proj square; its embeddings are tied."""
+    base = model_factory("gpt2", initializer_range=0.1)
+    run = make_run(
+        base, tmp_path / "run", data, load_in_4bit=load_in_4bit, lora_target_modules=["c_attn", "c_proj", "c_fc"]
+    )
+    assert json.loads((run / "adapter_config.json").read_text())["fan_in_fan_out"] is True  # saved from a 16-bit model
+    quiet_merge(run, tmp_path / "m", dtype="float32")
+    adapted, _ = load_adapted_model(open_run(run), CPU)
+    merged = load_merged(tmp_path / "m")
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()  # still tied
+    torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=0)
+
+
+def test_default_dtype_follows_the_checkpoint(tmp_path, data):
+    """A bfloat16 checkpoint merges to bfloat16 with untargeted tensors bit for bit; float32 becomes bfloat16."""
+    base = build_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16, initializer_range=0.1)
+    run = make_run(base, tmp_path / "run", data, load_in_4bit=False)
+    result = quiet_merge(run, tmp_path / "m")
+    assert result.dtype == "bfloat16"
+    out_t, base_t = merged_tensors(tmp_path / "m"), load_file(base / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in out_t.values())
+    assert same_bytes(out_t["model.embed_tokens.weight"], base_t["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import sys
+    from rich.console import Console
+    from qlora_cli.merge import merge_run
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    warm_run, run, out = sys.argv[1:4]
+    merge_run(warm_run, out + "-warm", verify=False, device="cpu", console=Console(quiet=True))  # imports, caches
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS:")
+    merge_run(run, out, verify=False, device="cpu", max_shard_size="8MB", console=Console(quiet=True))
+    print(status("VmHWM:") - before)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_peak_memory_is_bounded_by_a_shard_not_the_model(tmp_path, data, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    built = build_tiny_model(tmp_path / "built", "llama", hidden=256, layers=24, intermediate=768)
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(built).save_pretrained(base, max_shard_size="8MB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(built / name, base / name)
+    model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert len(list(base.glob("*.safetensors"))) >= 8 and model_bytes > 70e6
+    run = make_run(base, tmp_path / "run", data, lora_target_modules=["q_proj", "v_proj", "down_proj"])  # 4-bit
+    warm = make_run(llama_dir, tmp_path / "warm", data)
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(warm), str(run), str(tmp_path / "m")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    peak = int(probe.stdout.split()[-1])
+    assert peak < 2 * 8e6 < model_bytes / 4, (
+        f"merge grew RSS by {peak / 1e6:.1f} MB for a {model_bytes / 1e6:.0f} MB model"
+    )
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the self-check and the command line
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_user_error(result, fragment: str, out: Path) -> None:
+    """Exit 2, one line naming the problem, and no output or temporary folder left behind."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    assert not list(out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, llama_dir, data) -> Path:
+    return make_run(llama_dir, tmp_path_factory.mktemp("small") / "run", data, b_std=0.02)
+
+
+def test_cli_merge_passes_and_self_check_catches_a_corrupted_merge(small_run, tmp_path, monkeypatch):
+    ok = run_cli("merge", str(small_run), "--output", str(tmp_path / "ok"), "--device", "cpu")
+    assert ok.exit_code == 0, ok.output
+    assert "self-check passed" in ok.stderr and (tmp_path / "ok" / "model.safetensors.index.json").exists()
+    assert "targeted layers" in ok.stderr  # q_proj, v_proj only: the other linear layers keep their weights
+
+    real = merge_mod.merged_weight
+
+    def wrong_sign(weight, target, scaling, *args):  # a classic bug: the delta subtracted
+        return real(weight, target, -scaling, *args)
+
+    monkeypatch.setattr(merge_mod, "merged_weight", wrong_sign)
+    bad = run_cli("merge", str(small_run), "--output", str(tmp_path / "bad"), "--device", "cpu")
+    assert bad.exit_code == 1, bad.output
+    assert "self-check FAILED" in bad.stderr
+
+
+def test_self_check_catches_one_layer_left_unmerged(small_run, tmp_path):
+    """One layer of fourteen merged into the wrong weights (the original instead of dequantized)."""
+    out = tmp_path / "m"
+    quiet_merge(small_run, out, dtype="float32")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.self_attn.v_proj.weight"
+    shard = out / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = load_file(Path(open_run(small_run).model.base_model) / "model.safetensors")[name]  # no delta
+    save_file(tensors, shard, metadata={"format": "pt"})
+    check = self_check(open_run(small_run), out, "dequantized", CPU)
+    assert not check.passed and check.problems, check
+
+
+def test_user_errors_exit_2_and_write_nothing(small_run, tmp_path, model_factory, data):
+    out = tmp_path / "out"
+    assert_user_error(run_cli("merge", str(tmp_path / "nope"), "-o", str(out)), "run folder not found", out)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_user_error(run_cli("merge", str(small_run), "-o", str(out)), "not empty", out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    fresh = tmp_path / "fresh"
+    other = model_factory("llama", hidden=32)  # the same module names, other shapes
+    assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(other)), "q_proj", fresh)
+    gpt2 = model_factory("gpt2", initializer_range=0.1)
+    assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(gpt2)), "no module named", fresh)
+    assert_user_error(
+        run_cli("merge", str(small_run), "-o", str(fresh), "--base-weights", "new"), "base-weights", fresh
+    )
+    assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--max-shard-size", "big"), "shard", fresh)
+    assert_user_error(run_cli("merge", str(small_run), "-o", str(small_run), "--force"), "would replace", small_run)
+    assert not fresh.exists()
+    with pytest.raises(ModelError, match="does not fit"):
+        quiet_merge(small_run, fresh, base=str(other))
