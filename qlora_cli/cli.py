@@ -68,6 +68,44 @@ def train(
     run_command(go, debug)
 
 
+@app.command("eval")
+def eval_(
+    folders: Annotated[list[Path], typer.Argument(help="Run/adapter folders (compared on their base) or model folders.")],
+    data: Annotated[str | None, typer.Option("--data", help="Eval data file; default: the run's eval data.")] = None,
+    type_: Annotated[
+        str | None, typer.Option("--type", help="completion, alpaca, chat or text; default: read off the first row.")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="Split, for a datasets hub name.")] = "train",
+    base: Annotated[str | None, typer.Option("--base", help="Load the adapters on this base model.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N examples.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Generation length; default: longest answer + 8.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's eval batch.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Show N example generations.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Do not score the base model.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Compute dtype (float32, bfloat16, float16); default: as trained.")
+    ] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Model folders: quantize to NF4.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Loss, perplexity and exact match of adapters beside their base model, on eval data."""
+
+    def go() -> None:
+        from qlora_cli.evaluate import EvalOptions, run_eval
+
+        options = EvalOptions(
+            data=data, fmt=type_, split=split, base=base, limit=limit, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, include_base=not no_base, device=device, dtype=dtype, load_in_4bit=load_in_4bit,
+        )  # fmt: skip
+        run_eval(folders, options, json_path=json_path, samples=samples, console=Console(soft_wrap=True), log=err)
+
+    run_command(go, debug)
+
+
 @app.command()
 def merge(
     run: Annotated[Path, typer.Argument(help="A run folder, or any folder with a PEFT LoRA adapter.")],

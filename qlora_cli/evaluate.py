@@ -1,17 +1,48 @@
-"""Task metrics: greedy generation against reference answers (exact match, contains).
+"""``qlora eval``: loss, perplexity and task accuracy of adapters beside their base, on the user's data.
 
-Prompts are tokenized exactly as in training (``data.tokenize_row`` builds the same prefix), batched with
-left padding and decoded with the KV cache.
+    folders (run / adapter / merged model) -> eval rows (--data, else the run's eval data)
+        -> per model: token-weighted loss with training's masking  (loss.evaluate_loss on data.tokenize_rows)
+                      greedy generation vs the reference             (completion, alpaca, chat rows)
+        -> one table with deltas vs the base, --samples, --json
+
+Adapters are compared on one base, loaded once: the base is scored first, before any LoRA layer exists,
+then each adapter is injected, scored and unwrapped again. Prompts are tokenized exactly as in training
+(``data.tokenize_row`` builds the same prefix), batched with left padding and decoded with the KV cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_cli.data import Row, chat_messages, prompt_and_target
+from qlora_cli.config import DatasetSpec, DataSettings, ModelSettings, QuantSettings, RunConfig
+from qlora_cli.data import (
+    DataStats,
+    Example,
+    Row,
+    build_datasets,
+    chat_messages,
+    prompt_and_target,
+    read_rows,
+    tokenize_rows,
+)
+from qlora_cli.errors import ConfigError, DataError, ModelError
+
+FORMATS = ("completion", "alpaca", "chat", "text")
+AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
+AUTO_MARGIN = 8  # generate past the reference, so an answer that does not stop is not an exact match
+
+# ---------------------------------------------------------------------------------------------
+# generation and task metrics
 
 
 @dataclass
@@ -35,42 +66,73 @@ def generation_case(row: Row, fmt: str, tokenizer: Any) -> GenerationCase | None
     return None
 
 
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int = 32, batch_size: int = 16
-) -> list[str]:
-    """Greedy completions for token-id prompts, decoded without special tokens.
+def _model_device(model: Any) -> torch.device:
+    return next(p for p in model.parameters()).device
 
-    Batches are left-padded so every row's last prompt token sits at the same position; the KV cache is on.
+
+@torch.no_grad()
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    eos_token_ids: list[int] | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations (token ids, cut after the first stop token) of token-id prompts.
+
+    Prompts are sorted by length so a batch holds similar lengths (less padding), then left-padded so every
+    row's last prompt token sits at the same position; the KV cache is on. The output keeps the input order.
     """
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    outputs: list[str] = []
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = list(dict.fromkeys(eos_token_ids or [tokenizer.eos_token_id]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            chunk = [prompts[i] for i in idx]
             T = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+            input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T), left padded
             attention_mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                input_ids[i, T - len(p) :] = torch.tensor(p)
-                attention_mask[i, T - len(p) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=pad_id,
-            )
-            for row in out[:, T:]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+            for j, p in enumerate(chunk):
+                input_ids[j, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+                attention_mask[j, T - len(p) :] = 1
+            with autocast() if autocast is not None else nullcontext():
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    eos_token_id=stops,
+                    pad_token_id=pad_id,
+                )
+            for j, row in zip(idx, out[:, T:].tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+                outputs[j] = row[:cut]
     finally:
         model.train(was_training)
     return outputs
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    eos_token_ids: list[int] | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+) -> list[str]:
+    """Greedy completions for token-id prompts, decoded without special tokens (see ``generate_ids``)."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, eos_token_ids, autocast)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
 def normalize(text: str) -> str:
@@ -94,10 +156,600 @@ class TaskScore:
 
 
 def score_generations(
-    model: Any, tokenizer: Any, cases: list[GenerationCase], max_new_tokens: int = 32, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    cases: list[GenerationCase],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    eos_token_ids: list[int] | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> TaskScore:
-    preds = generate(model, tokenizer, [c.prompt_ids for c in cases], max_new_tokens, batch_size)
+    preds = generate(
+        model, tokenizer, [c.prompt_ids for c in cases], max_new_tokens, batch_size, eos_token_ids, autocast
+    )
     n = max(len(cases), 1)
     em = sum(exact_match(p, c.reference) for p, c in zip(preds, cases)) / n
     ct = sum(contains(p, c.reference) for p, c in zip(preds, cases)) / n
     return TaskScore(em, ct, len(cases), preds)
+
+
+def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """EOS, the model's own end tokens and, for chat data, the token that closes an assistant turn."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    if chat:
+        ids.append(_end_of_turn_id(tokenizer))
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template puts right after an assistant message (``<|im_end|>``, ...)."""
+    marker = "qlora-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that cannot render this probe: EOS alone stops generation
+        return None
+    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
+    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail.strip() else []
+    special = set(tokenizer.all_special_ids)
+    return ids[0] if ids and ids[0] in special else None
+
+
+# ---------------------------------------------------------------------------------------------
+# what to evaluate: folders
+
+
+@dataclass
+class Candidate:
+    """One folder on the command line: an adapter (scored on its base) or a plain/merged model."""
+
+    path: Path
+    name: str
+    settings: ModelSettings  # how to load the base (adapters) or the model itself (plain folders)
+    config: RunConfig | None  # the training config saved beside it, when there is one
+    is_adapter: bool
+
+
+def open_candidate(
+    path: str | Path, base: str | None = None, dtype: str | None = None, load_in_4bit: bool = False
+) -> Candidate:
+    """Classify one input folder. Raises ``ModelError`` for a missing folder or one holding neither kind."""
+    from qlora_cli.model import check_base_model
+    from qlora_cli.run_folder import CONFIG_FILE, open_run
+
+    folder = Path(path).expanduser()
+    name = folder.resolve().name or str(path)
+    if not folder.exists():
+        raise ModelError(f"run folder not found: {path}")
+    if not folder.is_dir():
+        raise ModelError(f"expected a run, adapter or model folder, got a file: {path}")
+    if (folder / "adapter_config.json").exists() or not (folder / "config.json").exists():
+        if not (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists():
+            raise ModelError(
+                f"{path} is neither a run/adapter folder (adapter_config.json, adapter_model.safetensors) "
+                "nor a model folder (config.json)"
+            )
+        run = open_run(folder, base=base)
+        settings = run.model
+        if dtype is not None:
+            settings = replace(settings, quant=replace(settings.quant, compute_dtype=dtype))
+        check_base_model(settings)
+        return Candidate(folder, name, settings, run.config, is_adapter=True)
+    # A plain (e.g. merged) model folder: 16-bit as saved unless --load-in-4bit.
+    config = None
+    if (folder / CONFIG_FILE).exists():  # a merge may keep the run's config: its eval data and sequence_len
+        from qlora_cli.config import load_config
+
+        try:
+            config = load_config(folder / CONFIG_FILE)
+        except ConfigError as e:
+            raise ModelError(f"model folder {path}: {e}") from None
+    quant = QuantSettings(load_in_4bit, "nf4", True, dtype or _checkpoint_dtype(folder))
+    settings = ModelSettings(base_model=str(folder), quant=quant)
+    check_base_model(settings)
+    return Candidate(folder, name, settings, config, is_adapter=False)
+
+
+def _checkpoint_dtype(folder: Path) -> str:
+    """The dtype a model folder was saved in (float32 when it does not say)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{folder / 'config.json'}: cannot read ({e})") from None
+    saved = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return saved if saved in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _base_identity(settings: ModelSettings) -> tuple:
+    from qlora_cli.model import is_local
+
+    name = settings.base_model
+    if is_local(name):
+        name = str(Path(name).expanduser().resolve())
+    return (name, settings.quant, settings.trust_remote_code, settings.attn_implementation)
+
+
+def check_one_base(adapters: list[Candidate]) -> None:
+    """Adapters are compared on one loaded base: they must name the same base, quantized the same way."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        a, b = _base_identity(first.settings), _base_identity(other.settings)
+        if a[0] != b[0]:
+            raise ModelError(
+                f"{first.name} and {other.name} were trained on different base models ({first.settings.base_model} "
+                f"vs {other.settings.base_model}); eval compares adapters on one base (evaluate them separately, "
+                "or pass --base)"
+            )
+        if a != b:
+            raise ModelError(
+                f"{first.name} and {other.name} load their base differently ({_describe(first.settings)} vs "
+                f"{_describe(other.settings)}); evaluate them separately, or pass --dtype"
+            )
+
+
+def _describe(settings: ModelSettings) -> str:
+    q = settings.quant
+    return f"{'4-bit ' + q.quant_type if q.load_in_4bit else '16-bit'}, compute {q.compute_dtype}"
+
+
+def _unique_names(candidates: list[Candidate], include_base: bool) -> None:
+    """Display names: the folder name; the path as given where two folders share a name (or one is 'base')."""
+    taken = {"base"} if include_base else set()
+    counts: dict[str, int] = {}
+    for c in candidates:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    for c in candidates:
+        if counts[c.name] > 1 or c.name in taken:
+            c.name = str(c.path)
+        taken.add(c.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# what to evaluate: data
+
+
+@dataclass
+class EvalRows:
+    items: list[tuple[Row, str]]  # (row, format), in file order
+    source: str  # for the report: "data/test.jsonl (completion)"
+
+
+def infer_format(row: Row) -> str | None:
+    f = row.fields
+    if "messages" in f or "conversations" in f:
+        return "chat"
+    if "instruction" in f:
+        return "alpaca"
+    if "prompt" in f or "completion" in f:
+        return "completion"
+    if "text" in f:
+        return "text"
+    return None
+
+
+def rows_from_file(path: str, fmt: str | None, split: str = "train") -> EvalRows:
+    """Rows of ``--data``; the format is ``fmt`` or read off the first row's fields."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"--type must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    rows = read_rows(DatasetSpec(path=path, type=fmt or "completion", split=split))
+    if fmt is None:
+        fmt = infer_format(rows[0])
+        if fmt is None:
+            fields = ", ".join(sorted(rows[0].fields)) or "none"
+            raise DataError(
+                f"{rows[0].where}: cannot tell the data format from the fields ({fields}); pass --type "
+                f"{'|'.join(FORMATS)}"
+            )
+    return EvalRows([(r, fmt) for r in rows], f"{path} ({fmt})")
+
+
+def rows_from_run(config: RunConfig, tokenizer: Any, where: str) -> EvalRows | None:
+    """The run's eval data: ``eval_datasets``, else the ``val_set_size`` split of its training data, rebuilt
+    exactly as training built it (same tokenizer, same seed). None when the run had no eval data."""
+    if config.eval_datasets:
+        items = [(r, spec.type) for spec in config.eval_datasets for r in read_rows(spec)]
+        names = ", ".join(f"{s.path} ({s.type})" for s in config.eval_datasets)
+        return EvalRows(items, f"eval_datasets of {where}: {names}")
+    if config.val_set_size > 0:
+        try:
+            split = build_datasets(config.data, tokenizer)
+        except DataError as e:
+            raise DataError(f"rebuilding the val_set_size split of {where}: {e}") from None
+        items = [(ex.row, ex.fmt) for ex in split.eval if ex.row is not None]
+        return EvalRows(items, f"val_set_size={config.val_set_size:g} split of {where}'s training data")
+    return None
+
+
+def data_settings(config: RunConfig | None, max_positions: int | None) -> DataSettings:
+    """Masking and truncation as the run trained with; without a run, the model's context length."""
+    if config is not None:
+        return config.data
+    return DataSettings([], [], 0.0, False, max(2, max_positions or 2048), 0)
+
+
+@dataclass
+class Prepared:
+    """The eval rows tokenized for one tokenizer: loss examples and, aligned, generation cases."""
+
+    examples: list[Example]
+    cases: list[GenerationCase | None]  # None for text rows (and chats that end without an assistant turn)
+    stats: DataStats
+
+    @property
+    def n_generation(self) -> int:
+        return sum(c is not None for c in self.cases)
+
+
+def prepare(items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings, limit: int | None) -> Prepared:
+    """Tokenize rows as training does (same masking, same truncation); keep the first ``limit`` examples.
+    Raises ``DataError`` for a row without the needed fields, naming its file and line."""
+    if any(fmt == "chat" for _, fmt in items) and not getattr(tokenizer, "chat_template", None):
+        raise DataError("the eval data has type chat but the tokenizer has no chat template")
+    examples: list[Example] = []
+    cases: list[GenerationCase | None] = []
+    stats = DataStats()
+    for row, fmt in items:
+        if limit is not None and len(examples) >= limit:
+            break
+        kept, s = tokenize_rows([row], fmt, tokenizer, settings)
+        stats.add(s)
+        if kept:
+            examples.append(kept[0])
+            cases.append(generation_case(row, fmt, tokenizer))
+    if not examples:
+        raise DataError(
+            f"no eval examples left: all {stats.rows} rows have no target tokens after truncation "
+            f"at sequence_len={settings.sequence_len}"
+        )
+    return Prepared(examples, cases, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring one model
+
+
+@dataclass
+class ModelScore:
+    name: str
+    loss: float  # mean cross-entropy per target token, every target token weighted the same
+    perplexity: float  # exp(loss)
+    n_examples: int
+    n_tokens: int  # target tokens
+    exact_match: float | None  # None when no row has a reference answer (text data)
+    contains: float | None
+    predictions: list[str | None] = field(default_factory=list, repr=False)  # aligned with the examples
+
+    def to_json(self) -> dict[str, Any]:
+        def num(x: float | None) -> float | None:
+            return x if x is None or math.isfinite(x) else None
+
+        return {
+            "name": self.name,
+            "loss": num(self.loss),
+            "perplexity": num(self.perplexity),
+            "exact_match": self.exact_match,
+            "contains": self.contains,
+            "n_examples": self.n_examples,
+        }
+
+
+def autocast_for(compute_dtype: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """The autocast training ran under (train.Precision): none in float32, else the compute dtype."""
+    from qlora_cli.model import DTYPES
+
+    if compute_dtype == "float16" and device.type == "cpu":
+        raise ConfigError("compute dtype float16 needs a GPU; pass --dtype float32 or bfloat16 on CPU")
+    dtype = DTYPES[compute_dtype]
+    if dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def auto_max_new_tokens(tokenizer: Any, cases: list[GenerationCase | None]) -> int:
+    longest = max((len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in cases if c), default=0)
+    return min(longest + AUTO_MARGIN, AUTO_MAX_NEW_TOKENS_CAP)
+
+
+def score_model(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    data: Prepared,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> ModelScore:
+    """Loss and perplexity over every example; exact match and contains over those with a reference."""
+    from qlora_cli.loss import evaluate_loss
+
+    result = evaluate_loss(model, data.examples, batch_size, tokenizer.pad_token_id, device, autocast)
+    with_answer = [i for i, c in enumerate(data.cases) if c is not None]
+    predictions: list[str | None] = [None] * len(data.cases)
+    em = ct = None
+    if with_answer:
+        cases = [data.cases[i] for i in with_answer]
+        chat = any(data.examples[i].fmt == "chat" for i in with_answer)
+        new_tokens = max_new_tokens or auto_max_new_tokens(tokenizer, cases)
+        stops = stop_token_ids(model, tokenizer, chat)
+        task = score_generations(model, tokenizer, cases, new_tokens, batch_size, stops, autocast)
+        em, ct = task.exact_match, task.contains
+        for i, p in zip(with_answer, task.predictions):
+            predictions[i] = p
+    return ModelScore(name, result.loss, result.perplexity, len(data.examples), result.n_tokens, em, ct, predictions)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+@dataclass
+class EvalOptions:
+    data: str | None = None  # --data: a file (or hub dataset); default: the run's eval data
+    fmt: str | None = None  # --type; default: read off the first row
+    split: str = "train"  # hub datasets only
+    base: str | None = None  # --base: load the adapters on this base model instead of the one they name
+    limit: int | None = None  # evaluate the first N examples
+    max_new_tokens: int | None = None  # default: the longest reference + 8 tokens, at most 256
+    batch_size: int | None = None  # default: the run's eval batch size, else 8
+    include_base: bool = True  # score the base (adapters disabled) beside the adapters
+    device: str = "auto"
+    dtype: str | None = None  # compute dtype override (adapters' base) / load dtype (model folders)
+    load_in_4bit: bool = False  # model folders: quantize to NF4 on load
+
+
+@dataclass
+class EvalReport:
+    models: list[ModelScore]
+    source: str
+    prompts: list[str]  # decoded generation prompts (None-free only where a reference exists), for --samples
+    references: list[str | None]
+    stats: DataStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"models": [m.to_json() for m in self.models]}
+
+
+def _remove_lora(model: torch.nn.Module) -> None:
+    """Put every wrapped layer back: the model is the untouched base again (the base weights never changed)."""
+    from qlora_cli.lora import lora_layers
+
+    for name, layer in list(lora_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+
+
+def _max_positions(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) -> EvalReport:
+    """Score every input folder (and, unless ``include_base`` is off, the adapters' base) on one eval set.
+
+    Every user error (folders, data, an adapter that does not fit) is raised before any model is scored.
+    """
+    from qlora_cli.adapter_io import load_adapter
+    from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries, resolve_device
+
+    say = log.print if log is not None else (lambda *a, **k: None)
+    quiet_libraries()
+    if not inputs:
+        raise ConfigError("give at least one run, adapter or model folder")
+    if options.dtype is not None and options.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {options.dtype!r}")
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {options.device!r}")
+    device = resolve_device(options.device)
+    candidates = [open_candidate(p, options.base, options.dtype, options.load_in_4bit) for p in inputs]
+    adapters = [c for c in candidates if c.is_adapter]
+    plain = [c for c in candidates if not c.is_adapter]
+    if adapters:
+        check_one_base(adapters)
+    include_base = options.include_base and bool(adapters)
+    _unique_names(candidates, include_base)
+    for c in candidates:
+        autocast_for(c.settings.quant.compute_dtype, device)  # float16 on CPU fails here, before loading
+
+    # -- the eval rows, tokenized with the first model's tokenizer (validates every row up front)
+    first = adapters[0] if adapters else plain[0]
+    tokenizer = load_tokenizer(first.settings)
+    if options.data is not None:
+        rows = rows_from_file(options.data, options.fmt, options.split)
+    else:
+        rows = None
+        for c in candidates:
+            if c.config is not None:
+                rows = rows_from_run(c.config, tokenizer if c is first else load_tokenizer(c.settings), c.name)
+            if rows is not None:
+                break
+        if rows is None:
+            names = ", ".join(c.name for c in candidates)
+            raise DataError(f"no eval data: {names} has no eval_datasets or val_set_size; pass --data PATH")
+    config = next((c.config for c in candidates if c.config is not None), None)
+    batch_size = options.batch_size or (config.eval_batch_size or config.micro_batch_size if config else 8)
+
+    def settings_for(model: Any) -> DataSettings:
+        return data_settings(config, _max_positions(model))
+
+    prepared_first = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
+    say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared_first.examples)} examples from {rows.source}")
+
+    scores: list[ModelScore] = []
+    prepared = prepared_first
+    if adapters:
+        settings = adapters[0].settings
+        say(f"loading base {settings.base_model} ({_describe(settings)})")
+        model = load_base_model(settings, device)
+        model.eval()
+        prepared = prepare(rows.items, tokenizer, settings_for(model), options.limit)
+        for c in adapters:  # every adapter must fit before anything is scored
+            load_adapter(model, c.path)
+            _remove_lora(model)
+        autocast = autocast_for(settings.quant.compute_dtype, device)
+        kw = dict(batch_size=batch_size, max_new_tokens=options.max_new_tokens, device=device, autocast=autocast)
+        if include_base:
+            scores.append(score_model("base", model, tokenizer, prepared, **kw))
+            say(_one_line(scores[-1]))
+        for c in adapters:
+            load_adapter(model, c.path)
+            model.eval()
+            scores.append(score_model(c.name, model, tokenizer, prepared, **kw))
+            _remove_lora(model)
+            say(_one_line(scores[-1]))
+        del model
+    for c in plain:
+        say(f"loading {c.path} ({_describe(c.settings)})")
+        model = load_base_model(c.settings, device)
+        model.eval()
+        tok = load_tokenizer(c.settings)
+        data = prepare(rows.items, tok, settings_for(model), options.limit)
+        autocast = autocast_for(c.settings.quant.compute_dtype, device)
+        scores.append(
+            score_model(
+                c.name,
+                model,
+                tok,
+                data,
+                batch_size=batch_size,
+                max_new_tokens=options.max_new_tokens,
+                device=device,
+                autocast=autocast,
+            )
+        )
+        say(_one_line(scores[-1]))
+        del model
+    prompts = [tokenizer.decode(c.prompt_ids, skip_special_tokens=True) if c else "" for c in prepared.cases]
+    references = [c.reference if c else None for c in prepared.cases]
+    return EvalReport(scores, rows.source, prompts, references, prepared.stats)
+
+
+def _one_line(s: ModelScore) -> str:
+    em = f"  exact match {s.exact_match:.1%}" if s.exact_match is not None else ""
+    return f"{s.name}: loss {s.loss:.4f}  ppl {s.perplexity:.3g}{em}"
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _delta(value: float | None, base: float | None, lower_is_better: bool, percent: bool) -> str:
+    if value is None or base is None:
+        return ""
+    d = value - base
+    better = d < 0 if lower_is_better else d > 0
+    color = "green" if better else "red" if d != 0 else "dim"
+    text = f"{100 * d:+.1f} pp" if percent else f"{d:+.4f}"
+    return f"\n[{color}]{text}[/{color}]"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def results_table(report: EvalReport) -> Any:
+    """One row per model; under each adapter's numbers, its change from the base (green: better)."""
+    from rich.table import Table
+
+    base = next((m for m in report.models if m.name == "base"), None)
+    n = report.models[0].n_examples if report.models else 0
+    caption = "under each adapter's numbers: the change from the base" if base and len(report.models) > 1 else None
+    table = Table(title=f"qlora eval: {n} examples, {report.source}", title_justify="left", caption=caption)
+    table.add_column("model", overflow="fold")
+    table.add_column("loss", justify="right", no_wrap=True)
+    table.add_column("perplexity", justify="right", no_wrap=True)
+    table.add_column("exact match", justify="right", no_wrap=True)
+    table.add_column("contains", justify="right", no_wrap=True)
+    for m in report.models:
+        b = base if base is not None and m is not base else None
+        table.add_row(
+            m.name,
+            f"{m.loss:.4f}" + _delta(m.loss, b and b.loss, True, False),
+            f"{m.perplexity:.4g}",
+            _pct(m.exact_match) + _delta(m.exact_match, b and b.exact_match, False, True),
+            _pct(m.contains) + _delta(m.contains, b and b.contains, False, True),
+        )
+    return table
+
+
+def samples_table(report: EvalReport, n: int) -> Any:
+    """The first ``n`` examples that have a reference: prompt, reference and each model's answer."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="samples", title_justify="left", show_lines=True)
+    table.add_column("#", justify="right")
+    table.add_column("prompt")
+    table.add_column("reference")
+    for m in report.models:
+        table.add_column(m.name)
+    shown = 0
+    for i, ref in enumerate(report.references):
+        if ref is None or shown >= n:
+            continue
+        prompt = report.prompts[i]
+        if len(prompt) > 300:
+            prompt = "…" + prompt[-300:]
+        answers = [Text(repr(m.predictions[i]) if m.predictions[i] is not None else "-") for m in report.models]
+        table.add_row(str(i), Text(prompt), Text(repr(ref)), *answers)
+        shown += 1
+    return table
+
+
+def check_json_path(path: str | Path) -> Path:
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file path")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--json {path}: folder {out.parent} does not exist")
+    return out
+
+
+def write_json(path: str | Path, report: EvalReport) -> None:
+    """Write the results atomically (temp file + rename): a crash never leaves half a file."""
+    out = check_json_path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_eval(
+    inputs: list[str | Path],
+    options: EvalOptions,
+    *,
+    json_path: str | Path | None = None,
+    samples: int = 0,
+    console: Any = None,
+    log: Any = None,
+) -> EvalReport:
+    """``qlora eval``: evaluate, print the table (and samples) on ``console``, write ``--json``."""
+    from rich.console import Console
+
+    console = console or Console(soft_wrap=True)
+    if json_path is not None:
+        check_json_path(json_path)  # a bad --json path fails before minutes of scoring
+    report = evaluate(inputs, options, log)
+    console.print(results_table(report))
+    if samples > 0:
+        if any(r is not None for r in report.references):
+            console.print(samples_table(report, samples))
+        else:
+            console.print("no samples to show: the eval data has no reference answers (text rows)")
+    if json_path is not None:
+        write_json(json_path, report)
+    return report
