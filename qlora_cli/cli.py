@@ -138,6 +138,36 @@ def merge(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def inspect(
+    target: Annotated[str, typer.Argument(help="config.yaml, a run/adapter folder, or `data`.")],
+    config: Annotated[str | None, typer.Argument(help="With `data`: the config whose data to inspect.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    gpu_memory: Annotated[
+        str | None, typer.Option("--gpu-memory", help="GPU size for the plan, e.g. 24GB: does it fit, largest batch.")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Plan for cuda or cpu; default: the config's.")] = None,
+    examples: Annotated[int, typer.Option("--examples", min=0, help="Tokenized examples to show (data).")] = 3,
+    debug: Debug = False,
+) -> None:
+    """Understand a config (targets, memory plan), its data (`inspect data config.yaml`) or an adapter."""
+
+    def go() -> None:
+        from rich.console import Console
+
+        from qlora_cli.errors import ConfigError
+        from qlora_cli.inspect_cmd import run_inspect
+
+        if device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+        console = Console(soft_wrap=True)
+        run_inspect(
+            target, config, as_json=json_, gpu_memory=gpu_memory, examples=examples, device=device, console=console
+        )
+
+    run_command(go, debug)
+
+
 def main() -> None:
     app(prog_name="qlora")
 

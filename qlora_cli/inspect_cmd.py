@@ -1,0 +1,689 @@
+"""``qlora inspect``: understand a config, a dataset or an adapter before spending GPU hours.
+
+    qlora inspect config.yaml         the model (from its config, on the meta device), the LoRA targets, the
+                                      memory plan for one GPU (memory_plan.py) and the largest micro-batch
+    qlora inspect data config.yaml    what training will see: counts, lengths, rendered examples with the
+                                      trained-on tokens marked, and plain warnings
+    qlora inspect runs/my-run         an adapter: rank, scaling, size, per-module ||scaling * B @ A||, the training
+                                      summary from metrics.jsonl, and whether vLLM can serve it
+
+Each report is a plain dict (``--json`` prints it) rendered with rich. Nothing here loads model weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from qlora_cli.config import RunConfig, load_config
+from qlora_cli.errors import ConfigError, DataError, ModelError
+from qlora_cli.memory_plan import (
+    MemoryPlan,
+    TargetInfo,
+    format_bytes,
+    linear_dims,
+    load_model_config,
+    meta_model,
+    plan_memory,
+    target_infos,
+    weight_bytes,
+)
+
+# vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Modules vLLM serves LoRA on only with extra flags or not at all: qlora's adapters never target them.
+VLLM_SPECIAL_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "embed_in")
+
+
+# ---------------------------------------------------------------------------------------------
+# config report
+
+
+def config_report(cfg: RunConfig, gpu_memory: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """Model summary, LoRA target table and memory plan of ``cfg``; no weights are loaded."""
+    model_config = load_model_config(cfg)
+    model = meta_model(model_config, cfg)
+    targets = target_infos(model, cfg)  # ModelError when a target matches nothing, as train would
+    weights = weight_bytes(model, cfg)
+    trainable = sum(cfg.lora_r * (t.in_features + t.out_features) for t in targets)
+    plan = plan_memory(cfg, model_config, device_type=device, gpu_memory=gpu_memory, targets=targets)
+    return {
+        "kind": "config",
+        "base_model": cfg.base_model,
+        "model": _model_summary(model_config, model, weights.params_total, cfg),
+        "lora": {
+            "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
+            "scaling": cfg.lora.scaling,
+            "dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules,
+        },
+        "targets": target_table(targets, cfg.lora_r),
+        "left_out": left_out_table(model, targets),
+        "trainable_params": trainable,
+        "total_params": weights.params_total,
+        "trainable_percent": 100.0 * trainable / max(weights.params_total, 1),
+        "memory": plan.to_dict(),
+    }
+
+
+def _model_summary(model_config: Any, model: torch.nn.Module, params: int, cfg: RunConfig) -> dict[str, Any]:
+    def first(*names: str) -> Any:
+        for n in names:
+            v = getattr(model_config, n, None)
+            if v is not None:
+                return v
+        return None
+
+    architectures = getattr(model_config, "architectures", None) or [type(model).__name__]
+    files = sorted(Path(cfg.base_model).expanduser().glob("*.safetensors")) if Path(cfg.base_model).is_dir() else []
+    dtype = first("dtype", "torch_dtype")
+    return {
+        "architecture": architectures[0],
+        "model_type": getattr(model_config, "model_type", None),
+        "layers": first("num_hidden_layers", "n_layer"),
+        "hidden_size": first("hidden_size", "n_embd", "d_model"),
+        "intermediate_size": first("intermediate_size", "ffn_dim", "n_inner"),
+        "attention_heads": first("num_attention_heads", "n_head"),
+        "kv_heads": first("num_key_value_heads"),
+        "vocab_size": first("vocab_size"),
+        "tied_embeddings": bool(getattr(model_config, "tie_word_embeddings", False)),
+        "parameters": params,
+        "checkpoint_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "checkpoint_bytes": sum(f.stat().st_size for f in files) if files else None,
+    }
+
+
+def target_table(targets: list[TargetInfo], r: int) -> list[dict[str, Any]]:
+    """One row per module-name suffix: how many modules, their (in, out) shapes, adapter params."""
+    rows: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        row = rows.setdefault(t.suffix, {"suffix": t.suffix, "count": 0, "shapes": [], "adapter_params": 0})
+        row["count"] += 1
+        shape = [t.in_features, t.out_features]
+        if shape not in row["shapes"]:
+            row["shapes"].append(shape)
+        row["adapter_params"] += r * (t.in_features + t.out_features)
+    return list(rows.values())
+
+
+def left_out_table(model: torch.nn.Module, targets: list[TargetInfo]) -> list[dict[str, Any]]:
+    """Linear layers LoRA does not wrap, by suffix; the output head is listed as never targeted."""
+    from qlora_cli.lora import linear_module_names, output_head
+
+    chosen = {t.name for t in targets}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in linear_module_names(model):
+        if name in chosen:
+            continue
+        suffix = name.rsplit(".", 1)[-1]
+        row = rows.setdefault(suffix, {"suffix": suffix, "count": 0, "shapes": [], "why": "not in lora_target_modules"})
+        row["count"] += 1
+        shape = list(linear_dims(model.get_submodule(name)))
+        if shape not in row["shapes"]:
+            row["shapes"].append(shape)
+    head = output_head(model)
+    if head is not None:
+        name = next(n for n, m in model.named_modules() if m is head)
+        try:
+            shape = [list(linear_dims(head))]
+        except TypeError:
+            shape = []
+        rows[name] = {"suffix": name, "count": 1, "shapes": shape, "why": "output head (never targeted)"}
+    return list(rows.values())
+
+
+def render_config(report: dict[str, Any], console: Console) -> None:
+    m = report["model"]
+    console.print(f"[bold]{report['base_model']}[/bold]  {m['architecture']}")
+    facts = [
+        f"{m['layers']} layers",
+        f"hidden {m['hidden_size']}",
+        f"intermediate {m['intermediate_size']}" if m["intermediate_size"] else None,
+        f"heads {m['attention_heads']}" + (f" (kv {m['kv_heads']})" if m["kv_heads"] else ""),
+        f"vocab {m['vocab_size']:,}",
+        "tied embeddings" if m["tied_embeddings"] else None,
+        f"{m['parameters'] / 1e9:.2f}B params" if m["parameters"] >= 1e8 else f"{m['parameters']:,} params",
+    ]
+    if m["checkpoint_bytes"]:
+        facts.append(f"checkpoint {format_bytes(m['checkpoint_bytes'])} ({m['checkpoint_dtype']})")
+    console.print("  " + ", ".join(f for f in facts if f))
+    lora = report["lora"]
+    console.print(
+        f"LoRA r={lora['r']} alpha={lora['alpha']:g} (scaling {lora['scaling']:.4g}), dropout {lora['dropout']:g}: "
+        f"trainable [bold]{report['trainable_params']:,}[/bold] of {report['total_params']:,} params "
+        f"({report['trainable_percent']:.3f}%)"
+    )
+    table = Table(title="LoRA targets", title_justify="left", show_edge=False)
+    for col in ("module", "count", "in -> out", "adapter params"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for row in report["targets"]:
+        shapes = ", ".join(f"{i} -> {o}" for i, o in row["shapes"])
+        table.add_row(row["suffix"], str(row["count"]), shapes, f"{row['adapter_params']:,}")
+    console.print(table)
+    if report["left_out"]:
+        left = ", ".join(
+            f"{r['suffix']} x{r['count']}" + (" (head)" if "head" in r["why"] else "") for r in report["left_out"]
+        )
+        console.print(f"linear layers left out: {left}")
+    render_plan(report["memory"], console)
+
+
+def render_plan(plan: dict[str, Any], console: Console) -> None:
+    where = "one GPU" if plan["device"] == "cuda" else "CPU"
+    console.print()
+    console.print(
+        f"[bold]Memory plan[/bold] for {where}: micro_batch_size {plan['micro_batch_size']} x {plan['seq_len']} tokens, "
+        f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}"
+    )
+    table = Table(show_edge=False, show_header=False)
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("note", style="dim")
+    for c in plan["resident"]:
+        table.add_row(c["label"], format_bytes(c["bytes"]), c["note"])
+    table.add_section()
+    for c in plan["step"]:
+        table.add_row(c["label"], format_bytes(c["bytes"]), "at the step's peak")
+    table.add_section()
+    table.add_row("[bold]tensor peak[/bold]", f"[bold]{format_bytes(plan['tensor_peak'])}[/bold]", "")
+    for c in plan["overhead"]:
+        table.add_row(c["label"], format_bytes(c["bytes"]), c["note"])
+    if plan["overhead"]:
+        table.add_row("[bold]total on the GPU[/bold]", f"[bold]{format_bytes(plan['total'])}[/bold]", "")
+    console.print(table)
+    console.print(
+        f"step peak with gradient checkpointing {format_bytes(plan['activations_with_checkpointing'])}, "
+        f"without {format_bytes(plan['activations_without_checkpointing'])}"
+    )
+    if plan["eval_peak"] is not None:
+        console.print(f"evaluation peak (tensors): {format_bytes(plan['eval_peak'])}")
+    if plan["gpu_memory"] is not None:
+        verdict = "[green]fits[/green]" if plan["fits"] else "[red]does not fit[/red]"
+        line = f"{format_bytes(plan['gpu_memory'])} GPU: {verdict}"
+        if plan["max_micro_batch_size"] is not None:
+            line += f"; largest micro_batch_size that fits: [bold]{plan['max_micro_batch_size']}[/bold]"
+        console.print(line)
+    for note in plan["notes"]:
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+# ---------------------------------------------------------------------------------------------
+# data report
+
+
+def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
+    """What the model will be trained on: counts as ``data.tokenize_rows`` makes them, per dataset; a length
+    histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
+    from qlora_cli.data import IGNORE_INDEX, read_rows, tokenize_row
+    from qlora_cli.model import load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    tokenizer = load_tokenizer(cfg)
+    eos = tokenizer.eos_token_id
+    warnings: list[str] = []
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
+    if tokenizer.pad_token_id == eos:
+        warnings.append(
+            "pad token == EOS token: qlora still trains on EOS (masks come from lengths), but other tools that "
+            "mask by pad id would drop it"
+        )
+    datasets = []
+    lengths: list[int] = []  # untruncated, train datasets
+    shown: list[dict[str, Any]] = []
+    no_eos: list[str] = []
+    entries = [("train", s) for s in cfg.datasets] + [("eval", s) for s in cfg.eval_datasets]
+    for split, spec in entries:
+        rows = read_rows(spec)
+        entry = {"split": split, "path": spec.path, "type": spec.type, "rows": len(rows), "examples": 0, "tokens": 0}
+        entry.update({"target_tokens": 0, "truncated": 0, "dropped": 0, "skipped": False})
+        datasets.append(entry)
+        if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
+            warnings.append(
+                f"{spec.path}: type chat but the tokenizer has no chat template; training would stop here "
+                "(set chat_template: chatml, or a Jinja template)"
+            )
+            entry["skipped"] = True
+            continue
+        for row in rows:
+            ex = tokenize_row(row, spec.type, tokenizer, cfg.train_on_inputs)
+            ex.row, ex.fmt = row, spec.type
+            if split == "train":
+                lengths.append(len(ex.input_ids))
+            if len(ex.input_ids) > cfg.sequence_len:  # as data.tokenize_rows does
+                ex.input_ids, ex.labels = ex.input_ids[: cfg.sequence_len], ex.labels[: cfg.sequence_len]
+                entry["truncated"] += 1
+            if ex.n_targets == 0:
+                entry["dropped"] += 1
+                continue
+            entry["examples"] += 1
+            entry["tokens"] += len(ex.input_ids)
+            entry["target_tokens"] += ex.n_targets
+            if eos not in ex.labels[1:]:
+                no_eos.append(row.where)
+            if split == "train" and len(shown) < n_examples:
+                shown.append(_example_view(ex, tokenizer, IGNORE_INDEX))
+    train = [d for d in datasets if d["split"] == "train"]
+    totals = {
+        k: sum(d[k] for d in train) for k in ("rows", "examples", "tokens", "target_tokens", "truncated", "dropped")
+    }
+    for d in datasets:
+        if d["dropped"]:
+            warnings.append(
+                f"{d['path']}: {d['dropped']} example(s) have no target tokens (after truncation at "
+                f"sequence_len={cfg.sequence_len}) and are dropped"
+            )
+    if no_eos:
+        warnings.append(
+            f"{len(no_eos)} example(s) have no EOS among their targets (first: {no_eos[0]}): the model does not "
+            "learn to stop there (truncated at sequence_len, or a chat that does not end with the assistant)"
+        )
+    truncated = totals["truncated"]
+    if truncated:
+        warnings.append(f"{truncated} training example(s) are longer than sequence_len={cfg.sequence_len} and are cut")
+    return {
+        "kind": "data",
+        "sequence_len": cfg.sequence_len,
+        "train_on_inputs": cfg.train_on_inputs,
+        "tokenizer": {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id},
+        "datasets": datasets,
+        "train": totals,
+        "histogram": length_histogram(lengths, cfg.sequence_len),
+        "examples": shown,
+        "warnings": warnings,
+    }
+
+
+def _example_view(ex: Any, tokenizer: Any, ignore: int) -> dict[str, Any]:
+    return {
+        "where": ex.row.where if ex.row is not None else "",
+        "input_ids": list(ex.input_ids),
+        "labels": list(ex.labels),
+        "target_mask": [label != ignore for label in ex.labels],  # True where the loss is taken
+        "tokens": [tokenizer.decode([i]) for i in ex.input_ids],
+    }
+
+
+def length_histogram(lengths: list[int], sequence_len: int, bins: int = 10) -> list[dict[str, Any]]:
+    """Counts of untruncated example lengths in ``bins`` equal bins up to the longest example."""
+    if not lengths:
+        return []
+    top = max(max(lengths), 1)
+    width = max(1, math.ceil(top / bins))
+    counts = Counter(min((n - 1) // width, bins - 1) if n > 0 else 0 for n in lengths)
+    out = []
+    for b in range(math.ceil(top / width)):
+        lo, hi = b * width + 1, (b + 1) * width
+        out.append({"from": lo, "to": hi, "count": counts.get(b, 0), "over_sequence_len": lo > sequence_len})
+    return out
+
+
+def render_data(report: dict[str, Any], console: Console) -> None:
+    t = report["train"]
+    console.print(
+        f"[bold]training data[/bold]: {t['examples']:,} examples from {t['rows']:,} rows, {t['tokens']:,} tokens, "
+        f"{t['target_tokens']:,} target tokens; truncated {t['truncated']}, dropped {t['dropped']} "
+        f"(sequence_len {report['sequence_len']})"
+    )
+    table = Table(show_edge=False)
+    for col in ("split", "dataset", "type", "rows", "examples", "tokens", "targets", "truncated", "dropped"):
+        table.add_column(col, justify="left" if col in ("split", "dataset", "type") else "right")
+    for d in report["datasets"]:
+        table.add_row(
+            d["split"],
+            d["path"],
+            d["type"] + (" (skipped)" if d["skipped"] else ""),
+            *(f"{d[k]:,}" for k in ("rows", "examples", "tokens", "target_tokens", "truncated", "dropped")),
+        )
+    console.print(table)
+    hist = report["histogram"]
+    if hist:
+        console.print("[bold]length[/bold] (tokens, before truncation)")
+        peak = max(h["count"] for h in hist) or 1
+        for h in hist:
+            bar = "█" * max(1 if h["count"] else 0, round(30 * h["count"] / peak))
+            style = "red" if h["over_sequence_len"] else "cyan"
+            line = Text(f"{h['from']:>7}-{h['to']:<7} ")
+            line.append(bar, style=style)
+            line.append(f" {h['count']}")
+            console.print(line)
+    for i, ex in enumerate(report["examples"]):
+        console.print(
+            f"\n[bold]example {i + 1}[/bold] [dim]{ex['where']}[/dim]  ([reverse green]trained on[/reverse green], [dim]context[/dim])"
+        )
+        console.print(render_tokens(ex["tokens"], ex["target_mask"]))
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+TARGET_STYLE = "reverse green"
+CONTEXT_STYLE = "dim"
+
+
+def render_tokens(tokens: list[str], mask: list[bool]) -> Text:
+    """The example's text, token by token: trained-on tokens in ``TARGET_STYLE``, the rest dim."""
+    text = Text()
+    for token, is_target in zip(tokens, mask):
+        shown = token.replace("\n", "↵\n")
+        text.append(shown, style=TARGET_STYLE if is_target else CONTEXT_STYLE)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter report
+
+
+def adapter_report(path: str | Path) -> dict[str, Any]:
+    """Rank, scaling, size, per-module delta norms, training summary and the vLLM serving check of a run or
+    adapter folder."""
+    from safetensors import safe_open
+
+    from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_peft_key
+    from qlora_cli.lora import lora_scaling
+    from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"run folder not found: {path}")
+    if not folder.is_dir():
+        raise ModelError(f"expected a run or adapter folder, got a file: {path}")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).exists():
+            raise ModelError(f"{path} is not an adapter folder: {name} is missing")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: malformed JSON ({e.msg})") from None
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ModelError(f"{folder / ADAPTER_CONFIG} is missing {key!r}")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora", False)))
+    weights_file = folder / ADAPTER_WEIGHTS
+    tensors: dict[str, torch.Tensor] = {}
+    raw_keys: list[str] = []
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():
+                raw_keys.append(key)
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ModelError(f"{weights_file}: cannot read ({str(e).splitlines()[0]})") from None
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in tensors.items():
+        m = re.match(r"^(.*)\.(lora_[AB])(?:\.[^.]+)?\.weight$", key)
+        if m:
+            name = from_peft_key(m.group(1) + f".{m.group(2)}.weight").rsplit(".lora_", 1)[0]
+            modules[name][m.group(2)] = t
+    norms = []
+    for name, ab in modules.items():
+        if "lora_A" not in ab or "lora_B" not in ab:
+            raise ModelError(f"{weights_file}: module {name} has only {', '.join(ab)}")
+        norms.append({"module": name, "delta_norm": delta_norm(ab["lora_A"], ab["lora_B"], scaling)})
+    run_config = None
+    if (folder / CONFIG_FILE).exists():
+        try:
+            run_config = load_config(folder / CONFIG_FILE)
+        except ConfigError as e:
+            raise ModelError(f"run folder {path}: {e}") from None
+    base = run_config.base_model if run_config else config.get("base_model_name_or_path")
+    architecture = _architecture(base)
+    return {
+        "kind": "adapter",
+        "path": str(folder),
+        "base_model": base,
+        "architecture": architecture,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "scaling": scaling,
+        "target_modules": config.get("target_modules"),
+        "modules": len(modules),
+        "params": sum(t.numel() for t in tensors.values()),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "file_bytes": weights_file.stat().st_size,
+        "dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "delta_norms": norms,
+        "training": training_summary(folder / METRICS_FILE),
+        "serving": vllm_check(config, raw_keys, base, folder, architecture),
+    }
+
+
+def delta_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> float:
+    """||scaling * B @ A||_F without forming the (out, in) product: ||BA||^2 = sum((B^T B) * (A A^T)), r x r."""
+    a, b = lora_A.double(), lora_B.double()
+    gram = (b.T @ b) * (a @ a.T)  # (r, r)
+    return abs(scaling) * math.sqrt(max(float(gram.sum()), 0.0))
+
+
+def _architecture(base: str | None) -> str | None:
+    if not base:
+        return None
+    config = Path(base).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return None
+    return archs[0] if archs else None
+
+
+def training_summary(metrics_path: Path) -> dict[str, Any] | None:
+    """Steps, losses, tokens and wall time from a run's metrics.jsonl (None for a bare adapter)."""
+    if not metrics_path.exists():
+        return None
+    records = []
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by an interrupted run
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("eval_loss") is not None]
+    summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
+    best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
+    return {
+        "finished": summary is not None,
+        "steps": summary["steps"] if summary else (train[-1]["step"] if train else 0),
+        "final_train_loss": summary.get("train_loss") if summary else (train[-1]["loss"] if train else None),
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "best_eval_loss": best["eval_loss"] if best else None,
+        "best_eval_step": best["step"] if best else None,
+        "train_examples": summary.get("train_examples") if summary else None,
+        "train_target_tokens": summary.get("train_target_tokens") if summary else None,
+        "wall_time_sec": summary.get("elapsed_sec") if summary else (train[-1].get("elapsed_sec") if train else None),
+    }
+
+
+# Architectures for which vLLM implements LoRA (SupportsLoRA) among those qlora trains; others may work.
+VLLM_LORA_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GemmaForCausalLM",
+    "Phi3ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "OPTForCausalLM",
+}
+
+
+def vllm_check(
+    config: dict[str, Any], keys: list[str], base: str | None, folder: Path, architecture: str | None = None
+) -> dict[str, Any]:
+    """Whether vLLM's ``--enable-lora`` loads this adapter, and the command line that serves it.
+
+    Checked: PEFT LoRA (peft_type LORA); rank <= a value vLLM accepts for --max-lora-rank; no DoRA; no
+    modules_to_save; bias "none"; no per-module rank/alpha patterns; tensor keys
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``; targets are linear layers of the decoder
+    blocks (not the embeddings or the output head); not a transposed Conv1D (GPT-2) adapter. The
+    architecture is compared with a list of ones vLLM serves LoRA for (a warning, not a failure)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    r = int(config.get("r", 0))
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, vLLM loads LORA adapters")
+    fitting = [v for v in VLLM_MAX_LORA_RANKS if v >= r]
+    max_rank = fitting[0] if fitting else None
+    if max_rank is None:
+        problems.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    if config.get("use_dora"):
+        problems.append("DoRA adapters (use_dora) are not supported by vLLM")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} (fully trained modules) are not supported")
+    if config.get("bias", "none") not in ("none", None):
+        problems.append(f"bias={config['bias']!r}: vLLM expects LoRA without bias weights")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("per-module rank_pattern/alpha_pattern is not supported")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out (GPT-2 Conv1D) adapters are not supported by vLLM")
+    bad_keys = [k for k in keys if not re.match(r"^base_model\.model\..+\.lora_[AB]\.weight$", k)]
+    if bad_keys:
+        problems.append(f"tensor {bad_keys[0]!r} is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight)")
+    module_names = {k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in keys if ".lora_" in k}
+    special = sorted({n.rsplit(".", 1)[-1] for n in module_names if n.rsplit(".", 1)[-1] in VLLM_SPECIAL_MODULES})
+    if special:
+        problems.append(f"targets {', '.join(special)} (embeddings / output head) need vLLM's extra LoRA vocab support")
+    if architecture and architecture not in VLLM_LORA_ARCHITECTURES:
+        warnings.append(f"{architecture} is not in the list of architectures qlora knows vLLM serves LoRA for")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", folder.name) or "adapter"
+    command = None
+    if not problems and base:
+        command = f"vllm serve {base} --enable-lora --lora-modules {name}={folder} --max-lora-rank {max_rank}"
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "warnings": warnings,
+        "max_lora_rank": max_rank,
+        "command": command,
+    }
+
+
+def render_adapter(report: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{report['path']}[/bold]  adapter for {report['base_model']}")
+    targets = report["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    console.print(
+        f"  r={report['r']} alpha={report['lora_alpha']:g}{' (rsLoRA)' if report['use_rslora'] else ''} "
+        f"scaling {report['scaling']:.4g}; targets {targets}; {report['modules']} modules"
+    )
+    console.print(
+        f"  {report['params']:,} params, {format_bytes(report['file_bytes'])} on disk ({', '.join(report['dtype'])})"
+    )
+    render_norms(report["delta_norms"], console)
+    t = report["training"]
+    if t is None:
+        console.print("training: no metrics.jsonl (a bare adapter folder)")
+    else:
+        parts = [f"{t['steps']} steps" + ("" if t["finished"] else " (unfinished)")]
+        if t["final_train_loss"] is not None:
+            parts.append(f"final train loss {t['final_train_loss']:.4f}")
+        if t["final_eval_loss"] is not None:
+            parts.append(f"final eval loss {t['final_eval_loss']:.4f}")
+            parts.append(f"best {t['best_eval_loss']:.4f} at step {t['best_eval_step']}")
+        if t["train_target_tokens"] is not None:
+            parts.append(f"{t['train_examples']:,} examples, {t['train_target_tokens']:,} target tokens per epoch")
+        if t["wall_time_sec"] is not None:
+            parts.append(f"{t['wall_time_sec']:.1f}s wall")
+        console.print("training: " + ", ".join(parts))
+    s = report["serving"]
+    if s["ok"]:
+        console.print(f"vLLM: [green]can serve it[/green] (--max-lora-rank {s['max_lora_rank']})")
+        if s["command"]:
+            console.print(f"  {s['command']}", highlight=False, soft_wrap=True)
+    else:
+        console.print("vLLM: [red]cannot serve it[/red]")
+        for p in s["problems"]:
+            console.print(f"  - {p}")
+    for w in s["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def render_norms(norms: list[dict[str, Any]], console: Console) -> None:
+    """||scaling * B @ A|| as a layer x module table when the names have layer indices, else a list."""
+    grid: dict[str, dict[str, float]] = defaultdict(dict)
+    columns: list[str] = []
+    for n in norms:
+        m = re.search(r"\.(\d+)\.(.+)$", n["module"])
+        if m is None:
+            grid[n["module"]]["norm"] = n["delta_norm"]
+            col = "norm"
+        else:
+            col = m.group(2)
+            grid[m.group(1)][col] = n["delta_norm"]
+        if col not in columns:
+            columns.append(col)
+    table = Table(title="||scaling * B @ A|| per module", title_justify="left", show_edge=False)
+    table.add_column("layer")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for layer, row in grid.items():
+        table.add_row(layer, *(f"{row[c]:.3g}" if c in row else "" for c in columns))
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def run_inspect(
+    target: str,
+    config: str | None,
+    *,
+    as_json: bool,
+    gpu_memory: str | None,
+    examples: int,
+    device: str | None,
+    console: Console,
+) -> dict[str, Any]:
+    """Dispatch ``qlora inspect TARGET [CONFIG]`` and print the report (JSON or rich). Returns the report."""
+    from qlora_cli.memory_plan import parse_size
+    from qlora_cli.run_folder import is_adapter_folder
+
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    path = Path(target).expanduser()
+    if target == "data" and (config is not None or not is_adapter_folder(path)):  # ./data may be a data folder
+        if config is None:
+            raise ConfigError("usage: qlora inspect data CONFIG.yaml")
+        report = data_report(load_config(config), examples)
+    else:
+        if config is not None:
+            raise ConfigError(
+                f"unexpected argument {config!r}: qlora inspect CONFIG.yaml | data CONFIG.yaml | RUN_FOLDER"
+            )
+        if not path.exists():
+            raise ConfigError(
+                f"not found: {target} (expected a config YAML, a run or adapter folder, or `data CONFIG`)"
+            )
+        if path.is_dir():
+            report = adapter_report(path)
+        else:
+            report = config_report(load_config(path), budget, device)
+    if as_json:
+        print(json.dumps(report, indent=2, default=_json_default))
+    else:
+        {"config": render_config, "data": render_data, "adapter": render_adapter}[report["kind"]](report, console)
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, MemoryPlan):
+        return value.to_dict()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
