@@ -139,6 +139,65 @@ def merge(
 
 
 @app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="A run or adapter folder (or a model folder: the base alone).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; - reads it from stdin.")],
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as one user message (chat template).")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model folder or hub id; default: the run's.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    debug: Debug = False,
+) -> None:
+    """Generate from one prompt with a trained adapter, streaming the text to the terminal."""
+
+    def go() -> None:
+        from qlora_cli.generation import SamplingParams, generate_text
+
+        text = sys.stdin.read() if prompt == "-" else prompt
+        params = SamplingParams(max_tokens, temperature, top_p, list(stop or []), seed)
+        generate_text(str(run), text, params, chat, base, device, write=_write_now)
+        sys.stdout.write("\n")
+
+    run_command(go, debug)
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+def serve(
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", "-a", help="name=run_folder to serve (repeatable).")
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model folder; default: the adapters' base.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Most requests decoded at once.")] = 8,
+    base_name: Annotated[
+        str | None, typer.Option("--base-name", help="The base's model name; default: its folder name (or 'base').")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Serve many adapters from one base over an OpenAI-compatible HTTP API."""
+
+    def go() -> None:
+        from qlora_cli.model import quiet_libraries
+        from qlora_cli.serve import serve as run_serve
+
+        quiet_libraries()
+        run_serve(base, adapter or [], host, port, device, max_batch_size, base_name, console=err)
+
+    run_command(go, debug)
+
+
+@app.command()
 def inspect(
     target: Annotated[str, typer.Argument(help="config.yaml, a run/adapter folder, or `data`.")],
     config: Annotated[str | None, typer.Argument(help="With `data`: the config whose data to inspect.")] = None,

@@ -37,6 +37,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
     stop: list[str] = field(default_factory=list)  # the text ends before the first of these (not included)
     seed: int | None = None  # a seeded request samples the same text every time
+    ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class Sequence:
     def append(self, token_id: int) -> None:
         """Take the next token: extend the text, check EOS, stop strings and max_tokens, and report."""
         self.output_ids.append(token_id)
-        if token_id in self.eos_ids:
+        if token_id in self.eos_ids and not self.params.ignore_eos:
             return self._finish("stop")
         self._pending += self.decoder.add(token_id)
         stops = self.params.stop
@@ -254,7 +255,9 @@ class Engine:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self.lock = adapters.lock if adapters is not None else threading.RLock()
-        self.generated_tokens = 0
+        self.generated_tokens = 0  # statistics, read by /health and the benchmark
+        self.forwards = 0
+        self.mixed_forwards = 0  # forwards whose rows used more than one adapter (or adapters and the base)
 
     # -- one forward ---------------------------------------------------------------------------
     def _forward(
@@ -272,9 +275,12 @@ class Engine:
             kwargs[self.cache_arg] = cache
         if self.keep_arg:
             kwargs[self.keep_arg] = 1
+        slots = [s.slot for s in seqs]
+        self.forwards += 1
+        self.mixed_forwards += len(set(slots)) > 1
         with self.lock, torch.inference_mode(), self._autocast():
             if self.adapters is not None:
-                with self.adapters.use_rows([s.slot for s in seqs]):
+                with self.adapters.use_rows(slots):
                     out = self.model(**kwargs)
             else:
                 out = self.model(**kwargs)

@@ -1,0 +1,377 @@
+"""`qlora serve` over real HTTP on loopback, driven by the official openai client, and `qlora generate`.
+
+Two adapters are trained on two different tasks (upper-case a word, reverse a word) on one tiny base; one
+`qlora serve` process serves both, and every request must get its own adapter's answer, also when the
+requests for both adapters arrive together and are decoded in the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+from qlora_cli.data import Row
+from qlora_cli.errors import ModelError
+from qlora_cli.evaluate import generate, generation_case
+from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.serve import ModelServer, describe_validation_error, parse_adapter_arg
+from qlora_cli.train import train
+
+from .conftest import make_config, upper_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 400  # enough for the tiny model to solve both tasks on held-out words
+
+
+def reverse_rows(n: int, seed: int) -> list[dict]:
+    """A second tiny task: reverse a 3-5 letter word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 5)))
+        rows.append({"prompt": f"reverse: {w}\nanswer: ", "completion": w[::-1]})
+    return rows
+
+
+TASKS = {"upper": upper_rows, "reverse": reverse_rows}
+
+
+def held_out(task: str, n: int = 8) -> list[dict]:
+    seen = {r["prompt"] for r in TASKS[task](2000, seed=10)}
+    return [r for r in TASKS[task](60, seed=11) if r["prompt"] not in seen][:n]
+
+
+@pytest.fixture(scope="module")
+def runs(model_factory, tmp_path_factory):
+    """{task: run folder} trained with `qlora train`'s function on one tiny qwen2 base, and each adapter's
+    greedy answers to held-out prompts through qlora's normal one-adapter path."""
+    base = model_factory("qwen2", initializer_range=0.1, seed=7)
+    tmp = tmp_path_factory.mktemp("serve-runs")
+    folders, answers = {}, {}
+    for task, rows in TASKS.items():
+        data = write_jsonl(tmp / f"{task}.jsonl", rows(2000, seed=10))
+        cfg = make_config(
+            base, data, tmp / task, max_steps=STEPS, micro_batch_size=16, learning_rate=5e-3,
+            lora_target_modules="all-linear", warmup_steps=10, logging_steps=100,
+        )  # fmt: skip
+        train(cfg, console=Console(quiet=True))
+        folders[task] = tmp / task
+        model, tok = load_adapted_model(open_run(tmp / task), torch.device("cpu"))
+        cases = [generation_case(Row("r", r), "completion", tok) for r in held_out(task)]
+        answers[task] = generate(model, tok, [c.prompt_ids for c in cases], max_new_tokens=8)
+    return base, folders, answers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`qlora serve` in a subprocess with both adapters; yields its base URL."""
+    _, folders, _ = runs
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu", "--max-batch-size", "8"]
+    for task, folder in folders.items():
+        cmd += ["--adapter", f"{task}={folder}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def complete(client, model: str, prompt, **kw) -> openai.types.Completion:
+    kw.setdefault("max_tokens", 8)
+    return client.completions.create(model=model, prompt=prompt, temperature=0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+
+
+def test_models_and_health(server, client, runs):
+    base, _, _ = runs
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [base.name, "upper", "reverse"]
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok"
+
+
+def test_concurrent_requests_each_get_their_own_adapters_answer(server, client, runs):
+    """Done-when: both adapters in one process; 16 requests for the two tasks at once, decoded in shared
+    batches, each answered by its own adapter: its normal-path answer, and the task solved (>= 90%)."""
+    _, _, answers = runs
+    jobs = [(task, i, r) for task in TASKS for i, r in enumerate(held_out(task))]
+    before = httpx.get(f"{server}/health").json()
+    start = threading.Barrier(len(jobs))
+
+    def ask(job):
+        task, _, row = job
+        start.wait()
+        return complete(client, task, row["prompt"]).choices[0]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        choices = list(pool.map(ask, jobs))
+    for (task, i, row), choice in zip(jobs, choices):
+        assert choice.text == answers[task][i], (task, row)
+    for task in TASKS:
+        got = [c.text for (t, _, _), c in zip(jobs, choices) if t == task]
+        want = [r["completion"] for r in held_out(task)]
+        assert sum(g == w for g, w in zip(got, want)) >= 0.9 * len(want), (task, got, want)
+    assert sum(c.text == r["completion"].upper() for (t, _, r), c in zip(jobs, choices) if t == "reverse") <= 1
+    after = httpx.get(f"{server}/health").json()
+    assert after["mixed_forwards"] > before["mixed_forwards"]  # rows of both adapters shared forwards
+
+
+def test_base_model_answers_differently(client, runs):
+    base, _, answers = runs
+    prompt = held_out("upper")[0]["prompt"]
+    by_name = complete(client, base.name, prompt).choices[0].text
+    assert complete(client, "base", prompt).choices[0].text == by_name
+    assert by_name != answers["upper"][0]
+
+
+def test_streaming_and_stop_strings(client, runs):
+    _, _, answers = runs
+    row = held_out("upper")[1]
+    full = complete(client, "upper", row["prompt"], max_tokens=12)
+    pieces, finish = [], []
+    for chunk in complete(client, "upper", row["prompt"], max_tokens=12, stream=True):
+        pieces.append(chunk.choices[0].text)
+        finish.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == full.choices[0].text == answers["upper"][1]
+    assert len([p for p in pieces if p]) > 1 and finish[-1] == full.choices[0].finish_reason == "stop"
+    word = row["completion"]
+    cut = complete(client, "upper", row["prompt"], stop=[word[2:4]]).choices[0]
+    assert cut.text == word[:2] and cut.finish_reason == "stop"
+    short = complete(client, "upper", row["prompt"], max_tokens=2).choices[0]
+    assert short.text == word[:2] and short.finish_reason == "length"
+    usage = complete(client, "upper", [row["prompt"], held_out("upper")[2]["prompt"]])
+    assert [c.text for c in usage.choices] == [answers["upper"][1], answers["upper"][2]]
+    assert usage.usage.completion_tokens == len(answers["upper"][1]) + len(answers["upper"][2]) + 2  # + EOS each
+
+
+def test_chat_goes_through_the_chat_template(client, runs):
+    """A chat request is the tokenizer's chat template with the generation prompt: the same text as a
+    completions request for those token ids (stopping at the template's end-of-turn token too)."""
+    _, folders, _ = runs
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folders["reverse"])
+    messages = [{"role": "user", "content": "reverse: abcd"}]
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    chat = client.chat.completions.create(model="reverse", messages=messages, max_tokens=10, temperature=0)
+    raw = complete(client, "reverse", ids["input_ids"], max_tokens=10).choices[0]  # stops at EOS only
+    content = chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == len(ids["input_ids"]) and chat.choices[0].message.role == "assistant"
+    assert raw.text.startswith(content) and (raw.text == content) == (
+        raw.finish_reason == chat.choices[0].finish_reason
+    )
+    stream = client.chat.completions.create(
+        model="reverse", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_seeded_sampling_repeats(client):
+    """Sampling with a seed gives the same text every time; vLLM's ignore_eos (sent via extra_body) runs to
+    max_tokens."""
+    kw = dict(model="upper", prompt="upper: ab", max_tokens=10, temperature=1.5, extra_body={"ignore_eos": True})
+    a, b = client.completions.create(seed=3, **kw), client.completions.create(seed=3, **kw)
+    c = client.completions.create(seed=4, **kw)
+    assert a.choices[0].text == b.choices[0].text != c.choices[0].text
+    assert a.usage.completion_tokens == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_requests_get_openai_shaped_errors(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        complete(client, "nope", "x")
+    assert e.value.body["code"] == "model_not_found" and "upper" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, "upper", "x", max_tokens=100_000)
+    assert "context length is 512 tokens" in e.value.body["message"] and e.value.body["param"] == "max_tokens"
+
+    def post(path: str, body: str) -> httpx.Response:
+        return httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"})
+
+    r = post("/v1/completions", '{"model": "upper", "prompt": ')
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", '{"model": "upper"}')
+    assert r.status_code == 400 and r.json()["error"]["message"] == "missing required field 'messages'"
+    r = post("/v1/chat/completions", '{"model": "upper", "messages": [{"content": "hi"}]}')
+    assert r.status_code == 400 and "'messages[0].role'" in r.json()["error"]["message"]
+    r = post("/v1/completions", '{"model": "upper", "prompt": "x", "temperature": "hot"}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = post("/v1/completions", '{"prompt": "x"}')
+    assert r.status_code == 400 and r.json()["error"]["message"] == "missing required field 'model'"
+    r = post("/v1/completions", '{"model": "upper", "prompt": "x", "n": 3}')
+    assert r.status_code == 400 and "n=1" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", '{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}')
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_load_and_unload_adapters_at_run_time(server, client, runs, tmp_path):
+    base, folders, answers = runs
+    prompt = held_out("reverse")[0]["prompt"]
+
+    def post(path: str, **body) -> httpx.Response:
+        return httpx.post(f"{server}{path}", json=body, timeout=60)
+
+    # an adapter whose weights do not fit this base: 400, and the others keep serving
+    misfit = tmp_path / "misfit"
+    shutil.copytree(folders["upper"], misfit)
+    state = load_file(misfit / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    state[key] = state[key][:, :-1].contiguous()
+    save_file(state, misfit / "adapter_model.safetensors")
+    r = post("/v1/load_lora_adapter", lora_name="misfit", lora_path=str(misfit))
+    assert r.status_code == 400, r.text
+    assert (
+        "does not fit the base model: model.layers.0.self_attn.q_proj.lora_A has shape" in r.json()["error"]["message"]
+    )
+    # trained with another compute dtype: a different quantized base
+    other = tmp_path / "bf16"
+    shutil.copytree(folders["upper"], other)
+    cfg = yaml.safe_load((other / "qlora_config.yaml").read_text())
+    (other / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "bnb_4bit_compute_dtype": "bfloat16"}))
+    r = post("/v1/load_lora_adapter", lora_name="bf16", lora_path=str(other))
+    assert r.status_code == 400 and "compute bfloat16" in r.json()["error"]["message"]
+    r = post("/v1/load_lora_adapter", lora_name="upper", lora_path=str(folders["reverse"]))
+    assert r.status_code == 400 and "already being served" in r.json()["error"]["message"]
+    r = post("/v1/load_lora_adapter", lora_name="x")
+    assert r.status_code == 400 and "lora_path" in r.json()["error"]["message"]
+    assert complete(client, "upper", held_out("upper")[0]["prompt"]).choices[0].text == answers["upper"][0]
+
+    r = post("/v1/load_lora_adapter", lora_name="rev2", lora_path=str(folders["reverse"]))
+    assert r.status_code == 200, r.text
+    assert "rev2" in [m.id for m in client.models.list().data]
+    assert complete(client, "rev2", prompt).choices[0].text == answers["reverse"][0]
+    assert post("/v1/unload_lora_adapter", lora_name="rev2").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "rev2", prompt)
+    assert post("/v1/unload_lora_adapter", lora_name="rev2").status_code == 404
+    assert post("/v1/unload_lora_adapter", lora_name=base.name).status_code == 404  # the base stays
+    assert complete(client, "reverse", prompt).choices[0].text == answers["reverse"][0]
+
+
+def test_client_leaving_mid_stream_does_not_disturb_others(server, client, runs):
+    _, _, answers = runs
+    before = httpx.get(f"{server}/health").json()["generated_tokens"]
+    body = {"model": "base", "prompt": "x", "max_tokens": 480, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        events = (json.loads(line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: {"))
+        assert all(next(events)["choices"][0]["text"] is not None for _ in range(3))
+        # another request while the stream is running
+        assert complete(client, "upper", held_out("upper")[3]["prompt"]).choices[0].text == answers["upper"][3]
+    # the stream is closed: its row is dropped at the next step, long before its 480 tokens
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server}/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    generated = httpx.get(f"{server}/health").json()["generated_tokens"] - before
+    assert generated < 300, generated
+    assert complete(client, "reverse", held_out("reverse")[3]["prompt"]).choices[0].text == answers["reverse"][3]
+
+
+# ---------------------------------------------------------------------------------------------
+# startup, the CLI
+
+
+def test_adapters_must_share_base_and_quantization(runs, tmp_path):
+    base, folders, _ = runs
+    other = tmp_path / "bf16"
+    shutil.copytree(folders["upper"], other)
+    cfg = yaml.safe_load((other / "qlora_config.yaml").read_text())
+    (other / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "bnb_4bit_compute_dtype": "bfloat16"}))
+    with pytest.raises(ModelError, match="differently quantized bases .*compute float32 vs .*compute bfloat16"):
+        ModelServer(adapters=[("a", str(folders["upper"])), ("b", str(other))], device="cpu")
+    moved = tmp_path / "other-base"
+    shutil.copytree(folders["reverse"], moved)
+    (moved / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "base_model": str(tmp_path / "elsewhere")}))
+    with pytest.raises(ModelError, match="different base models"):
+        ModelServer(adapters=[("a", str(folders["upper"])), ("b", str(moved))], device="cpu")
+    with pytest.raises(ModelError, match="given twice"):
+        ModelServer(adapters=[("a", str(folders["upper"])), ("a", str(folders["reverse"]))], device="cpu")
+    with pytest.raises(ModelError, match="nothing to serve"):
+        ModelServer()
+    assert parse_adapter_arg("sql=runs/text2sql") == ("sql", "runs/text2sql")
+    assert parse_adapter_arg("runs/text2sql/") == ("text2sql", "runs/text2sql/")
+    result = CliRunner().invoke(app, ["serve", "--adapter", f"a={folders['upper']}", "--adapter", f"b={other}"])
+    assert result.exit_code == 2 and "differently quantized" in result.output
+
+
+def test_validation_errors_name_the_field():
+    union = [
+        {"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "Input should be a valid string", "input": 5},
+        {
+            "type": "list_type",
+            "loc": ("body", "prompt", "list[str]"),
+            "msg": "Input should be a valid list",
+            "input": 5,
+        },
+    ]
+    assert describe_validation_error(union) == ("invalid value for field 'prompt': 5", "prompt")
+    nested = [{"type": "missing", "loc": ("body", "messages", 1, "content"), "msg": "Field required"}]
+    assert describe_validation_error(nested) == ("missing required field 'messages[1].content'", "messages")
+
+
+def test_generate_command_streams_the_adapters_answer(runs):
+    _, folders, answers = runs
+    row = held_out("upper")[4]
+    result = CliRunner().invoke(
+        app, ["generate", str(folders["upper"]), "--prompt", row["prompt"], "--max-tokens", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == answers["upper"][4] + "\n"
+    result = CliRunner().invoke(app, ["generate", str(folders["upper"]), "-p", "x", "--max-tokens", "600"])
+    assert result.exit_code == 2 and "context length of 512 tokens" in result.output
+    result = CliRunner().invoke(app, ["generate", str(folders["upper"]) + "-missing", "-p", "x"])
+    assert result.exit_code == 2 and "run folder not found" in result.output
