@@ -233,11 +233,13 @@ def open_candidate(
                 "nor a model folder (config.json)"
             )
         run = open_run(folder, base=base)
-        settings = run.model
+        settings, config = run.model, run.config
+        if config is None:  # a checkpoint inside a run folder: load the base as that run trained on it
+            settings, config = _settings_of_enclosing_run(folder, base) or (settings, config)
         if dtype is not None:
             settings = replace(settings, quant=replace(settings.quant, compute_dtype=dtype))
         check_base_model(settings)
-        return Candidate(folder, name, settings, run.config, is_adapter=True)
+        return Candidate(folder, name, settings, config, is_adapter=True)
     # A plain (e.g. merged) model folder: 16-bit as saved unless --load-in-4bit.
     config = None
     if (folder / CONFIG_FILE).exists():  # a merge may keep the run's config: its eval data and sequence_len
@@ -251,6 +253,28 @@ def open_candidate(
     settings = ModelSettings(base_model=str(folder), quant=quant)
     check_base_model(settings)
     return Candidate(folder, name, settings, config, is_adapter=False)
+
+
+def _settings_of_enclosing_run(folder: Path, base: str | None) -> tuple[ModelSettings, RunConfig] | None:
+    """For ``<run>/checkpoints/step-N`` (an adapter folder without the training config): the run's base
+    settings and config, so the checkpoint is scored on the base quantized as in training."""
+    from qlora_cli.checkpoint import CHECKPOINTS_DIR
+    from qlora_cli.config import load_config
+    from qlora_cli.run_folder import CONFIG_FILE, TOKENIZER_FILES
+
+    run_dir = folder.resolve().parent.parent
+    if folder.resolve().parent.name != CHECKPOINTS_DIR or not (run_dir / CONFIG_FILE).exists():
+        return None
+    try:
+        config = load_config(run_dir / CONFIG_FILE)
+    except ConfigError as e:
+        raise ModelError(f"run folder {run_dir}: {e}") from None
+    settings = config.base
+    if base is not None:
+        settings = replace(settings, base_model=base)
+    if any((run_dir / f).exists() for f in TOKENIZER_FILES):
+        settings = replace(settings, tokenizer=str(run_dir))
+    return settings, config
 
 
 def _checkpoint_dtype(folder: Path) -> str:
@@ -292,7 +316,7 @@ def check_one_base(adapters: list[Candidate]) -> None:
 
 def _describe(settings: ModelSettings) -> str:
     q = settings.quant
-    return f"{'4-bit ' + q.quant_type if q.load_in_4bit else '16-bit'}, compute {q.compute_dtype}"
+    return f"4-bit {q.quant_type}, compute {q.compute_dtype}" if q.load_in_4bit else f"{q.compute_dtype} weights"
 
 
 def _unique_names(candidates: list[Candidate], include_base: bool) -> None:
@@ -350,7 +374,10 @@ def rows_from_run(config: RunConfig, tokenizer: Any, where: str) -> EvalRows | N
     """The run's eval data: ``eval_datasets``, else the ``val_set_size`` split of its training data, rebuilt
     exactly as training built it (same tokenizer, same seed). None when the run had no eval data."""
     if config.eval_datasets:
-        items = [(r, spec.type) for spec in config.eval_datasets for r in read_rows(spec)]
+        try:
+            items = [(r, spec.type) for spec in config.eval_datasets for r in read_rows(spec)]
+        except DataError as e:
+            raise DataError(f"eval_datasets of {where}: {e} (or pass --data PATH)") from None
         names = ", ".join(f"{s.path} ({s.type})" for s in config.eval_datasets)
         return EvalRows(items, f"eval_datasets of {where}: {names}")
     if config.val_set_size > 0:
