@@ -405,10 +405,6 @@ class Prepared:
     cases: list[GenerationCase | None]  # None for text rows (and chats that end without an assistant turn)
     stats: DataStats
 
-    @property
-    def n_generation(self) -> int:
-        return sum(c is not None for c in self.cases)
-
 
 def prepare(items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings, limit: int | None) -> Prepared:
     """Tokenize rows as training does (same masking, same truncation); keep the first ``limit`` examples.
@@ -533,8 +529,8 @@ class EvalOptions:
 class EvalReport:
     models: list[ModelScore]
     source: str
-    prompts: list[str]  # decoded generation prompts (None-free only where a reference exists), for --samples
-    references: list[str | None]
+    prompts: list[str]  # each example's generation prompt, decoded ("" where there is no reference), for --samples
+    references: list[str | None]  # aligned with ModelScore.predictions
     stats: DataStats
 
     def to_json(self) -> dict[str, Any]:
@@ -551,6 +547,15 @@ def _remove_lora(model: torch.nn.Module) -> None:
         setattr(parent, child, layer.base)
 
 
+def _free_memory() -> None:
+    """Give a dropped model's memory back before the next model loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _max_positions(model: Any) -> int | None:
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -565,6 +570,8 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
 
     Every user error (folders, data, an adapter that does not fit) is raised before any model is scored.
     """
+    from rich.markup import escape
+
     from qlora_cli.adapter_io import load_adapter
     from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries, resolve_device
 
@@ -603,19 +610,19 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             names = ", ".join(c.name for c in candidates)
             raise DataError(f"no eval data: {names} has no eval_datasets or val_set_size; pass --data PATH")
     config = next((c.config for c in candidates if c.config is not None), None)
-    batch_size = options.batch_size or (config.eval_batch_size or config.micro_batch_size if config else 8)
+    batch_size = options.batch_size or ((config.eval_batch_size or config.micro_batch_size) if config else 8)
 
     def settings_for(model: Any) -> DataSettings:
         return data_settings(config, _max_positions(model))
 
-    prepared_first = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
-    say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared_first.examples)} examples from {rows.source}")
+    prepared = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
+    say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared.examples)} examples from {escape(rows.source)}")
 
+    kw: dict[str, Any] = dict(batch_size=batch_size, max_new_tokens=options.max_new_tokens, device=device)
     scores: list[ModelScore] = []
-    prepared = prepared_first
     if adapters:
         settings = adapters[0].settings
-        say(f"loading base {settings.base_model} ({_describe(settings)})")
+        say(f"loading base {escape(settings.base_model)} ({_describe(settings)})")
         model = load_base_model(settings, device)
         model.eval()
         prepared = prepare(rows.items, tokenizer, settings_for(model), options.limit)
@@ -623,46 +630,40 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             load_adapter(model, c.path)
             _remove_lora(model)
         autocast = autocast_for(settings.quant.compute_dtype, device)
-        kw = dict(batch_size=batch_size, max_new_tokens=options.max_new_tokens, device=device, autocast=autocast)
         if include_base:
-            scores.append(score_model("base", model, tokenizer, prepared, **kw))
+            scores.append(score_model("base", model, tokenizer, prepared, autocast=autocast, **kw))
             say(_one_line(scores[-1]))
         for c in adapters:
             load_adapter(model, c.path)
             model.eval()
-            scores.append(score_model(c.name, model, tokenizer, prepared, **kw))
+            scores.append(score_model(c.name, model, tokenizer, prepared, autocast=autocast, **kw))
             _remove_lora(model)
             say(_one_line(scores[-1]))
         del model
+        _free_memory()
     for c in plain:
-        say(f"loading {c.path} ({_describe(c.settings)})")
+        say(f"loading {escape(str(c.path))} ({_describe(c.settings)})")
         model = load_base_model(c.settings, device)
         model.eval()
         tok = load_tokenizer(c.settings)
         data = prepare(rows.items, tok, settings_for(model), options.limit)
         autocast = autocast_for(c.settings.quant.compute_dtype, device)
-        scores.append(
-            score_model(
-                c.name,
-                model,
-                tok,
-                data,
-                batch_size=batch_size,
-                max_new_tokens=options.max_new_tokens,
-                device=device,
-                autocast=autocast,
-            )
-        )
+        scores.append(score_model(c.name, model, tok, data, autocast=autocast, **kw))
         say(_one_line(scores[-1]))
+        if not adapters and c is plain[0]:
+            prepared = data  # the samples table shows the first model's examples
         del model
+        _free_memory()
     prompts = [tokenizer.decode(c.prompt_ids, skip_special_tokens=True) if c else "" for c in prepared.cases]
     references = [c.reference if c else None for c in prepared.cases]
     return EvalReport(scores, rows.source, prompts, references, prepared.stats)
 
 
 def _one_line(s: ModelScore) -> str:
+    from rich.markup import escape
+
     em = f"  exact match {s.exact_match:.1%}" if s.exact_match is not None else ""
-    return f"{s.name}: loss {s.loss:.4f}  ppl {s.perplexity:.3g}{em}"
+    return f"{escape(s.name)}: loss {s.loss:.4f}  ppl {s.perplexity:.3g}{em}"
 
 
 # ---------------------------------------------------------------------------------------------
