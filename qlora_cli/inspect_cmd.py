@@ -201,15 +201,16 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     if plan["overhead"]:
         table.add_row("[bold]total on the GPU[/bold]", f"[bold]{format_bytes(plan['total'])}[/bold]", "")
     console.print(table)
-    console.print(
-        f"step peak with gradient checkpointing {format_bytes(plan['activations_with_checkpointing'])}, "
-        f"without {format_bytes(plan['activations_without_checkpointing'])}"
-    )
+    if plan["activations_with_checkpointing"] is not None:
+        console.print(
+            f"step peak with gradient checkpointing {format_bytes(plan['activations_with_checkpointing'])}, "
+            f"without {format_bytes(plan['activations_without_checkpointing'])}"
+        )
     if plan["eval_peak"] is not None:
         console.print(f"evaluation peak (tensors): {format_bytes(plan['eval_peak'])}")
     if plan["gpu_memory"] is not None:
         verdict = "[green]fits[/green]" if plan["fits"] else "[red]does not fit[/red]"
-        line = f"{format_bytes(plan['gpu_memory'])} GPU: {verdict}"
+        line = f"{format_bytes(plan['gpu_memory'])} {'GPU' if plan['device'] == 'cuda' else 'budget'}: {verdict}"
         if plan["max_micro_batch_size"] is not None:
             line += f"; largest micro_batch_size that fits: [bold]{plan['max_micro_batch_size']}[/bold]"
         console.print(line)
@@ -315,15 +316,19 @@ def _example_view(ex: Any, tokenizer: Any, ignore: int) -> dict[str, Any]:
 
 
 def length_histogram(lengths: list[int], sequence_len: int, bins: int = 10) -> list[dict[str, Any]]:
-    """Counts of untruncated example lengths in ``bins`` equal bins up to the longest example."""
+    """Counts of untruncated example lengths in at most ``bins`` equal bins from the shortest to the longest;
+    a bin edge falls on ``sequence_len`` when it lies inside, so no bin mixes kept and truncated lengths."""
     if not lengths:
         return []
-    top = max(max(lengths), 1)
-    width = max(1, math.ceil(top / bins))
-    counts = Counter(min((n - 1) // width, bins - 1) if n > 0 else 0 for n in lengths)
+    low, high = min(lengths), max(lengths)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    if low <= sequence_len < high:  # shift the grid so that sequence_len ends a bin
+        low = sequence_len + 1 - width * math.ceil((sequence_len + 1 - low) / width)
+        low = max(low, 0)
+    counts = Counter((n - low) // width for n in lengths)
     out = []
-    for b in range(math.ceil(top / width)):
-        lo, hi = b * width + 1, (b + 1) * width
+    for b in range(max(counts) + 1):
+        lo, hi = low + b * width, low + (b + 1) * width - 1
         out.append({"from": lo, "to": hi, "count": counts.get(b, 0), "over_sequence_len": lo > sequence_len})
     return out
 
@@ -336,13 +341,16 @@ def render_data(report: dict[str, Any], console: Console) -> None:
         f"(sequence_len {report['sequence_len']})"
     )
     table = Table(show_edge=False)
-    for col in ("split", "dataset", "type", "rows", "examples", "tokens", "targets", "truncated", "dropped"):
-        table.add_column(col, justify="left" if col in ("split", "dataset", "type") else "right")
+    for col in ("split", "dataset", "type", "rows", "examples", "tokens", "targets", "cut", "dropped"):
+        if col in ("dataset", "type"):
+            table.add_column(col, overflow="ellipsis", no_wrap=True)
+        else:
+            table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True, min_width=len(col))
     for d in report["datasets"]:
         table.add_row(
             d["split"],
-            d["path"],
-            d["type"] + (" (skipped)" if d["skipped"] else ""),
+            Path(d["path"]).name,
+            d["type"] + (" (skipped)" if d["skipped"] else ""),  # skipped: see the warnings
             *(f"{d[k]:,}" for k in ("rows", "examples", "tokens", "target_tokens", "truncated", "dropped")),
         )
     console.print(table)
@@ -353,15 +361,16 @@ def render_data(report: dict[str, Any], console: Console) -> None:
         for h in hist:
             bar = "█" * max(1 if h["count"] else 0, round(30 * h["count"] / peak))
             style = "red" if h["over_sequence_len"] else "cyan"
-            line = Text(f"{h['from']:>7}-{h['to']:<7} ")
+            span = f"{h['from']}" if h["from"] == h["to"] else f"{h['from']}-{h['to']}"
+            line = Text(f"{span:>13} ")
             line.append(bar, style=style)
             line.append(f" {h['count']}")
             console.print(line)
+    brackets = not console.is_terminal or console.no_color  # styles do not survive a pipe: bracket the targets
+    legend = "⟦trained on⟧" if brackets else f"[{TARGET_STYLE}]trained on[/{TARGET_STYLE}], [dim]context[/dim]"
     for i, ex in enumerate(report["examples"]):
-        console.print(
-            f"\n[bold]example {i + 1}[/bold] [dim]{ex['where']}[/dim]  ([reverse green]trained on[/reverse green], [dim]context[/dim])"
-        )
-        console.print(render_tokens(ex["tokens"], ex["target_mask"]))
+        console.print(f"\n[bold]example {i + 1}[/bold] [dim]{ex['where']}[/dim]  ({legend})", highlight=False)
+        console.print(render_tokens(ex["tokens"], ex["target_mask"], brackets))
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -370,12 +379,18 @@ TARGET_STYLE = "reverse green"
 CONTEXT_STYLE = "dim"
 
 
-def render_tokens(tokens: list[str], mask: list[bool]) -> Text:
-    """The example's text, token by token: trained-on tokens in ``TARGET_STYLE``, the rest dim."""
+def render_tokens(tokens: list[str], mask: list[bool], brackets: bool = False) -> Text:
+    """The example's text, token by token: trained-on tokens in ``TARGET_STYLE``, the rest dim; with
+    ``brackets`` each run of trained-on tokens is also enclosed in ⟦ ⟧ (for output without colours)."""
     text = Text()
+    previous = False
     for token, is_target in zip(tokens, mask):
-        shown = token.replace("\n", "↵\n")
-        text.append(shown, style=TARGET_STYLE if is_target else CONTEXT_STYLE)
+        if brackets and is_target != previous:
+            text.append("⟦" if is_target else "⟧")
+        text.append(token.replace("\n", "↵\n"), style=TARGET_STYLE if is_target else CONTEXT_STYLE)
+        previous = is_target
+    if brackets and previous:
+        text.append("⟧")
     return text
 
 
@@ -620,21 +635,27 @@ def render_norms(norms: list[dict[str, Any]], console: Console) -> None:
     columns: list[str] = []
     for n in norms:
         m = re.search(r"\.(\d+)\.(.+)$", n["module"])
-        if m is None:
-            grid[n["module"]]["norm"] = n["delta_norm"]
-            col = "norm"
-        else:
-            col = m.group(2)
-            grid[m.group(1)][col] = n["delta_norm"]
+        layer, col = (m.group(1), m.group(2).rsplit(".", 1)[-1]) if m else (n["module"], "norm")
+        if col in grid[layer]:  # two modules with one suffix in a layer: keep their full names apart
+            col = m.group(2) if m else col
+        grid[layer][col] = n["delta_norm"]
         if col not in columns:
             columns.append(col)
+    columns.sort(key=lambda c: (MODULE_ORDER.index(c) if c in MODULE_ORDER else len(MODULE_ORDER), c))
     table = Table(title="||scaling * B @ A|| per module", title_justify="left", show_edge=False)
     table.add_column("layer")
     for c in columns:
-        table.add_column(c, justify="right")
-    for layer, row in grid.items():
-        table.add_row(layer, *(f"{row[c]:.3g}" if c in row else "" for c in columns))
+        table.add_column(c, justify="right", no_wrap=True)
+    for layer in sorted(grid, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        table.add_row(layer, *(f"{grid[layer][c]:.3g}" if c in grid[layer] else "" for c in columns))
     console.print(table)
+
+
+MODULE_ORDER = [
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "o_proj", "out_proj", "dense",
+    "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "down_proj", "fc2", "c_proj",
+    "dense_4h_to_h",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from qlora_cli.config import RunConfig
-from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.errors import ConfigError, ModelError, QLoRAError
 
 # -- GPU-only constants (not part of the CPU comparison) -------------------------------------------------
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS/cuDNN handles and workspaces: ~0.3-0.6 GiB on recent GPUs
@@ -91,12 +91,15 @@ def meta_model(model_config: Any, cfg: RunConfig, num_layers: int | None = None)
         _truncate_layers(config, num_layers)
     config.use_cache = False
     kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]}
-    # flash_attention_2 needs its package; sdpa has the same memory behaviour (both save only the output).
-    kwargs["attn_implementation"] = "eager" if cfg.attn_implementation == "eager" else "sdpa"
+    if cfg.attn_implementation is not None:
+        # flash_attention_2 needs its package; sdpa has the same memory behaviour (saves only the output)
+        kwargs["attn_implementation"] = "eager" if cfg.attn_implementation == "eager" else "sdpa"
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except ValueError as e:
+        if kwargs.pop("attn_implementation", None) == "sdpa":  # a model without sdpa: its default attention
+            return meta_model(model_config, cfg.model_copy(update={"attn_implementation": None}), num_layers)
         raise ModelError(f"cannot build {type(config).__name__} as a causal LM: {str(e).splitlines()[0]}") from None
 
 
@@ -775,8 +778,8 @@ class MemoryPlan:
     tensor_peak: int  # resident + step peak: what torch.cuda.max_memory_allocated reports
     overhead: list[Component]  # GPU only: CUDA context and allocator reserve
     total: int  # what the GPU must have
-    activations_with_checkpointing: int
-    activations_without_checkpointing: int
+    activations_with_checkpointing: int | None  # the step peak with and without gradient checkpointing
+    activations_without_checkpointing: int | None
     eval_peak: int | None = None  # tensor peak during evaluation, when there is eval data
     gpu_memory: int | None = None
     fits: bool | None = None
@@ -851,8 +854,18 @@ def plan_memory(
             train=train,
         )
 
-    main = step(cfg.micro_batch_size, cfg.gradient_checkpointing)
-    other = step(cfg.micro_batch_size, not cfg.gradient_checkpointing)
+    has_eval = bool(cfg.eval_datasets) or cfg.val_set_size > 0
+    trace_error = None
+    try:
+        main = step(cfg.micro_batch_size, cfg.gradient_checkpointing)
+        other = step(cfg.micro_batch_size, not cfg.gradient_checkpointing)
+        eval_trace = step(cfg.eval_batch_size or cfg.micro_batch_size, False, train=False) if has_eval else None
+    except QLoRAError:
+        raise
+    except Exception as e:  # an architecture fake tensors cannot run (e.g. data-dependent expert routing)
+        trace_error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        main = other = StepTrace(0, {})
+        eval_trace = None
     # the optimizer step holds the gradients and a few temporaries of the adapter's size
     optimizer_phase = 3 * adapter if cfg.gradient_accumulation_steps == 1 else 2 * adapter
     step_peak = max(main.peak, optimizer_phase)
@@ -884,10 +897,8 @@ def plan_memory(
     overhead = overhead_for(tensor_peak)
     total = tensor_peak + sum(c.bytes for c in overhead)
     eval_peak = None
-    if cfg.eval_datasets or cfg.val_set_size > 0:
-        eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
-        eval_peak = resident_total - (adapter if cfg.gradient_accumulation_steps > 1 else 0)
-        eval_peak += step(eval_batch, False, train=False).peak
+    if eval_trace is not None:
+        eval_peak = resident_total - (adapter if cfg.gradient_accumulation_steps > 1 else 0) + eval_trace.peak
         if eval_peak > tensor_peak:
             total = eval_peak + sum(c.bytes for c in overhead_for(eval_peak))
     plan = MemoryPlan(
@@ -906,9 +917,15 @@ def plan_memory(
         gpu_memory=gpu_memory,
     )
     plan.notes.append(f"assumes every micro-batch is {seq_len} tokens long (the worst case); shorter batches take less")
+    if trace_error is not None:
+        plan.activations_with_checkpointing = plan.activations_without_checkpointing = None
+        plan.notes.append(
+            f"could not trace this architecture's training step on fake tensors ({trace_error}); "
+            "activations, logits and loss buffers are missing from this plan"
+        )
     if gpu_memory is not None:
         plan.fits = total <= gpu_memory
-        if search_batch:
+        if search_batch and trace_error is None:
             plan.max_micro_batch_size = _largest_batch(plan, resident_total, main, step, gpu_memory)
     return plan
 

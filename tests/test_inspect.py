@@ -375,6 +375,14 @@ def test_data_report_marks_exactly_the_target_positions(llama_dir, tmp_path):
     json.dumps(report)
 
 
+def test_rendered_tokens_bracket_the_targets_without_colour():
+    text = render_tokens(
+        ["<s>", "a", "\n", "B", "C", "</s>", "x"], [False, False, False, True, True, True, False], True
+    )
+    assert text.plain == "<s>a↵\n⟦BC</s>⟧x"
+    assert render_tokens(["a", "B"], [False, True], True).plain == "a⟦B⟧"
+
+
 def test_data_report_warnings(tmp_path, model_factory):
     base = model_factory("llama")
     tok_dir = tmp_path / "tok"
