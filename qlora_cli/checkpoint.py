@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +104,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _rng_file(rank: int) -> str:
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
 def save_checkpoint(
     output_dir: Path,
     cfg: RunConfig,
@@ -112,32 +115,53 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: TrainerState,
+    accelerator: Any = None,
 ) -> Path:
-    """Write ``checkpoints/step-{state.step}`` atomically and prune old ones. Returns its path."""
+    """Write ``checkpoints/step-{state.step}`` atomically and prune old ones. Returns its path.
+
+    With several processes every one writes its own RNG state into the temporary folder (the output folder
+    must be shared, as on one machine); the main process writes the rest, renames and marks it complete.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    main = rank == 0
+
+    def barrier() -> None:
+        if accelerator is not None and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
+
     root = output_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
+    tmp = root / f".step-{state.step}.tmp"
     state.config_hash, state.config = config_fingerprint(cfg)
     rng = _capture_rng(state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{state.step}.", dir=root))
-    try:
-        save_adapter(model, tmp, cfg.lora, cfg.base_model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():  # a stale folder from an earlier attempt at this step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        (final / COMPLETE).write_text("")
-        _fsync(final / COMPLETE)
-        _fsync(root)
-    except BaseException:
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        torch.save(rng, tmp / _rng_file(rank))
+        _fsync(tmp / _rng_file(rank))
+        barrier()
+        if main:
+            save_adapter(model, tmp, cfg.lora, cfg.base_model)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            for f in tmp.iterdir():
+                _fsync(f)
+            if final.exists():  # a stale folder from an earlier attempt at this step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (final / COMPLETE).write_text("")
+            _fsync(final / COMPLETE)
+            _fsync(root)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if cfg.save_total_limit:
+    barrier()
+    if main and cfg.save_total_limit:
         prune_checkpoints(output_dir, cfg.save_total_limit)
     return final
 
@@ -181,7 +205,12 @@ def find_checkpoint(output_dir: Path, spec: str, warn: Any = print) -> Path | No
 
 
 def load_checkpoint(
-    path: Path, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
 ) -> TrainerState:
     """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
     from qlora_cli.adapter_io import read_adapter
@@ -209,5 +238,10 @@ def load_checkpoint(
                 getattr(layer, which).weight.copy_(saved[key])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _restore_rng(state, torch.load(path / "rng_state.pt", weights_only=True))
+    rng_file = path / _rng_file(rank)
+    if not rng_file.exists():
+        raise ModelError(
+            f"checkpoint {path} has no RNG state for process {rank}; resume with the same number of processes"
+        )
+    _restore_rng(state, torch.load(rng_file, weights_only=True))
     return state

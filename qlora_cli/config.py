@@ -65,6 +65,7 @@ class RunConfig(BaseModel):
     val_set_size: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of training rows held out when no eval_datasets
     train_on_inputs: bool = False  # True: loss on prompts too
     sequence_len: int = Field(512, ge=2)  # longer examples are truncated (and counted)
+    sample_packing: bool = False  # pack short examples into sequence_len rows, attention kept within each example
     # batch and schedule
     micro_batch_size: int = Field(4, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size

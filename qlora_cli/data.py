@@ -419,6 +419,60 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack_examples(examples: list[Example], sequence_len: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``sequence_len`` tokens (first-fit decreasing).
+
+    Deterministic: the same examples always give the same packs; the training loop shuffles the packs.
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        for b, free in enumerate(room):  # few bins have room for long examples; fine at fine-tuning sizes
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(sequence_len - n)
+    return bins
+
+
+def packing_efficiency(examples: list[Example], packs: list[list[int]], sequence_len: int) -> float:
+    """Real tokens / (rows x sequence_len): the share of a packed batch that is not padding."""
+    return sum(len(e.input_ids) for e in examples) / max(len(packs) * sequence_len, 1)
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples into one sequence whose position ids restart at every example.
+
+    With no attention mask, transformers builds a block-diagonal causal mask from those position ids, so
+    no token attends across an example boundary. Each example's first token is not a target (in an
+    unpacked batch nothing predicts it either). The padding tail is a segment of its own.
+    Returns input_ids, position_ids, labels (B, T) and token_mask (B, T) (1 on real tokens, for counting).
+    """
+    lengths = [sum(len(e.input_ids) for e in row) for row in rows]
+    T = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    token_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            input_ids[i, at : at + n] = torch.tensor(e.input_ids)
+            labels[i, at + 1 : at + n] = torch.tensor(e.labels[1:])
+            position_ids[i, at : at + n] = torch.arange(n)
+            at += n
+        token_mask[i, :at] = 1
+        position_ids[i, at:] = torch.arange(T - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "token_mask": token_mask}
+
+
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
     """Index lists of one epoch's micro-batches, shuffled by (seed, epoch) so a resumed run sees the same order."""
     if shuffle:

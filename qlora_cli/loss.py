@@ -20,9 +20,11 @@ from qlora_cli.data import IGNORE_INDEX, Example, collate, epoch_batches
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over target tokens, number of target tokens) for one batch.
 
-    batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken.
+    batch: input_ids (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken, and either
+    attention_mask (B, T) (padded batches) or position_ids (B, T) (packed rows, see ``data.collate_packed``).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs).logits  # (B, T, V)
     shift_logits = logits[:, :-1, :]  # position t predicts token t+1
     shift_labels = batch["labels"][:, 1:]
     n = int((shift_labels != IGNORE_INDEX).sum())

@@ -24,7 +24,7 @@ from rich.console import Console
 from qlora_cli.adapter_io import save_adapter
 from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from qlora_cli.config import RunConfig, dump_config
-from qlora_cli.data import Example, TrainData, build_datasets, collate, epoch_batches
+from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.lora import inject_lora, lora_parameters
 from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
@@ -138,31 +138,78 @@ class Precision:
 
 def accumulate_gradients(
     model: Any,
-    micro_batches: list[list[Example]],
+    micro_batches: list[list[list[Example]]],
     pad_id: int,
     device: torch.device,
     precision: Precision,
     no_sync: Any = nullcontext,
     pad_multiple: int = 1,
+    packed: bool = False,
+    n_targets: int | None = None,
+    world_size: int = 1,
+    seeds: list[int] | None = None,
 ) -> tuple[float, int, int]:
-    """Forward and backward over one optimizer step's micro-batches.
+    """Forward and backward over one optimizer step's micro-batches (on this process).
 
-    The loss is the sum of token losses divided by the number of target tokens in the whole window, so
-    every target token weighs the same however the window is cut into micro-batches.
-    Returns (summed loss, target tokens, non-pad tokens).
+    A micro-batch is a list of rows; a row is one example, or several when ``packed``. The loss is the sum
+    of token losses divided by ``n_targets``, the target tokens of the whole step on every process, so each
+    target token weighs the same however the step is cut into micro-batches and processes (DDP averages
+    gradients over processes, hence the factor ``world_size``).
+    ``seeds`` (one per micro-batch) reseed the RNG before each forward, so dropout masks depend on which
+    micro-batch it is, not on which process runs it or whether the run was resumed.
+    Returns (summed loss, target tokens, real tokens) of this process's micro-batches.
     """
-    n_targets = sum(e.n_targets for examples in micro_batches for e in examples)
+    local_targets = sum(e.n_targets for mb in micro_batches for row in mb for e in row)
+    n_targets = local_targets if n_targets is None else n_targets
     total, n_tokens = 0.0, 0
-    for j, examples in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in collate(examples, pad_id, pad_multiple).items()}
+    for j, rows in enumerate(micro_batches):
+        if packed:
+            batch = collate_packed(rows, pad_id, pad_multiple)
+        else:
+            batch = collate([row[0] for row in rows], pad_id, pad_multiple)
+        tokens = batch.pop("token_mask", batch.get("attention_mask"))
+        batch = {k: v.to(device) for k, v in batch.items()}
         last = j == len(micro_batches) - 1
+        if seeds is not None:
+            torch.manual_seed(seeds[j])
         with nullcontext() if last else no_sync(model):  # DDP: all-reduce gradients once, on the last
             with precision.autocast():
                 s, _ = loss_sum(model, batch)
-            precision.backward(s / n_targets)
+            precision.backward(s * (world_size / max(n_targets, 1)))
         total += float(s.detach())
-        n_tokens += int(batch["attention_mask"].sum())
-    return total, n_targets, n_tokens
+        n_tokens += int(tokens.sum())
+    return total, local_targets, n_tokens
+
+
+def _idle_backward(model: Any, row: list[Example], pad_id: int, device: torch.device, precision: Precision) -> None:
+    """A process with no data in this step still joins DDP's gradient all-reduce, contributing zeros."""
+    batch = {k: v.to(device) for k, v in collate(row[:1], pad_id).items()}
+    with precision.autocast():
+        s, _ = loss_sum(model, batch)
+    precision.backward(s * 0.0)
+
+
+def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, tolerance: float) -> None:
+    """Refuse sample packing when the model's attention does not keep packed examples apart.
+
+    Packing relies on transformers building a block-diagonal causal mask from restarting position ids;
+    an attention implementation that ignores them would silently let examples attend to each other.
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(3, vocab_size, (1, 7), generator=g)
+    b = torch.randint(3, vocab_size, (1, 5), generator=g)
+    packed = torch.cat([a, b], dim=1).to(device)
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions).logits[0, 7:].float()
+        alone = model(input_ids=b.to(device)).logits[0].float()
+    if not torch.allclose(together, alone, atol=tolerance, rtol=0):
+        name = type(model).__name__
+        impl = getattr(model.config, "_attn_implementation", None)
+        raise ConfigError(
+            f"sample_packing: {name} with attn_implementation={impl} lets packed examples attend to each other "
+            f"(max logit difference {(together - alone).abs().max():.3g}); set sample_packing: false"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,44 +217,58 @@ def accumulate_gradients(
 
 
 def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> TrainResult:
-    """Fine-tune ``cfg.base_model`` with LoRA and write the adapter to ``cfg.output_dir``."""
+    """Fine-tune ``cfg.base_model`` with LoRA and write the adapter to ``cfg.output_dir``.
+
+    Under ``accelerate launch`` each process trains on its own share of every step's micro-batches;
+    gradients are averaged by DDP and only the main process writes.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    console = console or Console(stderr=True, soft_wrap=True)
     quiet_libraries()
     # -- validate everything before writing anything
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)  # a clear error when CUDA is asked for and missing
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    console = (console or Console(stderr=True, soft_wrap=True)) if main else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
     out = check_output_dir(cfg.output_dir, force or cfg.resume_from_checkpoint is not None)
     resume_from = (
         find_checkpoint(out, cfg.resume_from_checkpoint, console.print) if cfg.resume_from_checkpoint else None
     )
     check_base_model(cfg)
-    accelerator = Accelerator(cpu=device.type == "cpu")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg.data, tokenizer)
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
+    if cfg.sample_packing:
+        check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
+        rows = [[data.train[i] for i in pack] for pack in pack_examples(data.train, cfg.sequence_len)]
+    else:
+        rows = [[e] for e in data.train]
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     params = lora_parameters(model)
     optimizer = build_optimizer(cfg, params)
-    steps = total_steps(cfg, len(data.train), accelerator.num_processes)
+    steps = total_steps(cfg, len(rows), world)
     scheduler = build_scheduler(cfg, optimizer, steps)
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler)
-    _report_start(console, cfg, data, model, target_names, params, steps, device)
+        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, rank)
+    trained = _wrap_for_processes(model, accelerator)  # DDP when world > 1; `model` stays the plain module
+    _report_start(console, cfg, data, model, target_names, params, steps, device, world, rows)
     if resume_from is not None:
         console.print(f"resuming from {resume_from} at step {state.step}")
 
-    # -- from here on we write
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(dump_config(cfg))
-    metrics = _Metrics(out / METRICS_FILE, keep_through_step=state.step if resume_from is not None else None)
+    # -- from here on we write (the main process only)
+    accelerator.wait_for_everyone()  # every process has validated before anything is created
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(dump_config(cfg))
+    metrics = _Metrics(out / METRICS_FILE, state.step if resume_from is not None else None, enabled=main)
     pad_id = tokenizer.pad_token_id
     pad_multiple = 8 if device.type == "cuda" else 1
     eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
@@ -215,7 +276,11 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     def run_eval(step: int) -> EvalResult | None:
         if not data.eval:
             return None
-        result = evaluate_loss(model, data.eval, eval_batch, pad_id, device, precision.autocast)
+        mine = data.eval[rank::world]  # each process scores its share; sums are combined below
+        local = evaluate_loss(trained, mine, eval_batch, pad_id, device, precision.autocast) if mine else None
+        sums = torch.tensor([local.loss * local.n_tokens, local.n_tokens] if local else [0.0, 0.0], device=device)
+        sums = accelerator.reduce(sums, "sum") if world > 1 else sums
+        result = EvalResult(float(sums[0] / sums[1].clamp(min=1)), int(sums[1]))
         metrics.log(
             {
                 "type": "eval",
@@ -229,7 +294,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         return result
 
     def checkpoint() -> Path:
-        path = save_checkpoint(out, cfg, model, optimizer, scheduler, state)
+        path = save_checkpoint(out, cfg, model, optimizer, scheduler, state, accelerator)
         console.print(f"step {state.step}: checkpoint saved to {path}")
         return path
 
@@ -237,14 +302,38 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     window_tokens, t_window, t_start = 0, time.perf_counter(), time.perf_counter()
     with _Progress(console, steps, state.step) as progress, _StopSignals() as stop:
         while state.step < steps:
-            batches = epoch_batches(len(data.train), cfg.micro_batch_size, cfg.seed, state.epoch)
-            windows = _windows(batches, cfg.gradient_accumulation_steps)
+            batches = epoch_batches(len(rows), cfg.micro_batch_size, cfg.seed, state.epoch)
+            # one step = accumulation x processes micro-batches; process r takes its consecutive share
+            windows = _windows(batches, cfg.gradient_accumulation_steps * world)
             epoch_done = False
             while not epoch_done and state.step < steps:
-                micro = [[data.train[i] for i in idx] for idx in windows[state.window]]
-                step_loss, n_targets, n_tokens = accumulate_gradients(
-                    model, micro, pad_id, device, precision, accelerator.no_sync, pad_multiple
-                )
+                window = [[rows[i] for i in idx] for idx in windows[state.window]]
+                n_targets = sum(e.n_targets for mb in window for row in mb for e in row)
+                first = rank * cfg.gradient_accumulation_steps
+                share = window[first : first + cfg.gradient_accumulation_steps]
+                seeds = [_micro_batch_seed(cfg.seed, state.epoch, state.window, first + j) for j in range(len(share))]
+                if share:
+                    step_loss, _, n_tokens = accumulate_gradients(
+                        trained,
+                        share,
+                        pad_id,
+                        device,
+                        precision,
+                        accelerator.no_sync,
+                        pad_multiple,
+                        cfg.sample_packing,
+                        n_targets,
+                        world,
+                        seeds,
+                    )
+                else:
+                    _idle_backward(trained, window[0][0], pad_id, device, precision)
+                    step_loss, n_tokens = 0.0, 0
+                if world > 1:
+                    totals = accelerator.reduce(
+                        torch.tensor([step_loss, n_tokens], device=device, dtype=torch.float64), "sum"
+                    )
+                    step_loss, n_tokens = float(totals[0]), int(totals[1])
                 precision.unscale(optimizer)
                 grad_norm = _clip(params, cfg.max_grad_norm)
                 if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -295,18 +384,20 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                     state.epoch, state.window, epoch_done = state.epoch + 1, 0, True
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
                     checkpoint()
-                if stop.signal is not None:
+                if _any_process(accelerator, stop.signal is not None):
                     path = checkpoint()
                     raise TrainingInterrupted(
-                        f"{stop.name} at step {state.step}: checkpoint saved to {path}; continue with "
+                        f"{stop.name or 'signal'} at step {state.step}: checkpoint saved to {path}; continue with "
                         f"`qlora train <config> --resume`",
-                        exit_code=130 if stop.name == "SIGINT" else 143,
+                        exit_code=143 if stop.name == "SIGTERM" else 130,
                     )
 
     eval_result = run_eval(state.step)
     model.eval()
-    save_adapter(model, out, cfg.lora, cfg.base_model)
-    tokenizer.save_pretrained(out)
+    if main:
+        save_adapter(model, out, cfg.lora, cfg.base_model)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t_start
     metrics.log(
         {
@@ -317,11 +408,33 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
             "bad_steps": state.bad_steps,
             "train_examples": len(data.train),
             "train_target_tokens": data.train_stats.target_tokens,
+            "processes": world,
             "elapsed_sec": elapsed,
         }
     )
     console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {out}")
     return TrainResult(out, state.step, last_loss, eval_result.loss if eval_result else None, metrics.history)
+
+
+def _micro_batch_seed(seed: int, epoch: int, window: int, index: int) -> int:
+    """A distinct, reproducible RNG seed for each micro-batch of the run."""
+    return (seed * 1_000_003 + epoch * 7_919_009 + window * 4_099 + index) % (2**63)
+
+
+def _wrap_for_processes(model: Any, accelerator: Any) -> Any:
+    """DistributedDataParallel over the adapter only: the frozen (4-bit) base is neither broadcast nor synced."""
+    if accelerator.num_processes == 1:
+        return model
+    model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
+    return accelerator.prepare_model(model, device_placement=False)
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when any process has it set (a signal may reach only one)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
 class TrainingDiverged(QLoRAError):
@@ -338,8 +451,9 @@ class _Metrics:
     """metrics.jsonl, appended line by line. On resume, records after the checkpoint's step are dropped,
     so the log of a resumed run equals the log of an uninterrupted one."""
 
-    def __init__(self, path: Path, keep_through_step: int | None):
+    def __init__(self, path: Path, keep_through_step: int | None, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         kept = []
         if keep_through_step is not None and path.exists():
@@ -351,10 +465,13 @@ class _Metrics:
                 if record.get("type") in ("train", "eval") and record.get("step", 0) <= keep_through_step:
                     kept.append(record)
         self.history = kept
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if enabled:
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -402,6 +519,8 @@ def _report_start(
     params: list[torch.nn.Parameter],
     steps: int,
     device: torch.device,
+    world: int = 1,
+    rows: list[list[Example]] | None = None,
 ) -> None:
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())  # 4-bit weights count packed (two per byte)
@@ -418,9 +537,18 @@ def _report_start(
         f"data: {s.examples} train examples, {s.tokens:,} tokens ({s.target_tokens:,} targets), "
         f"{len(data.eval)} eval; truncated {s.truncated}, dropped {s.dropped}"
     )
-    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    if cfg.sample_packing and rows is not None:
+        used = sum(len(e.input_ids) for row in rows for e in row)
+        console.print(
+            f"sample packing: {s.examples} examples in {len(rows)} rows of {cfg.sequence_len}, "
+            f"efficiency {used / max(len(rows) * cfg.sequence_len, 1):.1%}"
+        )
+    unit = "rows" if cfg.sample_packing else "examples"
+    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
     console.print(
-        f"{steps} steps, effective batch {effective}, lr {cfg.learning_rate:g} {cfg.lr_scheduler}, {cfg.optimizer}"
+        f"{steps} steps, effective batch {effective} {unit} ({cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} "
+        f"accumulation x {world} process{'es' if world > 1 else ''}), lr {cfg.learning_rate:g} {cfg.lr_scheduler}, "
+        f"{cfg.optimizer}"
     )
 
 

@@ -104,7 +104,7 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
     def grads_for(cut: list[list[int]]) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
-        micro = [[examples[i] for i in idx] for idx in cut]
+        micro = [[[examples[i]] for i in idx] for idx in cut]  # micro-batches of one-example rows
         accumulate_gradients(model, micro, tokenizer.pad_token_id, torch.device("cpu"), precision)
         return [p.grad.clone() for p in params]
 

@@ -1,0 +1,220 @@
+"""Several processes (DDP over gloo on CPU) and sample packing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+from qlora_cli.config import load_config
+from qlora_cli.data import IGNORE_INDEX, Row, collate_packed, pack_examples, packing_efficiency, tokenize_row
+from qlora_cli.errors import ConfigError
+from qlora_cli.model import load_base_model
+from qlora_cli.train import check_packing_isolation, train
+
+from .conftest import make_config, upper_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launch(cfg_path: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    # `--multi_gpu` is accelerate's torchrun launcher; without a GPU the processes use gloo on the CPU
+    # (accelerate's `--cpu --num_processes N` needs mpirun to start more than one process).
+    cmd = [
+        *ACCELERATE,
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "qlora_cli",
+        "train",
+        str(cfg_path),
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def write_cfg(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, llama_dir):
+    """One process with accumulation 4 vs two processes with accumulation 2, same examples and order.
+    Dropout is on: its masks are seeded per micro-batch, so they do not depend on the process layout."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = write_jsonl(tmp / "d.jsonl", upper_rows(45, seed=5))  # 12 micro-batches of 4, the last short
+    common = dict(
+        base_model=str(llama_dir),
+        datasets=[{"path": str(data)}],
+        bnb_4bit_compute_dtype="float32",
+        micro_batch_size=4,
+        max_steps=4,
+        lora_dropout=0.1,
+        optimizer="adamw_torch",
+        learning_rate=2e-3,
+        lora_target_modules="all-linear",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        device="cpu",
+        save_steps=2,
+        eval_datasets=[{"path": str(data)}],
+    )
+    one = write_cfg(tmp / "one.yaml", **common, gradient_accumulation_steps=4, output_dir=str(tmp / "one"))
+    two = write_cfg(tmp / "two.yaml", **common, gradient_accumulation_steps=2, output_dir=str(tmp / "two"))
+    ran = subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "train", str(one)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    ran = launch(two, 2)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return tmp, ran
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
+    tmp, ran = ddp_runs
+    assert "4 x 2 accumulation x 2 processes" in ran.stderr
+    a, b = load_file(tmp / "one" / "adapter_model.safetensors"), load_file(tmp / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # the adapters did move
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    ra, rb = records(tmp / "one"), records(tmp / "two")
+    # only the main process logs: one record per step, losses equal to the single-process run
+    assert [r["step"] for r in rb if r["type"] == "train"] == [1, 2, 3, 4]
+    for x, y in zip(
+        [r for r in ra if r["type"] in ("train", "eval")], [r for r in rb if r["type"] in ("train", "eval")]
+    ):
+        assert x["type"] == y["type"] and x["step"] == y["step"]
+        key = "loss" if x["type"] == "train" else "eval_loss"
+        assert abs(x[key] - y[key]) < 1e-5
+
+
+def test_resume_under_two_processes(ddp_runs):
+    """Resuming the two-process run from its step-2 checkpoint with two processes ends bit-identical."""
+    tmp, _ = ddp_runs
+    again = tmp / "two-resumed"
+    shutil.copytree(tmp / "two", again)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        (again / f).unlink()
+    assert (again / "checkpoints" / "step-2" / "rng_state_1.pt").exists()  # each process's RNG is saved
+    cfg = yaml.safe_load((tmp / "two.yaml").read_text())
+    cfg_path = write_cfg(tmp / "resume.yaml", **{**cfg, "output_dir": str(again)})
+    ran = launch(cfg_path, 2, "--resume")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "at step 2" in ran.stderr
+    a, b = load_file(tmp / "two" / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample packing
+
+
+def per_example_losses(model, examples, packed: bool) -> list[float]:
+    """Mean target-token loss of each example, from one packed row or from each example alone."""
+    if not packed:
+        out = []
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].float()
+            labels = torch.tensor(e.labels[1:])
+            out.append(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX).item())
+        return out
+    batch = collate_packed([examples], pad_id=0)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0].float()
+    out, at = [], 0
+    for e in examples:
+        n = len(e.input_ids)
+        seg_logits, seg_labels = logits[at : at + n - 1], batch["labels"][0, at + 1 : at + n]
+        out.append(F.cross_entropy(seg_logits, seg_labels, ignore_index=IGNORE_INDEX).item())
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox"])
+def test_packed_losses_equal_unpacked_and_examples_are_isolated(model_factory, tokenizer, arch):
+    cfg = load_config(
+        None, base_model=str(model_factory(arch)), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32"
+    )
+    model = load_base_model(cfg, torch.device("cpu"))
+    rows = [Row("r", {"prompt": f"p{i}: " + "x" * i, "completion": "abc"[: i % 3 + 1]}) for i in range(4)]
+    examples = [tokenize_row(r, "completion", tokenizer, False) for r in rows]
+    with torch.no_grad():
+        check_packing_isolation(model, torch.device("cpu"), len(tokenizer), 1e-4)
+        alone = per_example_losses(model, examples, packed=False)
+        together = per_example_losses(model, examples, packed=True)
+        torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-4, rtol=0)
+        # perturbing example 1 leaves the logits of every other example unchanged
+        batch = collate_packed([examples], pad_id=0)
+        before = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        ids = batch["input_ids"].clone()
+        start = len(examples[0].input_ids)
+        ids[0, start : start + len(examples[1].input_ids)] = torch.randint(6, 60, (len(examples[1].input_ids),))
+        after = model(input_ids=ids, position_ids=batch["position_ids"]).logits[0]
+    untouched = [i for i in range(before.shape[0]) if not start <= i < start + len(examples[1].input_ids)]
+    torch.testing.assert_close(after[untouched], before[untouched], atol=1e-5, rtol=0)
+    assert (after[start : start + 3] - before[start : start + 3]).abs().max() > 1e-3
+
+
+def test_packing_is_refused_where_attention_would_leak(model_factory):
+    # OPT derives positions from the attention mask, not position ids: packed examples would see each other
+    cfg = load_config(
+        None, base_model=str(model_factory("opt")), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32"
+    )
+    model = load_base_model(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sample_packing: OPTForCausalLM .* lets packed examples attend"):
+        check_packing_isolation(model, torch.device("cpu"), 90, 1e-4)
+
+
+def test_pack_examples_fits_rows_and_keeps_every_example(tokenizer):
+    rows = [Row("r", {"text": "y" * n}) for n in (30, 5, 17, 60, 2, 44, 9)]
+    examples = [tokenize_row(r, "text", tokenizer, False) for r in rows]
+    packs = pack_examples(examples, 64)
+    assert sorted(i for p in packs for i in p) == list(range(len(examples)))
+    assert all(sum(len(examples[i].input_ids) for i in p) <= 64 for p in packs)
+    assert len(packs) == 3 and packing_efficiency(examples, packs, 64) > 0.9
+
+
+def test_packed_training_runs_and_reports_efficiency(tmp_path, llama_dir):
+    from rich.console import Console
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(64, seed=7))
+    console = Console(record=True, width=200)
+    cfg = make_config(
+        llama_dir,
+        data,
+        tmp_path / "run",
+        sample_packing=True,
+        sequence_len=128,
+        micro_batch_size=2,
+        max_steps=8,
+        learning_rate=1e-2,
+        lora_target_modules="all-linear",
+    )
+    result = train(cfg, console=console)
+    text = console.export_text()
+    assert "sample packing: 64 examples in" in text and "efficiency" in text
+    losses = [r["loss"] for r in result.history if r["type"] == "train"]
+    assert losses[-1] < losses[0]
