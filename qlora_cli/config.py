@@ -53,6 +53,7 @@ class RunConfig(BaseModel):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
     bnb_4bit_compute_dtype: DType = "bfloat16"  # matmul dtype; also the dtype of the unquantized base parts
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # FSDP: the compute dtype
     # LoRA
     lora_r: int = Field(16, gt=0)
     lora_alpha: float = Field(32, gt=0)
@@ -158,6 +159,7 @@ class RunConfig(BaseModel):
             quant_type=self.bnb_4bit_quant_type,
             double_quant=self.bnb_4bit_use_double_quant,
             compute_dtype=self.bnb_4bit_compute_dtype,
+            quant_storage=self.bnb_4bit_quant_storage,
         )
 
     @property
@@ -191,6 +193,7 @@ class QuantSettings:
     quant_type: str
     double_quant: bool
     compute_dtype: str
+    quant_storage: str = "uint8"  # dtype of the tensor holding packed 4-bit weights (FSDP shards float storage)
 
 
 @dataclass(frozen=True)

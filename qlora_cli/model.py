@@ -121,6 +121,7 @@ def bnb_config(quant: QuantSettings) -> Any:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=getattr(torch, getattr(quant, "quant_storage", "uint8")),
     )
 
 

@@ -251,14 +251,18 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    params = lora_parameters(model)
+    fsdp = _is_fsdp(accelerator)
+    if fsdp and resume_from is not None:
+        raise ConfigError("resume_from_checkpoint is not supported under FSDP yet; resume with DDP or one process")
+    trained = _wrap_for_processes(model, accelerator)  # DDP/FSDP when world > 1; `model` stays the plain module
+    # FSDP replaces parameter storage while wrapping, so the optimizer is built on the wrapped parameters
+    params = [p for p in trained.parameters() if p.requires_grad] if fsdp else lora_parameters(model)
     optimizer = build_optimizer(cfg, params)
     steps = total_steps(cfg, len(rows), world)
     scheduler = build_scheduler(cfg, optimizer, steps)
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, rank)
-    trained = _wrap_for_processes(model, accelerator)  # DDP when world > 1; `model` stays the plain module
     _report_start(console, cfg, data, model, target_names, params, steps, device, world, rows)
     if resume_from is not None:
         console.print(f"resuming from {resume_from} at step {state.step}")
@@ -335,7 +339,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                     )
                     step_loss, n_tokens = float(totals[0]), int(totals[1])
                 precision.unscale(optimizer)
-                grad_norm = _clip(params, cfg.max_grad_norm)
+                grad_norm = _clip(trained if fsdp else params, cfg.max_grad_norm)
                 if math.isfinite(step_loss) and math.isfinite(grad_norm):
                     precision.step(optimizer)
                     state.consecutive_bad = 0
@@ -394,9 +398,10 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
 
     eval_result = run_eval(state.step)
     model.eval()
-    if main:
-        save_adapter(model, out, cfg.lora, cfg.base_model)
-        tokenizer.save_pretrained(out)
+    with _full_adapter(trained, fsdp):  # FSDP: gather the sharded adapter on the main process
+        if main:
+            save_adapter(model, out, cfg.lora, cfg.base_model)
+            tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t_start
     metrics.log(
@@ -422,9 +427,12 @@ def _micro_batch_seed(seed: int, epoch: int, window: int, index: int) -> int:
 
 
 def _wrap_for_processes(model: Any, accelerator: Any) -> Any:
-    """DistributedDataParallel over the adapter only: the frozen (4-bit) base is neither broadcast nor synced."""
+    """DDP over the adapter only (the frozen 4-bit base is neither broadcast nor synced), or FSDP as the
+    accelerate config says (FSDP-QLoRA: 4-bit weights stored in a float dtype so they can be sharded)."""
     if accelerator.num_processes == 1:
         return model
+    if _is_fsdp(accelerator):
+        return accelerator.prepare_model(model)
     model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     return accelerator.prepare_model(model, device_placement=False)
 
@@ -505,9 +513,26 @@ def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]
     return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(norm)
+def _clip(params: list[torch.nn.Parameter] | Any, max_norm: float | None) -> float:
+    """Clip and return the total gradient norm; an FSDP module computes it across its shards."""
+    limit = max_norm if max_norm is not None else float("inf")
+    if hasattr(params, "clip_grad_norm_"):
+        return float(params.clip_grad_norm_(limit))
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def _is_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _full_adapter(trained: Any, fsdp: bool) -> Any:
+    if not fsdp:
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(trained, writeback=False, rank0_only=True, offload_to_cpu=True)
 
 
 def _report_start(

@@ -218,3 +218,30 @@ def test_packed_training_runs_and_reports_efficiency(tmp_path, llama_dir):
     assert "sample packing: 64 examples in" in text and "efficiency" in text
     losses = [r["loss"] for r in result.history if r["type"] == "train"]
     assert losses[-1] < losses[0]
+
+
+def test_float_quant_storage_for_fsdp_gives_the_same_model(llama_dir):
+    """FSDP-QLoRA stores packed 4-bit weights in a float tensor; the numbers must not change."""
+    outs = []
+    for storage in ("uint8", "bfloat16"):
+        cfg = load_config(
+            None,
+            base_model=str(llama_dir),
+            datasets=[{"path": "x"}],
+            bnb_4bit_compute_dtype="float32",
+            bnb_4bit_quant_storage=storage,
+        )
+        model = load_base_model(cfg, torch.device("cpu"))
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        assert weight.dtype == getattr(torch, storage)
+        with torch.no_grad():
+            outs.append(model(input_ids=torch.arange(5, 25).unsqueeze(0)).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_fsdp_accelerate_config_is_ready():
+    cfg = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml").read_text())
+    assert cfg["distributed_type"] == "FSDP" and cfg["mixed_precision"] == "no"
+    fsdp = cfg["fsdp_config"]
+    assert fsdp["fsdp_use_orig_params"] is True and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_activation_checkpointing"] is False  # qlora's own gradient_checkpointing does it
