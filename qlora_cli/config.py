@@ -79,7 +79,12 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     optimizer: Optimizer = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% more compute
+    gradient_checkpointing: bool | Literal["offload"] = True  # recompute activations in backward; "offload"
+    # also keeps the checkpointed layer inputs in pinned CPU memory (long sequences on small GPUs)
+    checkpoint_every_n_layers: int = Field(1, ge=1)  # >1: recompute only every n-th layer (more memory, faster)
+    # speed (each switchable; the plain path is the reference they are tested against)
+    fused_lora: bool = True  # one autograd node per LoRA layer, 4-bit weights dequantized on the fly
+    fused_cross_entropy: bool = True  # head + loss on target positions only, chunked; no full float32 logits
     # logging, eval, output
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # None: eval only at the end

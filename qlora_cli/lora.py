@@ -91,6 +91,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.merged = False
         self.disabled = False
+        self.fused = False  # one autograd node for base + adapter (kernels.lora_linear); same numbers
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -109,6 +110,12 @@ class LoRALinear(nn.Module):
         return getattr(self.base, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not (self.merged or self.disabled):
+            from qlora_cli.kernels.lora_linear import fused_lora_linear
+
+            return fused_lora_linear(
+                x, self.dropout(x), self.lora_A.weight, self.lora_B.weight, self.base, self.scaling
+            )
         out = self.base(x)
         if self.merged or self.disabled:
             return out

@@ -182,13 +182,32 @@ def upcast_small_parameters(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def enable_gradient_checkpointing(model: Any, offload: bool = False, every_n_layers: int = 1) -> None:
     """Recompute activations in backward. Non-reentrant checkpointing needs no input that requires grad,
-    which is what makes it work with a frozen (4-bit) base and trainable adapters inside it."""
+    which is what makes it work with a frozen (4-bit) base and trainable adapters inside it.
+
+    ``offload`` keeps the saved layer inputs in pinned CPU memory; ``every_n_layers`` > 1 recomputes only
+    some layers (both need a transformers release with ``activation_checkpointing_enable``)."""
+    import inspect
+
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers before the rename
+        if offload or every_n_layers > 1:
+            raise ConfigError(
+                "gradient_checkpointing: offload and checkpoint_every_n_layers need a newer transformers "
+                "(activation_checkpointing_enable)"
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    if offload and next(model.parameters()).device.type == "cpu":
+        offload = False  # the activations already live in host memory; there is nothing to move
+    options = inspect.signature(enable).parameters
+    extra = {}
+    if offload or every_n_layers > 1:
+        if "offload" not in options or "every_n_layers" not in options:
+            raise ConfigError("gradient_checkpointing: offload/checkpoint_every_n_layers need a newer transformers")
+        extra = {"offload": offload, "every_n_layers": every_n_layers}
+    enable(activation_checkpointing_kwargs=kwargs, **extra)

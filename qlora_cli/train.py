@@ -26,7 +26,7 @@ from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint,
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
-from qlora_cli.lora import inject_lora, lora_parameters
+from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
 from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
 from qlora_cli.model import (
     DTYPES,
@@ -148,6 +148,7 @@ def accumulate_gradients(
     n_targets: int | None = None,
     world_size: int = 1,
     seeds: list[int] | None = None,
+    fused_ce: bool = False,
 ) -> tuple[float, int, int]:
     """Forward and backward over one optimizer step's micro-batches (on this process).
 
@@ -174,7 +175,7 @@ def accumulate_gradients(
             torch.manual_seed(seeds[j])
         with nullcontext() if last else no_sync(model):  # DDP: all-reduce gradients once, on the last
             with precision.autocast():
-                s, _ = loss_sum(model, batch)
+                s, _ = loss_sum(model, batch, fused_ce)
             precision.backward(s * (world_size / max(n_targets, 1)))
         total += float(s.detach())
         n_tokens += int(tokens.sum())
@@ -243,13 +244,15 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     data = build_datasets(cfg.data, tokenizer)
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
+    for _, layer in lora_layers(model):
+        layer.fused = cfg.fused_lora
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
         rows = [[data.train[i] for i in pack] for pack in pack_examples(data.train, cfg.sequence_len)]
     else:
         rows = [[e] for e in data.train]
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
     fsdp = _is_fsdp(accelerator)
     if fsdp and resume_from is not None:
@@ -329,6 +332,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                         n_targets,
                         world,
                         seeds,
+                        cfg.fused_cross_entropy,
                     )
                 else:
                     _idle_backward(trained, window[0][0], pad_id, device, precision)

@@ -203,9 +203,9 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypat
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def nan_on_2nd_and_3rd(model, batch):
+    def nan_on_2nd_and_3rd(model, batch, *args):
         calls["n"] += 1
-        s, n = real(model, batch)
+        s, n = real(model, batch, *args)
         return (s * float("nan"), n) if calls["n"] in (2, 3) else (s, n)
 
     monkeypatch.setattr(train_mod, "loss_sum", nan_on_2nd_and_3rd)
@@ -223,9 +223,9 @@ def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, ll
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def nan_after_4(model, batch):
+    def nan_after_4(model, batch, *args):
         calls["n"] += 1
-        s, n = real(model, batch)
+        s, n = real(model, batch, *args)
         return (s * float("inf"), n) if calls["n"] > 4 else (s, n)
 
     monkeypatch.setattr(train_mod, "loss_sum", nan_after_4)

@@ -1,0 +1,86 @@
+"""Output head + cross-entropy over the target positions only, chunk by chunk.
+
+The plain path computes logits for every position, (B, T, V), upcasts them to float32 and keeps them
+(and their gradient) alive through backward: at vocabulary 128k and 8k tokens that is 4 GiB each. Here:
+
+1. only positions whose next token is a target are gathered (prompt tokens never reach the head);
+2. logits are computed ``chunk`` rows at a time, in float32 for the log-softmax;
+3. the gradient with respect to the hidden states is computed in the forward pass itself
+   (softmax - one_hot) @ W, so no logits are kept for backward: memory is O(chunk x V + N x H).
+
+The head weight must be frozen (it is: LoRA never trains it unless `lm_head` is a target, in which case
+the plain path is used). Gemma-2's final logit soft-capping is supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qlora_cli.data import IGNORE_INDEX
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        softcap: float | None,
+        chunk: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        # hidden: (N, H); weight: (V, H); labels: (N,) all valid targets
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            y = labels[start : start + chunk]
+            logits = (h @ w.T).float()  # (n, V)
+            if softcap is not None:
+                t = torch.tanh(logits / softcap)
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                grad = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - one_hot
+                grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                if softcap is not None:
+                    grad *= 1.0 - t * t  # d(cap * tanh(z / cap)) / dz
+                grad_hidden[start : start + chunk] = grad.to(dtype) @ w
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
+        (grad_hidden,) = ctx.saved_tensors
+        grad = None if grad_hidden is None else (grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
+        return grad, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy, number of targets) from final hidden states.
+
+    hidden: (B, T, H) after the final norm; weight: (V, H) the frozen output head; labels: (B, T) with
+    IGNORE_INDEX where no loss is taken. Position t predicts label t+1, as in ``loss.loss_sum``.
+    """
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    h = hidden[:, :-1][mask]  # (N, H): only positions that predict a target
+    y = shift_labels[mask]
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    return _FusedLinearCE.apply(h, weight, y, softcap, chunk, dtype), int(y.shape[0])

@@ -1,0 +1,188 @@
+"""The fast paths equal their plain references: outputs, gradients, and 20 training steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qlora_cli.config import LoRASettings, load_config
+from qlora_cli.data import IGNORE_INDEX
+from qlora_cli.kernels.cross_entropy import fused_linear_cross_entropy
+from qlora_cli.lora import LoRALinear, inject_lora, lora_layers, lora_parameters
+from qlora_cli.loss import loss_sum, supports_fused_cross_entropy
+from qlora_cli.model import load_base_model
+from qlora_cli.train import train
+
+from .conftest import make_config, upper_rows, write_jsonl
+
+
+def four_bit_linear(llama_dir, bias: bool = False) -> nn.Module:
+    cfg = load_config(None, base_model=str(llama_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32")
+    return load_base_model(cfg, torch.device("cpu")).model.layers[0].mlp.up_proj
+
+
+def run(layer: LoRALinear, x: torch.Tensor, fused: bool, seed: int = 0):
+    layer.fused = fused
+    for p in (layer.lora_A.weight, layer.lora_B.weight):
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask on both paths
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-bias", "conv1d", "4bit"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_equals_plain(llama_dir, kind, dropout):
+    torch.manual_seed(1)
+    base = {
+        "linear": lambda: nn.Linear(64, 48, bias=False),
+        "linear-bias": lambda: nn.Linear(64, 48),
+        "conv1d": lambda: Conv1D(48, 64),
+        "4bit": lambda: four_bit_linear(llama_dir),
+    }[kind]()
+    layer = LoRALinear(base, r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+    x = torch.randn(3, 5, layer.in_features)
+    plain, fused = run(layer, x, False), run(layer, x, True)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert plain[0].dtype == fused[0].dtype
+
+
+def test_fused_lora_under_bf16_autocast(llama_dir):
+    layer = LoRALinear(four_bit_linear(llama_dir), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+    x = torch.randn(2, 7, layer.in_features)
+    outs = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(run(layer, x, fused))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b.float(), a.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_cross_entropy_equals_plain(softcap):
+    torch.manual_seed(0)
+    B, T, H, V = 3, 9, 16, 50
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H) * 0.5
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :4] = IGNORE_INDEX  # a masked prompt
+    labels[2, :] = IGNORE_INDEX  # a row with no target
+    total, n = fused_linear_cross_entropy(hidden, weight, labels, softcap, chunk=4)  # chunks cut across rows
+    total.backward()
+    fused_grad = hidden.grad.clone()
+    hidden.grad = None
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    shift = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    ref = F.cross_entropy(logits.reshape(-1, V), shift.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fused_grad, hidden.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2", "gpt2", "gpt_neox", "opt"])
+def test_fused_loss_equals_plain_loss_on_real_models(model_factory, arch):
+    cfg = load_config(
+        None, base_model=str(model_factory(arch)), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32"
+    )
+    model = load_base_model(cfg, torch.device("cpu"))
+    inject_lora(model, LoRASettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_rslora=False))
+    for _, m in lora_layers(model):
+        with torch.no_grad():
+            m.lora_B.weight.normal_(0, 0.2)
+    assert supports_fused_cross_entropy(model)
+    if arch == "gemma2":
+        assert model.config.final_logit_softcapping  # the soft-capped head is exercised
+    ids = torch.randint(6, 90, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for fused in (False, True):
+        for _, m in lora_layers(model):
+            m.fused = fused
+        params = lora_parameters(model)
+        for p in params:
+            p.grad = None
+        s, n = loss_sum(model, batch, fused=fused)
+        s.backward()
+        results.append((s.detach(), n, [p.grad.clone() for p in params]))
+    (s0, n0, g0), (s1, n1, g1) = results
+    assert n0 == n1 == 2 * 7
+    torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    assert isinstance(model.get_output_embeddings(), nn.Linear)  # the head is back after the fused call
+
+
+def test_lora_head_falls_back_to_the_plain_loss(model_factory):
+    cfg = load_config(
+        None, base_model=str(model_factory("llama")), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32"
+    )
+    model = load_base_model(cfg, torch.device("cpu"))
+    inject_lora(model, LoRASettings(r=4, alpha=8, dropout=0.0, target_modules=["lm_head"], use_rslora=False))
+    assert not supports_fused_cross_entropy(model)
+
+
+def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console):
+    """Issue 7's numerics: same data and seed, 20 steps on the 4-bit base, losses within 1% relative."""
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(80, seed=9))
+    runs = {}
+    for fast in (False, True):
+        cfg = make_config(
+            llama_dir,
+            data,
+            tmp_path / f"run-{fast}",
+            max_steps=20,
+            micro_batch_size=8,
+            learning_rate=3e-3,
+            lora_dropout=0.05,
+            lora_target_modules="all-linear",
+            fused_lora=fast,
+            fused_cross_entropy=fast,
+            gradient_checkpointing=True,
+        )
+        runs[fast] = train(cfg, console=quiet_console)
+    plain = [r["loss"] for r in runs[False].history if r["type"] == "train"]
+    fast = [r["loss"] for r in runs[True].history if r["type"] == "train"]
+    assert len(plain) == len(fast) == 20 and plain[-1] < plain[0]
+    for a, b in zip(plain, fast):
+        assert abs(a - b) <= 0.01 * abs(a), (a, b)
+    a = load_file(runs[False].output_dir / "adapter_model.safetensors")
+    b = load_file(runs[True].output_dir / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-3, rtol=1e-2)
+
+
+def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llama_dir, quiet_console):
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=4))
+    adapters = []
+    for mode, every in ((False, 1), (True, 1), ("offload", 1), (True, 2)):
+        cfg = make_config(
+            llama_dir,
+            data,
+            tmp_path / f"run-{mode}-{every}",
+            gradient_checkpointing=mode,
+            checkpoint_every_n_layers=every,
+            max_steps=2,
+            optimizer="adamw_torch",
+            lora_target_modules="all-linear",
+        )
+        train(cfg, console=quiet_console)
+        adapters.append(load_file(tmp_path / f"run-{mode}-{every}" / "adapter_model.safetensors"))
+    for other in adapters[1:]:
+        for k in adapters[0]:
+            torch.testing.assert_close(other[k], adapters[0][k], atol=1e-6, rtol=1e-5)
