@@ -556,6 +556,16 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _same_forward_as_training(model: torch.nn.Module, config: RunConfig | None) -> None:
+    """Run the LoRA layers through the code path training used (``fused_lora``), so the loss equals the
+    eval_loss training logged to the last bit also under bf16 (the paths differ only by rounding)."""
+    from qlora_cli.lora import lora_layers
+
+    fused = bool(getattr(config, "fused_lora", False)) if config is not None else False
+    for _, layer in lora_layers(model):
+        layer.fused = fused
+
+
 def _max_positions(model: Any) -> int | None:
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -635,6 +645,7 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             say(_one_line(scores[-1]))
         for c in adapters:
             load_adapter(model, c.path)
+            _same_forward_as_training(model, c.config)
             model.eval()
             scores.append(score_model(c.name, model, tokenizer, prepared, autocast=autocast, **kw))
             _remove_lora(model)

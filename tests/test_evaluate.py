@@ -257,9 +257,12 @@ def test_batched_generation_equals_one_by_one(task, tokenizer):
     rng = random.Random(3)
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in task.rows[:6]]
     prompts += [tokenizer("".join(rng.choice("abcdefghij \n") for _ in range(n)))["input_ids"] for n in (1, 7, 60, 90)]
-    batched = generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
-    assert batched == [generate_ids(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
-    assert any(len(b) == 8 for b in batched) and any(len(b) < 8 for b in batched)  # some stop at EOS, some not
+    for fused in (False, True):  # the plain LoRA path and the fused one training uses (and eval, for a run)
+        for _, layer in lora_layers(model):
+            layer.fused = fused
+        batched = generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
+        assert batched == [generate_ids(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+        assert any(len(b) == 8 for b in batched) and any(len(b) < 8 for b in batched)  # some stop at EOS, some not
     with lora_disabled(model):
         base = generate_ids(model, tokenizer, prompts, max_new_tokens=6, batch_size=5)
         assert base == [generate_ids(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
