@@ -46,11 +46,11 @@ class _FusedLinearCE(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_hidden is not None:
-                grad = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - one_hot
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax in place; d(loss)/d(logits) = softmax - one_hot
                 grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 if softcap is not None:
                     grad *= 1.0 - t * t  # d(cap * tanh(z / cap)) / dz
-                grad_hidden[start : start + chunk] = grad.to(dtype) @ w
+                torch.mm(grad.to(dtype), w, out=grad_hidden[start : start + chunk])
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         return total

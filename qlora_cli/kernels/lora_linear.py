@@ -68,43 +68,48 @@ class _FusedLoRA(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        x_lora: torch.Tensor,
+        x_lora: torch.Tensor | None,
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         base: nn.Module,
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # x, x_lora: (N, in); lora_A: (r, in); lora_B: (out, r)
-        xc, xlc = x.to(dtype), x_lora.to(dtype)
+        # x: (N, in); x_lora: dropout(x), or None when there is no dropout (then it is x)
+        xc = x.to(dtype)
+        xlc = xc if x_lora is None else x_lora.to(dtype)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         out = xc @ dense_weight(base, dtype).T  # (N, out)
         bias = getattr(base, "bias", None)
         if bias is not None:
             out += bias.to(dtype)
-        xa = xlc @ a.T  # (N, r)
-        out.addmm_(xa, b.T, alpha=scaling)
-        ctx.save_for_backward(xlc, xa, lora_A, lora_B)
+        xas = (xlc @ a.T).mul_(scaling)  # (N, r): the scaling is applied on the rank-r side, the cheap one
+        out.addmm_(xas, b.T)
+        ctx.save_for_backward(xlc, xas, lora_A, lora_B)
         ctx.base, ctx.scaling, ctx.dtype = base, scaling, dtype
-        ctx.x_dtype, ctx.x_lora_dtype = x.dtype, x_lora.dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_lora_dtype = None if x_lora is None else x_lora.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        xlc, xa, lora_A, lora_B = ctx.saved_tensors
-        dtype, s = ctx.dtype, ctx.scaling
+        xlc, xas, lora_A, lora_B = ctx.saved_tensors
+        dtype = ctx.dtype
         g = grad_out.to(dtype)  # (N, out)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
-        gb = g @ b  # (N, r)
+        gbs = (g @ b).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ dense_weight(ctx.base, dtype)).to(ctx.x_dtype)  # through the frozen base
-        if ctx.needs_input_grad[1]:
-            grad_x_lora = ((gb @ a) * s).to(ctx.x_lora_dtype)  # through the adapter
+            grad_x = g @ dense_weight(ctx.base, dtype)  # (N, in), through the frozen base
+            if ctx.x_lora_dtype is None:
+                grad_x.addmm_(gbs, a)  # no dropout: the adapter's input gradient lands in the same tensor
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.x_lora_dtype is not None and ctx.needs_input_grad[1]:
+            grad_x_lora = (gbs @ a).to(ctx.x_lora_dtype)  # through the adapter, then dropout's backward
         if ctx.needs_input_grad[2]:
-            grad_A = ((gb.T @ xlc) * s).to(lora_A.dtype)  # (r, in)
+            grad_A = (gbs.T @ xlc).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[3]:
-            grad_B = ((g.T @ xa) * s).to(lora_B.dtype)  # (out, r)
+            grad_B = (g.T @ xas).to(lora_B.dtype)  # (out, r)
         return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
 
 
@@ -113,13 +118,12 @@ def fused_lora_linear(
 ) -> torch.Tensor:
     """base(x) + scaling * (x_lora A^T) B^T as one autograd node. x, x_lora: (..., in) -> (..., out).
 
-    When ``x_lora`` is ``x`` (no dropout) autograd adds the two input gradients, as for separate modules.
+    When ``x_lora`` is ``x`` (no dropout) both input gradients are written into one tensor.
     """
     dtype = compute_dtype(base, x)
     lead = x.shape[:-1]
-    out = _FusedLoRA.apply(
-        x.reshape(-1, x.shape[-1]), x_lora.reshape(-1, x_lora.shape[-1]), lora_A, lora_B, base, scaling, dtype
-    )
+    x_l = None if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1])
+    out = _FusedLoRA.apply(x.reshape(-1, x.shape[-1]), x_l, lora_A, lora_B, base, scaling, dtype)
     if getattr(base.weight, "quant_state", None) is not None:
         out = out.to(x.dtype)  # bitsandbytes' Linear4bit returns the input's dtype; so do we
     return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,545 @@
+"""Training-step speed and memory: qlora versus Hugging Face PEFT + bitsandbytes (and Unsloth where installed).
+
+    python scripts/bench.py --preset cpu-tiny            # `make bench`; under 3 minutes on 2 CPU cores
+    python scripts/bench.py --preset gpu-1b              # Llama-3.2-1B shape, micro-batch 4, seq 2048, bf16
+    python scripts/bench.py --preset gpu-8b              # Llama-3.1-8B shape, micro-batch 2, memory-saving
+    python scripts/bench.py --preset gpu-8b-longctx      # longest sequence that trains in 24 GiB, each stack
+    python scripts/bench.py --preset cpu-packing         # qlora with and without sample packing, Alpaca-like lengths
+
+Same random-init model (saved once, loaded by both stacks from the same folder), same token batch, LoRA
+r=16 on all linear layers, paged 8-bit AdamW, same precision and recomputation mode. Speed: both stacks
+live in one process and take steps alternately after a warm-up; the median step time gives tokens/s.
+Peak memory: each stack in its own subprocess (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS
+above the process's RSS before the model was loaded). The last line is
+`speedup_vs_peft=X.XX memory_vs_peft=Y.YY` for the preset's first mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie: bool = False
+
+
+@dataclass
+class Preset:
+    shape: Shape
+    device: str
+    dtype: str  # compute dtype
+    micro_batch: int
+    seq: int
+    modes: list[str]  # "memory-saving" (recompute) and/or "no-recompute"
+    steps: int = 6
+    warmup: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+LLAMA_1B = Shape(2048, 8192, 16, 32, 8, 128256, tie=True)
+LLAMA_8B = Shape(4096, 14336, 32, 32, 8, 128256)
+PRESETS = {
+    # a 1B-like proportion (head ~1/4 of the weights) at a size 2 CPU cores step through in seconds
+    "cpu-tiny": Preset(Shape(512, 1376, 4, 8, 2, 8192), "cpu", "float32", 4, 256, ["no-recompute"], steps=8),
+    "gpu-1b": Preset(LLAMA_1B, "cuda", "bfloat16", 4, 2048, ["memory-saving", "no-recompute"], steps=10),
+    "gpu-8b": Preset(LLAMA_8B, "cuda", "bfloat16", 2, 2048, ["memory-saving"], steps=6),
+    "gpu-8b-longctx": Preset(LLAMA_8B, "cuda", "bfloat16", 1, 4096, ["memory-saving"], extra={"budget_gib": 24}),
+    "cpu-packing": Preset(Shape(512, 1376, 4, 8, 2, 8192), "cpu", "float32", 4, 512, ["no-recompute"], steps=6),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the model both stacks load
+
+
+def build_base(shape: Shape, folder: Path) -> Path:
+    """A random-init Llama-shaped model saved as bf16 safetensors (reused when already there)."""
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora_cli.model import quiet_libraries
+    from qlora_cli.tiny import build_char_tokenizer
+
+    quiet_libraries()
+    cfg = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=shape.tie,
+        max_position_embeddings=131072,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    build_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, preset.shape.vocab, (preset.micro_batch, seq), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stacks: each returns a step function running one optimizer step on the batch
+
+
+def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
+    from qlora_cli.config import load_config
+    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.loss import loss_sum
+    from qlora_cli.model import enable_gradient_checkpointing, load_base_model
+    from qlora_cli.train import Precision, _clip, build_optimizer
+
+    recompute = "offload" if (mode == "memory-saving" and preset.device == "cuda") else mode == "memory-saving"
+    cfg = load_config(
+        None,
+        base_model=str(folder),
+        datasets=[{"path": "unused"}],
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        lora_target_modules="all-linear",
+        bnb_4bit_compute_dtype=preset.dtype,
+        optimizer="paged_adamw_8bit",
+        gradient_checkpointing=recompute,
+        device=preset.device,
+    )
+    device = torch.device(preset.device)
+    model = load_base_model(cfg, device)
+    inject_lora(model, cfg.lora)
+    for _, m in lora_layers(model):
+        m.fused = True
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload")
+    model.train()
+    params = lora_parameters(model)
+    opt = build_optimizer(cfg, params)
+    precision = Precision.for_run(preset.dtype, device)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        with precision.autocast():
+            s, n = loss_sum(model, batch, fused=True)
+        (s / n).backward()
+        _clip(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(s.detach()) / n
+
+    return step
+
+
+def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, preset.dtype)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, dtype=dtype, device_map={"": torch.device(preset.device)}
+    )
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=mode == "memory-saving",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    autocast = torch.autocast(preset.device, dtype=dtype) if dtype != torch.float32 else None
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        if autocast is not None:
+            with torch.autocast(preset.device, dtype=dtype):
+                loss = model(**batch).loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def setup_unsloth(folder: Path, preset: Preset, mode: str) -> Any:
+    import bitsandbytes as bnb
+    from unsloth import FastLanguageModel  # noqa: F401  (optional peer)
+
+    model, _ = FastLanguageModel.from_pretrained(
+        str(folder), max_seq_length=preset.seq, load_in_4bit=True, dtype=getattr(torch, preset.dtype)
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth" if mode == "memory-saving" else False,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+STACKS = {"qlora": setup_qlora, "peft": setup_peft, "unsloth": setup_unsloth}
+
+
+def available_stacks() -> list[str]:
+    stacks = ["qlora", "peft"]
+    try:
+        import unsloth  # noqa: F401
+
+        stacks.append("unsloth")
+    except Exception:  # unsloth is optional and may fail to import on unsupported machines
+        pass
+    return stacks
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_alternating(folder: Path, preset: Preset, mode: str, stacks: list[str], seq: int) -> dict[str, dict]:
+    """Median step time of each stack, stepping them in turn after a warm-up."""
+    steps = {name: STACKS[name](folder, preset, mode) for name in stacks}
+    batch = token_batch(preset, seq, torch.device(preset.device))
+    times: dict[str, list[float]] = {name: [] for name in stacks}
+    losses: dict[str, list[float]] = {name: [] for name in stacks}
+    for i in range(preset.warmup + preset.steps):
+        for name in stacks:
+            sync(preset.device)
+            t0 = time.perf_counter()
+            losses[name].append(steps[name](batch))
+            sync(preset.device)
+            if i >= preset.warmup:
+                times[name].append(time.perf_counter() - t0)
+    tokens = preset.micro_batch * seq
+    return {
+        name: {
+            "median_step_sec": statistics.median(t),
+            "tokens_per_sec": tokens / statistics.median(t),
+            "first_loss": losses[name][0],
+        }
+        for name, t in times.items()
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_worker(folder: Path, preset: Preset, mode: str, stack: str, seq: int) -> dict:
+    """Run in a fresh process: peak memory of a few training steps of one stack."""
+    device = preset.device
+    baseline = _rss_bytes()
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    step = STACKS[stack](folder, preset, mode)
+    batch = token_batch(preset, seq, torch.device(device))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(3):
+            step(batch)
+        sync(device)
+    finally:
+        stop.set()
+        sampler.join()
+    if device == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_allocated()}
+    return {"peak_bytes": peak[0] - baseline}
+
+
+def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: int) -> int | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--preset",
+        preset_name,
+        "--memory-worker",
+        stack,
+        "--mode",
+        mode,
+        "--seq",
+        str(seq),
+        "--model-dir",
+        str(folder),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"  memory run of {stack} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["peak_bytes"]
+
+
+def fits(folder: Path, preset: Preset, mode: str, stack: str, seq: int, budget_gib: float) -> bool:
+    """One training step at ``seq`` within ``budget_gib`` of GPU memory (in a fresh process)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--preset",
+        "gpu-8b-longctx",
+        "--fits-worker",
+        stack,
+        "--mode",
+        mode,
+        "--seq",
+        str(seq),
+        "--model-dir",
+        str(folder),
+        "--budget-gib",
+        str(budget_gib),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+
+
+def longest_sequence(folder: Path, preset: Preset, mode: str, stack: str, budget_gib: float) -> int:
+    lo, hi = 0, 1024
+    while fits(folder, preset, mode, stack, hi, budget_gib):  # double until it fails
+        lo, hi = hi, hi * 2
+        if hi > 262144:
+            return lo
+    while hi - lo > 1024:  # then bisect to 1k tokens
+        mid = (lo + hi) // 2 // 512 * 512
+        lo, hi = (mid, hi) if fits(folder, preset, mode, stack, mid, budget_gib) else (lo, mid)
+    return lo
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "unsloth"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return out
+
+
+def hardware(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
+
+
+def run_packing(folder: Path, preset: Preset) -> dict:
+    """qlora tokens/s (real, non-pad tokens) with and without packing on Alpaca-like example lengths."""
+    import random
+
+    from qlora_cli.config import load_config
+    from qlora_cli.data import Example, collate, collate_packed, pack_examples
+    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.loss import loss_sum
+    from qlora_cli.model import load_base_model
+    from qlora_cli.train import build_optimizer
+
+    rng = random.Random(0)
+    # Alpaca's tokenized lengths are roughly log-normal around ~150 tokens with a long tail
+    lengths = [min(preset.seq, max(16, int(rng.lognormvariate(4.9, 0.6)))) for _ in range(256)]
+    examples = [
+        Example([rng.randrange(10, preset.shape.vocab) for _ in range(n)], [-100] * (n // 3) + [1] * (n - n // 3))
+        for n in lengths
+    ]
+    for e in examples:
+        e.labels = [t if lab == 1 else -100 for t, lab in zip(e.input_ids, e.labels)]
+    cfg = load_config(
+        None,
+        base_model=str(folder),
+        datasets=[{"path": "unused"}],
+        lora_target_modules="all-linear",
+        bnb_4bit_compute_dtype=preset.dtype,
+        device=preset.device,
+        gradient_checkpointing=False,
+    )
+    model = load_base_model(cfg, torch.device(preset.device))
+    inject_lora(model, cfg.lora)
+    for _, m in lora_layers(model):
+        m.fused = True
+    model.train()
+    opt = build_optimizer(cfg, lora_parameters(model))
+    packs = [[examples[i] for i in p] for p in pack_examples(examples, preset.seq)]
+    plain = [examples[i : i + preset.micro_batch] for i in range(0, len(examples), preset.micro_batch)]
+    packed = [packs[i : i + preset.micro_batch] for i in range(0, len(packs), preset.micro_batch)]
+    result = {}
+    for name, batches, make in (
+        ("padded", plain, lambda b: collate(b, 0)),
+        ("packed", packed, lambda b: collate_packed(b, 0)),
+    ):
+        real = 0
+        t0 = time.perf_counter()
+        for b in batches[: preset.steps * 2]:
+            batch = make(b)
+            mask = batch.pop("token_mask", batch.get("attention_mask"))
+            real += int(mask.sum())
+            s, n = loss_sum(model, batch, fused=True)
+            (s / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        result[name] = {"real_tokens_per_sec": real / (time.perf_counter() - t0)}
+    result["packed_vs_padded"] = result["packed"]["real_tokens_per_sec"] / result["padded"]["real_tokens_per_sec"]
+    result["packing_efficiency"] = sum(lengths) / (len(packs) * preset.seq)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--model-dir", type=Path, default=None, help="where the random base model is saved")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fits-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--budget-gib", type=float, default=24.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    if args.steps:
+        preset.steps = args.steps
+    torch.set_num_threads(torch.get_num_threads())
+    from qlora_cli.model import quiet_libraries
+
+    quiet_libraries()
+    folder = args.model_dir or Path(os.environ.get("QLORA_BENCH_DIR", "/tmp/qlora-bench")) / (
+        f"llama-{preset.shape.hidden}x{preset.shape.layers}-v{preset.shape.vocab}"
+    )
+
+    if args.memory_worker:  # child process: one stack's peak memory
+        print(json.dumps(memory_worker(folder, preset, args.mode, args.memory_worker, args.seq)))
+        return 0
+    if args.fits_worker:  # child process: does one step fit in the budget?
+        torch.cuda.set_per_process_memory_fraction(
+            args.budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        )
+        try:
+            step = STACKS[args.fits_worker](folder, preset, args.mode)
+            step(token_batch(preset, args.seq, torch.device("cuda")))
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            return 1
+        return 0
+
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    build_base(preset.shape, folder)
+    report: dict[str, Any] = {
+        "preset": args.preset,
+        "preset_settings": asdict(preset),
+        "hardware": hardware(preset.device),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "modes": {},
+    }
+    stacks = available_stacks()
+    summary = None
+    if args.preset == "cpu-packing":
+        res = run_packing(folder, preset)
+        report["packing"] = res
+        print(
+            f"padded {res['padded']['real_tokens_per_sec']:,.0f} tok/s  packed {res['packed']['real_tokens_per_sec']:,.0f}"
+            f" tok/s  (efficiency {res['packing_efficiency']:.1%})"
+        )
+        summary = f"packed_vs_padded={res['packed_vs_padded']:.2f}"
+    elif args.preset == "gpu-8b-longctx":
+        budget = preset.extra["budget_gib"]
+        lengths = {s: longest_sequence(folder, preset, "memory-saving", s, budget) for s in stacks}
+        report["longest_sequence"] = lengths
+        for s, n in lengths.items():
+            print(f"{s:8s} longest trainable sequence in {budget:g} GiB: {n:,} tokens")
+        summary = f"longctx_vs_peft={lengths['qlora'] / max(lengths['peft'], 1):.2f}"
+    else:
+        for mode in preset.modes:
+            speed = time_alternating(folder, preset, mode, stacks, preset.seq)
+            for s in stacks:
+                speed[s]["peak_bytes"] = measure_memory(folder, args.preset, mode, s, preset.seq)
+            report["modes"][mode] = speed
+            base = speed["peft"]
+            print(f"\n{args.preset} / {mode}: micro-batch {preset.micro_batch} x seq {preset.seq}, {preset.dtype}")
+            print(f"{'stack':8s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s}")
+            for s in stacks:
+                r = speed[s]
+                mem = r["peak_bytes"]
+                ratio_m = (mem / base["peak_bytes"]) if (mem and base["peak_bytes"]) else float("nan")
+                r["speedup_vs_peft"] = r["tokens_per_sec"] / base["tokens_per_sec"]
+                r["memory_vs_peft"] = ratio_m
+                print(
+                    f"{s:8s} {r['tokens_per_sec']:10,.0f} {r['speedup_vs_peft']:7.2f}x "
+                    f"{(mem or 0) / 2**20:10,.0f} {ratio_m:7.2f}x"
+                )
+            if summary is None:
+                q = speed["qlora"]
+                summary = f"speedup_vs_peft={q['speedup_vs_peft']:.2f} memory_vs_peft={q['memory_vs_peft']:.2f}"
+    report["wall_sec"] = time.perf_counter() - t_start
+    print(f"hardware: {report['hardware']}; versions: {report['versions']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
