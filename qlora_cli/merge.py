@@ -13,10 +13,14 @@
 ``base(W)`` is, by default (``dequantized``), exactly the weight the adapter was trained against:
 dequant(NF4(W)) computed with the run's quantization settings from ``W`` cast to the run's compute dtype,
 which is what transformers + bitsandbytes do when they load the base in 4 bits (a test checks the two are
-bit-identical). ``original`` uses the checkpoint weight itself. Nothing is ever re-quantized.
+bit-identical). ``original`` uses the checkpoint weight itself. Nothing is ever re-quantized. Only targeted
+layers change: linear layers the run held in 4 bits without an adapter keep their checkpoint weights, so
+the self-check compares with the adapter on a base quantized in the targeted layers only, and reports the
+distance to the all-4-bit training-time model beside it.
 
-Memory: one tensor at a time, so the peak is about the largest targeted weight in float32 a few times over,
-plus the adapter; untargeted tensors are copied in 64 MiB chunks. Never a shard, never the model.
+Memory: one tensor at a time. The peak is a handful of float32 copies of the largest targeted weight
+(bitsandbytes' CPU quantizer alone needs about four) plus the adapter; untargeted tensors are copied in
+64 MiB chunks. Never a shard, never the model.
 """
 
 from __future__ import annotations
@@ -531,38 +535,48 @@ def merged_weight(
 ) -> tuple[torch.Tensor, LayerStat]:
     """(W' = base + scaling · B @ A in float32, in the checkpoint's layout; its statistics).
 
-    ``weight`` is the checkpoint tensor: (out, in), or (in, out) for a Conv1D layer. One fused ``addmm``
-    forms W' without a full-size delta, so the peak is a few copies of this one weight.
+    ``weight`` is the checkpoint tensor: (out, in), or (in, out) for a Conv1D layer. W' is formed in place in
+    one float32 copy of the base weight (``addmm_``), so the peak is a few copies of this one weight.
     """
     A, B = target.lora_A.to(device), target.lora_B.to(device)  # (r, in), (out, r)
-    original = weight.to(device).float()
-    base, quant_err = original, None
-    if target.quantized:
-        # bitsandbytes quantized the (out, in) layout: block boundaries depend on it
-        dequantized = nf4_roundtrip(original.T if target.conv1d else original, quant)  # exact: see nf4_roundtrip
-        dequantized = dequantized.float()
-        dequantized = dequantized.T if target.conv1d else dequantized  # back to the checkpoint layout (a view)
-        quant_err = _distance(original, dequantized)
-        base = dequantized if base_weights == "dequantized" else original
-        del original, dequantized  # only `base` is needed from here
-    merged = torch.addmm(base, A.T, B.T, alpha=scaling) if target.conv1d else torch.addmm(base, B, A, alpha=scaling)
+    w = weight.to(device)
+    w = w.T if target.conv1d else w  # (out, in): the layout bitsandbytes quantized (block boundaries depend on it)
+    quant_err = None
+    if target.quantized and base_weights == "dequantized":
+        base = nf4_roundtrip(w, quant).float()  # exactly what training saw: see nf4_roundtrip
+        quant_err = _distance(w, base)
+    else:
+        if target.quantized:  # the NF4 error is only reported here, so estimate it on a sample of rows
+            quant_err = nf4_error_estimate(w, quant)
+        base = w.float()  # a float32 copy (or the float32 checkpoint tensor itself, which nothing else needs)
+    base_norm = torch.linalg.vector_norm(base).item()
+    base.addmm_(B, A, alpha=scaling)  # W' = W + s · (out, r) @ (r, in)
     # ‖s·B A‖_F² = s² · Σ (BᵀB ⊙ A Aᵀ): two (r, r) products instead of the (out, in) delta
     delta_norm = scaling * math.sqrt(max(((B.T @ B) * (A @ A.T)).sum().item(), 0.0))
-    base_norm = torch.linalg.vector_norm(base).item()
     stat = LayerStat(
         target.module,
         delta_norm / base_norm if base_norm else math.inf,
         None if quant_err is None else (quant_err / delta_norm if delta_norm else math.inf),
     )
-    return merged, stat
+    return (base.T if target.conv1d else base), stat
+
+
+def nf4_error_estimate(weight: torch.Tensor, quant: QuantSettings, sample: int = 2**18) -> float:
+    """‖W − dequant(NF4(W))‖_F for ``weight`` (out, in), estimated from evenly spaced rows holding about
+    ``sample`` values (thousands of 64-value NF4 blocks, so within a few percent): each block quantizes
+    on its own, so a row subset quantizes like the full tensor (up to the double-quantized block scales)."""
+    step = max(1, weight.shape[0] * weight[0].numel() // sample)
+    rows = weight[::step]
+    error = _distance(rows, nf4_roundtrip(rows, quant))
+    return error * math.sqrt(weight.shape[0] / rows.shape[0])
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**20) -> float:
-    """‖a − b‖_F over ~``chunk`` elements at a time (no full-size temporary)."""
+    """‖a − b‖_F in float32, ~``chunk`` elements at a time (no full-size temporary)."""
     rows = max(1, chunk // max(1, a[0].numel())) if a.ndim else 1
     total = 0.0
     for i in range(0, a.shape[0], rows):
-        total += torch.linalg.vector_norm(a[i : i + rows] - b[i : i + rows]).item() ** 2
+        total += torch.linalg.vector_norm(a[i : i + rows].float() - b[i : i + rows].float()).item() ** 2
     return math.sqrt(total)
 
 
@@ -630,6 +644,8 @@ def merge_run(
     quant = run.model.quant
     if quant.load_in_4bit and base_weights == "dequantized":
         _require_bitsandbytes()
+    elif quant.load_in_4bit and not _has_bitsandbytes():  # original: the NF4 error report needs it, nothing else
+        quant = replace(quant, load_in_4bit=False)
     skeleton = model_skeleton(folder, run.model.trust_remote_code)
     targets, scaling = plan_targets(run.path, adapter_config, state, skeleton, tensors, quant)
     del skeleton, state
@@ -647,8 +663,8 @@ def merge_run(
     entries = [planned(t) for t in infos]
     shards = plan_shards(entries, max_bytes)
     total = sum(t.nbytes for t in entries)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
     if total > free:
         raise ModelError(f"not enough disk space for {out}: the merged model needs {_gb(total)}, {_gb(free)} free")
 
@@ -657,6 +673,7 @@ def merge_run(
         f"merging {len(targets)} layers of {run.path} into {folder} ({base_weights} base weights, "
         f"scaling {scaling:g}) -> {out} ({_NAME_OF[out_code]}, {len(shards)} shard(s), {_gb(total)})"
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         layers = _write_weights(
@@ -691,10 +708,16 @@ def merge_run(
     return result
 
 
-def _require_bitsandbytes() -> None:
+def _has_bitsandbytes() -> bool:
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _require_bitsandbytes() -> None:
+    if not _has_bitsandbytes():
         raise ModelError(
             "--base-weights dequantized needs bitsandbytes to reproduce the 4-bit weights; "
             "pip install 'bitsandbytes>=0.49' (or use --base-weights original)"

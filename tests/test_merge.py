@@ -178,6 +178,16 @@ def test_nf4_roundtrip_is_bit_identical_to_the_training_time_base(
         assert not torch.equal(mine.float(), (w.T if arch == "gpt2" else w).float())  # it did quantize
 
 
+def test_nf4_error_estimate_is_close_to_the_exact_error():
+    from qlora_cli.config import QuantSettings
+
+    quant = QuantSettings(True, "nf4", True, "float32")
+    w = torch.randn(8192, 128) * torch.linspace(0.5, 2.0, 8192)[:, None]  # rows differ in scale
+    exact = torch.linalg.vector_norm(w - nf4_roundtrip(w, quant)).item()
+    estimate = merge_mod.nf4_error_estimate(w, quant)  # from every 4th row
+    assert estimate != exact and abs(estimate - exact) < 0.03 * exact
+
+
 # ---------------------------------------------------------------------------------------------
 # merged == adapter
 
@@ -388,3 +398,13 @@ def test_user_errors_exit_2_and_write_nothing(small_run, tmp_path, model_factory
     assert not fresh.exists()
     with pytest.raises(ModelError, match="does not fit"):
         quiet_merge(small_run, fresh, base=str(other))
+
+
+def test_force_replaces_a_non_empty_output(small_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    result = run_cli("merge", str(small_run), "-o", str(out), "--force", "--no-verify", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
