@@ -193,7 +193,8 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         table.add_row(c["label"], format_bytes(c["bytes"]), c["note"])
     table.add_section()
     for c in plan["step"]:
-        table.add_row(c["label"], format_bytes(c["bytes"]), "at the step's peak")
+        if c["bytes"] >= 2**20 or c["bytes"] >= plan["tensor_peak"] // 1000:  # not a few stray bytes
+            table.add_row(c["label"], format_bytes(c["bytes"]), "at the step's peak")
     table.add_section()
     table.add_row("[bold]tensor peak[/bold]", f"[bold]{format_bytes(plan['tensor_peak'])}[/bold]", "")
     for c in plan["overhead"]:

@@ -8,20 +8,26 @@
     GPU total   = tensor peak + CUDA context + caching-allocator reserve
 
 The resident parts are exact byte counts from the model's shapes. The step peak is not a formula: qlora's own
-training step (collate -> ``loss.loss_sum`` -> the transformers model with qlora's LoRA layers -> backward) runs on *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no memory),
-under the same autocast, gradient checkpointing and dropout, while a dispatch-level tracer adds up every tensor
+training step (collate -> ``loss.loss_sum`` -> the transformers model with qlora's LoRA layers -> backward)
+runs on *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no memory), under
+the same autocast, gradient checkpointing and dropout, while a dispatch-level tracer adds up every tensor
 storage created and freed. So the plan follows whatever the training code does: a chunked loss added to
 ``loss.py`` shows up in the plan without touching this file. (The micro-batch step mirrors the body of
-``train.accumulate_gradients``: collate, autocast, ``loss_sum``, backward.) Two approximations keep it honest and fast:
+``train.accumulate_gradients``: collate, autocast, ``loss_sum`` with ``fused_cross_entropy``, backward, with the
+LoRA layers' ``fused`` flag and gradient checkpointing set as ``train`` sets them.) The approximations:
 
 - the base's 4-bit linear layers run as a stand-in with bitsandbytes' memory behaviour (4-bit weights resident,
-  the weight dequantized into a temporary in forward and again in backward, nothing saved for backward);
+  the weight dequantized into a temporary in forward and again in backward, nothing saved for backward; the
+  fused LoRA kernel's per-shape dequantization buffer on CUDA);
 - the step is traced with 1 and 2 decoder layers (or one and two periods of a repeating layer pattern) and
-  extrapolated linearly to the real depth, which is exact when the layers repeat (each one saves the same).
+  extrapolated linearly to the real depth, which is exact when the layers repeat (each one saves the same);
+- data-dependent values are the worst case: full-length, unpadded batches, every position a target;
+- kernels that allocate inside one op (``logsumexp``) get that workspace added; others are not seen.
 
-On a GPU the trace runs on fake CUDA tensors with CUDA autocast; scaled-dot-product attention is modelled as the
-flash/memory-efficient kernels (they save the output and a float32 log-sum-exp, nothing quadratic). On CPU it
-runs CPU kernels, which is what the tests compare against measured CPU runs.
+For a GPU the trace still runs on fake CPU tensors (a CPU-only torch cannot index fake CUDA ones) with CUDA's
+memory behaviour swapped in (``_cuda_behaviour``): flash attention (saves the output and a float32
+log-sum-exp, nothing quadratic), dropout's 1-byte mask, autocast's float32 norms and softmax. For CPU it runs
+the CPU kernels as they are, which is what the tests compare against measured CPU runs.
 """
 
 from __future__ import annotations
@@ -309,9 +315,9 @@ def measured_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
     """Run ``train.train(cfg)`` (on CPU) and measure its peak tensor memory, to compare with ``plan_memory``.
 
-    What "measured" means on CPU: the bytes of every tensor the model holds when training starts (its first
-    forward; parameters incl. the adapter, buffers, quant state: ``resident_bytes``), plus the peak, over the rest
-    of the run, of the bytes torch's CPU allocator has handed out beyond what it had at that moment
+    What "measured" means on CPU: the bytes of every tensor the model holds (parameters incl. the adapter,
+    buffers, quant state: ``resident_bytes``), plus the peak, from the model's first forward to the end of the
+    run, of the bytes torch's CPU allocator has handed out beyond what it had at that moment
     (``torch.profiler`` memory events, recorded from that moment: every allocation and free through c10's
     allocator, kernel temporaries included). Loading is excluded: on a GPU it is host memory, and profiling it
     is slow. Returns resident, step_peak and tensor_peak in bytes.
@@ -321,12 +327,12 @@ def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
 
     from qlora_cli.train import train
 
-    state: dict[str, int] = {}
+    model: list[nn.Module] = []
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
 
     def first_forward(module: nn.Module, args: Any) -> None:
-        if "resident" not in state:  # pre-hooks run outermost first: this is the whole model
-            state["resident"] = resident_bytes(module)
+        if not model:  # pre-hooks run outermost first: this is the whole model
+            model.append(module)
             prof.start()  # only what is allocated from here on is reported, frees of older blocks are not
 
     handle = nn.modules.module.register_module_forward_pre_hook(first_forward)
@@ -334,14 +340,16 @@ def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
         train(cfg, force=True, console=Console(quiet=True))
     finally:
         handle.remove()
-        if "resident" in state:
+        if model:
             prof.stop()
+    # counted after the run: during a forward the fused loss has the head taken off the model
+    resident = resident_bytes(model[0])
     memory = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = step = 0
     for _, n in memory:
         running += n
         step = max(step, running)
-    return {"resident": state["resident"], "step_peak": step, "tensor_peak": state["resident"] + step}
+    return {"resident": resident, "step_peak": step, "tensor_peak": resident + step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,12 +382,22 @@ class _StepTracer:
         self._alive: dict[int, tuple[Any, int, str]] = {}
 
     def dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensor
         from torch.utils._pytree import tree_leaves
 
-        if func is torch.ops.aten._local_scalar_dense.default:
+        fake = isinstance(args[0], FakeTensor) if args else False
+        if fake and func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
             return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
-        out = func(*args, **kwargs)
+        if fake and func in _MASKED_INDEX_OPS and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            out = _masked_index_all_true(func, args)  # x[mask]: shape depends on the data; take every position
+        elif fake and func in _HIDDEN_WORKSPACE:
+            workspace = torch.empty_like(args[0])  # what the kernel allocates inside, alive while it runs
+            self._add(workspace.untyped_storage(), workspace.untyped_storage()._cdata)
+            out = func(*args, **kwargs)
+            del workspace
+        else:
+            out = func(*args, **kwargs)
         inputs: set[int] | None = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
@@ -435,6 +453,31 @@ class _StepTracer:
 
 
 _TRACER: _StepTracer | None = None  # the active tracer, for the stand-in modules below
+
+# Kernels that allocate a temporary the size of their input inside one op (invisible at the dispatch level,
+# where the trace runs): logsumexp computes exp(x - max) into a new tensor before reducing it, on CPU and CUDA.
+_HIDDEN_WORKSPACE = {torch.ops.aten.logsumexp.default}
+
+_MASKED_INDEX_OPS = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
+def _masked_index_all_true(func: Any, args: tuple) -> torch.Tensor:
+    """Boolean-mask indexing on fake tensors, as if every mask entry were True (the fused loss gathers the
+    target positions: the worst case is that every position is one). ``x[mask]`` -> a new
+    (mask.numel(), *rest) tensor; ``index_put`` -> ``x`` itself, or a copy of it out of place."""
+    x, indices = args[0], args[1]
+    if func is torch.ops.aten.index.Tensor:
+        mask = next(i for i in indices if i is not None)
+        rest = x.shape[mask.ndim :]
+        return torch.empty((mask.numel(), *rest), dtype=x.dtype, device=x.device)
+    if func is torch.ops.aten.index_put.default:
+        return torch.empty_like(x)
+    return x
 
 
 def _tag(name: str) -> Any:
@@ -627,6 +670,49 @@ def _materialize(model: nn.Module, cfg: RunConfig, device: torch.device) -> None
         for key, b in list(module._buffers.items()):
             if b is not None and b.device.type == "meta":
                 module._buffers[key] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    for module in model.modules():
+        if isinstance(module, _Linear4bitStandIn):  # what code that checks for a 4-bit weight looks at
+            module.weight.quant_state = _StandInQuantState((module.out_features, module.in_features), compute)
+
+
+@dataclass
+class _StandInQuantState:
+    shape: tuple[int, int]  # (out, in) of the dequantized weight
+    dtype: torch.dtype  # the dtype it dequantizes to
+
+
+@contextlib.contextmanager
+def _fused_lora_dequantization(device_type: str) -> Iterator[None]:
+    """``kernels.lora_linear.dense_weight`` for the 4-bit stand-ins: on CUDA bitsandbytes dequantizes into a
+    buffer kept per weight shape (allocated once, reused by every layer and step); on CPU, which has no
+    ``out=`` variant, into a new tensor each call."""
+    try:
+        from qlora_cli.kernels import lora_linear
+    except ImportError:  # pragma: no cover - a qlora without the fused kernels
+        yield
+        return
+    original = lora_linear.dense_weight
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        state = getattr(base.weight, "quant_state", None)
+        if not isinstance(state, _StandInQuantState):
+            return original(base, dtype)
+        with _tag("dequantized weight"):
+            if device_type == "cuda":
+                key = (state.shape, state.dtype)
+                if key not in buffers:
+                    buffers[key] = torch.empty(state.shape, dtype=state.dtype, device=base.weight.device)
+                w = buffers[key]
+            else:
+                w = torch.empty(state.shape, dtype=state.dtype, device=base.weight.device)
+            return w if w.dtype == dtype else w.to(dtype)
+
+    lora_linear.dense_weight = dense_weight
+    try:
+        yield
+    finally:
+        lora_linear.dense_weight = original
 
 
 @dataclass
@@ -652,7 +738,7 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qlora_cli.data import Example, collate
-    from qlora_cli.lora import inject_lora, lora_parameters
+    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
     from qlora_cli.loss import evaluate_loss, loss_sum
     from qlora_cli.train import Precision
 
@@ -669,17 +755,21 @@ def trace_step(
     cuda_behaviour = _cuda_behaviour() if device_type == "cuda" else contextlib.nullcontext()
     _quantize_stand_ins(model, cfg)
     inject_lora(model, cfg.lora)  # on the meta device: LoRA layers as training has them, float32, trainable
-    with fake_mode, _unpadded_masks():
+    for _, layer in lora_layers(model):
+        layer.fused = getattr(cfg, "fused_lora", False)  # as train() sets it
+    with fake_mode, _unpadded_masks(), _fused_lora_dequantization(device_type):
         _materialize(model, cfg, device)
         if gradient_checkpointing and train:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, getattr(cfg, "checkpoint_every_n_layers", 1))
         model.train(train)
         params = lora_parameters(model)
         if cfg.gradient_accumulation_steps > 1 and train:
             for p in params:  # gradients from the window's earlier micro-batches are resident (counted outside)
                 p.grad = torch.zeros_like(p)
         head = model.get_output_embeddings()
-        hooks = [head.register_forward_pre_hook(_enter_loss_region(tracer))] if head is not None else []
+        hooks = [model.register_forward_hook(_leave_model(tracer))]
+        if head is not None:
+            hooks.append(head.register_forward_pre_hook(_enter_loss_region(tracer)))
         for p in params:  # a gradient is computed under some tag; once accumulated it is a gradient
             hooks.append(p.register_post_accumulate_grad_hook(lambda p: tracer.retag(p.grad, "gradients")))
         _TRACER = tracer
@@ -688,7 +778,7 @@ def trace_step(
                 if train:  # the body of train.accumulate_gradients for one micro-batch
                     batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
                     with precision.autocast():
-                        loss, _ = loss_sum(model, batch)
+                        loss, _ = loss_sum(model, batch, getattr(cfg, "fused_cross_entropy", False))
                     precision.backward(loss / max(1, micro_batch_size * seq_len))
                     del loss, batch
                 else:
@@ -712,13 +802,24 @@ def _enter_loss_region(tracer: _StepTracer) -> Any:
     return hook
 
 
-def _enable_checkpointing(model: Any) -> None:
-    # As model.enable_gradient_checkpointing does; the RNG state it saves is a few bytes, and not fakeable.
-    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def _enable_checkpointing(model: Any, every_n_layers: int) -> None:
+    """As ``model.enable_gradient_checkpointing`` (offloading is accounted for in ``traced_peak``)."""
+    from qlora_cli.model import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model, False, every_n_layers)
+
+
+def _leave_model(tracer: _StepTracer) -> Any:
+    """After the model's forward the loss runs (with the fused loss the head is part of it); backward leaves
+    that region once the gradient of the model's output is computed."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        tracer.tag = "logits and loss"
+        out = getattr(output, "logits", None)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: setattr(tracer, "tag", "activations"))
+
+    return hook
 
 
 def traced_peak(
@@ -731,9 +832,15 @@ def traced_peak(
     gradient_checkpointing: bool,
     train: bool = True,
 ) -> StepTrace:
-    """``trace_step`` at the model's full depth, traced with one and two layer periods and extrapolated."""
+    """``trace_step`` at the model's full depth, traced with one and two layer periods and extrapolated.
+
+    With ``gradient_checkpointing: offload`` on a GPU the checkpointed layer inputs, the part that grows with
+    depth, live in host memory: the GPU peak is then that of one period of layers."""
     depth = num_layers_of(model_config)
     period = layer_period(model_config)
+    if gradient_checkpointing and train:  # checkpoint_every_n_layers > 1 repeats every n layers
+        period = math.lcm(period, getattr(cfg, "checkpoint_every_n_layers", 1))
+    offloaded = gradient_checkpointing and train and device_type == "cuda" and cfg.gradient_checkpointing == "offload"
     kwargs = dict(
         device_type=device_type,
         micro_batch_size=micro_batch_size,
@@ -741,6 +848,8 @@ def traced_peak(
         gradient_checkpointing=gradient_checkpointing,
         train=train,
     )
+    if offloaded and depth > period:
+        return trace_step(model_config, cfg, num_layers=period, **kwargs)
     if depth <= 2 * period:
         return trace_step(model_config, cfg, num_layers=depth or None, **kwargs)
     small = trace_step(model_config, cfg, num_layers=period, **kwargs)
@@ -772,7 +881,7 @@ class MemoryPlan:
     device: str  # "cuda" (one GPU) or "cpu"
     micro_batch_size: int
     seq_len: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # True, False or "offload"
     resident: list[Component]
     step: list[Component]  # live at the peak of one micro-batch's forward + backward
     tensor_peak: int  # resident + step peak: what torch.cuda.max_memory_allocated reports
@@ -857,7 +966,7 @@ def plan_memory(
     has_eval = bool(cfg.eval_datasets) or cfg.val_set_size > 0
     trace_error = None
     try:
-        main = step(cfg.micro_batch_size, cfg.gradient_checkpointing)
+        main = step(cfg.micro_batch_size, bool(cfg.gradient_checkpointing))
         other = step(cfg.micro_batch_size, not cfg.gradient_checkpointing)
         eval_trace = step(cfg.eval_batch_size or cfg.micro_batch_size, False, train=False) if has_eval else None
     except QLoRAError:
@@ -940,7 +1049,7 @@ def _largest_batch(plan: MemoryPlan, resident: int, at_batch: StepTrace, step: A
     (every activation, logit and loss buffer has a batch dimension; the dequantized-weight temporaries do not),
     so a second trace at one more example gives the slope and the answer in closed form."""
     b0 = plan.micro_batch_size
-    slope = max(step(b0 + 1, plan.gradient_checkpointing).peak - at_batch.peak, 1)
+    slope = max(step(b0 + 1, bool(plan.gradient_checkpointing)).peak - at_batch.peak, 1)
     fixed = at_batch.peak - slope * b0  # the part of the step peak that does not grow with the batch
     if plan.device == "cuda":  # total = (resident + step) * (1 + reserve) + context
         room = (budget - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_RESERVE) - resident - fixed

@@ -215,10 +215,17 @@ def full_length_rows(n: int, length: int) -> list[dict]:
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(bnb_4bit_compute_dtype="float32", gradient_checkpointing=False, optimizer="adamw_torch", lora_dropout=0.0),
+        dict(
+            bnb_4bit_compute_dtype="float32",
+            gradient_checkpointing=False,
+            optimizer="adamw_torch",
+            lora_dropout=0.0,
+            fused_lora=False,
+            fused_cross_entropy=False,
+        ),
         dict(bnb_4bit_compute_dtype="bfloat16", gradient_checkpointing=True, optimizer="adamw_8bit", lora_dropout=0.1),
     ],
-    ids=["fp32-adamw", "bf16-checkpointing-8bit-dropout"],
+    ids=["fp32-plain-adamw", "bf16-fused-checkpointing-8bit-dropout"],
 )
 def test_plan_predicts_measured_cpu_peak_within_15_percent(settings, plan_model, tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", full_length_rows(6, 64))
@@ -304,8 +311,14 @@ def test_real_shaped_config_report(llama_8b_folder, tmp_path):
     assert parts["weights_4bit"] == linear // 2
     assert parts["unquantized"] == 2 * 128256 * 4096 * 2  # embeddings and head, bfloat16
     assert parts["adapter"] == 41_943_040 * 4
-    logits = {c["key"]: c["bytes"] for c in plan["step"]}["logits_and_loss"]
-    assert logits > 2 * 2048 * 128256 * 4  # at least the float32 logits and their gradient
+    step = {c["key"]: c["bytes"] for c in plan["step"]}
+    assert step.get("logits_and_loss", 0) < 2**30  # the fused loss never holds (B, T, V) float32 logits
+    assert step["dequantized_weight"] == 2 * (4096 * 4096 + 4096 * 1024 + 2 * 14336 * 4096)  # one bf16 buffer per shape
+    plain = cfg.model_copy(update={"fused_cross_entropy": False})
+    kw = dict(device_type="cuda", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True)
+    unfused = traced_peak(load_model_config(cfg), plain, **kw)
+    assert unfused.by_tag["logits and loss"] > 2 * 2 * 2048 * 128256 * 4  # float32 logits and their gradient
+    assert unfused.peak > plan["tensor_peak"] - sum(parts.values())
     assert plan["activations_without_checkpointing"] > 3 * plan["activations_with_checkpointing"]
     assert plan["fits"] and plan["max_micro_batch_size"] >= 2
     assert plan["total"] == plan["tensor_peak"] + sum(c["bytes"] for c in plan["overhead"])
