@@ -28,3 +28,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) models/tiny-demo runs/demo .pytest_cache
+
+bench: install
+	$(BIN)/python scripts/bench.py --preset cpu-tiny --json bench-cpu-tiny.json

@@ -87,7 +87,9 @@ def test_held_out_task_solved_by_the_adapter_loaded_in_peft(tmp_path, model_fact
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    base = model_factory("qwen2", initializer_range=0.1, seed=7)
+    # mistral: a tiny qwen2 folder reloads as Qwen2Tokenizer, whose byte-level pre-tokenizer drops the
+    # character vocabulary's whitespace (the task would still be learnable, but not the one written here)
+    base = model_factory("mistral", initializer_range=0.1, seed=7)
     train_rows, held_out = upper_rows(2000, seed=10), upper_rows(60, seed=11)
     seen = {r["prompt"] for r in train_rows}
     held_out = [r for r in held_out if r["prompt"] not in seen]
@@ -96,7 +98,7 @@ def test_held_out_task_solved_by_the_adapter_loaded_in_peft(tmp_path, model_fact
         tmp_path,
         base,
         data,
-        max_steps=400,
+        max_steps=600,
         micro_batch_size=16,
         learning_rate=5e-3,
         lora_target_modules="all-linear",
