@@ -232,10 +232,8 @@ def open_candidate(
                 f"{path} is neither a run/adapter folder (adapter_config.json, adapter_model.safetensors) "
                 "nor a model folder (config.json)"
             )
-        run = open_run(folder, base=base)
+        run = open_run(folder, base=base)  # a checkpoint inside a run loads the base as that run trained
         settings, config = run.model, run.config
-        if config is None:  # a checkpoint inside a run folder: load the base as that run trained on it
-            settings, config = _settings_of_enclosing_run(folder, base) or (settings, config)
         if dtype is not None:
             settings = replace(settings, quant=replace(settings.quant, compute_dtype=dtype))
         check_base_model(settings)
@@ -253,28 +251,6 @@ def open_candidate(
     settings = ModelSettings(base_model=str(folder), quant=quant)
     check_base_model(settings)
     return Candidate(folder, name, settings, config, is_adapter=False)
-
-
-def _settings_of_enclosing_run(folder: Path, base: str | None) -> tuple[ModelSettings, RunConfig] | None:
-    """For ``<run>/checkpoints/step-N`` (an adapter folder without the training config): the run's base
-    settings and config, so the checkpoint is scored on the base quantized as in training."""
-    from qlora_cli.checkpoint import CHECKPOINTS_DIR
-    from qlora_cli.config import load_config
-    from qlora_cli.run_folder import CONFIG_FILE, TOKENIZER_FILES
-
-    run_dir = folder.resolve().parent.parent
-    if folder.resolve().parent.name != CHECKPOINTS_DIR or not (run_dir / CONFIG_FILE).exists():
-        return None
-    try:
-        config = load_config(run_dir / CONFIG_FILE)
-    except ConfigError as e:
-        raise ModelError(f"run folder {run_dir}: {e}") from None
-    settings = config.base
-    if base is not None:
-        settings = replace(settings, base_model=base)
-    if any((run_dir / f).exists() for f in TOKENIZER_FILES):
-        settings = replace(settings, tokenizer=str(run_dir))
-    return settings, config
 
 
 def _checkpoint_dtype(folder: Path) -> str:

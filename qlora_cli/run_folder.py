@@ -44,11 +44,14 @@ def open_run(path: str | Path, base: str | None = None) -> RunFolder:
         raise ModelError(f"expected a run folder, got a file: {path}")
     adapter_config, _ = read_adapter(folder)  # checks both adapter files are there and readable
     config: RunConfig | None = None
-    if (folder / CONFIG_FILE).exists():
+    # a checkpoint (<run>/checkpoints/step-N) carries no config of its own: it trained as its run did
+    run_dir = folder.resolve().parent.parent if folder.resolve().parent.name == "checkpoints" else None
+    config_dir = folder if (folder / CONFIG_FILE).exists() else run_dir
+    if config_dir is not None and (config_dir / CONFIG_FILE).exists():
         try:
-            config = load_config(folder / CONFIG_FILE)
+            config = load_config(config_dir / CONFIG_FILE)
         except ConfigError as e:
-            raise ModelError(f"run folder {path}: {e}") from None
+            raise ModelError(f"run folder {config_dir}: {e}") from None
         settings = config.base
     else:
         name = adapter_config.get("base_model_name_or_path")
@@ -57,8 +60,10 @@ def open_run(path: str | Path, base: str | None = None) -> RunFolder:
         settings = ModelSettings(base_model=name or "")
     if base is not None:
         settings = replace(settings, base_model=base)
-    if any((folder / f).exists() for f in TOKENIZER_FILES):
-        settings = replace(settings, tokenizer=str(folder))  # the run's tokenizer: its pad token and template
+    for candidate in (folder, run_dir):  # the run's tokenizer: its pad token and chat template
+        if candidate is not None and any((candidate / f).exists() for f in TOKENIZER_FILES):
+            settings = replace(settings, tokenizer=str(candidate))
+            break
     return RunFolder(folder, adapter_config, config, settings)
 
 

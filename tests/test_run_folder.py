@@ -63,3 +63,12 @@ def test_missing_folders(tmp_path):
         open_run(tmp_path / "nope")
     with pytest.raises(ModelError, match="missing adapter_config.json"):
         open_run(tmp_path)
+
+
+def test_a_checkpoint_inside_a_run_loads_as_the_run_trained(tmp_path, llama_dir, quiet_console):
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=2))
+    cfg = make_config(llama_dir, data, tmp_path / "run", max_steps=3, save_steps=2)
+    train(cfg, console=quiet_console)
+    run = open_run(tmp_path / "run" / "checkpoints" / "step-2")
+    assert run.config == cfg and run.model.quant.compute_dtype == "float32"
+    assert run.model.tokenizer == str((tmp_path / "run").resolve())
