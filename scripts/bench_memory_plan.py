@@ -39,13 +39,26 @@ from qlora_cli.memory_plan import format_bytes, measure_training_peak, plan_memo
 from qlora_cli.model import quiet_libraries  # noqa: E402
 from qlora_cli.tiny import build_char_tokenizer  # noqa: E402
 
+PLAIN = dict(fused_lora=False, fused_cross_entropy=False)  # the reference paths; the default is fused
 CASES = [
-    # name, architecture/size, settings
-    ("llama fp32 adamw", "llama", dict(bnb_4bit_compute_dtype="float32", optimizer="adamw_torch")),
+    # name, architecture, settings (on top of: all-linear r=16, no dropout, no checkpointing)
+    ("llama fp32 plain adamw", "llama", dict(bnb_4bit_compute_dtype="float32", optimizer="adamw_torch", **PLAIN)),
+    ("llama fp32 fused adamw", "llama", dict(bnb_4bit_compute_dtype="float32", optimizer="adamw_torch")),
     (
-        "llama bf16 ckpt 8bit drop",
+        "llama bf16 fused ckpt 8bit drop",
         "llama",
         dict(bnb_4bit_compute_dtype="bfloat16", gradient_checkpointing=True, optimizer="adamw_8bit", lora_dropout=0.05),
+    ),
+    (
+        "llama bf16 plain ckpt 8bit drop",
+        "llama",
+        dict(
+            bnb_4bit_compute_dtype="bfloat16",
+            gradient_checkpointing=True,
+            optimizer="adamw_8bit",
+            lora_dropout=0.05,
+            **PLAIN,
+        ),
     ),
     (
         "llama fp32 accum2 eval ckpt",
@@ -143,7 +156,7 @@ def main() -> None:
         data = tmp / "text.jsonl"
         rows = ["".join(rng.choice("abcdefgh ") for _ in range(2 * args.seq)) for _ in range(5 * args.batch)]
         data.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-        print(f"{'case':30s} {'plan':>12s} {'measured':>12s} {'error':>8s} {'plan time':>10s}")
+        print(f"{'case':32s} {'plan':>12s} {'measured':>12s} {'error':>8s} {'plan time':>10s}")
         for name, arch, settings in CASES:
             model = build_model(tmp / arch, arch)
             cfg = case_config(model, data, tmp / "run", args.device, settings, args.batch, args.seq)
@@ -164,7 +177,7 @@ def main() -> None:
                 row["measured_reserved_peak"] = measured["reserved_peak"]
             results.append(row)
             print(
-                f"{name:30s} {format_bytes(plan.tensor_peak):>12s} {format_bytes(measured['tensor_peak']):>12s} "
+                f"{name:32s} {format_bytes(plan.tensor_peak):>12s} {format_bytes(measured['tensor_peak']):>12s} "
                 f"{100 * error:+7.3f}% {plan_sec:9.1f}s"
             )
         # the done-criterion: a real-shaped plan in seconds
