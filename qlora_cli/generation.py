@@ -105,6 +105,7 @@ class Sequence:
     slot: int = BASE_ONLY  # adapter slot (see MultiLoRA.slot); -1: the base alone
     eos_ids: frozenset[int] = frozenset()
     on_text: Callable[[Sequence, str], None] | None = None
+    on_done: Callable[[Sequence], None] | None = None  # called once, when the request ends for any reason
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the text released so far
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
@@ -150,6 +151,8 @@ class Sequence:
         if delta:
             self.text += delta
         self.finish_reason = reason
+        if self.on_done is not None:
+            self.on_done(self)
         if self.on_text is not None:
             self.on_text(self, delta)
 
@@ -376,11 +379,7 @@ class Engine:
                 new = self.safe(lambda: self.prefill(new_seqs), new_seqs)
                 new = self.drop_finished(new) if new else None
                 if new is not None:
-                    if batch is None:
-                        return new
-                    if self.can_join(new):
-                        return self.join(batch, new)
-                    waiting[:0] = [s for s in new_seqs if not s.finished]  # pragma: no cover - cannot happen
+                    return new if batch is None else self.join(batch, new)  # same model: same cache kind
         if batch is None:
             return None
         ok = self.safe(lambda: self.step(batch), batch.seqs)
@@ -398,9 +397,6 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
-
-    def busy_slots(self, batch: Batch | None) -> list[int]:
-        return [s.slot for s in batch.seqs] if batch else []
 
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
         """Generate every sequence to the end (at most ``max_batch_size`` rows at a time); returns them."""
@@ -440,14 +436,11 @@ class Scheduler:
     def _loop(self) -> None:
         waiting: list[Sequence] = []
         batch: Batch | None = None
-        adapters = self.engine.adapters
         while not self.stopped.is_set():
             if batch is None and not waiting:
                 try:
                     waiting.append(self.inbox.get(timeout=self.idle_wait))
                 except queue.Empty:
-                    if adapters is not None and adapters.retired:
-                        adapters.release()
                     continue
             while True:  # everything that arrived since the last step
                 try:
@@ -456,8 +449,6 @@ class Scheduler:
                     break
             batch = self.engine.advance(batch, waiting)
             self.running = len(batch.seqs) if batch else 0
-            if adapters is not None and adapters.retired:
-                adapters.release(self.engine.busy_slots(batch) + [s.slot for s in waiting])
         for seq in waiting + (batch.seqs if batch else []):
             seq.cancel("cancelled", "the server is shutting down")
 

@@ -4,15 +4,19 @@
 
 Each wrapped layer keeps every loaded adapter stacked, ``A`` (S, in, r_max) and ``B`` (S, r_max, out), with
 ranks padded to the layer's largest rank by zeros (a zero column of A and a zero row of B add exactly nothing),
-so adapters of different ranks share one batched matmul. A forward gathers the rows' A and B and applies them
-with two ``bmm`` calls: the BGMV idea of Punica and S-LoRA, so eight rows for eight adapters cost about what
-eight rows for one adapter cost. A batch whose rows all use one adapter skips the gather.
+so adapters of different ranks share one batched operation. This is the BGMV idea of Punica and S-LoRA: each
+row is multiplied by its own adapter's A and B, reading just those weights, so eight rows for eight adapters
+cost about what eight rows for one adapter cost. A decode step does it without copying any weight: ``x·A`` for
+row b is a weighted sum of the rows ``slot_b·in ... slot_b·in + in - 1`` of A viewed as (S·in, r), which is
+what ``embedding_bag(..., per_sample_weights=x, mode=sum)`` computes, and likewise ``h·B``. A prefill
+(many tokens per row) gathers each row's A and B once and uses two ``bmm``. A batch whose rows all use one
+adapter is two plain matmuls.
 
 ``MultiLoRA(model)`` owns the slots: ``load(name, folder)`` checks a PEFT-format adapter against the base
 (module names exist, shapes match) before touching anything, wraps the modules it targets that are not
 wrapped yet, and writes its weights into a free slot; ``unload(name)`` retires the slot, which is zeroed and
-reused once no running row still uses it (``release``). ``use_rows(slots)`` says which slot each row of the
-next forward uses.
+reused once no request pins it (``pin``/``unpin``). ``use_rows(slots)`` says which slot each row of the next
+forward uses.
 """
 
 from __future__ import annotations
@@ -38,8 +42,35 @@ class RowAdapters:
     """Which adapter slot each row of the current forward uses; shared by every ``MultiLoRALinear``."""
 
     def __init__(self) -> None:
-        self.index: torch.Tensor | None = None  # (B,) long on the model's device; None: base only
-        self.uniform: int | None = BASE_ONLY  # the one slot every row uses, or None for a mixed batch
+        self.set(None, BASE_ONLY)
+
+    def set(self, index: torch.Tensor | None, uniform: int | None) -> None:
+        self.index = index  # (B,) long on the model's device; None: base only
+        self.uniform = uniform  # the one slot every row uses, or None for a mixed batch
+        self.slots = index.clamp(min=0) if index is not None else None  # (B,) base-only rows borrow slot 0 ...
+        self.keep: torch.Tensor | None = None  # ... and are multiplied by keep (B, 1): 0 for them, 1 otherwise
+        if index is not None and uniform is None and bool((index < 0).any()):
+            self.keep = (index >= 0).to(torch.float32)[:, None]
+        self._bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bags(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a (S·n, ...) stack: the flat row indices ``slot_b·n + [0, n)`` of every row b, and where each row's
+        bag starts (``torch.embedding_bag``'s indices and offsets), cached per forward."""
+        if n not in self._bags:
+            assert self.slots is not None
+            arange = torch.arange(n, device=self.slots.device)
+            indices = (self.slots[:, None] * n + arange).reshape(-1)
+            offsets = torch.arange(0, len(self.slots) * n, n, device=self.slots.device)
+            self._bags[n] = indices, offsets
+        return self._bags[n]
+
+
+def bag_matmul(stack: torch.Tensor, rows: RowAdapters, x: torch.Tensor) -> torch.Tensor:
+    """Row b of ``x`` (B, n) times its adapter's (n, m) matrix, for ``stack`` (S·n, m): a weighted sum of the
+    matrix's rows, which is what ``embedding_bag`` computes, reading only those rows and copying nothing."""
+    indices, offsets = rows.bags(x.shape[1])
+    # (weight, indices, offsets, scale_grad_by_freq, mode=sum, sparse, per_sample_weights) -> (B, m)
+    return torch.embedding_bag(stack, indices, offsets, False, 0, False, x.reshape(-1))[0]
 
 
 class MultiLoRALinear(nn.Module):
@@ -51,11 +82,10 @@ class MultiLoRALinear(nn.Module):
         self.base = base
         self.rows = rows
         self.in_features, self.out_features = in_features, out_features
-        # float32 like LoRALinear's weights, so a mixed batch computes what each adapter alone computes
+        # float32 like LoRALinear's weights; B is stored times the adapter's scaling
         self.register_buffer("lora_A", torch.zeros(capacity, in_features, 0, device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(capacity, 0, out_features, device=device), persistent=False)
-        self.register_buffer("scaling", torch.zeros(capacity, device=device), persistent=False)  # 0: not here
-        self.slot_scaling = [0.0] * capacity  # the same on the host: no device sync to skip an absent adapter
+        self.present = [False] * capacity  # which slots this layer holds (a host list: no device sync to check)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -66,44 +96,52 @@ class MultiLoRALinear(nn.Module):
         return getattr(self.base, "bias", None)
 
     @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
     def rank(self) -> int:
         return self.lora_A.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        index, uniform = self.rows.index, self.rows.uniform
-        if index is None or uniform == BASE_ONLY or self.rank == 0:
+        rows = self.rows
+        if rows.index is None or rows.uniform == BASE_ONLY or self.rank == 0:
             return out
         x_lora = x.to(torch.float32)
-        if uniform is not None:  # every row uses one adapter: plain matmuls, no gather
-            scaling = self.slot_scaling[uniform]
-            if not scaling:
+        if rows.uniform is not None:  # every row uses one adapter: two plain matmuls
+            if not self.present[rows.uniform]:
                 return out
-            update = (x_lora @ self.lora_A[uniform]) @ self.lora_B[uniform]  # (..., r) -> (..., out)
-            return out + (update * scaling).to(out.dtype)
-        rows = index.shape[0]
-        if x.shape[0] != rows:
-            raise RuntimeError(f"MultiLoRALinear: input has {x.shape[0]} rows, the row index has {rows}")
-        slots = index.clamp(min=0)
-        scale = self.scaling[slots] * (index >= 0)  # (B,)  base-only rows add nothing
-        x3 = x_lora.reshape(rows, -1, self.in_features)  # (B, T, in)
-        h = torch.bmm(x3, self.lora_A[slots])  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        update = torch.bmm(h, self.lora_B[slots]) * scale[:, None, None]  # (B, T, r) @ (B, r, out) -> (B, T, out)
+            update = (x_lora @ self.lora_A[rows.uniform]) @ self.lora_B[rows.uniform]  # (..., r) -> (..., out)
+            return out + update.to(out.dtype)
+        B, S, r = rows.index.shape[0], self.capacity, self.rank
+        if x.shape[0] != B:
+            raise RuntimeError(f"MultiLoRALinear: input has {x.shape[0]} rows, the row index has {B}")
+        x3 = x_lora.reshape(B, -1, self.in_features)  # (B, T, in)
+        if x3.shape[1] == 1:  # a decode step: bag sums over the stacks, no weight is copied
+            h = bag_matmul(self.lora_A.view(S * self.in_features, r), rows, x3[:, 0])  # (B, r)
+            if rows.keep is not None:
+                h = h * rows.keep
+            update = bag_matmul(self.lora_B.view(S * r, self.out_features), rows, h)  # (B, out)
+        else:  # a prefill: gather each row's A and B once for its T tokens, two batched matmuls
+            h = torch.bmm(x3, self.lora_A[rows.slots])  # (B, T, in) @ (B, in, r) -> (B, T, r)
+            if rows.keep is not None:
+                h = h * rows.keep[:, :, None]
+            update = torch.bmm(h, self.lora_B[rows.slots])  # (B, T, r) @ (B, r, out) -> (B, T, out)
         return out + update.reshape(*out.shape).to(out.dtype)
 
     # -- slot storage, called by MultiLoRA under its lock ---------------------------------------
     def grow(self, capacity: int, rank: int) -> None:
         """Make room for ``capacity`` slots of rank ``rank``; existing weights keep their place, padding is zero."""
-        cap, r = self.lora_A.shape[0], self.rank
+        cap, r = self.capacity, self.rank
         if capacity <= cap and rank <= r:
             return
         capacity, rank = max(capacity, cap), max(rank, r)
         A = self.lora_A.new_zeros(capacity, self.in_features, rank)
         B = self.lora_B.new_zeros(capacity, rank, self.out_features)
-        s = self.scaling.new_zeros(capacity)
-        A[:cap, :, :r], B[:cap, :r, :], s[:cap] = self.lora_A, self.lora_B, self.scaling
-        self.lora_A, self.lora_B, self.scaling = A, B, s
-        self.slot_scaling += [0.0] * (capacity - cap)
+        A[:cap, :, :r], B[:cap, :r, :] = self.lora_A, self.lora_B
+        self.lora_A, self.lora_B = A, B
+        self.present += [False] * (capacity - cap)
 
     def set_slot(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
         """Write one adapter: ``lora_A`` (r, in) and ``lora_B`` (out, r) as PEFT stores them."""
@@ -111,19 +149,17 @@ class MultiLoRALinear(nn.Module):
         self.grow(slot + 1, r)
         self.clear_slot(slot)
         self.lora_A[slot, :, :r] = lora_A.T.to(self.lora_A)
-        self.lora_B[slot, :r, :] = lora_B.T.to(self.lora_B)
-        self.scaling[slot] = scaling
-        self.slot_scaling[slot] = scaling
+        self.lora_B[slot, :r, :] = (lora_B.T.to(torch.float32) * scaling).to(self.lora_B)
+        self.present[slot] = True
 
     def clear_slot(self, slot: int) -> None:
-        if slot < self.lora_A.shape[0]:
+        if slot < self.capacity:
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
-            self.scaling[slot] = 0.0
-            self.slot_scaling[slot] = 0.0
+            self.present[slot] = False
 
     def extra_repr(self) -> str:
-        return f"slots={self.lora_A.shape[0]}, r_max={self.rank}"
+        return f"slots={self.capacity}, r_max={self.rank}"
 
 
 @dataclass
@@ -155,7 +191,8 @@ class MultiLoRA:
         self.adapters: dict[str, Adapter] = {}
         self.capacity = 0
         self.free: list[int] = []
-        self.retired: dict[int, str] = {}  # slot -> name, unloaded but maybe still used by running rows
+        self.retired: dict[int, str] = {}  # slot -> name: unloaded, but requests still pin it
+        self.pins: dict[int, int] = {}  # slot -> how many requests use it (see pin/unpin)
         self.lock = threading.RLock()  # held by each forward and each load/unload
         self.device = _device_of(model)
 
@@ -163,12 +200,12 @@ class MultiLoRA:
     def load(self, name: str, folder: str | Path) -> Adapter:
         """Read, check and add an adapter under ``name``. Raises ``ModelError`` (one line) and changes nothing
         when the adapter does not fit the base."""
-        if name in self.adapters:
-            raise ModelError(f"an adapter named {name!r} is already loaded")
         config, state = read_adapter(folder)
         settings = settings_from_peft_config(config)
         weights = self._check_fit(folder, config, state, settings.r)
         with self.lock:
+            if name in self.adapters:
+                raise ModelError(f"an adapter named {name!r} is already loaded")
             slot = self._take_slot()
             for module_name in weights:
                 if module_name not in self.layers:
@@ -236,21 +273,37 @@ class MultiLoRA:
 
     # -- unloading ----------------------------------------------------------------------------------
     def unload(self, name: str) -> None:
-        """Stop offering ``name``; its slot is freed once no running row uses it (see ``release``)."""
+        """Stop offering ``name``; its slot is zeroed and reused once no request pins it any more."""
         with self.lock:
             adapter = self.adapters.pop(name, None)
             if adapter is None:
                 raise ModelError(f"no adapter named {name!r} is loaded")
             self.retired[adapter.slot] = name
+            self._free_if_unused(adapter.slot)
 
-    def release(self, busy: Sequence[int] = ()) -> None:
-        """Zero and free the retired slots that no row in ``busy`` still uses."""
+    def pin(self, name: str) -> int:
+        """The slot of ``name``, kept for this request until ``unpin``: unloading cannot hand it to another
+        adapter while the request still runs on it."""
         with self.lock:
-            for slot in [s for s in self.retired if s not in set(busy)]:
-                for layer in self.layers.values():
-                    layer.clear_slot(slot)
-                del self.retired[slot]
-                self.free.append(slot)
+            slot = self.slot(name)
+            self.pins[slot] = self.pins.get(slot, 0) + 1
+            return slot
+
+    def unpin(self, slot: int) -> None:
+        with self.lock:
+            left = self.pins.get(slot, 0) - 1
+            if left > 0:
+                self.pins[slot] = left
+                return
+            self.pins.pop(slot, None)
+            self._free_if_unused(slot)
+
+    def _free_if_unused(self, slot: int) -> None:
+        if slot in self.retired and slot not in self.pins:
+            for layer in self.layers.values():
+                layer.clear_slot(slot)
+            del self.retired[slot]
+            self.free.append(slot)
 
     # -- per-row choice -----------------------------------------------------------------------------
     def slot(self, name: str | None) -> int:
@@ -265,14 +318,14 @@ class MultiLoRA:
     @contextmanager
     def use_rows(self, slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
         """Inside this block, row ``b`` of a forward uses adapter slot ``slots[b]`` (-1: the base alone)."""
+        used = set(slots.tolist() if isinstance(slots, torch.Tensor) else slots)
         index = torch.as_tensor(slots, dtype=torch.long).to(self.device)
-        values = set(index.tolist())
         with self.lock:
-            self.rows.index, self.rows.uniform = index, (values.pop() if len(values) == 1 else None)
+            self.rows.set(index, next(iter(used)) if len(used) == 1 else None)
             try:
                 yield
             finally:
-                self.rows.index, self.rows.uniform = None, BASE_ONLY
+                self.rows.set(None, BASE_ONLY)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -225,7 +225,16 @@ class ModelServer:
         self, served: Served, prompt_ids: list[int], params: SamplingParams, chat: bool, on_text: Any = None
     ) -> Sequence:
         eos = served.eos_ids | (served.end_of_turn_ids if chat else frozenset())
-        return Sequence(prompt_ids, served.tokenizer, params, served.slot, eos, on_text)
+        if served.slot == BASE_ONLY:
+            return Sequence(prompt_ids, served.tokenizer, params, BASE_ONLY, eos, on_text)
+        try:
+            slot = self.multi.pin(served.name)  # the slot stays this adapter's until the request ends
+        except ModelError:
+            raise RequestError(f"model {served.name!r} was just unloaded", 404, "model", "model_not_found") from None
+        return Sequence(prompt_ids, served.tokenizer, params, slot, eos, on_text, on_done=self._unpin)
+
+    def _unpin(self, seq: Sequence) -> None:
+        self.multi.unpin(seq.slot)
 
     def submit(self, seq: Sequence) -> None:
         self.scheduler.submit(seq)
@@ -518,7 +527,10 @@ def create_app(server: ModelServer) -> Any:
 
         def on_text(index: int) -> Any:
             def push(seq: Sequence, delta: str) -> None:  # runs in the scheduler thread
-                loop.call_soon_threadsafe(events.put_nowait, (index, delta, seq.finish_reason))
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, delta, seq.finish_reason))
+                except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
+                    seq.cancelled = True
 
             return push
 

@@ -111,8 +111,8 @@ def test_mixed_rows_apply_each_rows_own_adapter(tmp_path):
     }
     write_adapter(tmp_path / "a", w["a"], r=2, alpha=4.0)  # scaling 2
     write_adapter(tmp_path / "b", w["b"], r=6, alpha=3.0)  # scaling 0.5
-    x = torch.randn(4, 3, 16)
-    ref_base = model(x)
+    x_all = torch.randn(4, 3, 16)
+    ref_base = model(x_all)
 
     def reference(name: str | None, xb: torch.Tensor) -> torch.Tensor:
         up, down = model.up, model.down
@@ -127,21 +127,22 @@ def test_mixed_rows_apply_each_rows_own_adapter(tmp_path):
     multi = MultiLoRA(model)
     a, b = multi.load("a", tmp_path / "a"), multi.load("b", tmp_path / "b")
     assert isinstance(model.up, MultiLoRALinear) and isinstance(model.down, MultiLoRALinear)
-    assert model.up.rank == 6 and (model.down.lora_A[b.slot] == 0).all()
+    assert model.up.rank == 6 and (model.down.lora_A[b.slot] == 0).all() and a.slot != b.slot
     rows = ["a", "b", None, "a"]
-    with torch.no_grad(), multi.use_rows([multi.slot(n) for n in rows]):
-        mixed = model(x)
-    for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], reference(name, x[i]), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(mixed[0], ref_base[0])  # the adapters really change the output
+    for T in (3, 1):  # a prefill (gather + bmm) and a decode step (bag sums over the stacks)
+        x = x_all[:, :T]
+        with torch.no_grad(), multi.use_rows([multi.slot(n) for n in rows]):
+            mixed = model(x)
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i], reference(name, x[i]), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[0], ref_base[0, :T])  # the adapters really change the output
     for name in ("a", "b"):  # a batch for one adapter (no gather) gives the same
         with torch.no_grad(), multi.use_rows([multi.slot(name)] * 4):
-            uniform = model(x)
-        expected = torch.stack([reference(name, x[i]) for i in range(4)])
+            uniform = model(x_all)
+        expected = torch.stack([reference(name, x_all[i]) for i in range(4)])
         torch.testing.assert_close(uniform, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref_base)  # outside use_rows: the base alone
-    assert a.slot != b.slot
+        torch.testing.assert_close(model(x_all), ref_base)  # outside use_rows: the base alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,13 +256,12 @@ def test_unload_frees_the_slot_for_the_next_adapter(adapters):
     multi.load("all8", folders["all8"])
     multi.load("qv4", folders["qv4"])
     all8, qv4 = answer("all8"), answer("qv4")
-    slot = multi.slot("all8")
+    slot = multi.pin("all8")  # a request running on it
     multi.unload("all8")
     with pytest.raises(ModelError, match="no adapter named 'all8'"):
-        multi.slot("all8")
-    multi.release(busy=[slot])  # a running row still uses it: kept
-    assert slot in multi.retired and not multi.free
-    multi.release(busy=[])
+        multi.pin("all8")
+    assert slot in multi.retired and not multi.free  # still pinned: kept
+    multi.unpin(slot)
     assert multi.free == [slot] and float(multi.layers["model.layers.0.mlp.up_proj"].lora_A[slot].abs().sum()) == 0
     multi.load("down2", folders["down2"])
     assert multi.slot("down2") == slot and multi.capacity == 2  # reused, not grown

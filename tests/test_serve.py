@@ -295,10 +295,24 @@ def test_load_and_unload_adapters_at_run_time(server, client, runs, tmp_path):
     assert r.status_code == 200, r.text
     assert "rev2" in [m.id for m in client.models.list().data]
     assert complete(client, "rev2", prompt).choices[0].text == answers["reverse"][0]
-    assert post("/v1/unload_lora_adapter", lora_name="rev2").status_code == 200
+    # unloading while a request still runs on it: the request finishes on its own adapter, and an adapter
+    # loaded meanwhile does not take over its slot
+    body = {"model": "rev2", "prompt": prompt, "max_tokens": 450, "temperature": 0, "ignore_eos": True}
+    reference = post("/v1/completions", **body).json()["choices"][0]["text"]
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        text = [json.loads(next(line for line in lines if line.startswith("data: {"))[6:])["choices"][0]["text"]]
+        assert post("/v1/unload_lora_adapter", lora_name="rev2").status_code == 200
+        assert post("/v1/load_lora_adapter", lora_name="up2", lora_path=str(folders["upper"])).status_code == 200
+        for line in lines:
+            if line.startswith("data: {"):
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(text) == reference
+    assert complete(client, "up2", held_out("upper")[0]["prompt"]).choices[0].text == answers["upper"][0]
     with pytest.raises(openai.NotFoundError):
         complete(client, "rev2", prompt)
     assert post("/v1/unload_lora_adapter", lora_name="rev2").status_code == 404
+    assert post("/v1/unload_lora_adapter", lora_name="up2").status_code == 200
     assert post("/v1/unload_lora_adapter", lora_name=base.name).status_code == 404  # the base stays
     assert complete(client, "reverse", prompt).choices[0].text == answers["reverse"][0]
 
