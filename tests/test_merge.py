@@ -149,6 +149,28 @@ def test_streaming_writer_reads_back_with_safetensors(tmp_path):
         assert all(same_bytes(merge_mod.read_tensor(f, i), tensors[i.name]) for i in infos)
 
 
+def test_checkpoint_names_with_and_without_the_base_model_prefix(model_factory):
+    """Older GPT-2 checkpoints store `h.0.attn.c_attn.weight`, not `transformer.h.0.attn.c_attn.weight`."""
+    skeleton = merge_mod.model_skeleton(model_factory("gpt2", initializer_range=0.1), False)
+    module = "transformer.h.0.attn.c_attn"
+    assert merge_mod.checkpoint_name(module, skeleton, {f"{module}.weight": None}) == f"{module}.weight"
+    assert merge_mod.checkpoint_name(module, skeleton, {"h.0.attn.c_attn.weight": None}) == "h.0.attn.c_attn.weight"
+    assert merge_mod.checkpoint_name(module, skeleton, {"h.1.attn.c_attn.weight": None}) is None
+
+
+def test_report_warns_when_nf4_error_dominates_with_original_weights():
+    from rich.console import Console
+
+    layers = [merge_mod.LayerStat(f"model.layers.{i}.self_attn.q_proj", 1e-3, 3.0) for i in range(3)]
+    result = merge_mod.MergeResult(Path("m"), "bfloat16", "original", 10, 3, 1, 100, 1.0, layers, None)
+    console = Console(record=True, width=200)
+    merge_mod.print_report(console, result)
+    assert "in 3/3 layers the NF4 quantization error is larger than the learned delta" in console.export_text()
+    console = Console(record=True, width=200)
+    merge_mod.print_report(console, replace(result, base_weights="dequantized"))
+    assert "warning" not in console.export_text()
+
+
 @pytest.mark.parametrize(
     "arch,quant_type,double_quant,compute",
     [("llama", "nf4", True, "float32"), ("llama", "fp4", False, "bfloat16"), ("gpt2", "nf4", True, "bfloat16")],
