@@ -178,7 +178,9 @@ def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             before = sorted_p.cumsum(0) - sorted_p  # probability mass ranked above each token
-            sorted_p = sorted_p.masked_fill(before >= p.top_p, 0.0)  # the top token always stays
+            drop = before >= p.top_p
+            drop[0] = False  # the top token always stays
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         if seq.generator is None and p.seed is not None:
             seq.generator = torch.Generator(device=probs.device).manual_seed(p.seed)

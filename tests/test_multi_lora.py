@@ -354,6 +354,7 @@ def test_sampling_temperature_top_p_and_seed():
     assert set(free) == {3, 5} and abs(free.count(3) / 2000 - 0.25) < 0.04
     assert set(draws(SamplingParams(temperature=1.0, top_p=0.7, seed=0), 200)) == {5}  # 0.75 >= 0.7: top only
     assert set(draws(SamplingParams(temperature=1.0, top_p=0.8, seed=0), 200)) == {3, 5}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.0, seed=0), 20)) == {5}
     assert draws(SamplingParams(temperature=1.0, seed=7), 50) == draws(SamplingParams(temperature=1.0, seed=7), 50)
     assert draws(SamplingParams(temperature=1.0, seed=7), 50) != draws(SamplingParams(temperature=1.0, seed=8), 50)
 

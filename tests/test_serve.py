@@ -29,10 +29,10 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.data import Row
-from qlora_cli.errors import ModelError
+from qlora_cli.errors import ModelError, QLoRAError
 from qlora_cli.evaluate import generate, generation_case
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.serve import ModelServer, describe_validation_error, parse_adapter_arg
+from qlora_cli.serve import ModelServer, describe_validation_error, parse_adapter_arg, require_web_stack
 from qlora_cli.train import train
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -360,6 +360,12 @@ def test_adapters_must_share_base_and_quantization(runs, tmp_path):
     assert parse_adapter_arg("runs/text2sql/") == ("text2sql", "runs/text2sql/")
     result = CliRunner().invoke(app, ["serve", "--adapter", f"a={folders['upper']}", "--adapter", f"b={other}"])
     assert result.exit_code == 2 and "differently quantized" in result.output
+
+
+def test_missing_web_stack_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    with pytest.raises(QLoRAError, match=r"qlora serve needs fastapi and uvicorn: pip install 'qlora-cli\[serve\]'"):
+        require_web_stack()
 
 
 def test_validation_errors_name_the_field():
