@@ -85,6 +85,7 @@ class RunConfig(BaseModel):
     # speed (each switchable; the plain path is the reference they are tested against)
     fused_lora: bool = True  # one autograd node per LoRA layer, 4-bit weights dequantized on the fly
     fused_cross_entropy: bool = True  # head + loss on target positions only, chunked; no full float32 logits
+    liger_kernels: Literal["auto", "true", "false"] = "auto"  # Liger's RMSNorm/RoPE/SwiGLU on a GPU when installed
     # logging, eval, output
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # None: eval only at the end

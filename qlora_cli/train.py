@@ -26,6 +26,7 @@ from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint,
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
+from qlora_cli.kernels.liger import apply_liger
 from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
 from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
 from qlora_cli.model import (
@@ -246,6 +247,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
     for _, layer in lora_layers(model):
         layer.fused = cfg.fused_lora
+    liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
         rows = [[data.train[i] for i in pack] for pack in pack_examples(data.train, cfg.sequence_len)]
@@ -267,6 +269,8 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, rank)
     _report_start(console, cfg, data, model, target_names, params, steps, device, world, rows)
+    if liger:
+        console.print("Liger kernels: RMSNorm, RoPE, SwiGLU")
     if resume_from is not None:
         console.print(f"resuming from {resume_from} at step {state.step}")
 

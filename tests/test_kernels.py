@@ -186,3 +186,18 @@ def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llam
     for other in adapters[1:]:
         for k in adapters[0]:
             torch.testing.assert_close(other[k], adapters[0][k], atol=1e-6, rtol=1e-5)
+
+
+def test_liger_falls_back_cleanly_off_gpu(model_factory):
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.kernels.liger import apply_liger
+
+    cfg = load_config(
+        None, base_model=str(model_factory("llama")), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32"
+    )
+    model = load_base_model(cfg, torch.device("cpu"))
+    before = {n: type(m) for n, m in model.named_modules()}
+    assert apply_liger(model, "auto") is False and apply_liger(model, "false") is False
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    with pytest.raises(ConfigError, match="liger_kernels: true, but Liger kernels need a CUDA GPU"):
+        apply_liger(model, "true")
