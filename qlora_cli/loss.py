@@ -102,9 +102,18 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, autocast: Any = None
+    model: Any,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Any = None,
+    fused: bool = False,
 ) -> EvalResult:
-    """Token-weighted mean loss over ``examples`` (every target token counts once), model in eval mode."""
+    """Token-weighted mean loss over ``examples`` (every target token counts once), model in eval mode.
+
+    ``fused`` scores through the chunked head + cross-entropy, so evaluation never needs more memory for
+    logits than training did."""
     was_training = model.training
     model.eval()
     total, n_total = 0.0, 0
@@ -112,7 +121,7 @@ def evaluate_loss(
         for idx in epoch_batches(len(examples), batch_size, 0, 0, shuffle=False):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast() if autocast is not None else nullcontext():
-                s, n = loss_sum(model, batch)
+                s, n = loss_sum(model, batch, fused)
             total += float(s)
             n_total += n
     finally:

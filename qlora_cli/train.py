@@ -288,7 +288,11 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         if not data.eval:
             return None
         mine = data.eval[rank::world]  # each process scores its share; sums are combined below
-        local = evaluate_loss(trained, mine, eval_batch, pad_id, device, precision.autocast) if mine else None
+        local = (
+            evaluate_loss(trained, mine, eval_batch, pad_id, device, precision.autocast, cfg.fused_cross_entropy)
+            if mine
+            else None
+        )
         sums = torch.tensor([local.loss * local.n_tokens, local.n_tokens] if local else [0.0, 0.0], device=device)
         sums = accelerator.reduce(sums, "sum") if world > 1 else sums
         result = EvalResult(float(sums[0] / sums[1].clamp(min=1)), int(sums[1]))
