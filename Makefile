@@ -30,4 +30,5 @@ clean:
 	rm -rf $(VENV) models/tiny-demo runs/demo .pytest_cache
 
 bench: install
-	$(BIN)/python scripts/bench.py --preset cpu-tiny --json bench-cpu-tiny.json
+	$(BIN)/python scripts/bench.py --preset cpu-tiny --data full --json bench-cpu-tiny-full.json
+	$(BIN)/python scripts/bench.py --preset cpu-tiny --data instruct --json bench-cpu-tiny-instruct.json

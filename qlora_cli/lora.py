@@ -73,6 +73,19 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "quant_state")
 
 
+class LoRADropout(nn.Dropout):
+    """Dropout on the adapter's input. On a CPU the keep-mask is drawn from 16-bit random integers, about
+    twice as fast as a float Bernoulli draw (dropout was ~15% of a CPU training step); each element is still
+    dropped independently with probability p (to within 2^-15). Elsewhere it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = math.ceil(self.p * 32768)  # random_() on int16 draws uniformly from [0, 32767]
+        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= threshold
+        return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - self.p))
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: ``y = base(x) + scaling · B(A(dropout(x)))``."""
 
@@ -86,7 +99,7 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = in_features, out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.merged = False

@@ -103,10 +103,16 @@ def build_base(shape: Shape, folder: Path) -> Path:
     return folder
 
 
+DATA = "full"  # "full": every token is a target; "instruct": the first half of each row is an untrained prompt
+
+
 def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, preset.shape.vocab, (preset.micro_batch, seq), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+    labels = ids.clone()
+    if DATA == "instruct":  # supervised fine-tuning: loss on the response only (train_on_inputs: false)
+        labels[:, : seq // 2] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +331,8 @@ def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: i
         str(seq),
         "--model-dir",
         str(folder),
+        "--data",
+        DATA,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -448,6 +456,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--model-dir", type=Path, default=None, help="where the random base model is saved")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument(
+        "--data",
+        choices=["full", "instruct"],
+        default="full",
+        help="full: every token a target (the reference table's setting); instruct: half of each row "
+        "is a prompt without loss, as in supervised fine-tuning",
+    )
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fits-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -455,6 +470,8 @@ def main() -> int:
     ap.add_argument("--budget-gib", type=float, default=24.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     preset = PRESETS[args.preset]
+    global DATA
+    DATA = args.data
     if args.steps:
         preset.steps = args.steps
     torch.set_num_threads(torch.get_num_threads())
@@ -518,7 +535,10 @@ def main() -> int:
                 speed[s]["peak_bytes"] = measure_memory(folder, args.preset, mode, s, preset.seq)
             report["modes"][mode] = speed
             base = speed["peft"]
-            print(f"\n{args.preset} / {mode}: micro-batch {preset.micro_batch} x seq {preset.seq}, {preset.dtype}")
+            print(
+                f"\n{args.preset} / {mode}: micro-batch {preset.micro_batch} x seq {preset.seq}, {preset.dtype}, "
+                f"{DATA} targets"
+            )
             print(f"{'stack':8s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s}")
             for s in stacks:
                 r = speed[s]

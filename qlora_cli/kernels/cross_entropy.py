@@ -43,10 +43,11 @@ class _FusedLinearCE(torch.autograd.Function):
             if softcap is not None:
                 t = torch.tanh(logits / softcap)
                 logits = t * softcap
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # (n, V)
+            del logits
+            total -= logp.gather(1, y[:, None]).sum()
             if grad_hidden is not None:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax in place; d(loss)/d(logits) = softmax - one_hot
+                grad = logp.exp_()  # softmax, in place; d(loss)/d(logits) = softmax - one_hot
                 grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 if softcap is not None:
                     grad *= 1.0 - t * t  # d(cap * tanh(z / cap)) / dz
