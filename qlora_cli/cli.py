@@ -70,7 +70,9 @@ def train(
 
 @app.command("eval")
 def eval_(
-    folders: Annotated[list[Path], typer.Argument(help="Run/adapter folders (compared on their base) or model folders.")],
+    folders: Annotated[
+        list[Path], typer.Argument(help="Run/adapter folders (compared on their base) or model folders.")
+    ],
     data: Annotated[str | None, typer.Option("--data", help="Eval data file; default: the run's eval data.")] = None,
     type_: Annotated[
         str | None, typer.Option("--type", help="completion, alpaca, chat or text; default: read off the first row.")
@@ -81,7 +83,9 @@ def eval_(
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", min=1, help="Generation length; default: longest answer + 8.")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's eval batch.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: the run's eval batch.")
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Show N example generations.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Do not score the base model.")] = False,
@@ -115,7 +119,8 @@ def merge(
         str, typer.Option("--base-weights", help="dequantized (the NF4 weights the adapter trained on) or original.")
     ] = "dequantized",
     dtype: Annotated[
-        str | None, typer.Option("--dtype", help="bfloat16, float16 or float32; default: the checkpoint's 16-bit dtype.")
+        str | None,
+        typer.Option("--dtype", help="bfloat16, float16 or float32; default: the checkpoint's 16-bit dtype."),
     ] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB.")] = "5GB",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare merged and adapter logits.")] = True,

@@ -133,6 +133,7 @@ def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device) -> Any
     from transformers import AutoModelForCausalLM
 
     cfg = _settings(cfg)
+    quiet_libraries()  # before bitsandbytes is imported: it logs optional-kernel notices at import
     check_base_model(cfg)
     quant = cfg.quant
     dtype = DTYPES[quant.compute_dtype]
