@@ -970,27 +970,10 @@ def load_reference(run: RunFolder, device: torch.device, base_weights: str) -> t
 
 def _load_partly_quantized(run: RunFolder, device: torch.device, skip: list[str]) -> Any:
     """``load_adapted_model`` with the modules matching ``skip`` left unquantized (in the compute dtype)."""
-    from transformers import AutoModelForCausalLM
-
     from qlora_cli.adapter_io import load_adapter
-    from qlora_cli.model import bnb_config, disable_cpu_weight_repacking, upcast_small_parameters
+    from qlora_cli.model import load_base_model
 
-    settings = run.model
-    quantization = bnb_config(settings.quant)
-    quantization.llm_int8_skip_modules = skip
-    dtype = DTYPES[settings.quant.compute_dtype]
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}, "quantization_config": quantization}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        settings.base_model, trust_remote_code=settings.trust_remote_code, **kwargs
-    )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if device.type == "cpu":
-        disable_cpu_weight_repacking(model)
-    if dtype != torch.float32:
-        upcast_small_parameters(model)
+    model = load_base_model(run.model, device, keep_16bit=skip)
     load_adapter(model, run.path)
     return model.eval()
 

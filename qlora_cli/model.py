@@ -125,10 +125,12 @@ def bnb_config(quant: QuantSettings) -> Any:
     )
 
 
-def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device) -> Any:
+def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device, keep_16bit: list[str] | None = None) -> Any:
     """The frozen base model on ``device``, 4-bit when asked, norms and biases in float32 under autocast.
 
-    Returns a transformers ``PreTrainedModel`` with ``use_cache`` off (training) and no parameter requiring grad.
+    ``keep_16bit``: module names (patterns) left unquantized, in the compute dtype; it replaces transformers'
+    default skip list, which holds the output head, so include the head. Returns a transformers ``PreTrainedModel`` with ``use_cache`` off (training) and no
+    parameter requiring grad.
     """
     from transformers import AutoModelForCausalLM
 
@@ -147,7 +149,8 @@ def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device) -> Any
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
-    quiet_libraries()
+        if keep_16bit is not None:
+            kwargs["quantization_config"].llm_int8_skip_modules = keep_16bit
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
     except (OSError, ValueError) as e:
