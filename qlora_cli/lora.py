@@ -73,17 +73,29 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "quant_state")
 
 
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A bool tensor of ``shape``, True where an element is dropped (independently, with probability p).
+
+    On a CPU the draw is 16-bit lanes of full-range 64-bit random words: one generator call per four
+    elements, about three times faster than 16-bit draws and six times faster than a float Bernoulli (dropout
+    was the largest cost after the matmuls in a CPU step). p is exact to within 2^-16. Elsewhere it is a
+    Bernoulli draw straight into the mask.
+    """
+    if device.type == "cpu":
+        n = math.prod(shape)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+        lanes = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
+        return lanes < min(math.ceil(p * 65536), 65535) - 32768
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
+
+
 class LoRADropout(nn.Dropout):
-    """Dropout on the adapter's input. On a CPU the keep-mask is drawn from 16-bit random integers, about
-    twice as fast as a float Bernoulli draw (dropout was ~15% of a CPU training step); each element is still
-    dropped independently with probability p (to within 2^-15). Elsewhere it is ``nn.Dropout``."""
+    """Dropout on the adapter's input, drawn by ``dropout_mask`` (the fused path draws the same mask)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        threshold = math.ceil(self.p * 32768)  # random_() on int16 draws uniformly from [0, 32767]
-        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= threshold
-        return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - self.p))
+        if not self.training or self.p == 0:
+            return x
+        return torch.where(dropout_mask(x.shape, self.p, x.device), 0.0, x).mul_(1.0 / (1.0 - self.p))
 
 
 class LoRALinear(nn.Module):
@@ -126,9 +138,8 @@ class LoRALinear(nn.Module):
         if self.fused and not (self.merged or self.disabled):
             from qlora_cli.kernels.lora_linear import fused_lora_linear
 
-            return fused_lora_linear(
-                x, self.dropout(x), self.lora_A.weight, self.lora_B.weight, self.base, self.scaling
-            )
+            p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
+            return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
         out = self.base(x)
         if self.merged or self.disabled:
             return out

@@ -9,6 +9,7 @@ from qlora_cli.config import LoRASettings, load_config
 from qlora_cli.errors import ModelError
 from qlora_cli.lora import (
     LoRALinear,
+    dropout_mask,
     inject_lora,
     lora_delta,
     lora_disabled,
@@ -94,6 +95,29 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_mask_drops_each_element_independently_with_probability_p(p):
+    torch.manual_seed(0)
+    n = 400_003  # not a multiple of the four 16-bit lanes a CPU draw packs into one 64-bit word
+    drop = dropout_mask((n,), p, torch.device("cpu")).float()
+    tol = 5 * (p * (1 - p) / n) ** 0.5  # five standard deviations
+    assert abs(drop.mean().item() - p) < tol
+    for lane in range(4):  # every lane of a 64-bit word is a fair draw
+        assert abs(drop[lane::4].mean().item() - p) < 2 * tol
+    pairs = drop[:-1] * drop[1:]  # neighbours (same word or not) are independent: P(both) = p^2
+    assert abs(pairs.mean().item() - p * p) < 5 * (p * p / n) ** 0.5
+    assert not torch.equal(drop, dropout_mask((n,), p, torch.device("cpu")).float())  # a fresh draw each call
+
+
+def test_dropout_keeps_the_expected_value_and_zeroes_what_it_drops():
+    layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.25)
+    x = torch.rand(2000, 16) + 1.0  # no zeros of its own
+    y = layer.dropout(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
 
 
 def test_disabled_returns_base():

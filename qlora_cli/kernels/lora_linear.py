@@ -1,14 +1,17 @@
-"""One autograd node for a LoRA layer over a frozen (4-bit, 16-bit or Conv1D) base.
+"""One autograd node for a LoRA layer over a frozen (4-bit, 16-bit or Conv1D) base, dropout included.
 
-    y = x W^T + b + scaling * (x_l A^T) B^T        x_l = dropout(x)
+    y = x W^T + b + c * ((m * x) A^T) B^T        m: the dropout keep-mask, c = scaling / (1 - p)
 
 Forward dequantizes the 4-bit weight into a reused buffer, does one matmul for the base and adds the
-low-rank update with ``addmm``. Backward dequantizes again instead of keeping W: the only tensors saved
-are the LoRA input ``x_l`` (N, in) and ``x_l A^T`` (N, r). Compared with separate modules (bitsandbytes'
-MatMul4Bit + two nn.Linear + a scale + an add), this removes four autograd nodes and two passes over the
-(N, out) output per layer, and under bf16 autocast keeps no float32 copy of the input.
+low-rank update with ``addmm``; dropout's 1 / (1 - p) rides on the rank-r side with the scaling. Backward
+dequantizes again instead of keeping W. Saved: the input ``x`` (shared by every adapter that reads the same
+hidden state, e.g. q/k/v), a one-byte drop mask when dropout is on, and ``x_l A^T`` (N, r). Compared with
+separate modules (bitsandbytes' MatMul4Bit, a dropout, two nn.Linear, a scale and an add), this removes six
+autograd nodes and several passes over (N, in) or (N, out) tensors per layer, keeps one float copy of the
+input for q, k and v instead of three dropped ones, and under bf16 autocast no float32 copy at all.
 
-The reference is ``LoRALinear``'s plain path (``fused=False``); tests check outputs and gradients equal.
+The reference is ``LoRALinear``'s plain path (``fused=False``): the same mask is drawn from the same
+generator, and tests check outputs and gradients equal.
 """
 
 from __future__ import annotations
@@ -68,62 +71,72 @@ class _FusedLoRA(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        x_lora: torch.Tensor | None,
+        drop: torch.Tensor | None,
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         base: nn.Module,
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # x: (N, in); x_lora: dropout(x), or None when there is no dropout (then it is x)
+        # x: (N, in); drop: (N, in) bool, True where dropout zeroes the adapter's input, or None;
+        # scaling: the LoRA scaling times dropout's 1 / (1 - p)
         xc = x.to(dtype)
-        xlc = xc if x_lora is None else x_lora.to(dtype)
+        xl = xc if drop is None else torch.where(drop, 0.0, xc)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         out = xc @ dense_weight(base, dtype).T  # (N, out)
         bias = getattr(base, "bias", None)
         if bias is not None:
             out += bias.to(dtype)
-        xas = (xlc @ a.T).mul_(scaling)  # (N, r): the scaling is applied on the rank-r side, the cheap one
+        xas = (xl @ a.T).mul_(scaling)  # (N, r): scaling on the rank-r side, the cheap one
+        del xl
         out.addmm_(xas, b.T)
-        ctx.save_for_backward(xlc, xas, lora_A, lora_B)
-        ctx.base, ctx.scaling, ctx.dtype = base, scaling, dtype
-        ctx.x_dtype = x.dtype
-        ctx.x_lora_dtype = None if x_lora is None else x_lora.dtype
+        ctx.save_for_backward(xc, drop, xas, lora_A, lora_B)
+        ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        xlc, xas, lora_A, lora_B = ctx.saved_tensors
+        xc, drop, xas, lora_A, lora_B = ctx.saved_tensors
         dtype = ctx.dtype
         g = grad_out.to(dtype)  # (N, out)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         gbs = (g @ b).mul_(ctx.scaling)  # (N, r)
-        grad_x = grad_x_lora = grad_A = grad_B = None
+        grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ dense_weight(ctx.base, dtype)  # (N, in), through the frozen base
-            if ctx.x_lora_dtype is None:
-                grad_x.addmm_(gbs, a)  # no dropout: the adapter's input gradient lands in the same tensor
+            if drop is None:
+                grad_x.addmm_(gbs, a)  # the adapter's input gradient lands in the same tensor
+            else:
+                grad_x += torch.where(drop, 0.0, gbs @ a)  # through the adapter, then the dropout
             grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.x_lora_dtype is not None and ctx.needs_input_grad[1]:
-            grad_x_lora = (gbs @ a).to(ctx.x_lora_dtype)  # through the adapter, then dropout's backward
         if ctx.needs_input_grad[2]:
-            grad_A = (gbs.T @ xlc).to(lora_A.dtype)  # (r, in)
+            xl = xc if drop is None else torch.where(drop, 0.0, xc)  # recomputed: one byte per element saved
+            grad_A = (gbs.T @ xl).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[3]:
             grad_B = (g.T @ xas).to(lora_B.dtype)  # (out, r)
-        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
+        return grad_x, None, grad_A, grad_B, None, None, None
 
 
 def fused_lora_linear(
-    x: torch.Tensor, x_lora: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, base: nn.Module, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    base: nn.Module,
+    scaling: float,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """base(x) + scaling * (x_lora A^T) B^T as one autograd node. x, x_lora: (..., in) -> (..., out).
+    """base(x) + scaling * (dropout(x) A^T) B^T as one autograd node. x: (..., in) -> (..., out).
 
-    When ``x_lora`` is ``x`` (no dropout) both input gradients are written into one tensor.
+    ``dropout`` is the probability (0 outside training); the mask comes from ``lora.dropout_mask``, the
+    same draw as ``LoRADropout``.
     """
+    from qlora_cli.lora import dropout_mask
+
     dtype = compute_dtype(base, x)
     lead = x.shape[:-1]
-    x_l = None if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1])
-    out = _FusedLoRA.apply(x.reshape(-1, x.shape[-1]), x_l, lora_A, lora_B, base, scaling, dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    drop = dropout_mask(x2.shape, dropout, x.device) if dropout > 0 else None
+    out = _FusedLoRA.apply(x2, drop, lora_A, lora_B, base, scaling / (1.0 - dropout), dtype)
     if getattr(base.weight, "quant_state", None) is not None:
         out = out.to(x.dtype)  # bitsandbytes' Linear4bit returns the input's dtype; so do we
     return out.reshape(*lead, out.shape[-1])
