@@ -524,6 +524,10 @@ def nf4_roundtrip(weight: torch.Tensor, quant: QuantSettings) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     w = weight.to(DTYPES[quant.compute_dtype]).contiguous()
+    if w.device.type == "cpu":  # the same values without bitsandbytes' per-element search (kernels.nf4)
+        from qlora_cli.kernels.nf4 import roundtrip_4bit
+
+        return roundtrip_4bit(w, quant.quant_type, quant.double_quant, BNB_BLOCKSIZE)
     packed, state = bnbf.quantize_4bit(
         w, blocksize=BNB_BLOCKSIZE, compress_statistics=quant.double_quant, quant_type=quant.quant_type
     )

@@ -201,3 +201,49 @@ def test_liger_falls_back_cleanly_off_gpu(model_factory):
     assert {n: type(m) for n, m in model.named_modules()} == before
     with pytest.raises(ConfigError, match="liger_kernels: true, but Liger kernels need a CUDA GPU"):
         apply_liger(model, "true")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 64), (33, 70), (300, 513), (1, 7)])
+def test_4bit_roundtrip_equals_bitsandbytes(dtype, quant_type, double_quant, shape):
+    """kernels.nf4 (lookup table, no packing) gives bitsandbytes' dequantize_4bit(quantize_4bit(W)): every
+    bit for NF4, every value for FP4 (whose +0 and -0 codes bitsandbytes' own CPU kernels assign
+    inconsistently). Shapes cover whole blocks, a short last block and odd rows."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_cli.kernels.nf4 import roundtrip_4bit
+
+    torch.manual_seed(shape[0])
+    w = torch.randn(shape) * torch.logspace(-3, 0, shape[1])  # blocks of very different scale
+    w[0, :3] = 0.0
+    w.view(-1)[100::997] = 1e-7  # values next to the zero code
+    w = w.to(dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    expected = bnbf.dequantize_4bit(packed, state)
+    mine = roundtrip_4bit(w, quant_type, double_quant)
+    assert mine.dtype == expected.dtype and mine.shape == expected.shape
+    assert torch.equal(mine, expected)
+    if quant_type == "nf4":
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(mine.view(bits), expected.view(bits))
+    assert not torch.equal(mine, w)  # it did quantize
+
+
+def test_4bit_roundtrip_lands_on_the_boundaries_like_bitsandbytes():
+    """Values exactly on, and one float32 step either side of, every decision boundary."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_cli.kernels.nf4 import _sorted_code, roundtrip_4bit
+
+    for quant_type in ("nf4", "fp4"):
+        code = _sorted_code(quant_type)
+        mids = (code[:-1] + code[1:]) / 2
+        near = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+        w = torch.cat([near, torch.tensor([1.0])])  # absmax 1: the scaled values are the values themselves
+        w = torch.nn.functional.pad(w, (0, 64 - w.numel() % 64)).view(-1, 64)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type=quant_type)
+        torch.testing.assert_close(
+            roundtrip_4bit(w, quant_type, False), bnbf.dequantize_4bit(packed, state), rtol=0, atol=0
+        )
