@@ -18,6 +18,11 @@ Tests compare the output with ``dequantize_4bit(quantize_4bit(W))`` from bitsand
 without double quantization, in float32, bfloat16 and float16, including a short last block: every bit is the
 same except, for FP4, the sign of some zeros (FP4 has a +0 and a -0 code; bitsandbytes' own CPU kernels do not
 agree on which small values get which). W + delta and every norm are the same either way.
+
+On a GPU, merge uses bitsandbytes' CUDA quantizer instead. Its NF4 thresholds (decimal literals in
+kernels.cu) round to exactly these float32 midpoints, so NF4 agrees bit for bit across devices; its FP4
+thresholds are shorter decimals a few float32 steps off, so an FP4 run trained on a GPU and merged on a CPU
+can differ in the rare weights that fall in between.
 """
 
 from __future__ import annotations
