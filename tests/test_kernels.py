@@ -207,13 +207,17 @@ def test_liger_falls_back_cleanly_off_gpu(model_factory):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape", [(96, 64), (33, 70), (300, 513), (1, 7)])
-def test_4bit_roundtrip_equals_bitsandbytes(dtype, quant_type, double_quant, shape):
+def test_4bit_roundtrip_equals_bitsandbytes(dtype, quant_type, double_quant, shape, monkeypatch):
     """kernels.nf4 (lookup table, no packing) gives bitsandbytes' dequantize_4bit(quantize_4bit(W)): every
     bit for NF4, every value for FP4 (whose +0 and -0 codes bitsandbytes' own CPU kernels assign
-    inconsistently). Shapes cover whole blocks, a short last block and odd rows."""
+    inconsistently). Shapes cover whole blocks, a short last block and odd rows; chunks of 3 blocks make
+    the larger shapes take many chunks and a short last one."""
     import bitsandbytes.functional as bnbf
 
+    from qlora_cli.kernels import nf4
     from qlora_cli.kernels.nf4 import roundtrip_4bit
+
+    monkeypatch.setattr(nf4, "CHUNK", 3 * 64)
 
     torch.manual_seed(shape[0])
     w = torch.randn(shape) * torch.logspace(-3, 0, shape[1])  # blocks of very different scale

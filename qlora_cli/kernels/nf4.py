@@ -1,4 +1,4 @@
-"""dequant(quant(W)) for 4-bit NF4 / FP4 on a CPU, bit-identical to bitsandbytes and about twice as fast.
+"""dequant(quant(W)) for 4-bit NF4 / FP4 on a CPU: bitsandbytes' values, five to seven times faster.
 
 ``qlora merge`` (default mode) and its NF4-error report need, for every targeted weight, the exact values the
 4-bit base held in training. bitsandbytes' CPU quantizer finds each value's code with ``torch.bucketize`` (a
@@ -13,6 +13,9 @@ CPU merge's time. Here the code is found with a lookup table instead, and nothin
    itself, so the rounding of ``y`` can move an element to a neighbouring cell but never change its code;
 4. double quantization of ``absmax`` and the final ``code * absmax`` go through bitsandbytes' own functions
    and formula (float32 product, then the output dtype).
+
+Steps 1-3 and the final product run over chunks of 2^18 elements in reused buffers, so every temporary stays in
+the CPU caches (a 5632 x 2048 bf16 weight: 0.04 s on one core, bitsandbytes 0.39 s).
 
 Tests compare the output with ``dequantize_4bit(quantize_4bit(W))`` from bitsandbytes for both types, with and
 without double quantization, in float32, bfloat16 and float16, including a short last block: every bit is the
@@ -85,12 +88,28 @@ def _cells_ok(bounds: list[float], c: float, width: float, margin: float) -> boo
     return True
 
 
-def _code_values(x: torch.Tensor, quant_type: str) -> torch.Tensor:
+def _code_values(x: torch.Tensor, quant_type: str, scratch: _Scratch | None = None) -> torch.Tensor:
     """The code value each element of ``x`` (float32, in [-1, 1]) rounds to: ``sorted_code[bucketize(x)]``."""
     c, shift, boundary, value = _tables(quant_type)
-    index = torch.add(x, c).view(torch.int32).bitwise_right_shift_(shift - 1).bitwise_and_(-2)  # 2 * cell
-    index += torch.gt(x, boundary.index_select(0, index.view(-1)).view(x.shape))
-    return value.index_select(0, index.view(-1)).view(x.shape)
+    s = scratch or _Scratch(x.numel())
+    n = x.numel()
+    flat = x.reshape(-1)
+    index = torch.add(flat, c, out=s.y[:n]).view(torch.int32)  # y = x + c in [4, 8], then its bits
+    index.bitwise_right_shift_(shift - 1).bitwise_and_(-2)  # 2 * cell
+    torch.index_select(boundary, 0, index, out=s.bound[:n])
+    index += torch.gt(flat, s.bound[:n], out=s.above[:n])
+    return torch.index_select(value, 0, index, out=s.value[:n]).view(x.shape)
+
+
+class _Scratch:
+    """Reused buffers for one chunk: a large merge then allocates (and page-faults) nothing per chunk."""
+
+    def __init__(self, n: int):
+        self.scaled = torch.empty(n)
+        self.y = torch.empty(n)
+        self.bound = torch.empty(n)
+        self.above = torch.empty(n, dtype=torch.bool)
+        self.value = torch.empty(n)
 
 
 _BITS = {
@@ -108,9 +127,12 @@ def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return top.view(blocks.dtype).float()
 
 
+CHUNK = 2**18  # elements per step: the temporaries (about 4.5 MB) stay in the CPU caches
+
+
 def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64) -> torch.Tensor:
     """``dequantize_4bit(quantize_4bit(weight, blocksize, double_quant, quant_type))`` computed on a CPU without
-    packing: the same values, bit for bit, in ``weight``'s dtype and shape."""
+    packing: the same values in ``weight``'s dtype and shape (see the module docstring)."""
     import bitsandbytes.functional as bnbf
 
     flat = weight.reshape(-1)
@@ -118,10 +140,7 @@ def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bl
     full = n - n % blocksize
     blocks = flat[:full].view(-1, blocksize)
     absmax = _block_absmax(blocks)
-    # a 16-bit weight times a float32 scale multiplies in float32, as bitsandbytes' A.float() * (1 / absmax)
-    scaled = torch.mul(blocks, (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-    values = _code_values(scaled, quant_type)  # (blocks, blocksize)
-    del scaled
+    inverse = 1.0 / absmax.clamp(min=1e-38)
     tail = None
     if full < n:  # the last, short block: bitsandbytes divides here instead of multiplying by the reciprocal
         rest = flat[full:].float()
@@ -135,7 +154,17 @@ def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bl
         absmax += offset
         absmax = absmax.float()
     out = torch.empty(n, dtype=weight.dtype)
-    torch.mul(values, absmax[: values.shape[0]].view(-1, 1), out=out[:full].view(-1, blocksize))
+    out_blocks = out[:full].view(-1, blocksize)
+    scale = absmax[: blocks.shape[0]]
+    rows = max(1, CHUNK // blocksize)
+    scratch = _Scratch(min(rows, blocks.shape[0]) * blocksize)
+    for start in range(0, blocks.shape[0], rows):
+        chunk = blocks[start : start + rows]
+        k = chunk.numel()
+        # a 16-bit weight times a float32 scale multiplies in float32, as bitsandbytes' A.float() * (1 / absmax)
+        scaled = torch.mul(chunk, inverse[start : start + rows, None], out=scratch.scaled[:k].view(chunk.shape))
+        values = _code_values(scaled.clamp_(-1, 1), quant_type, scratch)
+        torch.mul(values, scale[start : start + rows, None], out=out_blocks[start : start + rows])
     if tail is not None:
         out[full:] = tail * absmax[-1]
     return out.view(weight.shape)
