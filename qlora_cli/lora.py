@@ -74,19 +74,29 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A bool tensor of ``shape``, True where an element is dropped (independently, with probability p).
+    """A bool tensor of ``shape``, True where an element is dropped, independently, with probability
+    ``dropout_rate(p, device)``.
 
     On a CPU the draw is 16-bit lanes of full-range 64-bit random words: one generator call per four
     elements, about three times faster than 16-bit draws and six times faster than a float Bernoulli (dropout
-    was the largest cost after the matmuls in a CPU step). p is exact to within 2^-16. Elsewhere it is a
-    Bernoulli draw straight into the mask.
+    was the largest cost after the matmuls in a CPU step). Elsewhere it is a Bernoulli draw into the mask.
     """
     if device.type == "cpu":
         n = math.prod(shape)
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
         lanes = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
-        return lanes < min(math.ceil(p * 65536), 65535) - 32768
+        return lanes < _lane_threshold(p) - 32768
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
+
+
+def _lane_threshold(p: float) -> int:
+    return min(math.ceil(p * 65536), 65535)
+
+
+def dropout_rate(p: float, device: torch.device) -> float:
+    """The probability ``dropout_mask`` really drops with: p itself, or on a CPU p rounded up to a multiple of
+    2^-16. Kept elements are scaled by 1 / (1 - rate), so the expected value is exact whatever p is."""
+    return _lane_threshold(p) / 65536 if device.type == "cpu" else p
 
 
 class LoRADropout(nn.Dropout):
@@ -95,7 +105,8 @@ class LoRADropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return torch.where(dropout_mask(x.shape, self.p, x.device), 0.0, x).mul_(1.0 / (1.0 - self.p))
+        keep_scale = 1.0 / (1.0 - dropout_rate(self.p, x.device))
+        return torch.where(dropout_mask(x.shape, self.p, x.device), 0.0, x).mul_(keep_scale)
 
 
 class LoRALinear(nn.Module):

@@ -251,3 +251,37 @@ def test_4bit_roundtrip_lands_on_the_boundaries_like_bitsandbytes():
         torch.testing.assert_close(
             roundtrip_4bit(w, quant_type, False), bnbf.dequantize_4bit(packed, state), rtol=0, atol=0
         )
+
+
+def test_fused_lora_saves_one_input_for_adapters_sharing_it():
+    """q, k and v read the same float32 hidden state under bf16 autocast: backward keeps one bf16 copy of it
+    and one byte mask per adapter, not a dropped bf16 copy per adapter."""
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(64, n, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1) for n in (64, 16, 16)]
+    for layer in layers:
+        layer.fused = True
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [layer(x) for layer in layers]
+    big = {(t.untyped_storage().data_ptr(), t.dtype) for t in saved if t.numel() == x.numel()}
+    assert sorted(str(dtype) for _, dtype in big) == ["torch.bfloat16"] + ["torch.bool"] * 3
+    sum(o.float().sum() for o in outs).backward()  # and backward runs through the shared copy
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_4bit_roundtrip_of_non_finite_weights_is_bitsandbytes():
+    """A block holding inf or NaN (a float32 checkpoint that overflows float16) gives what bitsandbytes gives."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_cli.kernels.nf4 import _tables, roundtrip_4bit
+
+    w = torch.randn(4, 96)
+    w[0, 5], w[2, 70], w[3, 95] = float("inf"), float("nan"), -float("inf")
+    for quant_type in ("nf4", "fp4"):
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
+        expected = bnbf.dequantize_4bit(packed, state)
+        torch.testing.assert_close(roundtrip_4bit(w, quant_type, True), expected, rtol=0, atol=0, equal_nan=True)
+        c, shift, boundary, value = _tables(quant_type)
+        assert boundary.dtype == value.dtype == torch.float32 and boundary.numel() == (1 << 24) >> shift <= 8192

@@ -120,6 +120,15 @@ def test_dropout_keeps_the_expected_value_and_zeroes_what_it_drops():
     torch.testing.assert_close(y[kept], x[kept] / 0.75)
 
 
+def test_dropout_keeps_the_expected_value_even_when_p_is_near_one():
+    """The CPU mask drops with p rounded to 2^-16; the scale follows the rate really used (at p = 0.99999 a
+    scale of 1 / (1 - p) would inflate the mean by half)."""
+    layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.99999)
+    torch.manual_seed(0)
+    y = layer.dropout(torch.ones(2**24))
+    assert abs(y.mean().item() - 1.0) < 0.3  # the standard deviation of the mean is 0.0625
+
+
 def test_disabled_returns_base():
     base = nn.Linear(16, 8)
     model = nn.Sequential(base)

@@ -46,8 +46,8 @@ def _sorted_code(quant_type: str) -> torch.Tensor:
 
 @cache
 def _tables(quant_type: str) -> tuple[float, int, torch.Tensor, torch.Tensor]:
-    """(offset c, shift S, BOUNDARY, VALUE) for ``quant_type``. Cell k is ``bits(x + c) >> S``; both tables are
-    indexed by ``2k`` (BOUNDARY: the boundary inside cell k, else +inf) and VALUE by ``2k + (x > boundary)``."""
+    """(offset c, shift S, BOUNDARY, VALUE) for ``quant_type``. Cell k is ``(bits(x + c) - bits(4.0)) >> S``;
+    BOUNDARY[2k] is the boundary inside cell k (else +inf) and VALUE[2k + (x > BOUNDARY[2k])] the code value."""
     code = _sorted_code(quant_type)
     bounds = ((code[:-1] + code[1:]) / 2).tolist()  # float32 midpoints, as bitsandbytes computes them
     ulp = 2.0**-21
@@ -62,18 +62,18 @@ def _tables(quant_type: str) -> tuple[float, int, torch.Tensor, torch.Tensor]:
         break
     else:  # pragma: no cover - the codes of bitsandbytes 0.49/0.50 fit at the first shift
         raise RuntimeError(f"no lookup table fits the {quant_type} code")
-    first, end = _BINADE_BITS >> shift, (2 * _BINADE_BITS >> shift) + 1  # cells of y in [4, 8]
-    boundary = torch.full((2 * end,), math.inf)
-    value = torch.zeros(2 * end)
-    for k in range(first, end):
-        lo_y = 4.0 + (k - first) * width
+    cells = (1 << 23) >> shift  # y in [4, 8): 2^23 float32 values, 2^S to a cell
+    boundary = [math.inf] * (2 * cells)
+    value = [0.0] * (2 * cells)
+    for k in range(cells):
+        lo_y = 4.0 + k * width
         below = sum(1 for b in bounds if b + c < lo_y)
         inside = [b for b in bounds if lo_y <= b + c < lo_y + width]
-        value[2 * k] = code[min(below, len(code) - 1)]
+        value[2 * k] = code[min(below, len(code) - 1)].item()
         if inside:
             boundary[2 * k] = inside[0]
-            value[2 * k + 1] = code[below + 1]
-    return c, shift, boundary, value
+            value[2 * k + 1] = code[below + 1].item()
+    return c, shift, torch.tensor(boundary, dtype=torch.float32), torch.tensor(value, dtype=torch.float32)
 
 
 def _cells_ok(bounds: list[float], c: float, width: float, margin: float) -> bool:
@@ -95,7 +95,7 @@ def _code_values(x: torch.Tensor, quant_type: str, scratch: _Scratch | None = No
     n = x.numel()
     flat = x.reshape(-1)
     index = torch.add(flat, c, out=s.y[:n]).view(torch.int32)  # y = x + c in [4, 8], then its bits
-    index.bitwise_right_shift_(shift - 1).bitwise_and_(-2)  # 2 * cell
+    index.sub_(_BINADE_BITS).bitwise_right_shift_(shift - 1).bitwise_and_(-2)  # 2 * cell
     torch.index_select(boundary, 0, index, out=s.bound[:n])
     index += torch.gt(flat, s.bound[:n], out=s.above[:n])
     return torch.index_select(value, 0, index, out=s.value[:n]).view(x.shape)
@@ -105,11 +105,11 @@ class _Scratch:
     """Reused buffers for one chunk: a large merge then allocates (and page-faults) nothing per chunk."""
 
     def __init__(self, n: int):
-        self.scaled = torch.empty(n)
-        self.y = torch.empty(n)
-        self.bound = torch.empty(n)
+        self.scaled = torch.empty(n, dtype=torch.float32)
+        self.y = torch.empty(n, dtype=torch.float32)
+        self.bound = torch.empty(n, dtype=torch.float32)
         self.above = torch.empty(n, dtype=torch.bool)
-        self.value = torch.empty(n)
+        self.value = torch.empty(n, dtype=torch.float32)
 
 
 _BITS = {
@@ -140,13 +140,18 @@ def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bl
     full = n - n % blocksize
     blocks = flat[:full].view(-1, blocksize)
     absmax = _block_absmax(blocks)
-    inverse = 1.0 / absmax.clamp(min=1e-38)
+    rest = flat[full:].float()  # the last, short block (often empty)
+    if rest.numel():
+        absmax = torch.cat([absmax, rest.abs().max().view(1)])
+    if not absmax.isfinite().all():  # inf or NaN weights, e.g. a float32 checkpoint overflowing float16
+        packed, state = bnbf.quantize_4bit(
+            weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+        )
+        return bnbf.dequantize_4bit(packed, state)  # bitsandbytes' own arithmetic: NaN where it gives NaN
+    inverse = 1.0 / absmax[: blocks.shape[0]].clamp(min=1e-38)
     tail = None
-    if full < n:  # the last, short block: bitsandbytes divides here instead of multiplying by the reciprocal
-        rest = flat[full:].float()
-        am = rest.abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.view(1)])
-        tail = _code_values(torch.clamp(rest / am, -1, 1), quant_type)
+    if rest.numel():  # bitsandbytes divides here instead of multiplying by the reciprocal
+        tail = _code_values(torch.clamp(rest / absmax[-1].clamp(min=1e-38), -1, 1), quant_type)
     if double_quant:
         offset = absmax.mean()
         q, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
