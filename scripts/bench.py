@@ -63,7 +63,7 @@ LLAMA_1B = Shape(2048, 8192, 16, 32, 8, 128256, tie=True)
 LLAMA_8B = Shape(4096, 14336, 32, 32, 8, 128256)
 PRESETS = {
     # a 1B-like proportion (head ~1/4 of the weights) at a size 2 CPU cores step through in seconds
-    "cpu-tiny": Preset(Shape(512, 1376, 4, 8, 2, 8192), "cpu", "float32", 4, 256, ["no-recompute"], steps=8),
+    "cpu-tiny": Preset(Shape(512, 1376, 4, 8, 2, 8192), "cpu", "float32", 4, 256, ["no-recompute"], steps=16),
     "gpu-1b": Preset(LLAMA_1B, "cuda", "bfloat16", 4, 2048, ["memory-saving", "no-recompute"], steps=10),
     "gpu-8b": Preset(LLAMA_8B, "cuda", "bfloat16", 2, 2048, ["memory-saving"], steps=6),
     "gpu-8b-longctx": Preset(LLAMA_8B, "cuda", "bfloat16", 1, 4096, ["memory-saving"], extra={"budget_gib": 24}),
