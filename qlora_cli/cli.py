@@ -3,6 +3,7 @@ into one line on stderr with exit code 2 (``--debug`` shows the traceback instea
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +35,19 @@ def run_command(fn: Callable[[], Any], debug: bool) -> Any:
             raise
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=e.exit_code) from None
+    except OSError as e:
+        if debug or e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"[bold red]error:[/bold red] {e.strerror}{where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(code=130) from None
+
+
+# a full disk, a quota, a read-only or forbidden folder: the machine's state, fixable by the user, not a bug
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @app.callback()

@@ -34,6 +34,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -517,21 +518,23 @@ def plan_targets(
 # the math
 
 
-def nf4_roundtrip(weight: torch.Tensor, quant: QuantSettings) -> torch.Tensor:
+def nf4_roundtrip(weight: torch.Tensor, quant: QuantSettings, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """dequant(quant(weight)) exactly as the run's 4-bit base held it: ``weight`` (out, in) is cast to the
     compute dtype and quantized with the run's type, double quantization and block size, like transformers
-    and bitsandbytes do at load time. Returns the dequantized weight in the compute dtype, on weight's device."""
+    and bitsandbytes do at load time. Returns the dequantized weight in the compute dtype (those values in
+    ``out_dtype`` when given), on weight's device."""
     import bitsandbytes.functional as bnbf
 
     w = weight.to(DTYPES[quant.compute_dtype]).contiguous()
     if w.device.type == "cpu":  # the same values without bitsandbytes' per-element search (kernels.nf4)
         from qlora_cli.kernels.nf4 import roundtrip_4bit
 
-        return roundtrip_4bit(w, quant.quant_type, quant.double_quant, BNB_BLOCKSIZE)
+        return roundtrip_4bit(w, quant.quant_type, quant.double_quant, BNB_BLOCKSIZE, out_dtype)
     packed, state = bnbf.quantize_4bit(
         w, blocksize=BNB_BLOCKSIZE, compress_statistics=quant.double_quant, quant_type=quant.quant_type
     )
-    return bnbf.dequantize_4bit(packed, state)
+    out = bnbf.dequantize_4bit(packed, state)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def merged_weight(
@@ -547,7 +550,7 @@ def merged_weight(
     w = w.T if target.conv1d else w  # (out, in): the layout bitsandbytes quantized (block boundaries depend on it)
     quant_err = None
     if target.quantized and base_weights == "dequantized":
-        base = nf4_roundtrip(w, quant).float()  # exactly what training saw: see nf4_roundtrip
+        base = nf4_roundtrip(w, quant, torch.float32)  # exactly what training saw: see nf4_roundtrip
         quant_err = _distance(w, base)
     else:
         if target.quantized:  # the NF4 error is only reported here, so estimate it on a sample of rows
@@ -768,6 +771,17 @@ def _write_weights(
     )
     done = 0
     current: BinaryIO | None = None
+    # A merged tensor is written by a second thread while the next one is read and merged: disk and CPU work
+    # overlap, and at most one merged tensor waits in memory.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-merge-write")
+    pending: Future | None = None
+
+    def settle() -> None:  # wait for the write in flight (and raise its error)
+        nonlocal pending
+        if pending is not None:
+            job, pending = pending, None
+            job.result()
+
     with progress:
         task = progress.add_task("merge", total=total, info="")
         try:
@@ -782,23 +796,31 @@ def _write_weights(
                             current = open(info.file, "rb")
                         target = targets.get(info.name)
                         if target is None:
+                            settle()
                             writer.write(info.name, copy_chunks(current, info, code))
                         else:
                             weight = read_tensor(current, info)
                             merged, stat = merged_weight(weight, target, scaling, base_weights, quant, device)
                             del weight
-                            writer.write(info.name, [tensor_bytes(merged.to(_TORCH_DTYPES[code]))])
+                            data = [tensor_bytes(merged.to(_TORCH_DTYPES[code]))]
                             del merged
+                            settle()
+                            pending = pool.submit(writer.write, info.name, data)
+                            del data
                             layers.append(stat)
                             release_memory()
                         weight_map[info.name] = names[shard_no]
                         done += 1
                         progress.update(task, advance=info.nbytes, info=f"{done}/{len(infos)} tensors")
+                    settle()
                 except BaseException:
+                    if pending is not None:
+                        wait([pending])  # the file is not closed under a write in flight
                     writer.f.close()
                     raise
                 writer.close()
         finally:
+            pool.shutdown(wait=True)
             if current is not None:
                 current.close()
     index = {"metadata": {"total_size": sum(t.nbytes for t in entries)}, "weight_map": dict(sorted(weight_map.items()))}

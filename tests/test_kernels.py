@@ -233,6 +233,8 @@ def test_4bit_roundtrip_equals_bitsandbytes(dtype, quant_type, double_quant, sha
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(mine.view(bits), expected.view(bits))
     assert not torch.equal(mine, w)  # it did quantize
+    as_float32 = roundtrip_4bit(w, quant_type, double_quant, out_dtype=torch.float32)  # rounded, then widened
+    assert as_float32.dtype == torch.float32 and torch.equal(as_float32, expected.float())
 
 
 def test_4bit_roundtrip_lands_on_the_boundaries_like_bitsandbytes():

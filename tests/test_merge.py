@@ -430,3 +430,28 @@ def test_force_replaces_a_non_empty_output(small_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+
+
+def test_a_failed_write_in_the_background_stops_the_merge_and_publishes_nothing(small_run, tmp_path, monkeypatch):
+    """Merged tensors are written by a second thread; its error reaches the caller, and the output folder and
+    the temporary one are gone."""
+    real_write = merge_mod.SafetensorsWriter.write
+    calls = []
+
+    def failing_write(self, name, chunks):
+        calls.append(name)
+        if len(calls) == 6:
+            raise OSError(28, "No space left on device")
+        return real_write(self, name, chunks)
+
+    monkeypatch.setattr(merge_mod.SafetensorsWriter, "write", failing_write)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        quiet_merge(small_run, out, verify=False)
+    assert len(calls) == 6 and not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+    calls.clear()
+    result = run_cli("merge", str(small_run), "-o", str(out), "--no-verify", "--device", "cpu")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and "Traceback" not in result.output  # the disk, not a bug in qlora
+    assert lines[-1].startswith("error:") and "No space left on device" in lines[-1] and not out.exists()

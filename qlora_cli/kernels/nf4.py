@@ -130,9 +130,12 @@ def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
 CHUNK = 2**18  # elements per step: the temporaries (about 4.5 MB) stay in the CPU caches
 
 
-def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64) -> torch.Tensor:
+def roundtrip_4bit(
+    weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``dequantize_4bit(quantize_4bit(weight, blocksize, double_quant, quant_type))`` computed on a CPU without
-    packing: the same values in ``weight``'s dtype and shape (see the module docstring)."""
+    packing: the same values in ``weight``'s dtype and shape (see the module docstring). ``out_dtype`` (e.g.
+    float32) returns those values converted chunk by chunk, saving a pass over the whole tensor."""
     import bitsandbytes.functional as bnbf
 
     flat = weight.reshape(-1)
@@ -158,8 +161,9 @@ def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bl
         absmax = bnbf.dequantize_blockwise(q, state2)
         absmax += offset
         absmax = absmax.float()
-    out = torch.empty(n, dtype=weight.dtype)
+    out = torch.empty(n, dtype=out_dtype or weight.dtype)
     out_blocks = out[:full].view(-1, blocksize)
+    rounded = None if out.dtype == weight.dtype else torch.empty(CHUNK // blocksize * blocksize, dtype=weight.dtype)
     scale = absmax[: blocks.shape[0]]
     rows = max(1, CHUNK // blocksize)
     scratch = _Scratch(min(rows, blocks.shape[0]) * blocksize)
@@ -169,7 +173,11 @@ def roundtrip_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bl
         # a 16-bit weight times a float32 scale multiplies in float32, as bitsandbytes' A.float() * (1 / absmax)
         scaled = torch.mul(chunk, inverse[start : start + rows, None], out=scratch.scaled[:k].view(chunk.shape))
         values = _code_values(scaled.clamp_(-1, 1), quant_type, scratch)
-        torch.mul(values, scale[start : start + rows, None], out=out_blocks[start : start + rows])
+        if rounded is None:
+            torch.mul(values, scale[start : start + rows, None], out=out_blocks[start : start + rows])
+        else:  # the product rounds to the weight's dtype first, as bitsandbytes returns it
+            product = torch.mul(values, scale[start : start + rows, None], out=rounded[:k].view(chunk.shape))
+            out_blocks[start : start + rows].copy_(product)
     if tail is not None:
-        out[full:] = tail * absmax[-1]
+        out[full:] = (tail * absmax[-1]).to(weight.dtype)
     return out.view(weight.shape)
