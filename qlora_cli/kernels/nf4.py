@@ -1,4 +1,4 @@
-"""dequant(quant(W)) for 4-bit NF4 / FP4 on a CPU: bitsandbytes' values, five to seven times faster.
+"""dequant(quant(W)) for 4-bit NF4 / FP4 on a CPU: bitsandbytes' values, eight to ten times faster.
 
 ``qlora merge`` (default mode) and its NF4-error report need, for every targeted weight, the exact values the
 4-bit base held in training. bitsandbytes' CPU quantizer finds each value's code with ``torch.bucketize`` (a
