@@ -38,7 +38,7 @@ def run_command(fn: Callable[[], Any], debug: bool) -> Any:
     except OSError as e:
         if debug or e.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        where = f" ({e.filename})" if e.filename else ""
+        where = f" ({e.filename}{f' -> {e.filename2}' if e.filename2 else ''})" if e.filename else ""
         err.print(f"[bold red]error:[/bold red] {e.strerror}{where}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
@@ -46,8 +46,8 @@ def run_command(fn: Callable[[], Any], debug: bool) -> Any:
         raise typer.Exit(code=130) from None
 
 
-# a full disk, a quota, a read-only or forbidden folder: the machine's state, fixable by the user, not a bug
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# a full disk, a quota, a read-only file system: the machine's state, fixable by the user, not a bug
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 @app.callback()

@@ -18,8 +18,8 @@ layers change: linear layers the run held in 4 bits without an adapter keep thei
 the self-check compares with the adapter on a base quantized in the targeted layers only, and reports the
 distance to the all-4-bit training-time model beside it.
 
-Memory: one tensor at a time. The peak is a handful of float32 copies of the largest targeted weight
-(bitsandbytes' CPU quantizer alone needs about four) plus the adapter; untargeted tensors are copied in
+Memory: one tensor at a time, plus the previous merged tensor while a second thread writes it. The peak is
+a few float32 copies of the largest targeted weight plus the adapter; untargeted tensors are copied in
 64 MiB chunks. Never a shard, never the model.
 """
 
@@ -332,7 +332,11 @@ class SafetensorsWriter:
         assert name == expected_name, (name, expected_name)
         written = 0
         for chunk in chunks:
-            self.f.write(chunk)
+            try:
+                self.f.write(chunk)
+            except OSError as e:  # e.g. a full disk: name the file
+                e.filename = e.filename or str(self.path)
+                raise
             written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
         if written != size:
             raise RuntimeError(f"{name}: wrote {written} bytes, the header says {size}")
@@ -779,8 +783,8 @@ def _write_weights(
     def settle() -> None:  # wait for the write in flight (and raise its error)
         nonlocal pending
         if pending is not None:
-            job, pending = pending, None
-            job.result()
+            pending.result()
+            pending = None
 
     with progress:
         task = progress.add_task("merge", total=total, info="")

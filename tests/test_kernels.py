@@ -257,20 +257,36 @@ def test_4bit_roundtrip_lands_on_the_boundaries_like_bitsandbytes():
 
 def test_fused_lora_saves_one_input_for_adapters_sharing_it():
     """q, k and v read the same float32 hidden state under bf16 autocast: backward keeps one bf16 copy of it
-    and one byte mask per adapter, not a dropped bf16 copy per adapter."""
+    and one byte mask per adapter, not a dropped bf16 copy per adapter; the input's gradient is still summed
+    in float32, exactly as when each adapter casts its own copy."""
     torch.manual_seed(0)
     layers = [LoRALinear(nn.Linear(64, n, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1) for n in (64, 16, 16)]
     for layer in layers:
         layer.fused = True
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs = [layer(x) for layer in layers]
-    big = {(t.untyped_storage().data_ptr(), t.dtype) for t in saved if t.numel() == x.numel()}
-    assert sorted(str(dtype) for _, dtype in big) == ["torch.bfloat16"] + ["torch.bool"] * 3
-    sum(o.float().sum() for o in outs).backward()  # and backward runs through the shared copy
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.3)
+    x0 = torch.randn(2, 5, 64)
+
+    def run(share: bool):
+        x = x0.clone().requires_grad_(True)
+        saved = []
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = [layer(x if share else x.view_as(x)) for layer in layers]  # a view: its own cast
+        weights = [torch.linspace(-1, 1, o.shape[-1]) for o in outs]
+        sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
+        big = sorted(
+            str(t.dtype) for t in {t.untyped_storage().data_ptr(): t for t in saved}.values() if t.numel() == x.numel()
+        )
+        return big, x.grad
+
+    shared_saved, shared_grad = run(share=True)
+    own_saved, own_grad = run(share=False)
+    assert shared_saved == ["torch.bfloat16"] + ["torch.bool"] * 3
+    assert own_saved == ["torch.bfloat16"] * 3 + ["torch.bool"] * 3
+    assert shared_grad.dtype == torch.float32
+    torch.testing.assert_close(shared_grad, own_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_4bit_roundtrip_of_non_finite_weights_is_bitsandbytes():
@@ -285,5 +301,7 @@ def test_4bit_roundtrip_of_non_finite_weights_is_bitsandbytes():
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
         expected = bnbf.dequantize_4bit(packed, state)
         torch.testing.assert_close(roundtrip_4bit(w, quant_type, True), expected, rtol=0, atol=0, equal_nan=True)
+        as_float32 = roundtrip_4bit(w.bfloat16(), quant_type, True, out_dtype=torch.float32)
+        assert as_float32.dtype == torch.float32 and not as_float32.isfinite().all()
         c, shift, boundary, value = _tables(quant_type)
         assert boundary.dtype == value.dtype == torch.float32 and boundary.numel() == (1 << 24) >> shift <= 8192

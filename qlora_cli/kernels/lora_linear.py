@@ -73,6 +73,7 @@ class _FusedLoRA(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
+        xc: torch.Tensor,
         drop: torch.Tensor | None,
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
@@ -80,9 +81,10 @@ class _FusedLoRA(torch.autograd.Function):
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # x: (N, in); drop: (N, in) bool, True where dropout zeroes the adapter's input, or None;
+        # x: (N, in), the differentiable input (its gradient is returned in its own dtype, so adapters sharing
+        # it are summed at its precision); xc: x in the compute dtype, detached, possibly shared (shared_cast);
+        # drop: (N, in) bool, True where dropout zeroes the adapter's input, or None;
         # scaling: the LoRA scaling times dropout's 1 / (1 - p)
-        xc = x.to(dtype)
         xl = xc if drop is None else torch.where(drop, 0.0, xc)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         out = xc @ dense_weight(base, dtype).T  # (N, out)
@@ -111,12 +113,12 @@ class _FusedLoRA(torch.autograd.Function):
             else:
                 grad_x += torch.where(drop, 0.0, gbs @ a)  # through the adapter, then the dropout
             grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             xl = xc if drop is None else torch.where(drop, 0.0, xc)  # recomputed: one byte per element saved
             grad_A = (gbs.T @ xl).to(lora_A.dtype)  # (r, in)
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             grad_B = (g.T @ xas).to(lora_B.dtype)  # (out, r)
-        return grad_x, None, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None
 
 
 def fused_lora_linear(
@@ -136,13 +138,13 @@ def fused_lora_linear(
 
     dtype = compute_dtype(base, x)
     lead = x.shape[:-1]
-    xc = shared_cast(x, dtype)
-    x2 = xc.reshape(-1, xc.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    xc = shared_cast(x, dtype).reshape(x2.shape)
     drop, keep_scale = None, 1.0
     if dropout > 0:
         drop = dropout_mask(x2.shape, dropout, x.device)
         keep_scale = 1.0 / (1.0 - dropout_rate(dropout, x.device))
-    out = _FusedLoRA.apply(x2, drop, lora_A, lora_B, base, scaling * keep_scale, dtype)
+    out = _FusedLoRA.apply(x2, xc, drop, lora_A, lora_B, base, scaling * keep_scale, dtype)
     if getattr(base.weight, "quant_state", None) is not None and out.dtype != x.dtype:
         out = out.to(x.dtype)  # bitsandbytes' Linear4bit returns the input's dtype; so do we
     return out.reshape(*lead, out.shape[-1])
@@ -152,18 +154,22 @@ _last_cast: tuple | None = None  # (weakref to the input, its version, dtype, we
 
 
 def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, one tensor for consecutive adapters reading the same input (q, k and v; gate and up).
+    """``x.detach().to(dtype)``, one tensor for consecutive adapters reading the same input (q, k and v; gate and
+    up), which saves it for backward once instead of once per adapter.
 
-    Under bf16 autocast the norms' outputs are float32; each adapter casting on its own would save one bf16
-    copy per projection for backward, this saves one. Weak references only: nothing is kept alive here."""
+    Under bf16 autocast the norms' outputs are float32. Detached: gradients still flow to ``x`` itself, in its
+    dtype, so the adapters' contributions are summed at x's precision. Weak references only: nothing is kept
+    alive here; an in-place change to x (its version) or another tensor misses the cache."""
     global _last_cast
-    if x.dtype == dtype or not torch.is_grad_enabled() or x.is_inference():
-        return x.to(dtype)
+    if x.dtype == dtype:
+        return x.detach()
+    if not torch.is_grad_enabled() or x.is_inference():
+        return x.detach().to(dtype)
     last = _last_cast
     if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
         cast = last[3]()
         if cast is not None:
             return cast
-    cast = x.to(dtype)
+    cast = x.detach().to(dtype)
     _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(cast))
     return cast

@@ -150,7 +150,8 @@ def roundtrip_4bit(
         packed, state = bnbf.quantize_4bit(
             weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
         )
-        return bnbf.dequantize_4bit(packed, state)  # bitsandbytes' own arithmetic: NaN where it gives NaN
+        out = bnbf.dequantize_4bit(packed, state)  # bitsandbytes' own arithmetic: NaN where it gives NaN
+        return out if out_dtype is None else out.to(out_dtype)
     inverse = 1.0 / absmax[: blocks.shape[0]].clamp(min=1e-38)
     tail = None
     if rest.numel():  # bitsandbytes divides here instead of multiplying by the reciprocal
