@@ -107,11 +107,11 @@ class _FusedLoRA(torch.autograd.Function):
         gbs = (g @ b).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ dense_weight(ctx.base, dtype)  # (N, in), through the frozen base
-            if drop is None:
-                grad_x.addmm_(gbs, a)  # the adapter's input gradient lands in the same tensor
-            else:
-                grad_x += torch.where(drop, 0.0, gbs @ a)  # through the adapter, then the dropout
+            w = dense_weight(ctx.base, dtype)
+            if drop is None:  # (N, in): through the frozen base, plus the adapter's part in the same tensor
+                grad_x = (g @ w).addmm_(gbs, a)
+            else:  # the adapter's part through the dropout, then the base's accumulated onto it by the matmul
+                grad_x = torch.addmm(torch.where(drop, 0.0, gbs @ a), g, w)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             xl = xc if drop is None else torch.where(drop, 0.0, xc)  # recomputed: one byte per element saved
