@@ -9,7 +9,7 @@ CPU merge's time. Here the code is found with a lookup table instead, and nothin
 2. ``y = x + c`` lands in [4, 8), where float32 spacing is uniform, so the top bits of ``y`` name a cell of
    width 2^-10 (or finer); each cell holds at most one decision boundary (a midpoint between two codes),
    never within a few ulps of the cell's edges (checked when the table is built);
-3. ``code = VALUE[2 * cell + (x > BOUNDARY[cell])]``: two table lookups and one exact comparison on ``x``
+3. ``code = VALUE[2 * cell + (x > BOUNDARY[2 * cell])]``: two table lookups and one exact comparison on ``x``
    itself, so the rounding of ``y`` can move an element to a neighbouring cell but never change its code;
 4. double quantization of ``absmax`` and the final ``code * absmax`` go through bitsandbytes' own functions
    and formula (float32 product, then the output dtype).
