@@ -137,8 +137,10 @@ def test_lora_head_falls_back_to_the_plain_loss(model_factory):
     assert not supports_fused_cross_entropy(model)
 
 
-def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console):
-    """Issue 7's numerics: same data and seed, 20 steps on the 4-bit base, losses within 1% relative."""
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console, compute):
+    """Issue 7's numerics: same data and seed, 20 steps on the 4-bit base, losses within 1% relative (bf16
+    autocast too, where the fused path shares one bf16 copy of each input between q, k and v)."""
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(80, seed=9))
     runs = {}
     for fast in (False, True):
@@ -146,6 +148,7 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             llama_dir,
             data,
             tmp_path / f"run-{fast}",
+            bnb_4bit_compute_dtype=compute,
             max_steps=20,
             micro_batch_size=8,
             learning_rate=3e-3,
@@ -164,7 +167,10 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
     a = load_file(runs[False].output_dir / "adapter_model.safetensors")
     b = load_file(runs[True].output_dir / "adapter_model.safetensors")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-3, rtol=1e-2)
+        if compute == "float32":
+            torch.testing.assert_close(b[k], a[k], atol=1e-3, rtol=1e-2)
+        else:  # bf16 rounds differently on the two paths and Adam's normalised steps magnify it (<4% here)
+            assert (b[k] - a[k]).norm() <= 0.1 * a[k].norm(), k
 
 
 def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llama_dir, quiet_console):
