@@ -141,3 +141,24 @@ def build_tiny_model(
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_llama_8b_shapes(folder: str | Path) -> Path:
+    """Llama-3.1-8B's config.json plus the character tokenizer, no weights: enough for ``qlora inspect``'s
+    meta-device model and memory plan at a real size. Returns the folder."""
+    from transformers import LlamaConfig
+
+    folder = Path(folder)
+    LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
+    build_char_tokenizer().save_pretrained(folder)
+    return folder

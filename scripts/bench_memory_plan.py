@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from qlora_cli.config import load_config  # noqa: E402
 from qlora_cli.memory_plan import format_bytes, measure_training_peak, plan_memory  # noqa: E402
 from qlora_cli.model import quiet_libraries  # noqa: E402
-from qlora_cli.tiny import build_char_tokenizer  # noqa: E402
+from qlora_cli.tiny import build_char_tokenizer, save_llama_8b_shapes  # noqa: E402
 
 PLAIN = dict(fused_lora=False, fused_cross_entropy=False)  # the reference paths; the default is fused
 CASES = [
@@ -181,21 +181,7 @@ def main() -> None:
                 f"{100 * error:+7.3f}% {plan_sec:9.1f}s"
             )
         # the done-criterion: a real-shaped plan in seconds
-        from transformers import LlamaConfig
-
-        big = tmp / "llama-3.1-8b-shapes"
-        LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            rope_theta=500000.0,
-            tie_word_embeddings=False,
-        ).save_pretrained(big)
-        build_char_tokenizer().save_pretrained(big)
+        big = save_llama_8b_shapes(tmp / "llama-3.1-8b-shapes")
         cfg = load_config(
             None,
             base_model=str(big),

@@ -46,7 +46,7 @@ from qlora_cli.memory_plan import (
     weight_bytes,
 )
 from qlora_cli.model import load_base_model
-from qlora_cli.tiny import build_char_tokenizer
+from qlora_cli.tiny import build_char_tokenizer, save_llama_8b_shapes
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -268,22 +268,7 @@ def test_layer_extrapolation_equals_the_full_trace(plan_model, tmp_path):
 @pytest.fixture(scope="module")
 def llama_8b_folder(tmp_path_factory):
     """Llama-3.1-8B's shapes as a config.json + tokenizer, no weights."""
-    from transformers import LlamaConfig
-
-    folder = tmp_path_factory.mktemp("llama-8b-shapes")
-    LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ).save_pretrained(folder)
-    build_char_tokenizer().save_pretrained(folder)
-    return folder
+    return save_llama_8b_shapes(tmp_path_factory.mktemp("llama-8b-shapes"))
 
 
 def test_real_shaped_config_report(llama_8b_folder, tmp_path):
