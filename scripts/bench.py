@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,6 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
 
 
 def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
-    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -186,27 +186,10 @@ def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
         model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     )
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
-    autocast = torch.autocast(preset.device, dtype=dtype) if dtype != torch.float32 else None
-
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        if autocast is not None:
-            with torch.autocast(preset.device, dtype=dtype):
-                loss = model(**batch).loss
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return step
+    return hf_loss_step(model, preset.device, dtype if dtype != torch.float32 else None)
 
 
 def setup_unsloth(folder: Path, preset: Preset, mode: str) -> Any:
-    import bitsandbytes as bnb
     from unsloth import FastLanguageModel  # noqa: F401  (optional peer)
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -220,11 +203,19 @@ def setup_unsloth(folder: Path, preset: Preset, mode: str) -> Any:
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth" if mode == "memory-saving" else False,
     )
+    return hf_loss_step(model, preset.device, None)
+
+
+def hf_loss_step(model: Any, device: str, autocast_dtype: torch.dtype | None) -> Any:
+    """The peers' step: the model's own loss, backward, clipping, paged 8-bit AdamW on the trainable weights."""
+    import bitsandbytes as bnb
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
