@@ -199,6 +199,27 @@ def serve(
     base_name: Annotated[
         str | None, typer.Option("--base-name", help="The base's model name; default: its folder name (or 'base').")
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="QLORA_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /health.",
+        ),
+    ] = None,
+    allow_runtime_lora: Annotated[
+        bool, typer.Option("--allow-runtime-lora", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")
+    ] = False,
+    lora_root: Annotated[
+        list[str] | None,
+        typer.Option("--lora-root", help="Folder runtime-loaded adapters must lie under (repeatable)."),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run Python shipped with the base model (never a client's).")
+    ] = False,
+    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", min=1, help="Largest adapter rank accepted.")] = 64,
+    max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Most adapters loaded at once.")] = 16,
     debug: Debug = False,
 ) -> None:
     """Serve many adapters from one base over an OpenAI-compatible HTTP API."""
@@ -206,9 +227,21 @@ def serve(
     def go() -> None:
         from qlora_cli.model import quiet_libraries
         from qlora_cli.serve import serve as run_serve
+        from qlora_cli.serve_policy import ServePolicy, resolve_roots
 
+        try:
+            policy = ServePolicy(
+                trust_remote_code=trust_remote_code,
+                allow_runtime_lora=allow_runtime_lora,
+                lora_roots=resolve_roots(lora_root or []),
+                api_key=api_key,
+                max_lora_rank=max_lora_rank,
+                max_loras=max_loras,
+            )
+        except ValueError as e:
+            raise QLoRAError(str(e)) from None
         quiet_libraries()
-        run_serve(base, adapter or [], host, port, device, max_batch_size, base_name, console=err)
+        run_serve(base, adapter or [], host, port, device, max_batch_size, base_name, console=err, policy=policy)
 
     run_command(go, debug)
 

@@ -35,6 +35,14 @@ from qlora_cli.config import ModelSettings, QuantSettings
 from qlora_cli.errors import ModelError, QLoRAError
 from qlora_cli.generation import Engine, SamplingParams, Scheduler, Sequence, end_of_turn_ids, eos_ids
 from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA
+from qlora_cli.serve_policy import (
+    ApiKeyMiddleware,
+    PolicyError,
+    ServePolicy,
+    check_file_sizes,
+    confine_lora_path,
+    log,
+)
 
 BASE_ALIAS = "base"
 DEFAULT_QUANT = QuantSettings(True, "nf4", True, "bfloat16")  # a base served with no adapter: qlora's default
@@ -94,10 +102,12 @@ class ModelServer:
         device: str = "auto",
         max_batch_size: int = 8,
         base_name: str | None = None,
+        policy: ServePolicy | None = None,
     ):
         from qlora_cli.model import load_base_model, load_tokenizer, resolve_device
         from qlora_cli.run_folder import open_run
 
+        self.policy = policy = policy or ServePolicy()
         adapters = adapters or []
         if not base and not adapters:
             raise ModelError("nothing to serve: pass --base and/or --adapter name=path")
@@ -105,7 +115,10 @@ class ModelServer:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ModelError(f"adapter name {dupes[0]!r} is given twice")
-        runs = [(name, open_run(path, base=base)) for name, path in adapters]
+        if len(adapters) > policy.max_loras:
+            raise ModelError(f"{len(adapters)} adapters given; --max-loras is {policy.max_loras}")
+        # whether any model code runs is the operator's flag, whatever a run folder's config says
+        runs = [(name, self._operator_run(open_run(path, base=base))) for name, path in adapters]
         settings = self._base_settings(base, runs)
         self.settings = settings
         self.base_model = settings.base_model
@@ -125,11 +138,15 @@ class ModelServer:
             self._add(name, run, load_tokenizer(run.model))
         self.scheduler = Scheduler(self.engine).start()
 
-    @staticmethod
-    def _base_settings(base: str | None, runs: list[tuple[str, Any]]) -> ModelSettings:
+    def _operator_run(self, run: Any) -> Any:
+        return replace(run, model=replace(run.model, trust_remote_code=self.policy.trust_remote_code))
+
+    def _base_settings(self, base: str | None, runs: list[tuple[str, Any]]) -> ModelSettings:
         """How to load the base: the adapters' base and quantization, which must agree."""
         if not runs:
-            return ModelSettings(base_model=str(base), quant=DEFAULT_QUANT)
+            return ModelSettings(
+                base_model=str(base), quant=DEFAULT_QUANT, trust_remote_code=self.policy.trust_remote_code
+            )
         first_name, first = runs[0]
         for name, run in runs[1:]:
             if not same_model(run.model.base_model, first.model.base_model):
@@ -161,33 +178,95 @@ class ModelServer:
             )
         if len(tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ModelError(f"adapter {name!r}: its tokenizer has more tokens than the base model's embeddings")
+        rank = run.adapter_config.get("r")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ModelError(f"adapter {name!r}: adapter_config.json has no valid rank 'r'")
+        if rank > self.policy.max_lora_rank:
+            raise ModelError(
+                f"adapter {name!r} has rank {rank}; this server's --max-lora-rank is {self.policy.max_lora_rank}"
+            )
         adapter = self.multi.load(name, run.path)
         self.served[name] = self._served(name, adapter.slot, tokenizer, str(run.path))
 
     # -- run-time adapter management ---------------------------------------------------------------
-    def load_adapter(self, name: str, path: str) -> None:
-        """Load a run/adapter folder under ``name`` while serving. Raises ``ModelError`` if it does not fit."""
-        from qlora_cli.model import load_tokenizer
-        from qlora_cli.run_folder import open_run
+    def load_adapter(self, name: str, lora_path: str) -> None:
+        """Load a client-named adapter folder under ``name`` while serving (``--allow-runtime-lora``).
 
+        The folder must resolve under an operator's ``--lora-root``. Only its adapter files, the quantization
+        its run recorded and its own tokenizer files (read with no remote code) are used: the base model, the
+        tokenizer path and every loading policy stay the server's. Raises ``RequestError`` with a message that
+        names no server path and echoes nothing from the folder's files; details go to the server's log."""
+        from qlora_cli.model import load_tokenizer
+
+        if not self.policy.allow_runtime_lora:
+            raise RequestError(RUNTIME_LORA_OFF, 403, None, "runtime_lora_disabled")
         if not name or not name.strip():
-            raise ModelError("lora_name must not be empty")
+            raise RequestError("lora_name must not be empty", param="lora_name")
+        try:
+            folder = confine_lora_path(lora_path, self.policy.lora_roots)
+            check_file_sizes(folder)
+        except PolicyError as e:
+            raise RequestError(str(e), e.status, "lora_path", "invalid_adapter") from None
         with self._lock:
             if name in self.served or name == BASE_ALIAS:
-                raise ModelError(f"a model named {name!r} is already being served")
-            try:
-                run = open_run(path)
-            except ModelError as e:
-                if "names no base_model_name_or_path" not in str(e):
-                    raise
-                run = open_run(path, base=self.base_model)
-            if not same_model(run.model.base_model, self.base_model):
-                raise ModelError(
-                    f"adapter {name!r} was trained on {run.model.base_model}; this server serves {self.base_model}"
+                raise RequestError(f"a model named {name!r} is already being served", param="lora_name")
+            if len(self.multi.adapters) >= self.policy.max_loras:
+                raise RequestError(
+                    f"this server holds at most {self.policy.max_loras} adapters (--max-loras); unload one first",
+                    param="lora_name",
                 )
-            self._add(name, run, load_tokenizer(run.model))
+            run = self._runtime_run(folder)
+            try:
+                tokenizer = load_tokenizer(run.model)
+            except Exception as e:  # noqa: BLE001 - any failure reading a client's tokenizer files is a refusal
+                log.warning("runtime adapter %s: tokenizer: %s", folder, e)
+                raise RequestError("the adapter folder's tokenizer cannot be loaded", param="lora_path") from None
+            try:
+                self._add(name, run, tokenizer)
+            except ModelError as e:
+                log.warning("runtime adapter %s: %s", folder, e)
+                raise RequestError(_generic_fit_error(str(e)), param="lora_path", code="invalid_adapter") from None
+        log.warning("loaded adapter %r from %s", name, folder)
+
+    def _runtime_run(self, folder: Path) -> Any:
+        """``open_run`` on a confined folder, keeping from it only what cannot run code or point elsewhere."""
+        from qlora_cli.run_folder import CONFIG_FILE, open_run
+        from qlora_cli.serve_policy import _under
+
+        in_checkpoints = folder.parent.name == "checkpoints" and not (folder / CONFIG_FILE).exists()
+        if in_checkpoints and not _under(folder.parent.parent, self.policy.lora_roots):
+            log.warning("runtime adapter %s: its run folder is outside the roots", folder)
+            raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter")
+        try:
+            run = open_run(folder, base=self.base_model)
+        except Exception as e:  # noqa: BLE001 - malformed JSON/YAML/safetensors, a pickle in disguise, ...
+            log.warning("runtime adapter %s: %s", folder, e)
+            raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter") from None
+        trained_on = run.config.base.base_model if run.config else run.adapter_config.get("base_model_name_or_path")
+        if trained_on and not same_model(str(trained_on), self.base_model):
+            log.warning("runtime adapter %s: trained on %s, serving %s", folder, trained_on, self.base_model)
+            raise RequestError(
+                "the adapter was trained on a different base model than this server's", param="lora_path"
+            )
+        if run.config is not None and run.config.base.quant != self.settings.quant:
+            raise RequestError(
+                "the adapter was trained on a differently quantized base; this server runs "
+                f"{describe_quant(self.settings.quant)}",
+                param="lora_path",
+            )
+        own = {str(folder), str(folder.parent.parent)}
+        tokenizer = run.model.tokenizer if run.model.tokenizer in own else None  # never a path a config names
+        settings = replace(
+            self.settings,
+            tokenizer=tokenizer,
+            trust_remote_code=False if tokenizer else self.policy.trust_remote_code,
+            chat_template=run.model.chat_template,  # a Jinja string: transformers renders it sandboxed
+        )
+        return replace(run, model=settings)
 
     def unload_adapter(self, name: str) -> None:
+        if not self.policy.allow_runtime_lora:
+            raise RequestError(RUNTIME_LORA_OFF, 403, None, "runtime_lora_disabled")
         with self._lock:
             served = self.served.get(name)
             if served is None or served.slot == BASE_ONLY:
@@ -241,6 +320,21 @@ class ModelServer:
 
     def close(self) -> None:
         self.scheduler.stop()
+
+
+RUNTIME_LORA_OFF = "loading and unloading adapters at run time is disabled on this server (--allow-runtime-lora)"
+REFUSED_ADAPTER = "lora_path does not hold a LoRA adapter this server can read"
+
+
+def _generic_fit_error(message: str) -> str:
+    """A loading failure's detail (module names, shapes, paths) -> what a client is told."""
+    if "--max-lora-rank" in message:  # names only the client's own lora_name and two numbers
+        return message
+    if "quantized" in message:
+        return "the adapter was trained on a differently quantized base than this server's"
+    if "tokenizer has more tokens" in message:
+        return "the adapter's tokenizer has more tokens than the base model's embeddings"
+    return "the adapter's weights do not fit this server's base model"
 
 
 def describe_quant(q: QuantSettings) -> str:
@@ -459,6 +553,8 @@ def create_app(server: ModelServer) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="qlora serve", version="1")
+    if server.policy.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server.policy.api_key)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -484,17 +580,14 @@ def create_app(server: ModelServer) -> Any:
     async def models():
         data = []
         for s in list(server.served.values()):
-            entry = {"id": s.name, "object": "model", "created": s.created, "owned_by": "qlora", "root": s.path}
+            entry = {"id": s.name, "object": "model", "created": s.created, "owned_by": "qlora", "root": s.name}
             entry["parent"] = None if s.slot == BASE_ONLY else server.base_name
             data.append(entry)
         return {"object": "list", "data": data}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapter):
-        try:
-            await run_in_threadpool(server.load_adapter, body.lora_name, body.lora_path)
-        except ModelError as e:
-            raise RequestError(str(e), 400, "lora_path", "invalid_adapter") from None
+        await run_in_threadpool(server.load_adapter, body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -624,13 +717,15 @@ def serve(
     max_batch_size: int = 8,
     base_name: str | None = None,
     console: Any = None,
+    policy: ServePolicy | None = None,
 ) -> None:
-    """Load the base and adapters, then serve until interrupted."""
+    """Load the base and adapters, then serve until interrupted (SIGTERM/SIGINT stop it within seconds)."""
     _, uvicorn = require_web_stack()
+    policy = policy or ServePolicy()
     pairs = [parse_adapter_arg(a) for a in adapters]
     if console is not None:
         console.print(f"loading {base or 'the base model'} with {len(pairs)} adapter(s) ...", highlight=False)
-    server = ModelServer(base, pairs, device=device, max_batch_size=max_batch_size, base_name=base_name)
+    server = ModelServer(base, pairs, device=device, max_batch_size=max_batch_size, base_name=base_name, policy=policy)
     app = create_app(server)
     if console is not None:
         names = ", ".join(n for n in server.served if n != server.base_name) or "none"
@@ -638,8 +733,16 @@ def serve(
             f"serving base '{server.base_name}' (also 'base') and adapters: {names} on http://{host}:{port}/v1",
             highlight=False,
         )
+        if policy.allow_runtime_lora:
+            roots = ", ".join(map(str, policy.lora_roots))
+            console.print(f"runtime adapter loading is on, from: {roots}", highlight=False)
+        if not policy.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(
+                f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who can reach it can use it",
+                highlight=False,
+            )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         server.close()
 

@@ -8,11 +8,13 @@ requests for both adapters arrive together and are decoded in the same batches.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,17 +88,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    """`qlora serve` in a subprocess with both adapters; yields its base URL."""
-    _, folders, _ = runs
+def start_server(cmd_args: list[str], log: Path, env: dict | None = None):
+    """`qlora serve ARGS` in a subprocess on a free port; yields (base URL, process), stops it after."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu", "--max-batch-size", "8"]
-    for task, folder in folders.items():
-        cmd += ["--adapter", f"{task}={folder}"]
+    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu", *cmd_args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -109,12 +106,24 @@ def server(runs, tmp_path_factory):
             proc.kill()
             pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield url
+    yield url, proc
     proc.terminate()
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`qlora serve` with both adapters and runtime loading from the tests' temporary folders; its base URL."""
+    _, folders, _ = runs
+    args = ["--max-batch-size", "8", "--allow-runtime-lora", "--lora-root", str(tmp_path_factory.getbasetemp())]
+    for task, folder in folders.items():
+        args += ["--adapter", f"{task}={folder}"]
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    for url, _ in start_server(args, log):
+        yield url
 
 
 @pytest.fixture
@@ -275,16 +284,15 @@ def test_load_and_unload_adapters_at_run_time(server, client, runs, tmp_path):
     save_file(state, misfit / "adapter_model.safetensors")
     r = post("/v1/load_lora_adapter", lora_name="misfit", lora_path=str(misfit))
     assert r.status_code == 400, r.text
-    assert (
-        "does not fit the base model: model.layers.0.self_attn.q_proj.lora_A has shape" in r.json()["error"]["message"]
-    )
+    assert r.json()["error"]["message"] == "the adapter's weights do not fit this server's base model"
+    assert str(tmp_path) not in r.text and "q_proj" not in r.text  # no paths, nothing read from the files
     # trained with another compute dtype: a different quantized base
     other = tmp_path / "bf16"
     shutil.copytree(folders["upper"], other)
     cfg = yaml.safe_load((other / "qlora_config.yaml").read_text())
     (other / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "bnb_4bit_compute_dtype": "bfloat16"}))
     r = post("/v1/load_lora_adapter", lora_name="bf16", lora_path=str(other))
-    assert r.status_code == 400 and "compute bfloat16" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "differently quantized" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", lora_name="upper", lora_path=str(folders["reverse"]))
     assert r.status_code == 400 and "already being served" in r.json()["error"]["message"]
     r = post("/v1/load_lora_adapter", lora_name="x")
@@ -395,3 +403,158 @@ def test_generate_command_streams_the_adapters_answer(runs):
     assert result.exit_code == 2 and "context length of 512 tokens" in result.output
     result = CliRunner().invoke(app, ["generate", str(folders["upper"]) + "-missing", "-p", "x"])
     assert result.exit_code == 2 and "run folder not found" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# security: what a client may make the server do
+
+
+def code_running_folder(run: Path, dest: Path, marker: Path) -> Path:
+    """A copy of ``run`` whose config asks for remote code and whose tokenizer names a module (``auto_map``)
+    that writes ``marker`` when imported: what an attacker puts where the server can read it."""
+    shutil.copytree(run, dest)
+    cfg = yaml.safe_load((dest / "qlora_config.yaml").read_text())
+    (dest / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "trust_remote_code": True}))
+    (dest / "evil_tok.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    tok_cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return dest
+
+
+def test_a_client_folder_never_runs_code(server, client, runs, tmp_path):
+    """The remote-code-execution report: a folder saying trust_remote_code with an auto_map tokenizer. The
+    loading policy is the operator's; the module must never be imported (its marker file never written)."""
+    _, folders, answers = runs
+    marker = tmp_path / "PWNED"
+    evil = code_running_folder(folders["upper"], tmp_path / "evil", marker)
+    r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": str(evil)}, timeout=60)
+    assert not marker.exists(), "the client's folder ran code inside the server"
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:  # loaded as plain files: the adapter itself is a good one
+        prompt = held_out("upper")[0]["prompt"]
+        assert complete(client, "evil", prompt).choices[0].text == answers["upper"][0]
+        assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "evil"}).status_code == 200
+    assert not marker.exists()
+
+
+def test_runtime_paths_are_confined_to_the_roots(server, runs, tmp_path):
+    """Outside every --lora-root (directly, through a symlink, or a link inside the folder) and missing paths
+    all get the same answer, which names no path."""
+    _, folders, _ = runs
+    outside = Path(tempfile.mkdtemp(prefix="qlora-outside-"))
+    try:
+        shutil.copytree(folders["reverse"], outside / "run")
+        link = tmp_path / "link"
+        link.symlink_to(outside / "run")
+        leaky = tmp_path / "leaky"
+        shutil.copytree(folders["reverse"], leaky)
+        (leaky / "adapter_model.safetensors").unlink()
+        (leaky / "adapter_model.safetensors").symlink_to(outside / "run" / "adapter_model.safetensors")
+        answers = []
+        for path in (outside / "run", link, leaky, tmp_path / "missing", "../../../" + str(outside / "run"), "/etc"):
+            r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)})
+            assert r.status_code == 400, (path, r.text)
+            answers.append(r.json()["error"]["message"])
+            assert str(outside) not in r.text and str(tmp_path) not in r.text
+        assert set(answers) == {"lora_path is not an adapter folder this server may load"}
+        # inside the roots, a relative path is looked up under them
+        relative = Path(folders["reverse"]).relative_to(Path(folders["reverse"]).parents[1])
+        r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "rel", "lora_path": str(relative)})
+        assert r.status_code == 200, r.text
+        assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "rel"}).status_code == 200
+    finally:
+        shutil.rmtree(outside)
+
+
+def test_bad_adapter_files_are_400s_that_echo_nothing(server, runs, tmp_path):
+    _, folders, _ = runs
+    secret = "s3cret-value-from-a-file"
+
+    def load(folder: Path) -> httpx.Response:
+        return httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": folder.name, "lora_path": str(folder)})
+
+    cases = {}
+    cases["json-list"] = lambda d: (d / "adapter_config.json").write_text(json.dumps([secret]))
+    cases["bad-json"] = lambda d: (d / "adapter_config.json").write_text("{" + secret)
+    cases["pickle"] = lambda d: torch.save({"x": torch.zeros(2)}, d / "adapter_model.safetensors")
+    cases["huge-config"] = lambda d: (d / "adapter_config.json").write_text(" " * (2 << 20) + "{}")
+    cases["huge-header"] = lambda d: (d / "adapter_model.safetensors").write_bytes((1 << 40).to_bytes(8, "little"))
+    cases["truncated"] = lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:200]
+    )
+    cfg = json.loads((Path(folders["upper"]) / "adapter_config.json").read_text())
+    cases["rank"] = lambda d: (d / "adapter_config.json").write_text(json.dumps({**cfg, "r": 128}))
+    for name, spoil in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(folders["upper"], folder)
+        spoil(folder)
+        r = load(folder)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert secret not in r.text and str(tmp_path) not in r.text, (name, r.text)
+    assert "--max-lora-rank is 64" in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_models_list_shows_no_server_paths(server, runs):
+    _, folders, _ = runs
+    text = httpx.get(f"{server}/v1/models").text
+    assert "upper" in text and str(Path(folders["upper"]).parent) not in text
+
+
+@pytest.fixture(scope="module")
+def locked_server(runs, tmp_path_factory):
+    """A server started with defaults and an API key from QLORA_API_KEY: no runtime loading."""
+    _, folders, _ = runs
+    log = tmp_path_factory.mktemp("locked-log") / "server.log"
+    env = {**os.environ, "QLORA_API_KEY": "sk-test-key"}
+    for url, _ in start_server(["--adapter", f"upper={folders['upper']}"], log, env=env):
+        yield url
+
+
+def test_api_key_is_required_on_every_endpoint_but_health(locked_server, runs):
+    _, folders, answers = runs
+    assert httpx.get(f"{locked_server}/health").status_code == 200
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/load_lora_adapter"), ("GET", "/openapi.json")):  # fmt: skip
+        for headers in ({}, {"Authorization": "Bearer sk-test-kex"}, {"Authorization": "Basic sk-test-key"}):
+            r = httpx.request(method, f"{locked_server}{path}", headers=headers, json={})
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=f"{locked_server}/v1", api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        complete(wrong, "upper", "x")
+    right = openai.OpenAI(base_url=f"{locked_server}/v1", api_key="sk-test-key", max_retries=0, timeout=60)
+    assert complete(right, "upper", held_out("upper")[0]["prompt"]).choices[0].text == answers["upper"][0]
+    assert [m.id for m in right.models.list().data][-1] == "upper"
+
+
+def test_runtime_loading_is_off_unless_the_operator_turns_it_on(locked_server, runs, tmp_path):
+    _, folders, _ = runs
+    headers = {"Authorization": "Bearer sk-test-key"}
+    body = {"lora_name": "again", "lora_path": str(folders["reverse"])}
+    r = httpx.post(f"{locked_server}/v1/load_lora_adapter", json=body, headers=headers)
+    assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
+    r = httpx.post(f"{locked_server}/v1/unload_lora_adapter", json={"lora_name": "upper"}, headers=headers)
+    assert r.status_code == 403
+    r = httpx.get(f"{locked_server}/v1/models", headers=headers)
+    assert [m["id"] for m in r.json()["data"]][-1] == "upper"  # still served
+
+
+def test_operator_flags_are_checked_at_startup(runs, tmp_path):
+    _, folders, _ = runs
+    result = CliRunner().invoke(app, ["serve", "--adapter", f"a={folders['upper']}", "--allow-runtime-lora"])
+    assert result.exit_code == 2 and "--lora-root" in result.output
+    result = CliRunner().invoke(app, ["serve", "--adapter", f"a={folders['upper']}", "--lora-root", "/nonexistent"])
+    assert result.exit_code == 2 and "not a folder" in result.output
+    result = CliRunner().invoke(app, ["serve", "--adapter", f"a={folders['upper']}", "--max-lora-rank", "8"])
+    assert result.exit_code == 2 and "rank 16" in result.output and "--max-lora-rank is 8" in result.output
+    marker = tmp_path / "PWNED"
+    evil = code_running_folder(folders["upper"], tmp_path / "evil", marker)
+    server = ModelServer(adapters=[("evil", str(evil))], device="cpu")  # the operator did not pass the flag
+    server.close()
+    assert not marker.exists()
