@@ -110,6 +110,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{folder / ADAPTER_CONFIG}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: not UTF-8 text") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -119,7 +123,12 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise ModelError(f"{folder}: DoRA adapters are not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
-    state = {from_peft_key(k): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
+    try:
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors (a pickle renamed), unreadable
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{folder / ADAPTER_WEIGHTS} cannot be read as safetensors ({reason})") from None
+    state = {from_peft_key(k): v for k, v in tensors.items()}
     return config, state
 
 

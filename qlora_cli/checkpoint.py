@@ -186,22 +186,69 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint folder unreadable (a missing, empty or truncated file), or None. Cheap: reads
+    the JSON state, the safetensors header and each torch file's zip directory, not the tensors. A torch file
+    is checked before ``torch.load`` sees it, which aborts the whole process on some damaged files."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for name in (STATE_FILE, "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            return f"{STATE_FILE} is not a JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{STATE_FILE} cannot be read ({e})"
+    try:
+        with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
+            list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        return f"adapter_model.safetensors cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for name in ["optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pt"))]:
+        try:
+            with zipfile.ZipFile(path / name) as z:
+                if not z.namelist():
+                    return f"{name} is empty"
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{name} is damaged or truncated ({e})"
+    return None
+
+
 def find_checkpoint(output_dir: Path, spec: str, warn: Any = print) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = newest complete one (None if there is none)."""
+    """The checkpoint to resume from: ``auto`` = the newest complete one whose files read (None if there is
+    none; each one skipped is reported through ``warn``). A named checkpoint must read, or ``ConfigError``."""
     if spec != "auto":
         path = Path(spec).expanduser()
         if not path.is_dir():
             raise ConfigError(f"resume_from_checkpoint: checkpoint folder not found: {spec}")
         if not (path / COMPLETE).exists():
             raise ConfigError(f"resume_from_checkpoint: {spec} is incomplete (no {COMPLETE} marker)")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ConfigError(f"resume_from_checkpoint: checkpoint {spec}: {problem}")
         return path
-    newest = None
-    for step, path, complete in list_checkpoints(output_dir):
-        if complete:
-            newest = path
-        else:
-            warn(f"skipping incomplete checkpoint {path} (step {step})")
-    return newest
+    for step, path, complete in reversed(list_checkpoints(output_dir)):
+        problem = None if complete else f"incomplete (no {COMPLETE} marker)"
+        problem = problem or checkpoint_problem(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path} (step {step}): {problem}; trying the one before")
+    return None
+
+
+def _load_file(path: Path, load: Any) -> Any:
+    """``load(path)``; any failure is one ``ModelError`` naming the file."""
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - pickle/zip/json errors of a damaged file are all the same to a user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"checkpoint file {path} cannot be read ({reason}); resume from an earlier checkpoint"
+        ) from None
 
 
 def load_checkpoint(
@@ -219,7 +266,7 @@ def load_checkpoint(
     for name in (STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pt"):
         if not (path / name).exists():
             raise ModelError(f"checkpoint {path} is missing {name}")
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    state = _load_file(path / STATE_FILE, lambda p: TrainerState(**json.loads(p.read_text())))
     digest, current = config_fingerprint(cfg)
     if digest != state.config_hash:
         changed = sorted(k for k in set(current) | set(state.config) if current.get(k) != state.config.get(k))
@@ -227,7 +274,7 @@ def load_checkpoint(
             f"cannot resume from {path}: the config changed ({', '.join(changed)}); only "
             f"{', '.join(sorted(RESUMABLE_KEYS - {'resume_from_checkpoint'}))} may change on resume"
         )
-    _, saved = read_adapter(path)
+    _, saved = _load_file(path, read_adapter)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, layer in layers.items():
@@ -236,12 +283,20 @@ def load_checkpoint(
                 if key not in saved or saved[key].shape != getattr(layer, which).weight.shape:
                     raise ModelError(f"checkpoint {path} does not fit this model: {key}")
                 getattr(layer, which).weight.copy_(saved[key])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer_state = _load_file(path / "optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"checkpoint file {path / 'optimizer.pt'} does not fit this optimizer ({e})") from None
+    scheduler_state = _load_file(path / "scheduler.pt", lambda p: torch.load(p, weights_only=True))
+    try:
+        scheduler.load_state_dict(scheduler_state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ModelError(f"checkpoint file {path / 'scheduler.pt'} does not fit this schedule ({e})") from None
     rng_file = path / _rng_file(rank)
     if not rng_file.exists():
         raise ModelError(
             f"checkpoint {path} has no RNG state for process {rank}; resume with the same number of processes"
         )
-    _restore_rng(state, torch.load(rng_file, weights_only=True))
+    _restore_rng(state, _load_file(rng_file, lambda p: torch.load(p, weights_only=True)))
     return state

@@ -227,6 +227,62 @@ class DataSettings:
 # loading
 
 
+MAX_YAML_NODES = 100_000  # a config is a few hundred nodes; aliases may not make it more than this
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise ConfigError(f"key '{key_node.value}' is given twice (lines {seen[key_node.value]} and {line})")
+            seen[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_nodes:
+        raise ConfigError("a YAML alias refers to itself")
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_nodes(child, memo, open_nodes)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"YAML aliases expand to more than {MAX_YAML_NODES:,} values; refusing (an alias bomb?)")
+    open_nodes.discard(key)
+    memo[key] = total
+    return total
+
+
+def safe_load_strict(text: str) -> Any:
+    """``yaml.safe_load`` that counts what aliases expand to before building any object, and refuses duplicate
+    keys. Raises ``ConfigError`` for those, ``yaml.YAMLError`` for malformed YAML."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -237,7 +293,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)  # safe_load only: a !!python/object tag is refused
+        data = safe_load_strict(text)  # safe_load plus bounds: a !!python/object tag is refused
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -257,7 +315,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_strict(raw) if raw.strip() else None
+    except ConfigError as e:
+        raise ConfigError(f"--set {key}: {e}") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):
@@ -343,5 +403,25 @@ def format_validation_error(e: ValidationError) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML, every key present, in declaration order."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, every key present, in declaration order.
+
+    Local paths that exist (base model, tokenizer, data files) are written absolute, so a run folder works from
+    any directory (``qlora merge runs/x`` run elsewhere); the paths as given stay in a comment above them."""
+    data = cfg.model_dump(mode="json")
+    given: list[str] = []
+
+    def absolute(where: str, value: str | None) -> str | None:
+        if not value:
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute() or not path.exists():  # absolute already, or a hub id
+            return value
+        given.append(f"# {where} as given: {value}\n")
+        return str(path.resolve())
+
+    for key in ("base_model", "tokenizer"):
+        data[key] = absolute(key, data.get(key))
+    for key in ("datasets", "eval_datasets"):
+        for i, spec in enumerate(data.get(key) or []):
+            spec["path"] = absolute(f"{key}[{i}].path", spec.get("path"))
+    return "".join(given) + yaml.safe_dump(data, sort_keys=False)

@@ -121,26 +121,62 @@ def read_rows(spec: DatasetSpec) -> list[Row]:
     return rows
 
 
+def text_encoding(path: Path) -> str:
+    """``utf-8``, or what a byte-order mark says (``utf-8-sig``, ``utf-16``, ``utf-32``): Windows tools write
+    UTF-16 with a BOM. Anything else must be UTF-8; ``_text_lines`` names the file when it is not."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if head.startswith(b"\xef\xbb\xbf"):
+        return "utf-8-sig"
+    # no mark: JSON starts with an ASCII character, so NULs beside it tell UTF-16/32 and the byte order (RFC 4627)
+    if len(head) == 4 and head[0] and not any(head[1:]):
+        return "utf-32-le"
+    if len(head) == 4 and head[3] and not any(head[:3]):
+        return "utf-32-be"
+    if len(head) >= 2 and head[0] and not head[1]:
+        return "utf-16-le"
+    if len(head) >= 2 and head[1] and not head[0]:
+        return "utf-16-be"
+    return "utf-8"
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, decoded as ``text_encoding`` says. Raises ``DataError``."""
+    lineno = 0
+    try:
+        with path.open(encoding=text_encoding(path)) as f:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 text (undecodable byte 0x{e.object[e.start]:02x} after line {lineno}); "
+            "save it as UTF-8 (or UTF-16 with a byte-order mark)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(Row(where, obj))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(Row(where, obj))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads("".join(line for _, line in _text_lines(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):

@@ -60,6 +60,11 @@ def open_run(path: str | Path, base: str | None = None) -> RunFolder:
         settings = ModelSettings(base_model=name or "")
     if base is not None:
         settings = replace(settings, base_model=base)
+    elif config is not None and Path(settings.base_model).is_absolute() and not Path(settings.base_model).exists():
+        raise ModelError(
+            f"the base model this run trained on, {settings.base_model}, is no longer there; "
+            "pass its new location with --base PATH"
+        )
     for candidate in (folder, run_dir):  # the run's tokenizer: its pad token and chat template
         if candidate is not None and any((candidate / f).exists() for f in TOKENIZER_FILES):
             settings = replace(settings, tokenizer=str(candidate))

@@ -44,6 +44,11 @@ from qlora_cli.serve_policy import (
     log,
 )
 
+try:  # at module level, so FastAPI can resolve the handlers' `request: Request` annotation
+    from starlette.requests import Request
+except ImportError:  # no web stack: create_app says so (require_web_stack)
+    Request = Any  # type: ignore[misc,assignment]
+
 BASE_ALIAS = "base"
 DEFAULT_QUANT = QuantSettings(True, "nf4", True, "bfloat16")  # a base served with no adapter: qlora's default
 
@@ -130,6 +135,7 @@ class ModelServer:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.quant.compute_dtype, torch.float32)
         self.engine = Engine(self.model, self.multi, max_batch_size=max_batch_size, compute_dtype=dtype)
         self.max_length = self.engine.max_length
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         base_tokenizer = load_tokenizer(replace(settings, tokenizer=None, chat_template=None))
         self.served: dict[str, Served] = {}
         self._lock = threading.Lock()
@@ -154,6 +160,12 @@ class ModelServer:
                     f"adapters {first_name!r} and {name!r} were trained on different base models "
                     f"({first.model.base_model} vs {run.model.base_model}); one server serves one base"
                 )
+        # a plain PEFT folder records no quantization: it fits whatever the run folders say (default: qlora's)
+        recorded = [(name, run) for name, run in runs if run.config is not None]
+        if not recorded:
+            return replace(first.model, tokenizer=None, quant=DEFAULT_QUANT)
+        first_name, first = recorded[0]
+        for name, run in recorded[1:]:
             if run.model.quant != first.model.quant:
                 raise ModelError(
                     f"adapters {first_name!r} and {name!r} were trained on differently quantized bases "
@@ -171,7 +183,7 @@ class ModelServer:
     def _add(self, name: str, run: Any, tokenizer: Any) -> None:
         if name in (BASE_ALIAS, self.base_name):
             raise ModelError(f"adapter name {name!r} is taken by the base model; pick another")
-        if run.model.quant != self.settings.quant:
+        if run.config is not None and run.model.quant != self.settings.quant:
             raise ModelError(
                 f"adapter {name!r} was trained on a base quantized as {describe_quant(run.model.quant)}; this "
                 f"server runs {describe_quant(self.settings.quant)}"
@@ -289,6 +301,12 @@ class ModelServer:
         if n_prompt == 0:
             raise RequestError("the prompt is empty (0 tokens)", param="prompt")
         limit = self.max_length
+        if limit and n_prompt >= limit:
+            raise RequestError(
+                f"this model's context length is {limit} tokens; the prompt has {n_prompt} tokens, which leaves "
+                "no room to generate",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = (limit - n_prompt) if limit else 256
         if limit and n_prompt + max_tokens > limit:
@@ -299,6 +317,18 @@ class ModelServer:
                 code="context_length_exceeded",
             )
         return max_tokens
+
+    def check_prompt_chars(self, n_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text far longer than the context could hold (tokenizing megabytes is
+        seconds of CPU; no tokenizer packs more than ``CHARS_PER_TOKEN`` characters into a token in practice)."""
+        limit = (self.max_length or MAX_CONTEXT_FALLBACK) * CHARS_PER_TOKEN
+        if n_chars > limit:
+            raise RequestError(
+                f"the prompt has {n_chars} characters, far more than this model's context of "
+                f"{self.max_length or MAX_CONTEXT_FALLBACK} tokens can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def sequence(
         self, served: Served, prompt_ids: list[int], params: SamplingParams, chat: bool, on_text: Any = None
@@ -347,11 +377,48 @@ def describe_quant(q: QuantSettings) -> str:
 # prompts
 
 
-def encode_prompt(served: Served, prompt: Any) -> list[int]:
-    """A completions ``prompt`` item (text or token ids) -> token ids, tokenized as training did."""
+CHARS_PER_TOKEN = 64
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+MAX_CONTEXT_FALLBACK = 1 << 16  # a model that states no context length
+
+
+def check_text(text: str, param: str) -> str:
+    """Text a tokenizer can take: a lone surrogate (valid JSON, invalid Unicode) is the client's error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
+    return text
+
+
+def encode_prompt(served: Served, prompt: Any, vocab_size: int | None = None) -> list[int]:
+    """A completions ``prompt`` item (text or token ids) -> token ids, tokenized as training did. Token ids
+    are checked against the vocabulary here, per request, so a bad one never reaches a shared batch."""
     if isinstance(prompt, str):
-        return list(served.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    return [int(t) for t in prompt]
+        return list(served.tokenizer(check_text(prompt, "prompt"), add_special_tokens=True)["input_ids"])
+    ids = [int(t) for t in prompt]
+    if vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", param="prompt")
+    return ids
+
+
+def prompt_chars(prompt: Any) -> int:
+    """Characters of text in a completions prompt (token ids count as none)."""
+    items = [prompt] if isinstance(prompt, str) else prompt
+    return sum(len(p) for p in items if isinstance(p, str))
+
+
+def message_chars(messages: list[Any]) -> int:
+    total = 0
+    for m in messages:
+        content = m.content
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
+    return total
 
 
 def render_chat(served: Served, messages: list[dict[str, Any]]) -> list[int]:
@@ -368,7 +435,7 @@ def render_chat(served: Served, messages: list[dict[str, Any]]) -> list[int]:
                     raise RequestError(f"messages[{i}].content: only text parts are supported", param="messages")
                 texts.append(part["text"])
             content = "".join(texts)
-        plain.append({"role": m["role"], "content": content})
+        plain.append({"role": check_text(m["role"], "messages"), "content": check_text(content, "messages")})
     tok = served.tokenizer
     if not getattr(tok, "chat_template", None):
         raise RequestError(
@@ -399,7 +466,7 @@ class _Sampling(_Body):
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
@@ -547,9 +614,9 @@ def error_body(message: str, param: str | None = None, code: str | None = None, 
 def create_app(server: ModelServer) -> Any:
     """The FastAPI app over ``server``."""
     require_web_stack()
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="qlora serve", version="1")
@@ -595,22 +662,26 @@ def create_app(server: ModelServer) -> Any:
         server.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    # Tokenizing, templating and waiting on the model run off the event loop, so /health and other clients
+    # keep answering whatever one request sends.
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         served = server.resolve(body.model)
         if body.echo:
             raise RequestError("echo is not supported", param="echo")
         prompts = prompt_list(body.prompt)
-        ids = [encode_prompt(served, p) for p in prompts]
-        return await _generate(body, served, ids, chat=False)
+        server.check_prompt_chars(prompt_chars(body.prompt), "prompt")
+        ids = await run_in_threadpool(lambda: [encode_prompt(served, p, server.vocab_size) for p in prompts])
+        return await _generate(body, served, ids, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         served = server.resolve(body.model)
-        ids = render_chat(served, [m.model_dump() for m in body.messages])
-        return await _generate(body, served, [ids], chat=True)
+        server.check_prompt_chars(message_chars(body.messages), "messages")
+        ids = await run_in_threadpool(render_chat, served, [m.model_dump() for m in body.messages])
+        return await _generate(body, served, [ids], chat=True, request=request)
 
-    async def _generate(body: Any, served: Served, prompt_ids: list[list[int]], chat: bool) -> Any:
+    async def _generate(body: Any, served: Served, prompt_ids: list[list[int]], chat: bool, request: Any) -> Any:
         max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens else body.max_tokens
         if not chat and max_tokens is None:
             max_tokens = 16  # OpenAI's completions default
@@ -641,9 +712,17 @@ def create_app(server: ModelServer) -> Any:
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             remaining = len(seqs)
+            next_check = loop.time() + DISCONNECT_POLL_S
             while remaining:
-                _, _, finish = await events.get()
-                remaining -= finish is not None
+                try:
+                    _, _, finish = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+                    remaining -= finish is not None
+                except asyncio.TimeoutError:
+                    pass
+                if remaining and loop.time() >= next_check:
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                        return Response(status_code=499)
         finally:
             for seq in seqs:
                 seq.cancelled = seq.cancelled or not seq.finished  # the client went away: free the rows

@@ -357,6 +357,7 @@ def test_adapters_must_share_base_and_quantization(runs, tmp_path):
         ModelServer(adapters=[("a", str(folders["upper"])), ("b", str(other))], device="cpu")
     moved = tmp_path / "other-base"
     shutil.copytree(folders["reverse"], moved)
+    (tmp_path / "elsewhere").mkdir()  # another base that exists (a missing one is its own error)
     (moved / "qlora_config.yaml").write_text(yaml.safe_dump({**cfg, "base_model": str(tmp_path / "elsewhere")}))
     with pytest.raises(ModelError, match="different base models"):
         ModelServer(adapters=[("a", str(folders["upper"])), ("b", str(moved))], device="cpu")
@@ -512,12 +513,12 @@ def locked_server(runs, tmp_path_factory):
     _, folders, _ = runs
     log = tmp_path_factory.mktemp("locked-log") / "server.log"
     env = {**os.environ, "QLORA_API_KEY": "sk-test-key"}
-    for url, _ in start_server(["--adapter", f"upper={folders['upper']}"], log, env=env):
-        yield url
+    yield from start_server(["--adapter", f"upper={folders['upper']}"], log, env=env)
 
 
 def test_api_key_is_required_on_every_endpoint_but_health(locked_server, runs):
     _, folders, answers = runs
+    locked_server, _ = locked_server
     assert httpx.get(f"{locked_server}/health").status_code == 200
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
                          ("POST", "/v1/load_lora_adapter"), ("GET", "/openapi.json")):  # fmt: skip
@@ -535,6 +536,7 @@ def test_api_key_is_required_on_every_endpoint_but_health(locked_server, runs):
 
 def test_runtime_loading_is_off_unless_the_operator_turns_it_on(locked_server, runs, tmp_path):
     _, folders, _ = runs
+    locked_server, _ = locked_server
     headers = {"Authorization": "Bearer sk-test-key"}
     body = {"lora_name": "again", "lora_path": str(folders["reverse"])}
     r = httpx.post(f"{locked_server}/v1/load_lora_adapter", json=body, headers=headers)
@@ -558,3 +560,128 @@ def test_operator_flags_are_checked_at_startup(runs, tmp_path):
     server = ModelServer(adapters=[("evil", str(evil))], device="cpu")  # the operator did not pass the flag
     server.close()
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# denial of service: one request never takes the server or other clients down
+
+
+def test_a_prompt_over_the_context_is_refused_without_max_tokens(client, server):
+    """A chat request without max_tokens used to skip the length check (2,019 tokens on a 512-token model)."""
+    long = "ab" * 1010
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="upper", messages=[{"role": "user", "content": long}])
+    assert e.value.body["code"] == "context_length_exceeded" and "512" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="upper", prompt=[5] * 600)
+
+
+def test_a_megabyte_prompt_is_refused_while_health_keeps_answering(server):
+    body = {"model": "upper", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    result: dict = {}
+
+    def send():
+        result["r"] = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    latencies = []
+    while thread.is_alive() or not latencies:
+        t0 = time.monotonic()
+        assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+        latencies.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    thread.join()
+    assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert max(latencies) < 1.0, latencies
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch(client, server, runs):
+    """An out-of-vocabulary token id used to fail every request prefilled with it (all 500)."""
+    _, _, answers = runs
+    rows = held_out("upper")[:4]
+    start = threading.Barrier(len(rows) + 2)
+
+    def good(i):
+        start.wait()
+        return complete(client, "upper", rows[i]["prompt"]).choices[0].text
+
+    def bad(ids):
+        start.wait()
+        return httpx.post(
+            f"{server}/v1/completions", json={"model": "upper", "prompt": ids, "max_tokens": 4}, timeout=60
+        )
+
+    with ThreadPoolExecutor(len(rows) + 2) as pool:
+        goods = [pool.submit(good, i) for i in range(len(rows))]
+        bads = [pool.submit(bad, [3, 10**6]), pool.submit(bad, [-1])]
+        assert [f.result() for f in goods] == answers["upper"][:4]
+        for f in bads:
+            r = f.result()
+            assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
+
+
+def test_client_errors_are_400s_not_500s(server):
+    def post(body: str) -> httpx.Response:
+        return httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
+
+    r = post('{"model": "upper", "prompt": "x", "seed": 18446744073709551616}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = post('{"model": "upper", "prompt": "a\\ud800b"}')
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        content='{"model": "upper", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
+    assert post('{"model": "upper", "prompt": "x", "seed": 18446744073709551615, "max_tokens": 1}').status_code == 200
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
+    before = httpx.get(f"{server}/health").json()["generated_tokens"]
+    body = {"model": "base", "prompt": "x", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server}/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    generated = httpx.get(f"{server}/health").json()["generated_tokens"] - before
+    assert generated < 450, generated  # all 480 without the disconnect check
+
+
+def test_sigterm_stops_the_server_within_seconds_while_it_generates(locked_server):
+    """Last test of the module: it stops the locked server."""
+    url, proc = locked_server
+    body = {"model": "base", "prompt": "x", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    headers = {"Authorization": "Bearer sk-test-key"}
+
+    def ask():
+        try:
+            httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+        except httpx.HTTPError:
+            pass  # the server went away mid-request: expected
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.terminate()
+    proc.wait(timeout=15)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_plain_peft_folder_joins_a_float32_server(runs, tmp_path):
+    """A PEFT adapter folder records no quantization: it is served on whatever the run folders say, not
+    refused for an assumed bfloat16."""
+    base, folders, answers = runs
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(Path(folders["upper"]) / name, plain / name)
+    server = ModelServer(adapters=[("reverse", str(folders["reverse"])), ("plain", str(plain))], device="cpu")
+    try:
+        assert server.settings.quant.compute_dtype == "float32"
+        assert "plain" in server.served
+    finally:
+        server.close()
