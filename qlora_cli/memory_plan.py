@@ -67,13 +67,15 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def load_model_config(cfg: RunConfig) -> Any:
-    """The transformers config of ``cfg.base_model`` from local files only (a folder, or the HF cache)."""
+    """The transformers config of ``cfg.base_model`` from local files only (a folder, a GGUF file, or the HF cache)."""
     from transformers import AutoConfig
 
-    from qlora_cli.model import check_model_folder, is_local, quiet_libraries
+    from qlora_cli.model import check_model_folder, is_gguf, is_local, load_gguf_config, quiet_libraries
 
     quiet_libraries()
     name = cfg.base_model
+    if is_gguf(name):  # the config is in the file's metadata
+        return load_gguf_config(name)
     if is_local(name):
         check_model_folder(name)
     try:

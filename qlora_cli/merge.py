@@ -47,7 +47,7 @@ from qlora_cli.adapter_io import settings_from_peft_config
 from qlora_cli.config import QuantSettings
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.lora import linear_shape, match_targets, output_head
-from qlora_cli.model import DTYPES, is_local, quiet_libraries, resolve_device
+from qlora_cli.model import DTYPES, is_local, quiet_libraries, resolve_device, resolve_gguf
 from qlora_cli.run_folder import RunFolder, open_run
 
 BASE_WEIGHTS = ("dequantized", "original")
@@ -641,6 +641,7 @@ def merge_run(
     from qlora_cli.adapter_io import read_adapter
 
     adapter_config, state = read_adapter(run.path)
+    run = replace(run, model=resolve_gguf(run.model))  # a GGUF base: its dequantized folder holds the originals
     folder = resolve_base_folder(run.model.base_model)
     run = replace(run, model=replace(run.model, base_model=str(folder)))
     out = Path(output).expanduser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,18 @@ def quiet_console():
     from rich.console import Console
 
     return Console(quiet=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qlora_cache(tmp_path_factory):
+    """qlora's cache (GGUF conversions) in the session's temporary folder, not the user's; subprocesses
+    inherit it. A cache the caller set (QLORA_CACHE) is kept."""
+    if "QLORA_CACHE" in os.environ:
+        yield
+        return
+    os.environ["QLORA_CACHE"] = str(tmp_path_factory.mktemp("qlora-cache"))
+    yield
+    del os.environ["QLORA_CACHE"]
 
 
 @pytest.fixture(autouse=True)
