@@ -98,6 +98,9 @@ def _settings(cfg: RunConfig | ModelSettings) -> ModelSettings:
 def check_base_model(cfg: RunConfig | ModelSettings) -> None:
     cfg = _settings(cfg)
     if is_gguf(cfg.base_model):
+        path = Path(cfg.base_model).expanduser()
+        if path.is_file() and (gguf_cache_folder(str(path), cfg.quant.compute_dtype) / "config.json").exists():
+            return  # converted before: it passed these checks then (parsing a large header again takes seconds)
         check_gguf(cfg.base_model, need_tokenizer=cfg.tokenizer is None)
         return
     check_model_folder(cfg.base_model)
