@@ -66,7 +66,8 @@ def tiny_config(
     **extra: Any,
 ) -> Any:
     """A transformers config for ``arch`` at toy size. ``arch`` is a model_type: llama, qwen2, mistral,
-    phi3, gemma2, gpt2, gpt_neox, opt."""
+    phi3, gemma2, gpt2, gpt_neox, opt. ``extra`` goes to every architecture's config (e.g. initializer_range,
+    or the dropout keys: GPT-2's resid_pdrop/embd_pdrop/attn_pdrop, OPT's dropout)."""
     import transformers as tf
 
     inter = intermediate or 2 * hidden
@@ -92,9 +93,10 @@ def tiny_config(
     if arch == "gemma2":
         return tf.Gemma2Config(**llama_like, head_dim=hidden // heads)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **c)
+        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **extra, **c)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(
+            **extra,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
@@ -104,6 +106,7 @@ def tiny_config(
         )
     if arch == "opt":
         return tf.OPTConfig(
+            **extra,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
