@@ -187,7 +187,7 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """What makes a checkpoint folder unreadable (a missing, empty or truncated file), or None. Cheap: reads
+    """What makes a checkpoint folder unreadable, as a verb phrase ("is missing optimizer.pt"), or None. Cheap: reads
     the JSON state, the safetensors header and each torch file's zip directory, not the tensors. A torch file
     is checked before ``torch.load`` sees it, which aborts the whole process on some damaged files."""
     import zipfile
@@ -196,25 +196,25 @@ def checkpoint_problem(path: Path) -> str | None:
 
     for name in (STATE_FILE, "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file():
-            return f"{name} is missing"
+            return f"is missing {name}"
     try:
         state = json.loads((path / STATE_FILE).read_text())
         if not isinstance(state, dict):
-            return f"{STATE_FILE} is not a JSON object"
+            return f"has a {STATE_FILE} that is not a JSON object"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"{STATE_FILE} cannot be read ({e})"
+        return f"has an unreadable {STATE_FILE} ({e})"
     try:
         with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
             list(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        return f"adapter_model.safetensors cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return f"has an unreadable adapter_model.safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     for name in ["optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pt"))]:
         try:
             with zipfile.ZipFile(path / name) as z:
                 if not z.namelist():
-                    return f"{name} is empty"
+                    return f"has an empty {name}"
         except (OSError, zipfile.BadZipFile) as e:
-            return f"{name} is damaged or truncated ({e})"
+            return f"has a damaged or truncated {name} ({e})"
     return None
 
 
@@ -229,14 +229,16 @@ def find_checkpoint(output_dir: Path, spec: str, warn: Any = print) -> Path | No
             raise ConfigError(f"resume_from_checkpoint: {spec} is incomplete (no {COMPLETE} marker)")
         problem = checkpoint_problem(path)
         if problem:
-            raise ConfigError(f"resume_from_checkpoint: checkpoint {spec}: {problem}")
+            raise ConfigError(f"resume_from_checkpoint: checkpoint {spec} {problem}")
         return path
     for step, path, complete in reversed(list_checkpoints(output_dir)):
-        problem = None if complete else f"incomplete (no {COMPLETE} marker)"
-        problem = problem or checkpoint_problem(path)
+        if not complete:
+            warn(f"skipping incomplete checkpoint {path} (step {step})")
+            continue
+        problem = checkpoint_problem(path)
         if problem is None:
             return path
-        warn(f"skipping checkpoint {path} (step {step}): {problem}; trying the one before")
+        warn(f"skipping checkpoint {path} (step {step}): it {problem}; trying the one before")
     return None
 
 
