@@ -143,6 +143,12 @@ class MultiLoRALinear(nn.Module):
         self.lora_A, self.lora_B = A, B
         self.present += [False] * (capacity - cap)
 
+    def shrink(self, rank: int) -> None:
+        """Drop rank padding above ``rank`` (after the largest adapter left): every forward pays for it."""
+        if rank < self.rank:
+            self.lora_A = self.lora_A[:, :, :rank].contiguous()
+            self.lora_B = self.lora_B[:, :rank, :].contiguous()
+
     def set_slot(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
         """Write one adapter: ``lora_A`` (r, in) and ``lora_B`` (out, r) as PEFT stores them."""
         r = lora_A.shape[0]
@@ -193,6 +199,7 @@ class MultiLoRA:
         self.free: list[int] = []
         self.retired: dict[int, str] = {}  # slot -> name: unloaded, but requests still pin it
         self.pins: dict[int, int] = {}  # slot -> how many requests use it (see pin/unpin)
+        self.slot_rank: dict[int, int] = {}  # slot -> its adapter's rank, while the slot holds one
         self.lock = threading.RLock()  # held by each forward and each load/unload
         self.device = _device_of(model)
 
@@ -218,6 +225,7 @@ class MultiLoRA:
                     layer.grow(slot + 1, 0)
                     layer.clear_slot(slot)
             adapter = Adapter(name, Path(folder), slot, settings.r, settings.scaling, sorted(weights), config)
+            self.slot_rank[slot] = settings.r
             self.adapters[name] = adapter
         return adapter
 
@@ -304,6 +312,10 @@ class MultiLoRA:
                 layer.clear_slot(slot)
             del self.retired[slot]
             self.free.append(slot)
+            self.slot_rank.pop(slot, None)
+            rank = max(self.slot_rank.values(), default=0)
+            for layer in self.layers.values():
+                layer.shrink(rank)
 
     # -- per-row choice -----------------------------------------------------------------------------
     def slot(self, name: str | None) -> int:

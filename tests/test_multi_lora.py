@@ -363,3 +363,26 @@ def test_chat_end_of_turn_token_is_found_from_the_template():
     tok = build_char_tokenizer()  # chatml: an assistant turn ends with <|im_end|>
     assert end_of_turn_ids(tok) == {tok.convert_tokens_to_ids("<|im_end|>")}
     assert end_of_turn_ids(build_char_tokenizer(chat_template=None)) == frozenset()
+
+
+def test_padding_shrinks_when_the_largest_adapter_is_unloaded(tmp_path):
+    """Ranks 2 and 6 pad every slot to 6; once the rank-6 adapter is gone (and no request pins it) the stacks
+    are rank 2 again and the rank-2 adapter's output is unchanged."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    write_adapter(tmp_path / "a", {"up": (torch.randn(2, 16), torch.randn(12, 2))}, r=2, alpha=2.0)
+    write_adapter(tmp_path / "b", {"up": (torch.randn(6, 16), torch.randn(12, 6))}, r=6, alpha=6.0)
+    multi = MultiLoRA(model)
+    a = multi.load("a", tmp_path / "a")
+    multi.load("b", tmp_path / "b")
+    x = torch.randn(2, 3, 16)
+    with multi.use_rows([a.slot, BASE_ONLY]):
+        before = model(x)
+    assert model.up.rank == 6
+    slot = multi.pin("b")
+    multi.unload("b")
+    assert model.up.rank == 6  # still pinned by a running request
+    multi.unpin(slot)
+    assert model.up.rank == 2 and model.up.lora_A.shape == (2, 16, 2)
+    with multi.use_rows([a.slot, BASE_ONLY]):
+        torch.testing.assert_close(model(x), before)
