@@ -19,6 +19,8 @@ from torch import nn
 
 from qlora_cli.config import LoRASettings
 from qlora_cli.errors import ModelError
+from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
+from qlora_cli.kernels.lora_linear import fused_lora_linear
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -73,32 +75,6 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "quant_state")
 
 
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A bool tensor of ``shape``, True where an element is dropped, independently, with probability
-    ``dropout_rate(p, device)``.
-
-    On a CPU the draw is 16-bit lanes of full-range 64-bit random words: one generator call per four
-    elements, about three times faster than 16-bit draws and six times faster than a float Bernoulli (dropout
-    was the largest cost after the matmuls in a CPU step). Elsewhere it is a Bernoulli draw into the mask.
-    """
-    if device.type == "cpu":
-        n = math.prod(shape)
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-        lanes = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
-        return lanes < _lane_threshold(p) - 32768
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
-
-
-def _lane_threshold(p: float) -> int:
-    return min(math.ceil(p * 65536), 65535)
-
-
-def dropout_rate(p: float, device: torch.device) -> float:
-    """The probability ``dropout_mask`` really drops with: p itself, or on a CPU p rounded up to a multiple of
-    2^-16. Kept elements are scaled by 1 / (1 - rate), so the expected value is exact whatever p is."""
-    return _lane_threshold(p) / 65536 if device.type == "cpu" else p
-
-
 class LoRADropout(nn.Dropout):
     """Dropout on the adapter's input, drawn by ``dropout_mask`` (the fused path draws the same mask)."""
 
@@ -147,8 +123,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not (self.merged or self.disabled):
-            from qlora_cli.kernels.lora_linear import fused_lora_linear
-
             p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
             return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
         out = self.base(x)
