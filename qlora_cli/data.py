@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -517,9 +516,3 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, shuff
     else:
         order = list(range(n_examples))
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
-
-
-def iter_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """In-order batches, for evaluation."""
-    for idx in epoch_batches(len(examples), batch_size, 0, 0, shuffle=False):
-        yield collate([examples[i] for i in idx], pad_id)

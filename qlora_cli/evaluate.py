@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from qlora_cli.data import (
     tokenize_rows,
 )
 from qlora_cli.errors import ConfigError, DataError, ModelError
+from qlora_cli.model import autocast as training_autocast
+from qlora_cli.model import module_device
 
 FORMATS = ("completion", "alpaca", "chat", "text")
 AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
@@ -66,10 +69,6 @@ def generation_case(row: Row, fmt: str, tokenizer: Any) -> GenerationCase | None
     return None
 
 
-def _model_device(model: Any) -> torch.device:
-    return next(p for p in model.parameters()).device
-
-
 @torch.no_grad()
 def generate_ids(
     model: Any,
@@ -87,7 +86,7 @@ def generate_ids(
     """
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = module_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = list(dict.fromkeys(eos_token_ids or [tokenizer.eos_token_id]))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -247,7 +246,7 @@ def open_candidate(
             config = load_config(folder / CONFIG_FILE)
         except ConfigError as e:
             raise ModelError(f"model folder {path}: {e}") from None
-    quant = QuantSettings(load_in_4bit, "nf4", True, dtype or _checkpoint_dtype(folder))
+    quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype or _checkpoint_dtype(folder))
     settings = ModelSettings(base_model=str(folder), quant=quant)
     check_base_model(settings)
     return Candidate(folder, name, settings, config, is_adapter=False)
@@ -437,14 +436,9 @@ class ModelScore:
 
 def autocast_for(compute_dtype: str, device: torch.device) -> Callable[[], AbstractContextManager]:
     """The autocast training ran under (train.Precision): none in float32, else the compute dtype."""
-    from qlora_cli.model import DTYPES
-
     if compute_dtype == "float16" and device.type == "cpu":
         raise ConfigError("compute dtype float16 needs a GPU; pass --dtype float32 or bfloat16 on CPU")
-    dtype = DTYPES[compute_dtype]
-    if dtype == torch.float32:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return partial(training_autocast, compute_dtype, device)
 
 
 def auto_max_new_tokens(tokenizer: Any, cases: list[GenerationCase | None]) -> int:
@@ -535,11 +529,9 @@ def _free_memory() -> None:
 def _same_forward_as_training(model: torch.nn.Module, config: RunConfig | None) -> None:
     """Run the LoRA layers through the code path training used (``fused_lora``), so the loss equals the
     eval_loss training logged to the last bit also under bf16 (the paths differ only by rounding)."""
-    from qlora_cli.lora import lora_layers
+    from qlora_cli.lora import set_fused
 
-    fused = bool(getattr(config, "fused_lora", False)) if config is not None else False
-    for _, layer in lora_layers(model):
-        layer.fused = fused
+    set_fused(model, config.fused_lora if config is not None else False)
 
 
 def _max_positions(model: Any) -> int | None:

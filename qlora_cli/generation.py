@@ -18,13 +18,13 @@ import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from qlora_cli.model import autocast, module_device
 from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete multi-byte character
@@ -254,7 +254,7 @@ class Engine:
         self.compute_dtype = compute_dtype
         self.adapters = adapters
         self.max_batch_size = max_batch_size
-        self.device = next(p for p in model.parameters()).device
+        self.device = module_device(model)
         self.max_length = context_length(model)
         params = _forward_parameters(model)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
@@ -292,9 +292,7 @@ class Engine:
         return out.logits[:, -1, :].float(), _cache_of(out)
 
     def _autocast(self) -> Any:
-        if self.compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return autocast(self.compute_dtype, self.device)
 
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """Run the prompts (left-padded) through the model and take each row's first token."""
@@ -517,7 +515,7 @@ def generate_text(
         settings = run.model
         model, tokenizer = load_adapted_model(run, torch_device)
     else:  # a model folder: the base alone, quantized as `qlora train` would
-        settings = ModelSettings(str(path), quant=QuantSettings(True, "nf4", True, "bfloat16"))
+        settings = ModelSettings(str(path), quant=QuantSettings())
         model, tokenizer = load_base_model(settings, torch_device), load_tokenizer(settings)
         model.eval()
     if chat:

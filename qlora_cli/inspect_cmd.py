@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qlora_cli.config import RunConfig, load_config
+from qlora_cli.config import RunConfig, load_config, parse_size
 from qlora_cli.errors import ConfigError, DataError, ModelError
 from qlora_cli.memory_plan import (
     MemoryPlan,
@@ -674,10 +674,9 @@ def run_inspect(
     console: Console,
 ) -> dict[str, Any]:
     """Dispatch ``qlora inspect TARGET [CONFIG]`` and print the report (JSON or rich). Returns the report."""
-    from qlora_cli.memory_plan import parse_size
     from qlora_cli.run_folder import is_adapter_folder
 
-    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None
     path = Path(target).expanduser()
     if target == "data" and (config is not None or not is_adapter_folder(path)):  # ./data may be a data folder
         if config is None:

@@ -21,6 +21,7 @@ from qlora_cli.config import LoRASettings
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
 from qlora_cli.kernels.lora_linear import fused_lora_linear
+from qlora_cli.model import module_device
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -91,7 +92,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base)
-        device = _param_device(base)
+        device = module_device(base)
         self.base = base
         self.r = r
         self.alpha = alpha
@@ -157,12 +158,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, fan_in_fan_out={self.fan_in_fan_out}"
-
-
-def _param_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +243,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """Run every LoRA layer through the fused kernel (``kernels.lora_linear``) or the plain path: the config's
+    ``fused_lora``, set the same way by training, evaluation and the memory plan."""
+    for _, layer in lora_layers(model):
+        layer.fused = fused
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

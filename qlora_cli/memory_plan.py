@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from torch import nn
 
 from qlora_cli.config import RunConfig
 from qlora_cli.errors import ConfigError, ModelError, QLoRAError
+from qlora_cli.model import DTYPES
 
 # -- GPU-only constants (not part of the CPU comparison) -------------------------------------------------
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS/cuDNN handles and workspaces: ~0.3-0.6 GiB on recent GPUs
@@ -57,9 +57,6 @@ NF4_BLOCKSIZE = 64  # values per absmax block (bitsandbytes' 4-bit default)
 NESTED_BLOCKSIZE = 256  # absmax values per second-level block with double quantization
 OPTIM_BLOCKSIZE = 256  # 8-bit optimizer state block size
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 optimizer state for tensors with fewer elements
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +93,7 @@ def meta_model(model_config: Any, cfg: RunConfig, num_layers: int | None = None)
     if num_layers is not None:
         _truncate_layers(config, num_layers)
     config.use_cache = False
-    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.bnb_4bit_compute_dtype]}
     if cfg.attn_implementation is not None:
         # flash_attention_2 needs its package; sdpa has the same memory behaviour (saves only the output)
         kwargs["attn_implementation"] = "eager" if cfg.attn_implementation == "eager" else "sdpa"
@@ -213,7 +210,7 @@ class WeightBytes:
 
 def weight_bytes(model: nn.Module, cfg: RunConfig) -> WeightBytes:
     """Exact bytes of the base as ``model.load_base_model`` holds it, computed from the meta model's shapes."""
-    compute = TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]
+    compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     upcast = compute != torch.float32  # model.upcast_small_parameters: 1-D params to float32
     out = WeightBytes()
     quantized = set(quantized_module_names(model)) if cfg.load_in_4bit else set()
@@ -642,7 +639,7 @@ def _quantize_stand_ins(model: nn.Module, cfg: RunConfig) -> None:
     """Swap the layers transformers would load in 4 bits for stand-ins with bitsandbytes' memory behaviour."""
     if not cfg.load_in_4bit:
         return
-    compute = TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]
+    compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     for name in quantized_module_names(model):
         module = model.get_submodule(name)
         n_in, n_out = linear_dims(module)
@@ -655,7 +652,7 @@ def _quantize_stand_ins(model: nn.Module, cfg: RunConfig) -> None:
 def _materialize(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
     """Replace the meta model's tensors by fake ones on ``device``; 1-D frozen parameters become float32, as
     ``model.load_base_model`` leaves them. No initialization runs (there is no data to initialize)."""
-    compute = TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]
+    compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for key, p in list(module._parameters.items()):
@@ -738,7 +735,7 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qlora_cli.data import Example, collate
-    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import evaluate_loss, loss_sum
     from qlora_cli.train import Precision
 
@@ -746,7 +743,7 @@ def trace_step(
     if cfg.bnb_4bit_compute_dtype == "float16":  # same bytes as bfloat16, which CPU autocast handles everywhere
         cfg = cfg.model_copy(update={"bnb_4bit_compute_dtype": "bfloat16"})
     model = meta_model(model_config, cfg, num_layers)
-    compute = TORCH_DTYPES[cfg.bnb_4bit_compute_dtype]
+    compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     precision = Precision(device.type, compute, None)
     ids = [1] * seq_len
     examples = [Example(ids, ids) for _ in range(micro_batch_size)]
@@ -755,12 +752,11 @@ def trace_step(
     cuda_behaviour = _cuda_behaviour() if device_type == "cuda" else contextlib.nullcontext()
     _quantize_stand_ins(model, cfg)
     inject_lora(model, cfg.lora)  # on the meta device: LoRA layers as training has them, float32, trainable
-    for _, layer in lora_layers(model):
-        layer.fused = getattr(cfg, "fused_lora", False)  # as train() sets it
+    set_fused(model, cfg.fused_lora)  # as train() sets it
     with fake_mode, _unpadded_masks(), _fused_lora_dequantization(device_type):
         _materialize(model, cfg, device)
         if gradient_checkpointing and train:
-            _enable_checkpointing(model, getattr(cfg, "checkpoint_every_n_layers", 1))
+            _enable_checkpointing(model, cfg.checkpoint_every_n_layers)
         model.train(train)
         params = lora_parameters(model)
         if cfg.gradient_accumulation_steps > 1 and train:
@@ -778,7 +774,7 @@ def trace_step(
                 if train:  # the body of train.accumulate_gradients for one micro-batch
                     batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
                     with precision.autocast():
-                        loss, _ = loss_sum(model, batch, getattr(cfg, "fused_cross_entropy", False))
+                        loss, _ = loss_sum(model, batch, cfg.fused_cross_entropy)
                     precision.backward(loss / max(1, micro_batch_size * seq_len))
                     del loss, batch
                 else:
@@ -839,7 +835,7 @@ def traced_peak(
     depth = num_layers_of(model_config)
     period = layer_period(model_config)
     if gradient_checkpointing and train:  # checkpoint_every_n_layers > 1 repeats every n layers
-        period = math.lcm(period, getattr(cfg, "checkpoint_every_n_layers", 1))
+        period = math.lcm(period, cfg.checkpoint_every_n_layers)
     offloaded = gradient_checkpointing and train and device_type == "cuda" and cfg.gradient_checkpointing == "offload"
     kwargs = dict(
         device_type=device_type,
@@ -1071,23 +1067,6 @@ def target_infos(model: nn.Module, cfg: RunConfig) -> list[TargetInfo]:
 
 # ---------------------------------------------------------------------------------------------
 # sizes
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``"24GB"`` -> bytes. GPU memory comes in binary units, so GB, GiB and G all mean 2**30; a bare number is GB."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"--gpu-memory: cannot read {text!r} as a size (examples: 24GB, 80GB, 16384MB)")
-    unit = (m.group(2) or "").lower()
-    unit = unit[0] if unit and unit != "b" else unit
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"--gpu-memory must be positive, got {text!r}")
-    return int(value)
 
 
 def format_bytes(n: int | float) -> str:

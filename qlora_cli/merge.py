@@ -1,9 +1,9 @@
 """``qlora merge``: deployable full weights from a run, streamed tensor by tensor and proven by a self-check.
 
-    base checkpoint (safetensors shards)
+    base model shards (safetensors)
         │  per tensor, in file order, read with plain file reads (no mmap)
         ├─ targeted weight:  W' = base(W) + scaling · B @ A     float32 (transposed for Conv1D), then --dtype
-        └─ anything else:    copied bit for bit (cast only when --dtype changes the checkpoint's main dtype)
+        └─ anything else:    copied bit for bit (cast only when --dtype changes the base shards' main dtype)
         ▼
     output shards (a streaming safetensors writer; headers planned from the input headers)
     + model.safetensors.index.json, config.json without quantization_config, generation config, tokenizer
@@ -13,8 +13,8 @@
 ``base(W)`` is, by default (``dequantized``), exactly the weight the adapter was trained against:
 dequant(NF4(W)) computed with the run's quantization settings from ``W`` cast to the run's compute dtype,
 which is what transformers + bitsandbytes do when they load the base in 4 bits (a test checks the two are
-bit-identical). ``original`` uses the checkpoint weight itself. Nothing is ever re-quantized. Only targeted
-layers change: linear layers the run held in 4 bits without an adapter keep their checkpoint weights, so
+bit-identical). ``original`` uses the base shards' weight itself. Nothing is ever re-quantized. Only targeted
+layers change: linear layers the run held in 4 bits without an adapter keep their base weights, so
 the self-check compares with the adapter on a base quantized in the targeted layers only, and reports the
 distance to the all-4-bit training-time model beside it.
 
@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,10 +45,10 @@ import torch
 from rich.console import Console
 
 from qlora_cli.adapter_io import settings_from_peft_config
-from qlora_cli.config import QuantSettings
+from qlora_cli.config import QuantSettings, parse_size
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.lora import linear_shape, match_targets, output_head
-from qlora_cli.model import DTYPES, is_local, quiet_libraries, resolve_device
+from qlora_cli.model import DTYPES, autocast, is_local, quiet_libraries, resolve_device
 from qlora_cli.run_folder import RunFolder, open_run
 
 BASE_WEIGHTS = ("dequantized", "original")
@@ -172,23 +173,6 @@ class MergeResult:
 # options
 
 
-def parse_size(text: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000, ``"500MB"``, ``"1GiB"`` -> 2**30, ``1000`` -> 1000 (as transformers reads them)."""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-        if not m:
-            raise ConfigError(f"--max-shard-size: expected a size like 2GB or 500MB, got {text!r}")
-        number, unit = float(m.group(1)), m.group(2).rstrip("B")
-        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-        scale.update({"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40})
-        size = int(number * scale[unit])
-    if size <= 0:
-        raise ConfigError(f"--max-shard-size must be positive, got {text!r}")
-    return size
-
-
 # ---------------------------------------------------------------------------------------------
 # reading safetensors without mmap
 
@@ -231,7 +215,7 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
+def base_shard_files(folder: Path) -> list[Path]:
     """The safetensors files of a model folder: the index's shards, else ``model.safetensors``, else all."""
     index = folder / INDEX_FILE
     if index.exists():
@@ -365,16 +349,16 @@ def plan_shards(entries: list[OutTensor], max_bytes: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# which checkpoint tensors the adapter changes
+# which base tensors the adapter changes
 
 
 @dataclass
 class Target:
     module: str  # adapter module path, e.g. model.layers.0.self_attn.q_proj
-    tensor: str  # checkpoint tensor name
+    tensor: str  # base tensor name
     lora_A: torch.Tensor  # (r, in)
     lora_B: torch.Tensor  # (out, r)
-    conv1d: bool  # the checkpoint stores this weight (in, out)
+    conv1d: bool  # the base shard stores this weight (in, out)
     quantized: bool  # the run held this layer in 4 bits
 
 
@@ -446,8 +430,8 @@ def is_quantized_in_training(name: str, skip: list[str]) -> bool:
         return not any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in skip)
 
 
-def checkpoint_name(module: str, skeleton: Any, tensors: dict[str, TensorInfo]) -> str | None:
-    """The checkpoint tensor holding ``module``'s weight: ``<module>.weight``, or that name with the model's
+def base_tensor_name(module: str, skeleton: Any, tensors: dict[str, TensorInfo]) -> str | None:
+    """The base tensor holding ``module``'s weight: ``<module>.weight``, or that name with the model's
     base-model prefix (``transformer.``, ``model.``) removed or added, as older checkpoints store it."""
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
     candidates = [f"{module}.weight"]
@@ -466,7 +450,7 @@ def plan_targets(
     tensors: dict[str, TensorInfo],
     quant: QuantSettings,
 ) -> tuple[dict[str, Target], float]:
-    """{checkpoint tensor name: Target} and the scaling, after checking the adapter fits the base exactly.
+    """{base tensor name: Target} and the scaling, after checking the adapter fits the base exactly.
 
     Raises ``ModelError`` naming the first module that does not fit (missing, wrong shape, tied, not float).
     """
@@ -504,15 +488,15 @@ def plan_targets(
             raise ModelError(
                 f"adapter targets {name!r}, whose weight is tied to the input embeddings; merging would change both"
             )
-        key = checkpoint_name(name, skeleton, tensors)
+        key = base_tensor_name(name, skeleton, tensors)
         if key is None:
-            raise ModelError(f"{fits}: the checkpoint has no weight for module {name!r} (looked for {name}.weight)")
+            raise ModelError(f"{fits}: the base model has no weight for module {name!r} (looked for {name}.weight)")
         info = tensors[key]
         need = (n_in, n_out) if conv1d else (n_out, n_in)
         if info.shape != need:
-            raise ModelError(f"{fits}: checkpoint tensor {key} has shape {info.shape}, the adapter needs {need}")
+            raise ModelError(f"{fits}: base tensor {key} has shape {info.shape}, the adapter needs {need}")
         if info.dtype not in _FLOAT_CODES:
-            raise ModelError(f"checkpoint tensor {key} is {info.dtype}; merge needs 16- or 32-bit float base weights")
+            raise ModelError(f"base tensor {key} is {info.dtype}; merge needs 16- or 32-bit float base weights")
         quantized = quant.load_in_4bit and is_quantized_in_training(name, skip)
         targets[key] = Target(name, key, A.float(), B.float(), conv1d, quantized)
     return targets, settings.scaling
@@ -544,9 +528,9 @@ def nf4_roundtrip(weight: torch.Tensor, quant: QuantSettings, out_dtype: torch.d
 def merged_weight(
     weight: torch.Tensor, target: Target, scaling: float, base_weights: str, quant: QuantSettings, device: torch.device
 ) -> tuple[torch.Tensor, LayerStat]:
-    """(W' = base + scaling · B @ A in float32, in the checkpoint's layout; its statistics).
+    """(W' = base + scaling · B @ A in float32, in the base shard's layout; its statistics).
 
-    ``weight`` is the checkpoint tensor: (out, in), or (in, out) for a Conv1D layer. W' is formed in place in
+    ``weight`` is the base tensor: (out, in), or (in, out) for a Conv1D layer. W' is formed in place in
     one float32 copy of the base weight (``addmm_``), so the peak is a few copies of this one weight.
     """
     A, B = target.lora_A.to(device), target.lora_B.to(device)  # (r, in), (out, r)
@@ -559,7 +543,7 @@ def merged_weight(
     else:
         if target.quantized:  # the NF4 error is only reported here, so estimate it on a sample of rows
             quant_err = nf4_error_estimate(w, quant)
-        base = w.float()  # a float32 copy (or the float32 checkpoint tensor itself, which nothing else needs)
+        base = w.float()  # a float32 copy (or the float32 base tensor itself, which nothing else needs)
     base_norm = torch.linalg.vector_norm(base).item()
     base.addmm_(B, A, alpha=scaling)  # W' = W + s · (out, r) @ (r, in)
     # ‖s·B A‖_F² = s² · Σ (BᵀB ⊙ A Aᵀ): two (r, r) products instead of the (out, in) delta
@@ -632,7 +616,7 @@ def merge_run(
         raise ConfigError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
     torch_device = resolve_device(device)
     quiet_libraries()
 
@@ -647,7 +631,7 @@ def merge_run(
     check_output(out, force, [run.path, folder])
     config = read_base_config(folder)
     infos: list[TensorInfo] = []
-    for path in checkpoint_files(folder):
+    for path in base_shard_files(folder):
         infos.extend(read_header(path)[0])
     tensors = {t.name: t for t in infos}
     if len(tensors) != len(infos):
@@ -741,7 +725,7 @@ def _main_float_code(infos: list[TensorInfo]) -> str:
         if t.dtype in _FLOAT_CODES:
             by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
     if not by_bytes:
-        raise ModelError("the base checkpoint has no floating-point tensors")
+        raise ModelError("the base model has no floating-point tensors")
     return max(by_bytes, key=by_bytes.__getitem__)
 
 
@@ -961,7 +945,7 @@ def reference_skip_modules(run: RunFolder) -> list[str] | None:
 
     The merge adds the delta to dequant(NF4(W)) only in the layers the adapter targets and copies every
     other tensor bit for bit, so where the run also held untargeted linear layers in 4 bits, the model the
-    merge claims to equal is the training-time base with those layers at their checkpoint weights.
+    merge claims to equal is the training-time base with those layers at their base weights.
     """
     from qlora_cli.adapter_io import read_adapter
     from qlora_cli.lora import linear_module_names
@@ -983,7 +967,7 @@ def reference_skip_modules(run: RunFolder) -> list[str] | None:
 def load_reference(run: RunFolder, device: torch.device, base_weights: str) -> tuple[Any, str, bool]:
     """(the adapter on the base the merged model must equal, what that is, whether it is the training-time
     model). With ``original``: the 16-bit base. With ``dequantized``: the training-time base, except that
-    untargeted linear layers keep their checkpoint weights (see ``reference_skip_modules``)."""
+    untargeted linear layers keep their base weights (see ``reference_skip_modules``)."""
     from qlora_cli.run_folder import load_adapted_model
 
     quant = run.model.quant
@@ -1077,9 +1061,7 @@ def self_check(
 
 def _autocast(compute_dtype: str, device: torch.device) -> Any:
     """Run the reference as training ran it: autocast to the compute dtype unless it is float32."""
-    if compute_dtype == "float32":
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=DTYPES[compute_dtype])
+    return partial(autocast, compute_dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1149,7 +1131,7 @@ def print_report(console: Console, result: MergeResult) -> None:
     if check.training_kl is not None:
         console.print(
             f"distance to the training-time model (every linear layer in NF4, as trained): mean KL "
-            f"{check.training_kl:.3g}; quantization error in layers the merge leaves at their checkpoint weights"
+            f"{check.training_kl:.3g}; quantization error in layers the merge leaves at their base weights"
         )
     if check.passed:
         console.print("[green]self-check passed[/green]: the merged model reproduces the adapter")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,23 @@ from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
 from qlora_cli.data import CHATML_TEMPLATE
 from qlora_cli.errors import ConfigError, ModelError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config names
+
+
+def autocast(dtype: torch.dtype | str, device: torch.device | str) -> AbstractContextManager:
+    """The autocast training runs its forward under: to the compute dtype (a torch dtype or its config name)
+    on ``device``'s type, or nothing in float32. Norms, softmax and the loss stay float32 inside."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's (first) parameter lives; the CPU for a module without parameters."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def quiet_libraries() -> None:

@@ -34,6 +34,7 @@ from torch import nn
 from qlora_cli.adapter_io import read_adapter, settings_from_peft_config
 from qlora_cli.errors import ModelError
 from qlora_cli.lora import LoRALinear, linear_module_names, linear_shape, matches_target, output_head
+from qlora_cli.model import module_device
 
 BASE_ONLY = -1  # the slot of a row that uses no adapter
 
@@ -194,7 +195,7 @@ class MultiLoRA:
         self.retired: dict[int, str] = {}  # slot -> name: unloaded, but requests still pin it
         self.pins: dict[int, int] = {}  # slot -> how many requests use it (see pin/unpin)
         self.lock = threading.RLock()  # held by each forward and each load/unload
-        self.device = _device_of(model)
+        self.device = module_device(model)
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self, name: str, folder: str | Path) -> Adapter:
@@ -326,9 +327,3 @@ class MultiLoRA:
                 yield
             finally:
                 self.rows.set(None, BASE_ONLY)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -27,10 +27,11 @@ from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
-from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+from qlora_cli.lora import inject_lora, lora_parameters, set_fused
 from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
 from qlora_cli.model import (
     DTYPES,
+    autocast,
     check_base_model,
     enable_gradient_checkpointing,
     load_base_model,
@@ -118,9 +119,7 @@ class Precision:
         return cls(device.type, dtype, scaler)
 
     def autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return autocast(self.dtype, self.device_type)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -245,8 +244,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     data = build_datasets(cfg.data, tokenizer)
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
-    for _, layer in lora_layers(model):
-        layer.fused = cfg.fused_lora
+    set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
@@ -351,7 +349,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                     )
                     step_loss, n_tokens = float(totals[0]), int(totals[1])
                 precision.unscale(optimizer)
-                grad_norm = _clip(trained if fsdp else params, cfg.max_grad_norm)
+                grad_norm = clip_gradients(trained if fsdp else params, cfg.max_grad_norm)
                 if math.isfinite(step_loss) and math.isfinite(grad_norm):
                     precision.step(optimizer)
                     state.consecutive_bad = 0
@@ -525,7 +523,7 @@ def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]
     return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
 
 
-def _clip(params: list[torch.nn.Parameter] | Any, max_norm: float | None) -> float:
+def clip_gradients(params: list[torch.nn.Parameter] | Any, max_norm: float | None) -> float:
     """Clip and return the total gradient norm; an FSDP module computes it across its shards."""
     limit = max_norm if max_norm is not None else float("inf")
     if hasattr(params, "clip_grad_norm_"):

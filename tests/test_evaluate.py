@@ -31,7 +31,7 @@ from qlora_cli.evaluate import (
     prepare,
     score_model,
 )
-from qlora_cli.lora import lora_disabled, lora_layers
+from qlora_cli.lora import lora_disabled, lora_layers, set_fused
 from qlora_cli.model import load_base_model, load_tokenizer
 from qlora_cli.run_folder import METRICS_FILE, open_run
 from qlora_cli.train import train
@@ -258,8 +258,7 @@ def test_batched_generation_equals_one_by_one(task, tokenizer):
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in task.rows[:6]]
     prompts += [tokenizer("".join(rng.choice("abcdefghij \n") for _ in range(n)))["input_ids"] for n in (1, 7, 60, 90)]
     for fused in (False, True):  # the plain LoRA path and the fused one training uses (and eval, for a run)
-        for _, layer in lora_layers(model):
-            layer.fused = fused
+        set_fused(model, fused)
         batched = generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
         assert batched == [generate_ids(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
         assert any(len(b) == 8 for b in batched) and any(len(b) < 8 for b in batched)  # some stop at EOS, some not
