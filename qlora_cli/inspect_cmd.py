@@ -402,9 +402,14 @@ def render_tokens(tokens: list[str], mask: list[bool], brackets: bool = False) -
 def adapter_report(path: str | Path) -> dict[str, Any]:
     """Rank, scaling, size, per-module delta norms, training summary and the vLLM serving check of a run or
     adapter folder."""
-    from safetensors import safe_open
-
-    from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_peft_key
+    from qlora_cli.adapter_io import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        PEFT_PREFIX,
+        adapter_modules,
+        from_peft_key,
+        read_adapter_weights,
+    )
     from qlora_cli.lora import lora_scaling
     from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 
@@ -426,26 +431,11 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = lora_scaling(r, alpha, bool(config.get("use_rslora", False)))
     weights_file = folder / ADAPTER_WEIGHTS
-    tensors: dict[str, torch.Tensor] = {}
-    raw_keys: list[str] = []
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
-                raw_keys.append(key)
-                tensors[key] = f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise ModelError(f"{weights_file}: cannot read ({str(e).splitlines()[0]})") from None
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, t in tensors.items():
-        m = re.match(r"^(.*)\.(lora_[AB])(?:\.[^.]+)?\.weight$", key)
-        if m:
-            name = from_peft_key(m.group(1) + f".{m.group(2)}.weight").rsplit(".lora_", 1)[0]
-            modules[name][m.group(2)] = t
-    norms = []
-    for name, ab in modules.items():
-        if "lora_A" not in ab or "lora_B" not in ab:
-            raise ModelError(f"{weights_file}: module {name} has only {', '.join(ab)}")
-        norms.append({"module": name, "delta_norm": delta_norm(ab["lora_A"], ab["lora_B"], scaling)})
+    tensors = read_adapter_weights(weights_file)
+    raw_keys = list(tensors)
+    ours = {from_peft_key(k): t for k, t in tensors.items() if k.startswith(PEFT_PREFIX)}
+    modules = adapter_modules(ours, str(weights_file), strict=False)  # other tensors: a vllm_check problem
+    norms = [{"module": name, "delta_norm": delta_norm(a, b, scaling)} for name, (a, b) in modules.items()]
     run_config = None
     if (folder / CONFIG_FILE).exists():
         try:

@@ -62,6 +62,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
+    if isinstance(module, LoRALinear):  # the layer it wraps
+        return module.in_features, module.out_features, module.fan_in_fan_out
     if isinstance(module, nn.Linear):  # includes bnb Linear4bit, whose .weight is packed but attrs are true
         return module.in_features, module.out_features, False
     if bool(Conv1D) and isinstance(module, Conv1D):

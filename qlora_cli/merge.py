@@ -44,10 +44,10 @@ from typing import Any, BinaryIO
 import torch
 from rich.console import Console
 
-from qlora_cli.adapter_io import settings_from_peft_config
+from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, settings_from_peft_config, targeted_modules
 from qlora_cli.config import QuantSettings, parse_size
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.lora import linear_shape, match_targets, output_head
+from qlora_cli.lora import linear_shape, output_head
 from qlora_cli.model import DTYPES, autocast, is_local, quiet_libraries, resolve_device
 from qlora_cli.run_folder import RunFolder, open_run
 
@@ -455,22 +455,13 @@ def plan_targets(
     Raises ``ModelError`` naming the first module that does not fit (missing, wrong shape, tied, not float).
     """
     settings = settings_from_peft_config(adapter_config)
-    fits = f"adapter {adapter_dir} does not fit the base model"
-    saved = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    where = f"adapter {adapter_dir}"
+    fits = f"{where} does not fit the base model"
+    saved = adapter_modules(state, where)
+    targeted = check_fit(
+        saved, settings.r, linear_modules(skeleton), lambda: targeted_modules(skeleton, settings, where), where
+    )
     modules = dict(skeleton.named_modules())
-    missing = [m for m in saved if m not in modules]
-    if missing:
-        raise ModelError(f"{fits}: no module named {missing[0]!r}")
-    try:
-        targeted = match_targets(skeleton, settings.target_modules)
-    except ModelError as e:
-        raise ModelError(f"{fits}: {e}") from None
-    not_saved = [n for n in targeted if n not in saved]
-    if not_saved:
-        raise ModelError(f"adapter {adapter_dir} has no weights for targeted module {not_saved[0]!r}")
-    extra = [m for m in saved if m not in targeted]
-    if extra:
-        raise ModelError(f"adapter {adapter_dir} has weights for {extra[0]!r}, which its target_modules do not match")
     head = output_head(skeleton)
     tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
     skip = not_quantized_modules(skeleton) if quant.load_in_4bit else []
@@ -478,12 +469,7 @@ def plan_targets(
     for name in targeted:
         module = modules[name]
         n_in, n_out, conv1d = linear_shape(module)
-        A, B = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
-        if A is None or B is None:
-            raise ModelError(f"adapter {adapter_dir} is missing lora_{'A' if A is None else 'B'} for {name!r}")
-        for which, tensor, need in (("lora_A", A, (settings.r, n_in)), ("lora_B", B, (n_out, settings.r))):
-            if tuple(tensor.shape) != need:
-                raise ModelError(f"{fits}: {name}.{which} has shape {tuple(tensor.shape)}, the base needs {need}")
+        A, B = saved[name]
         if module is head and tied:
             raise ModelError(
                 f"adapter targets {name!r}, whose weight is tied to the input embeddings; merging would change both"
@@ -954,7 +940,7 @@ def reference_skip_modules(run: RunFolder) -> list[str] | None:
         return None
     skeleton = model_skeleton(Path(run.model.base_model), run.model.trust_remote_code)
     _, state = read_adapter(run.path)
-    targeted = {k.rsplit(".lora_", 1)[0] for k in state}
+    targeted = set(adapter_modules(state, f"adapter {run.path}"))
     skip = not_quantized_modules(skeleton)
     untargeted = [
         n

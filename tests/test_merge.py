@@ -402,7 +402,9 @@ def test_user_errors_exit_2_and_write_nothing(small_run, tmp_path, model_factory
     other = model_factory("llama", hidden=32)  # the same module names, other shapes
     assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(other)), "q_proj", fresh)
     gpt2 = model_factory("gpt2", initializer_range=0.1)
-    assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(gpt2)), "no module named", fresh)
+    assert_user_error(
+        run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(gpt2)), "no linear module named", fresh
+    )
     assert_user_error(
         run_cli("merge", str(small_run), "-o", str(fresh), "--base-weights", "new"), "base-weights", fresh
     )
