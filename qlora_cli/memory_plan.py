@@ -12,9 +12,9 @@ training step (collate -> ``loss.loss_sum`` -> the transformers model with qlora
 runs on *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no memory), under
 the same autocast, gradient checkpointing and dropout, while a dispatch-level tracer adds up every tensor
 storage created and freed. So the plan follows whatever the training code does: a chunked loss added to
-``loss.py`` shows up in the plan without touching this file. (The micro-batch step mirrors the body of
-``train.accumulate_gradients``: collate, autocast, ``loss_sum`` with ``fused_cross_entropy``, backward, with the
-LoRA layers' ``fused`` flag and gradient checkpointing set as ``train`` sets them.) The approximations:
+``loss.py`` shows up in the plan without touching this file. (The micro-batch step is ``train.micro_batch_step``
+itself: collate, autocast, ``loss_sum`` with ``fused_cross_entropy``, backward, with the LoRA layers' ``fused``
+flag and gradient checkpointing set as ``train`` sets them.) The approximations:
 
 - the base's 4-bit linear layers run as a stand-in with bitsandbytes' memory behaviour (4-bit weights resident,
   the weight dequantized into a temporary in forward and again in backward, nothing saved for backward; the
@@ -734,10 +734,10 @@ def trace_step(
     global _TRACER
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qlora_cli.data import Example, collate
+    from qlora_cli.data import Example
     from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-    from qlora_cli.loss import evaluate_loss, loss_sum
-    from qlora_cli.train import Precision
+    from qlora_cli.loss import evaluate_loss
+    from qlora_cli.train import Precision, micro_batch_step
 
     device = torch.device("cpu")  # CUDA's behaviour is modelled on fake CPU tensors (_cuda_behaviour)
     if cfg.bnb_4bit_compute_dtype == "float16":  # same bytes as bfloat16, which CPU autocast handles everywhere
@@ -771,12 +771,17 @@ def trace_step(
         _TRACER = tracer
         try:
             with tracer.mode, cuda_behaviour:
-                if train:  # the body of train.accumulate_gradients for one micro-batch
-                    batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
-                    with precision.autocast():
-                        loss, _ = loss_sum(model, batch, cfg.fused_cross_entropy)
-                    precision.backward(loss / max(1, micro_batch_size * seq_len))
-                    del loss, batch
+                if train:  # one micro-batch of training: the step function train calls
+                    loss, _ = micro_batch_step(
+                        model,
+                        [[e] for e in examples],
+                        device=device,
+                        precision=precision,
+                        pad_id=0,
+                        fused_cross_entropy=cfg.fused_cross_entropy,
+                        loss_scale=1 / max(1, micro_batch_size * seq_len),
+                    )
+                    del loss
                 else:
                     evaluate_loss(model, examples, micro_batch_size, 0, device, precision.autocast)
         finally:

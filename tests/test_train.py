@@ -105,7 +105,9 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
         for p in params:
             p.grad = None
         micro = [[[examples[i]] for i in idx] for idx in cut]  # micro-batches of one-example rows
-        accumulate_gradients(model, micro, tokenizer.pad_token_id, torch.device("cpu"), precision)
+        accumulate_gradients(
+            model, micro, device=torch.device("cpu"), precision=precision, pad_id=tokenizer.pad_token_id
+        )
         return [p.grad.clone() for p in params]
 
     whole = grads_for([[0, 1, 2, 3]])
