@@ -27,10 +27,12 @@ from qlora_cli.merge import (
     OutTensor,
     SafetensorsWriter,
     merge_run,
-    nf4_roundtrip,
     read_header,
     self_check,
 )
+from qlora_cli.merge import plan as merge_plan
+from qlora_cli.merge import weights as merge_weights
+from qlora_cli.merge.weights import nf4_roundtrip
 from qlora_cli.model import load_base_model
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.testing.tiny import build_tiny_model
@@ -144,9 +146,9 @@ def test_base_tensor_names_with_and_without_the_base_model_prefix(model_factory)
     """Older GPT-2 checkpoints store `h.0.attn.c_attn.weight`, not `transformer.h.0.attn.c_attn.weight`."""
     skeleton = merge_mod.model_skeleton(model_factory("gpt2", initializer_range=0.1), False)
     module = "transformer.h.0.attn.c_attn"
-    assert merge_mod.base_tensor_name(module, skeleton, {f"{module}.weight": None}) == f"{module}.weight"
-    assert merge_mod.base_tensor_name(module, skeleton, {"h.0.attn.c_attn.weight": None}) == "h.0.attn.c_attn.weight"
-    assert merge_mod.base_tensor_name(module, skeleton, {"h.1.attn.c_attn.weight": None}) is None
+    assert merge_plan.base_tensor_name(module, skeleton, {f"{module}.weight": None}) == f"{module}.weight"
+    assert merge_plan.base_tensor_name(module, skeleton, {"h.0.attn.c_attn.weight": None}) == "h.0.attn.c_attn.weight"
+    assert merge_plan.base_tensor_name(module, skeleton, {"h.1.attn.c_attn.weight": None}) is None
 
 
 def test_report_warns_when_nf4_error_dominates_with_original_weights():
@@ -197,7 +199,7 @@ def test_nf4_error_estimate_is_close_to_the_exact_error():
     quant = QuantSettings(compute_dtype="float32")
     w = torch.randn(8192, 128) * torch.linspace(0.5, 2.0, 8192)[:, None]  # rows differ in scale
     exact = torch.linalg.vector_norm(w - nf4_roundtrip(w, quant)).item()
-    estimate = merge_mod.nf4_error_estimate(w, quant)  # from every 4th row
+    estimate = merge_weights.nf4_error_estimate(w, quant)  # from every 4th row
     assert estimate != exact and abs(estimate - exact) < 0.03 * exact
 
 
