@@ -1,7 +1,7 @@
 """``qlora inspect``: understand a config, a dataset or an adapter before spending GPU hours.
 
     qlora inspect config.yaml         the model (from its config, on the meta device), the LoRA targets, the
-                                      memory plan for one GPU (memory_plan.py) and the largest micro-batch
+                                      memory plan for one GPU (memory_plan/) and the largest micro-batch
     qlora inspect data config.yaml    what training will see: counts, lengths, rendered examples with the
                                       trained-on tokens marked, and plain warnings
     qlora inspect runs/my-run         an adapter: rank, scaling, size, per-module ||scaling * B @ A||, the training
@@ -26,14 +26,13 @@ from rich.text import Text
 
 from qlora_cli.config import RunConfig, load_config, parse_size
 from qlora_cli.errors import ConfigError, DataError, ModelError
-from qlora_cli.memory_plan import (
-    MemoryPlan,
+from qlora_cli.memory_plan import MemoryPlan, plan_memory
+from qlora_cli.memory_plan.sizes import (
     TargetInfo,
     format_bytes,
     linear_dims,
     load_model_config,
     meta_model,
-    plan_memory,
     target_infos,
     weight_bytes,
 )

@@ -29,7 +29,8 @@ from qlora_cli.inspect_cmd import (
     vllm_check,
 )
 from qlora_cli.lora import Conv1D, inject_lora, lora_delta, lora_parameters
-from qlora_cli.memory_plan import (
+from qlora_cli.memory_plan import plan_memory
+from qlora_cli.memory_plan.sizes import (
     adapter_shapes,
     load_model_config,
     measure_training_peak,
@@ -37,13 +38,11 @@ from qlora_cli.memory_plan import (
     meta_model,
     nf4_bytes,
     optimizer_state_bytes,
-    plan_memory,
     resident_bytes,
     target_infos,
-    trace_step,
-    traced_peak,
     weight_bytes,
 )
+from qlora_cli.memory_plan.tracer import trace_step, traced_peak
 from qlora_cli.model import load_base_model
 from qlora_cli.testing.tiny import build_char_tokenizer, save_llama_8b_shapes
 
