@@ -435,7 +435,7 @@ class ModelScore:
 
 
 def autocast_for(compute_dtype: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """The autocast training ran under (train.Precision): none in float32, else the compute dtype."""
+    """The autocast training ran under (step.Precision): none in float32, else the compute dtype."""
     if compute_dtype == "float16" and device.type == "cpu":
         raise ConfigError("compute dtype float16 needs a GPU; pass --dtype float32 or bfloat16 on CPU")
     return partial(training_autocast, compute_dtype, device)

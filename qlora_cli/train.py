@@ -24,14 +24,12 @@ from rich.console import Console
 from qlora_cli.adapter_io import save_adapter
 from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from qlora_cli.config import RunConfig, dump_config
-from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
+from qlora_cli.data import Example, TrainData, build_datasets, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
 from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
+from qlora_cli.loss import EvalResult, evaluate_loss
 from qlora_cli.model import (
-    DTYPES,
-    autocast,
     check_base_model,
     enable_gradient_checkpointing,
     load_base_model,
@@ -40,6 +38,7 @@ from qlora_cli.model import (
     resolve_device,
 )
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
+from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 
 
 @dataclass
@@ -100,123 +99,6 @@ def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
         return cfg.max_steps
     per_epoch = steps_per_epoch(n_examples, cfg.micro_batch_size, cfg.gradient_accumulation_steps, num_processes)
     return max(1, math.ceil(per_epoch * cfg.num_epochs))
-
-
-@dataclass
-class Precision:
-    """Autocast to the compute dtype (norms and the loss stay float32); fp16 also needs loss scaling."""
-
-    device_type: str
-    dtype: torch.dtype
-    scaler: Any = None
-
-    @classmethod
-    def for_run(cls, compute_dtype: str, device: torch.device) -> Precision:
-        if compute_dtype == "float16" and device.type == "cpu":
-            raise ConfigError("bnb_4bit_compute_dtype: float16 needs a GPU; use bfloat16 or float32 on CPU")
-        dtype = DTYPES[compute_dtype]
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return cls(device.type, dtype, scaler)
-
-    def autocast(self) -> Any:
-        return autocast(self.dtype, self.device_type)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            optimizer.step()
-
-
-def micro_batch_step(
-    model: Any,
-    rows: list[list[Example]],
-    *,
-    device: torch.device,
-    precision: Precision,
-    pad_id: int,
-    pad_multiple: int = 1,
-    packed: bool = False,
-    fused_cross_entropy: bool = False,
-    loss_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of one micro-batch: collate, autocast, ``loss_sum``, backward of the summed token
-    loss times ``loss_scale``. A row is one example, or several when ``packed``. Returns (the summed token loss,
-    detached; the (B, T) mask of real tokens, on the CPU). The memory plan traces this same function."""
-    if packed:
-        batch = collate_packed(rows, pad_id, pad_multiple)
-    else:
-        batch = collate([row[0] for row in rows], pad_id, pad_multiple)
-    tokens = batch.pop("token_mask", batch.get("attention_mask"))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with precision.autocast():
-        s, _ = loss_sum(model, batch, fused_cross_entropy)
-    precision.backward(s * loss_scale)
-    return s.detach(), tokens
-
-
-def accumulate_gradients(
-    model: Any,
-    micro_batches: list[list[list[Example]]],
-    *,
-    device: torch.device,
-    precision: Precision,
-    pad_id: int,
-    pad_multiple: int = 1,
-    packed: bool = False,
-    fused_cross_entropy: bool = False,
-    n_targets: int | None = None,
-    world_size: int = 1,
-    seeds: list[int] | None = None,
-    no_sync: Any = nullcontext,
-) -> tuple[float, int, int]:
-    """Forward and backward over one optimizer step's micro-batches (on this process).
-
-    The loss is the sum of token losses divided by ``n_targets``, the target tokens of the whole step on every
-    process, so each target token weighs the same however the step is cut into micro-batches and processes
-    (DDP averages gradients over processes, hence the factor ``world_size``).
-    ``seeds`` (one per micro-batch) reseed the RNG before each forward, so dropout masks depend on which
-    micro-batch it is, not on which process runs it or whether the run was resumed.
-    Returns (summed loss, target tokens, real tokens) of this process's micro-batches.
-    """
-    local_targets = sum(e.n_targets for mb in micro_batches for row in mb for e in row)
-    n_targets = local_targets if n_targets is None else n_targets
-    total, n_tokens = 0.0, 0
-    for j, rows in enumerate(micro_batches):
-        if seeds is not None:
-            torch.manual_seed(seeds[j])
-        last = j == len(micro_batches) - 1
-        with nullcontext() if last else no_sync(model):  # DDP: all-reduce gradients once, on the last
-            s, tokens = micro_batch_step(
-                model,
-                rows,
-                device=device,
-                precision=precision,
-                pad_id=pad_id,
-                pad_multiple=pad_multiple,
-                packed=packed,
-                fused_cross_entropy=fused_cross_entropy,
-                loss_scale=world_size / max(n_targets, 1),
-            )
-        total += float(s)
-        n_tokens += int(tokens.sum())
-    return total, local_targets, n_tokens
-
-
-def _idle_backward(model: Any, row: list[Example], pad_id: int, device: torch.device, precision: Precision) -> None:
-    """A process with no data in this step still joins DDP's gradient all-reduce, contributing zeros."""
-    batch = {k: v.to(device) for k, v in collate(row[:1], pad_id).items()}
-    with precision.autocast():
-        s, _ = loss_sum(model, batch)
-    precision.backward(s * 0.0)
 
 
 def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, tolerance: float) -> None:
@@ -441,7 +323,7 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
             no_sync=run.accelerator.no_sync,
         )
     else:
-        _idle_backward(run.trained, window[0][0], run.tokenizer.pad_token_id, run.device, precision)
+        idle_backward(run.trained, window[0][0], run.tokenizer.pad_token_id, run.device, precision)
         step_loss, n_tokens = 0.0, 0
     if run.world > 1:
         totals = run.accelerator.reduce(
@@ -658,14 +540,6 @@ class _StopSignals:
 def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
     """Group micro-batches into optimizer steps; the epoch's last step may have fewer micro-batches."""
     return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
-
-
-def clip_gradients(params: list[torch.nn.Parameter] | Any, max_norm: float | None) -> float:
-    """Clip and return the total gradient norm; an FSDP module computes it across its shards."""
-    limit = max_norm if max_norm is not None else float("inf")
-    if hasattr(params, "clip_grad_norm_"):
-        return float(params.clip_grad_norm_(limit))
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 def _is_fsdp(accelerator: Any) -> bool:

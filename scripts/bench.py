@@ -125,7 +125,8 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import loss_sum
     from qlora_cli.model import enable_gradient_checkpointing, load_base_model
-    from qlora_cli.train import Precision, build_optimizer, clip_gradients
+    from qlora_cli.step import Precision, clip_gradients
+    from qlora_cli.train import build_optimizer
 
     recompute = "offload" if (mode == "memory-saving" and preset.device == "cuda") else mode == "memory-saving"
     cfg = load_config(

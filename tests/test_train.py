@@ -88,7 +88,7 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
     from qlora_cli.config import LoRASettings, load_config
     from qlora_cli.data import Row, collate, tokenize_row
     from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
-    from qlora_cli.train import Precision, accumulate_gradients
+    from qlora_cli.step import Precision, accumulate_gradients
 
     cfg = load_config(None, base_model=str(llama_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32")
     model = load_base_model(cfg, torch.device("cpu"))

@@ -12,7 +12,7 @@ training step (collate -> ``loss.loss_sum`` -> the transformers model with qlora
 runs on *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no memory), under
 the same autocast, gradient checkpointing and dropout, while a dispatch-level tracer adds up every tensor
 storage created and freed. So the plan follows whatever the training code does: a chunked loss added to
-``loss.py`` shows up in the plan without touching this file. (The micro-batch step is ``train.micro_batch_step``
+``loss.py`` shows up in the plan without touching this file. (The micro-batch step is ``step.micro_batch_step``
 itself: collate, autocast, ``loss_sum`` with ``fused_cross_entropy``, backward, with the LoRA layers' ``fused``
 flag and gradient checkpointing set as ``train`` sets them.) The approximations:
 

@@ -406,7 +406,7 @@ def trace_step(
     from qlora_cli.data import Example
     from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import evaluate_loss
-    from qlora_cli.train import Precision, micro_batch_step
+    from qlora_cli.step import Precision, micro_batch_step
 
     device = torch.device("cpu")  # CUDA's behaviour is modelled on fake CPU tensors (_cuda_behaviour)
     if cfg.bnb_4bit_compute_dtype == "float16":  # same bytes as bfloat16, which CPU autocast handles everywhere
