@@ -38,7 +38,7 @@ from qlora_cli.data import (
 )
 from qlora_cli.errors import ConfigError, DataError, ModelError
 from qlora_cli.model import autocast as training_autocast
-from qlora_cli.model import module_device
+from qlora_cli.model import context_length, module_device, stop_token_ids
 
 FORMATS = ("completion", "alpaca", "chat", "text")
 AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
@@ -170,31 +170,6 @@ def score_generations(
     em = sum(exact_match(p, c.reference) for p, c in zip(preds, cases)) / n
     ct = sum(contains(p, c.reference) for p, c in zip(preds, cases)) / n
     return TaskScore(em, ct, len(cases), preds)
-
-
-def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
-    """EOS, the model's own end tokens and, for chat data, the token that closes an assistant turn."""
-    ids = [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += configured if isinstance(configured, list) else [configured]
-    if chat:
-        ids.append(_end_of_turn_id(tokenizer))
-    return [i for i in dict.fromkeys(ids) if i is not None]
-
-
-def _end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the chat template puts right after an assistant message (``<|im_end|>``, ...)."""
-    marker = "qlora-end-of-turn-probe"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:  # a template that cannot render this probe: EOS alone stops generation
-        return None
-    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
-    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail.strip() else []
-    special = set(tokenizer.all_special_ids)
-    return ids[0] if ids and ids[0] in special else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,15 +509,6 @@ def _same_forward_as_training(model: torch.nn.Module, config: RunConfig | None) 
     set_fused(model, config.fused_lora if config is not None else False)
 
 
-def _max_positions(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) -> EvalReport:
     """Score every input folder (and, unless ``include_base`` is off, the adapters' base) on one eval set.
 
@@ -591,7 +557,7 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
     batch_size = options.batch_size or ((config.eval_batch_size or config.micro_batch_size) if config else 8)
 
     def settings_for(model: Any) -> DataSettings:
-        return data_settings(config, _max_positions(model))
+        return data_settings(config, context_length(model))
 
     prepared = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
     say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared.examples)} examples from {escape(rows.source)}")

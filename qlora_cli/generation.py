@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_cli.model import autocast, module_device
+from qlora_cli.model import autocast, context_length, end_of_turn_id, eos_token_ids, module_device
 from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete multi-byte character
@@ -200,16 +200,6 @@ class Batch:
     cache: Any
     attention_mask: torch.Tensor  # (B, L) 1 = real token, 0 = left padding
     next_ids: torch.Tensor  # (B,) the last sampled token of each row, input of the next step
-
-
-def context_length(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _forward_parameters(model: Any) -> set[str]:
@@ -458,31 +448,13 @@ class Scheduler:
 
 
 def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
-    """The special token a chat template puts after an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...)."""
-    try:
-        marker = "qlora-end-of-turn-probe"
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # noqa: BLE001 - no template, or one that rejects this conversation
-        return frozenset()
-    after = text[text.find(marker) + len(marker) :] if marker in text else ""
-    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
-    return frozenset(ids[:1]) if ids and ids[0] in special else frozenset()
+    """``model.end_of_turn_id`` as a set (empty when there is none), for a sequence's stop set."""
+    turn = end_of_turn_id(tokenizer)
+    return frozenset() if turn is None else frozenset([turn])
 
 
 def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
+    return frozenset(eos_token_ids(tokenizer, model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,3 +232,50 @@ def enable_gradient_checkpointing(model: Any, offload: bool = False, every_n_lay
             raise ConfigError("gradient_checkpointing: offload/checkpoint_every_n_layers need a newer transformers")
         extra = {"offload": offload, "every_n_layers": every_n_layers}
     enable(activation_checkpointing_kwargs=kwargs, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation limits: when to stop, how long a sequence may be
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's positions allow (from its (text) config), or None when it does not say."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The tokenizer's EOS, then the model's own end tokens (its generation config), each once."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(configured) if isinstance(configured, list | tuple) else [configured]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token a chat template puts right after an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...),
+    or None (no template, or one that ends turns with plain text or EOS)."""
+    marker = "qlora-end-of-turn-probe"
+    try:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that rejects this conversation
+        return None
+    after = text[text.find(marker) + len(marker) :] if marker in text else ""
+    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after.strip() else []
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """EOS, the model's own end tokens and, for chat, the token that closes an assistant turn; each once."""
+    ids = eos_token_ids(tokenizer, model)
+    turn = end_of_turn_id(tokenizer) if chat else None
+    return ids + [turn] if turn is not None and turn not in ids else ids

@@ -411,7 +411,7 @@ def test_qlora_merge_output_scores_like_the_adapter(task, tmp_path):
 
 
 def test_chat_generation_stops_at_the_end_of_turn(task, tokenizer):
-    from qlora_cli.evaluate import stop_token_ids
+    from qlora_cli.model import stop_token_ids
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 77]))
