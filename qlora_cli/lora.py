@@ -88,7 +88,22 @@ class LoRADropout(nn.Dropout):
         return torch.where(dropout_mask(x.shape, self.p, x.device), 0.0, x).mul_(keep_scale)
 
 
-class LoRALinear(nn.Module):
+class AroundLinear(nn.Module):
+    """A module wrapping a frozen linear layer ``base``; its weight and bias read through, so code that reads
+    ``module.weight`` keeps working."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+
+class LoRALinear(AroundLinear):
     """A frozen linear layer plus a trainable low-rank update: ``y = base(x) + scaling · B(A(dropout(x)))``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -114,15 +129,6 @@ class LoRALinear(nn.Module):
             return
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         nn.init.zeros_(self.lora_B.weight)
-
-    # The wrapped layer's weight and bias, so code that reads `module.weight` keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not (self.merged or self.disabled):

@@ -33,7 +33,7 @@ from torch import nn
 
 from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, read_adapter, settings_from_peft_config
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import LoRALinear, linear_shape, matches_target, output_head
+from qlora_cli.lora import AroundLinear, LoRALinear, linear_shape, matches_target, output_head
 from qlora_cli.model import module_device
 
 BASE_ONLY = -1  # the slot of a row that uses no adapter
@@ -74,7 +74,7 @@ def bag_matmul(stack: torch.Tensor, rows: RowAdapters, x: torch.Tensor) -> torch
     return torch.embedding_bag(stack, indices, offsets, False, 0, False, x.reshape(-1))[0]
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(AroundLinear):
     """A frozen linear layer plus every loaded adapter's low-rank update, picked per row of the batch."""
 
     def __init__(self, base: nn.Module, rows: RowAdapters, capacity: int, device: torch.device):
@@ -87,14 +87,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(capacity, in_features, 0, device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(capacity, 0, out_features, device=device), persistent=False)
         self.present = [False] * capacity  # which slots this layer holds (a host list: no device sync to check)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     @property
     def capacity(self) -> int:
