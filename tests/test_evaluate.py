@@ -22,18 +22,11 @@ from qlora_cli.adapter_io import load_adapter
 from qlora_cli.cli import app
 from qlora_cli.data import IGNORE_INDEX, Row
 from qlora_cli.errors import ModelError
-from qlora_cli.evaluate import (
-    EvalOptions,
-    data_settings,
-    evaluate,
-    generate_ids,
-    generation_case,
-    prepare,
-    score_model,
-)
+from qlora_cli.evaluate import EvalOptions, data_settings, evaluate, prepare, score_model
 from qlora_cli.lora import lora_disabled, lora_layers, set_fused
 from qlora_cli.model import load_base_model, load_tokenizer
 from qlora_cli.run_folder import METRICS_FILE, open_run
+from qlora_cli.scoring import generate_ids, generation_case
 from qlora_cli.train import train
 
 from .conftest import make_config, upper_rows, write_jsonl

@@ -17,16 +17,14 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
 from qlora_cli.data import IGNORE_INDEX, read_rows, tokenize_rows
+from qlora_cli.inspect_adapter import adapter_report, delta_norm, vllm_check
 from qlora_cli.inspect_cmd import (
     TARGET_STYLE,
-    adapter_report,
     config_report,
     data_report,
-    delta_norm,
     left_out_table,
     render_tokens,
     target_table,
-    vllm_check,
 )
 from qlora_cli.lora import Conv1D, inject_lora, lora_delta, lora_parameters
 from qlora_cli.memory_plan import plan_memory

@@ -236,7 +236,7 @@ def test_16bit_run_merges_exactly(llama_dir, data, tmp_path, ids):
 def test_4bit_run_dequantized_and_original(llama_dir, data, tmp_path, ids):
     """dequantized reproduces the 4-bit training-time model; original the adapter on the 16-bit base; the
     two differ, and the dequantized one is the closer to what was trained."""
-    from qlora_cli.evaluate import generate
+    from qlora_cli.scoring import generate
 
     run = make_run(llama_dir, tmp_path / "run", data, lora_target_modules="all-linear")
     deq = quiet_merge(run, tmp_path / "deq", dtype="float32", verify=True)
