@@ -284,6 +284,16 @@ def _cuda_behaviour() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _patched_for_trace(device_type: str) -> Iterator[None]:
+    """Every function the trace swaps in torch, transformers and qlora's kernels, restored on exit: the mask
+    check (``_unpadded_masks``), the fused LoRA kernel's dequantization (``_fused_lora_dequantization``) and,
+    for a GPU plan, CUDA's memory behaviour (``_cuda_behaviour``)."""
+    cuda = _cuda_behaviour() if device_type == "cuda" else contextlib.nullcontext()
+    with _unpadded_masks(), _fused_lora_dequantization(device_type), cuda:
+        yield
+
+
+@contextlib.contextmanager
 def _unpadded_masks() -> Iterator[None]:
     """transformers builds an explicit attention mask when it sees fake tensors (it cannot look at the values);
     a real all-ones mask lets it skip the mask and use causal attention. The trace models full, unpadded
@@ -418,11 +428,10 @@ def trace_step(
     examples = [Example(ids, ids) for _ in range(micro_batch_size)]
     tracer = _StepTracer()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    cuda_behaviour = _cuda_behaviour() if device_type == "cuda" else contextlib.nullcontext()
     _quantize_stand_ins(model, cfg)
     inject_lora(model, cfg.lora)  # on the meta device: LoRA layers as training has them, float32, trainable
     set_fused(model, cfg.fused_lora)  # as train() sets it
-    with fake_mode, _unpadded_masks(), _fused_lora_dequantization(device_type):
+    with fake_mode, _patched_for_trace(device_type):
         _materialize(model, cfg, device)
         if gradient_checkpointing and train:
             _enable_checkpointing(model, cfg.checkpoint_every_n_layers)
@@ -439,7 +448,7 @@ def trace_step(
             hooks.append(p.register_post_accumulate_grad_hook(lambda p: tracer.retag(p.grad, "gradients")))
         _TRACER = tracer
         try:
-            with tracer.mode, cuda_behaviour:
+            with tracer.mode:
                 if train:  # one micro-batch of training: the step function train calls
                     loss, _ = micro_batch_step(
                         model,
