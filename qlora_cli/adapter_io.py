@@ -186,6 +186,20 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).exists():
             raise ModelError(f"adapter folder {adapter_dir} is missing {name}")
+    config = read_adapter_config(folder)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ModelError(f"{folder}: DoRA adapters are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    state = {from_peft_key(k): v for k, v in read_adapter_weights(folder / ADAPTER_WEIGHTS).items()}
+    return config, state
+
+
+def read_adapter_config(folder: Path, required: tuple[str, ...] = ("r", "lora_alpha", "target_modules")) -> dict:
+    """adapter_config.json as a dict, with the ``required`` keys; ``ModelError`` for malformed JSON or a missing
+    key. Nothing else is checked here (``inspect`` reports what vLLM would refuse instead of refusing it)."""
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -194,17 +208,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise ModelError(f"{folder / ADAPTER_CONFIG}: not UTF-8 text") from None
     if not isinstance(config, dict):
         raise ModelError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key in ("r", "lora_alpha", "target_modules"):
+    for key in required:
         if key not in config:
             raise ModelError(f"{folder / ADAPTER_CONFIG} is missing {key!r}")
-    if config.get("use_dora"):
-        raise ModelError(f"{folder}: DoRA adapters are not supported")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
-    state = {from_peft_key(k): v for k, v in read_adapter_weights(folder / ADAPTER_WEIGHTS).items()}
-    return config, state
+    return config
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:

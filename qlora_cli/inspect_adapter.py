@@ -38,6 +38,7 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
         PEFT_PREFIX,
         adapter_modules,
         from_peft_key,
+        read_adapter_config,
         read_adapter_weights,
     )
     from qlora_cli.lora import lora_scaling
@@ -51,13 +52,7 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).exists():
             raise ModelError(f"{path} is not an adapter folder: {name} is missing")
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{folder / ADAPTER_CONFIG}: malformed JSON ({e.msg})") from None
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise ModelError(f"{folder / ADAPTER_CONFIG} is missing {key!r}")
+    config = read_adapter_config(folder, required=("r", "lora_alpha"))
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = lora_scaling(r, alpha, bool(config.get("use_rslora", False)))
     weights_file = folder / ADAPTER_WEIGHTS
