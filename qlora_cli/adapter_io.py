@@ -4,7 +4,9 @@
                                 base_model.model.<module path>.lora_B.weight  (out, r)
     adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, ...
 
-The key mapping lives here and only here (``to_peft_key`` / ``from_peft_key``).
+The key mapping and the adapter <-> module fit check live here and only here: ``to_peft_key`` /
+``from_peft_key`` / ``adapter_modules`` map keys, ``check_fit`` checks an adapter against a model's modules for
+every command that loads one (train's resume, eval, merge, serve, inspect).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,16 @@ from safetensors.torch import load_file, save_file
 
 from qlora_cli.config import LoRASettings
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import LoRALinear, adapter_state_dict, inject_lora, lora_layers, suffixes
+from qlora_cli.lora import (
+    LoRALinear,
+    adapter_state_dict,
+    inject_lora,
+    linear_module_names,
+    linear_shape,
+    lora_layers,
+    match_targets,
+    suffixes,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,6 +52,74 @@ def from_peft_key(key: str) -> str:
     for which in ("lora_A", "lora_B"):
         key = key.replace(f".{which}.default.", f".{which}.")
     return key
+
+
+def adapter_modules(
+    state: dict[str, torch.Tensor], where: str, strict: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (our keys, as ``read_adapter`` returns
+    them) -> ``{module: (A (r, in), B (out, r))}``. ``where`` names the adapter in the ``ModelError`` raised
+    for a tensor that is not a LoRA weight (skipped instead when not ``strict``: ``inspect`` reports it), a
+    module with only one of the two, or no weights at all."""
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, sep, rest = key.rpartition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight"):
+            if not strict:
+                continue
+            raise ModelError(f"{where}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+        saved.setdefault(module, {})[rest[0]] = tensor
+    if not saved:
+        raise ModelError(f"{where} holds no LoRA weights")
+    for module, pair in saved.items():
+        if set(pair) != {"A", "B"}:
+            raise ModelError(f"{where} has no lora_{'B' if 'A' in pair else 'A'} weight for {module!r}")
+    return {m: (p["A"], p["B"]) for m, p in saved.items()}
+
+
+def check_fit(
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    r: int,
+    linear: Mapping[str, torch.nn.Module],
+    targeted: Callable[[], Iterable[str]],
+    where: str,
+    misfit: str = "does not fit the base model",
+) -> list[str]:
+    """Raise ``ModelError`` unless the adapter's ``modules`` (``adapter_modules``) fit the model exactly: each
+    is a linear layer in ``linear`` ({name: layer}) with A (r, in) and B (out, r), and they are exactly the
+    modules its target_modules select, ``targeted()`` (called once the modules are known to exist, so a
+    wrong base is reported by module name first). ``where`` names the adapter, ``misfit`` the model.
+    Returns the targeted module names."""
+    for module, (lora_A, lora_B) in modules.items():
+        if module not in linear:
+            raise ModelError(f"{where} {misfit}: no linear module named {module!r}")
+        n_in, n_out, _ = linear_shape(linear[module])
+        for which, tensor, need in (("lora_A", lora_A, (r, n_in)), ("lora_B", lora_B, (n_out, r))):
+            if tuple(tensor.shape) != need:
+                raise ModelError(
+                    f"{where} {misfit}: {module}.{which} has shape {tuple(tensor.shape)}, the base needs {need}"
+                )
+    targeted = list(targeted())
+    not_saved = [n for n in targeted if n not in modules]
+    if not_saved:
+        raise ModelError(f"{where} has no weights for targeted module {not_saved[0]!r}")
+    extra = [m for m in modules if m not in targeted]
+    if extra:
+        raise ModelError(f"{where} has weights for {extra[0]!r}, which its target_modules do not match")
+    return targeted
+
+
+def targeted_modules(model: torch.nn.Module, settings: LoRASettings, where: str) -> list[str]:
+    """The modules ``settings`` targets in ``model`` (``lora.match_targets``), a misfit error naming ``where``."""
+    try:
+        return match_targets(model, settings.target_modules)
+    except ModelError as e:
+        raise ModelError(f"{where} does not fit the base model: {e}") from None
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{name: layer} of every linear layer an adapter may target, the output head included (PEFT allows it)."""
+    return {n: model.get_submodule(n) for n in linear_module_names(model, include_head=True)}
 
 
 def peft_adapter_config(
@@ -106,6 +186,20 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).exists():
             raise ModelError(f"adapter folder {adapter_dir} is missing {name}")
+    config = read_adapter_config(folder)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ModelError(f"{folder}: DoRA adapters are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    state = {from_peft_key(k): v for k, v in read_adapter_weights(folder / ADAPTER_WEIGHTS).items()}
+    return config, state
+
+
+def read_adapter_config(folder: Path, required: tuple[str, ...] = ("r", "lora_alpha", "target_modules")) -> dict:
+    """adapter_config.json as a dict, with the ``required`` keys; ``ModelError`` for malformed JSON or a missing
+    key. Nothing else is checked here (``inspect`` reports what vLLM would refuse instead of refusing it)."""
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -114,22 +208,19 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise ModelError(f"{folder / ADAPTER_CONFIG}: not UTF-8 text") from None
     if not isinstance(config, dict):
         raise ModelError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key in ("r", "lora_alpha", "target_modules"):
+    for key in required:
         if key not in config:
             raise ModelError(f"{folder / ADAPTER_CONFIG} is missing {key!r}")
-    if config.get("use_dora"):
-        raise ModelError(f"{folder}: DoRA adapters are not supported")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+    return config
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.safetensors`` under PEFT's keys; ``ModelError`` for a damaged file."""
     try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors (a pickle renamed), unreadable
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{folder / ADAPTER_WEIGHTS} cannot be read as safetensors ({reason})") from None
-    state = {from_peft_key(k): v for k, v in tensors.items()}
-    return config, state
+        raise ModelError(f"{path} cannot be read as safetensors ({reason})") from None
 
 
 def settings_from_peft_config(config: dict[str, Any]) -> LoRASettings:
@@ -148,36 +239,17 @@ def settings_from_peft_config(config: dict[str, Any]) -> LoRASettings:
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> list[str]:
     """Inject LoRA layers matching the saved adapter into ``model`` and load its weights.
 
-    The adapter must fit the base exactly: every saved module must exist with the saved shapes, and every
-    module the config targets must have saved weights. Returns the wrapped module names.
+    The adapter must fit the base exactly (``check_fit``). Returns the wrapped module names.
     """
     config, state = read_adapter(adapter_dir)
     settings = settings_from_peft_config(config)
-    saved_modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    module_names = {n for n, _ in model.named_modules()}
-    missing = [m for m in saved_modules if m not in module_names]
-    if missing:
-        raise ModelError(f"adapter {adapter_dir} does not fit the base model: no module named {missing[0]!r}")
-    try:
-        names = inject_lora(model, settings)
-    except ModelError as e:
-        raise ModelError(f"adapter {adapter_dir} does not fit the base model: {e}") from None
+    where = f"adapter {adapter_dir}"
+    modules = adapter_modules(state, where)
+    check_fit(modules, settings.r, linear_modules(model), lambda: targeted_modules(model, settings, where), where)
+    names = inject_lora(model, settings)
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
-    not_saved = [n for n in names if n not in saved_modules]
-    if not_saved:
-        raise ModelError(f"adapter {adapter_dir} has no weights for targeted module {not_saved[0]!r}")
-    extra = [m for m in saved_modules if m not in layers]
-    if extra:
-        raise ModelError(f"adapter {adapter_dir} has weights for {extra[0]!r}, which its target_modules do not match")
     with torch.no_grad():
-        for name, layer in layers.items():
-            for which in ("lora_A", "lora_B"):
-                tensor = state[f"{name}.{which}.weight"]
-                param = getattr(layer, which).weight
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ModelError(
-                        f"adapter {adapter_dir} does not fit the base model: {name}.{which} has shape "
-                        f"{tuple(tensor.shape)}, the base needs {tuple(param.shape)}"
-                    )
-                param.copy_(tensor.to(param.dtype))
+        for name, (lora_A, lora_B) in modules.items():
+            layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))
+            layers[name].lora_B.weight.copy_(lora_B.to(torch.float32))
     return names

@@ -262,7 +262,7 @@ def load_checkpoint(
     rank: int = 0,
 ) -> TrainerState:
     """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
-    from qlora_cli.adapter_io import read_adapter
+    from qlora_cli.adapter_io import adapter_modules, check_fit, read_adapter
     from qlora_cli.lora import lora_layers
 
     for name in (STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pt"):
@@ -276,15 +276,14 @@ def load_checkpoint(
             f"cannot resume from {path}: the config changed ({', '.join(changed)}); only "
             f"{', '.join(sorted(RESUMABLE_KEYS - {'resume_from_checkpoint'}))} may change on resume"
         )
-    _, saved = _load_file(path, read_adapter)
+    _, tensors = _load_file(path, read_adapter)
     layers = dict(lora_layers(model))
+    saved = adapter_modules(tensors, f"checkpoint {path}")
+    check_fit(saved, cfg.lora_r, layers, lambda: layers, f"checkpoint {path}", "does not fit this model")
     with torch.no_grad():
-        for name, layer in layers.items():
-            for which in ("lora_A", "lora_B"):
-                key = f"{name}.{which}.weight"
-                if key not in saved or saved[key].shape != getattr(layer, which).weight.shape:
-                    raise ModelError(f"checkpoint {path} does not fit this model: {key}")
-                getattr(layer, which).weight.copy_(saved[key])
+        for name, (lora_A, lora_B) in saved.items():
+            layers[name].lora_A.weight.copy_(lora_A)
+            layers[name].lora_B.weight.copy_(lora_B)
     optimizer_state = _load_file(path / "optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
     try:
         optimizer.load_state_dict(optimizer_state)

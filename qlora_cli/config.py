@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -193,13 +194,21 @@ class LoRASettings:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-@dataclass(frozen=True)
+def _default(key: str) -> Any:
+    return RunConfig.model_fields[key].default
+
+
+@dataclass(frozen=True, kw_only=True)
 class QuantSettings:
-    load_in_4bit: bool
-    quant_type: str
-    double_quant: bool
-    compute_dtype: str
-    quant_storage: str = "uint8"  # dtype of the tensor holding packed 4-bit weights (FSDP shards float storage)
+    """How the base is loaded; the defaults are RunConfig's (NF4, double quantization, bfloat16 compute)."""
+
+    load_in_4bit: bool = _default("load_in_4bit")
+    quant_type: str = _default("bnb_4bit_quant_type")
+    double_quant: bool = _default("bnb_4bit_use_double_quant")
+    compute_dtype: str = _default("bnb_4bit_compute_dtype")
+    quant_storage: str = _default(
+        "bnb_4bit_quant_storage"
+    )  # dtype of the tensor holding packed 4-bit weights (FSDP shards float storage)
 
 
 @dataclass(frozen=True)
@@ -210,7 +219,7 @@ class ModelSettings:
     allow_pickle_weights: bool = False
     attn_implementation: str | None = None
     chat_template: str | None = None
-    quant: QuantSettings = QuantSettings(True, "nf4", True, "bfloat16")
+    quant: QuantSettings = QuantSettings()
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,29 @@ def safe_load_strict(text: str) -> Any:
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*")
+_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int, option: str) -> int:
+    """A size as transformers reads ``max_shard_size``: ``"2GB"`` -> 2·10⁹ (also ``2G``), ``"500MB"``,
+    ``"1GiB"`` -> 2³⁰, ``1000`` or ``"1000"`` -> bytes. ``option`` names the flag in the error."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = _SIZE.fullmatch(text.upper())
+        if not m:
+            raise ConfigError(f"{option}: expected a size like 2GB, 500MB or 24GiB, got {text!r}")
+        number, unit, binary = float(m.group(1)), m.group(2), m.group(3)
+        if binary and not unit:
+            raise ConfigError(f"{option}: expected a size like 2GB, 500MB or 24GiB, got {text!r}")
+        size = int(number * (_BINARY[unit] if binary else _SCALE[unit]))
+    if size <= 0:
+        raise ConfigError(f"{option} must be positive, got {text!r}")
+    return size
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

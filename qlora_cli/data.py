@@ -395,23 +395,13 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
     """Tokenize the training and eval datasets. Raises ``DataError`` when nothing is left to train on."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
-    train: list[Example] = []
-    train_stats = DataStats()
-    for spec in settings.datasets:
-        examples, stats = tokenize_dataset(spec, tokenizer, settings)
-        train.extend(examples)
-        train_stats.add(stats)
+    train, train_stats = _tokenize_all(settings.datasets, tokenizer, settings)
     if not train:
         raise DataError(
             f"no training examples left: all {train_stats.rows} rows were truncated away at sequence_len="
             f"{settings.sequence_len} or have no target tokens"
         )
-    eval_examples: list[Example] = []
-    eval_stats = DataStats()
-    for spec in settings.eval_datasets:
-        examples, stats = tokenize_dataset(spec, tokenizer, settings)
-        eval_examples.extend(examples)
-        eval_stats.add(stats)
+    eval_examples, eval_stats = _tokenize_all(settings.eval_datasets, tokenizer, settings)
     if not settings.eval_datasets and settings.val_set_size > 0:
         order = list(range(len(train)))
         random.Random(settings.seed).shuffle(order)
@@ -430,6 +420,16 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
         train_stats.tokens -= eval_stats.tokens
         train_stats.target_tokens -= eval_stats.target_tokens
     return TrainData(train, eval_examples, train_stats, eval_stats)
+
+
+def _tokenize_all(specs: list[DatasetSpec], tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
+    examples: list[Example] = []
+    total = DataStats()
+    for spec in specs:
+        some, stats = tokenize_dataset(spec, tokenizer, settings)
+        examples.extend(some)
+        total.add(stats)
+    return examples, total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,9 +517,3 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, shuff
     else:
         order = list(range(n_examples))
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
-
-
-def iter_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """In-order batches, for evaluation."""
-    for idx in epoch_batches(len(examples), batch_size, 0, 0, shuffle=False):
-        yield collate([examples[i] for i in idx], pad_id)

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,173 +31,17 @@ from qlora_cli.data import (
     Example,
     Row,
     build_datasets,
-    chat_messages,
-    prompt_and_target,
     read_rows,
     tokenize_rows,
 )
 from qlora_cli.errors import ConfigError, DataError, ModelError
+from qlora_cli.model import autocast as training_autocast
+from qlora_cli.model import context_length, stop_token_ids
+from qlora_cli.scoring import GenerationCase, generation_case, score_generations
 
 FORMATS = ("completion", "alpaca", "chat", "text")
 AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
 AUTO_MARGIN = 8  # generate past the reference, so an answer that does not stop is not an exact match
-
-# ---------------------------------------------------------------------------------------------
-# generation and task metrics
-
-
-@dataclass
-class GenerationCase:
-    prompt_ids: list[int]
-    reference: str
-
-
-def generation_case(row: Row, fmt: str, tokenizer: Any) -> GenerationCase | None:
-    """The prompt the model sees and the answer it should give; None for ``text`` rows (no answer)."""
-    if fmt in ("completion", "alpaca"):
-        prompt, target = prompt_and_target(row, fmt)
-        return GenerationCase(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), target)
-    if fmt == "chat":
-        messages = chat_messages(row)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            return None
-        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        return GenerationCase(list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages[last]["content"])
-    return None
-
-
-def _model_device(model: Any) -> torch.device:
-    return next(p for p in model.parameters()).device
-
-
-@torch.no_grad()
-def generate_ids(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    eos_token_ids: list[int] | None = None,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations (token ids, cut after the first stop token) of token-id prompts.
-
-    Prompts are sorted by length so a batch holds similar lengths (less padding), then left-padded so every
-    row's last prompt token sits at the same position; the KV cache is on. The output keeps the input order.
-    """
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = list(dict.fromkeys(eos_token_ids or [tokenizer.eos_token_id]))
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            chunk = [prompts[i] for i in idx]
-            T = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T), left padded
-            attention_mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for j, p in enumerate(chunk):
-                input_ids[j, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-                attention_mask[j, T - len(p) :] = 1
-            with autocast() if autocast is not None else nullcontext():
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    use_cache=True,
-                    eos_token_id=stops,
-                    pad_token_id=pad_id,
-                )
-            for j, row in zip(idx, out[:, T:].tolist()):
-                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-                outputs[j] = row[:cut]
-    finally:
-        model.train(was_training)
-    return outputs
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    eos_token_ids: list[int] | None = None,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> list[str]:
-    """Greedy completions for token-id prompts, decoded without special tokens (see ``generate_ids``)."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, eos_token_ids, autocast)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize(prediction) == normalize(reference)
-
-
-def contains(prediction: str, reference: str) -> bool:
-    return normalize(reference) in normalize(prediction)
-
-
-@dataclass
-class TaskScore:
-    exact_match: float
-    contains: float
-    n: int
-    predictions: list[str]
-
-
-def score_generations(
-    model: Any,
-    tokenizer: Any,
-    cases: list[GenerationCase],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    eos_token_ids: list[int] | None = None,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> TaskScore:
-    preds = generate(
-        model, tokenizer, [c.prompt_ids for c in cases], max_new_tokens, batch_size, eos_token_ids, autocast
-    )
-    n = max(len(cases), 1)
-    em = sum(exact_match(p, c.reference) for p, c in zip(preds, cases)) / n
-    ct = sum(contains(p, c.reference) for p, c in zip(preds, cases)) / n
-    return TaskScore(em, ct, len(cases), preds)
-
-
-def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
-    """EOS, the model's own end tokens and, for chat data, the token that closes an assistant turn."""
-    ids = [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += configured if isinstance(configured, list) else [configured]
-    if chat:
-        ids.append(_end_of_turn_id(tokenizer))
-    return [i for i in dict.fromkeys(ids) if i is not None]
-
-
-def _end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the chat template puts right after an assistant message (``<|im_end|>``, ...)."""
-    marker = "qlora-end-of-turn-probe"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:  # a template that cannot render this probe: EOS alone stops generation
-        return None
-    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
-    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail.strip() else []
-    special = set(tokenizer.all_special_ids)
-    return ids[0] if ids and ids[0] in special else None
-
 
 # ---------------------------------------------------------------------------------------------
 # what to evaluate: folders
@@ -247,7 +92,7 @@ def open_candidate(
             config = load_config(folder / CONFIG_FILE)
         except ConfigError as e:
             raise ModelError(f"model folder {path}: {e}") from None
-    quant = QuantSettings(load_in_4bit, "nf4", True, dtype or _checkpoint_dtype(folder))
+    quant = QuantSettings(load_in_4bit=load_in_4bit, compute_dtype=dtype or _checkpoint_dtype(folder))
     settings = ModelSettings(base_model=str(folder), quant=quant)
     check_base_model(settings)
     return Candidate(folder, name, settings, config, is_adapter=False)
@@ -436,15 +281,10 @@ class ModelScore:
 
 
 def autocast_for(compute_dtype: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """The autocast training ran under (train.Precision): none in float32, else the compute dtype."""
-    from qlora_cli.model import DTYPES
-
+    """The autocast training ran under (step.Precision): none in float32, else the compute dtype."""
     if compute_dtype == "float16" and device.type == "cpu":
         raise ConfigError("compute dtype float16 needs a GPU; pass --dtype float32 or bfloat16 on CPU")
-    dtype = DTYPES[compute_dtype]
-    if dtype == torch.float32:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return partial(training_autocast, compute_dtype, device)
 
 
 def auto_max_new_tokens(tokenizer: Any, cases: list[GenerationCase | None]) -> int:
@@ -535,20 +375,9 @@ def _free_memory() -> None:
 def _same_forward_as_training(model: torch.nn.Module, config: RunConfig | None) -> None:
     """Run the LoRA layers through the code path training used (``fused_lora``), so the loss equals the
     eval_loss training logged to the last bit also under bf16 (the paths differ only by rounding)."""
-    from qlora_cli.lora import lora_layers
+    from qlora_cli.lora import set_fused
 
-    fused = bool(getattr(config, "fused_lora", False)) if config is not None else False
-    for _, layer in lora_layers(model):
-        layer.fused = fused
-
-
-def _max_positions(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    set_fused(model, config.fused_lora if config is not None else False)
 
 
 def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) -> EvalReport:
@@ -599,7 +428,7 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
     batch_size = options.batch_size or ((config.eval_batch_size or config.micro_batch_size) if config else 8)
 
     def settings_for(model: Any) -> DataSettings:
-        return data_settings(config, _max_positions(model))
+        return data_settings(config, context_length(model))
 
     prepared = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
     say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared.examples)} examples from {escape(rows.source)}")

@@ -18,13 +18,13 @@ import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from qlora_cli.model import autocast, context_length, end_of_turn_id, eos_token_ids, module_device
 from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete multi-byte character
@@ -202,16 +202,6 @@ class Batch:
     next_ids: torch.Tensor  # (B,) the last sampled token of each row, input of the next step
 
 
-def context_length(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _forward_parameters(model: Any) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
@@ -254,7 +244,7 @@ class Engine:
         self.compute_dtype = compute_dtype
         self.adapters = adapters
         self.max_batch_size = max_batch_size
-        self.device = next(p for p in model.parameters()).device
+        self.device = module_device(model)
         self.max_length = context_length(model)
         params = _forward_parameters(model)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
@@ -292,9 +282,7 @@ class Engine:
         return out.logits[:, -1, :].float(), _cache_of(out)
 
     def _autocast(self) -> Any:
-        if self.compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return autocast(self.compute_dtype, self.device)
 
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """Run the prompts (left-padded) through the model and take each row's first token."""
@@ -460,31 +448,13 @@ class Scheduler:
 
 
 def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
-    """The special token a chat template puts after an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...)."""
-    try:
-        marker = "qlora-end-of-turn-probe"
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # noqa: BLE001 - no template, or one that rejects this conversation
-        return frozenset()
-    after = text[text.find(marker) + len(marker) :] if marker in text else ""
-    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
-    return frozenset(ids[:1]) if ids and ids[0] in special else frozenset()
+    """``model.end_of_turn_id`` as a set (empty when there is none), for a sequence's stop set."""
+    turn = end_of_turn_id(tokenizer)
+    return frozenset() if turn is None else frozenset([turn])
 
 
 def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
+    return frozenset(eos_token_ids(tokenizer, model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +487,7 @@ def generate_text(
         settings = run.model
         model, tokenizer = load_adapted_model(run, torch_device)
     else:  # a model folder: the base alone, quantized as `qlora train` would
-        settings = ModelSettings(str(path), quant=QuantSettings(True, "nf4", True, "bfloat16"))
+        settings = ModelSettings(str(path), quant=QuantSettings())
         model, tokenizer = load_base_model(settings, torch_device), load_tokenizer(settings)
         model.eval()
     if chat:

@@ -19,6 +19,9 @@ from torch import nn
 
 from qlora_cli.config import LoRASettings
 from qlora_cli.errors import ModelError
+from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
+from qlora_cli.kernels.lora_linear import fused_lora_linear
+from qlora_cli.model import module_device
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -59,6 +62,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
+    if isinstance(module, LoRALinear):  # the layer it wraps
+        return module.in_features, module.out_features, module.fan_in_fan_out
     if isinstance(module, nn.Linear):  # includes bnb Linear4bit, whose .weight is packed but attrs are true
         return module.in_features, module.out_features, False
     if bool(Conv1D) and isinstance(module, Conv1D):
@@ -73,32 +78,6 @@ def is_quantized(module: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "quant_state")
 
 
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A bool tensor of ``shape``, True where an element is dropped, independently, with probability
-    ``dropout_rate(p, device)``.
-
-    On a CPU the draw is 16-bit lanes of full-range 64-bit random words: one generator call per four
-    elements, about three times faster than 16-bit draws and six times faster than a float Bernoulli (dropout
-    was the largest cost after the matmuls in a CPU step). Elsewhere it is a Bernoulli draw into the mask.
-    """
-    if device.type == "cpu":
-        n = math.prod(shape)
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-        lanes = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
-        return lanes < _lane_threshold(p) - 32768
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
-
-
-def _lane_threshold(p: float) -> int:
-    return min(math.ceil(p * 65536), 65535)
-
-
-def dropout_rate(p: float, device: torch.device) -> float:
-    """The probability ``dropout_mask`` really drops with: p itself, or on a CPU p rounded up to a multiple of
-    2^-16. Kept elements are scaled by 1 / (1 - rate), so the expected value is exact whatever p is."""
-    return _lane_threshold(p) / 65536 if device.type == "cpu" else p
-
-
 class LoRADropout(nn.Dropout):
     """Dropout on the adapter's input, drawn by ``dropout_mask`` (the fused path draws the same mask)."""
 
@@ -109,13 +88,28 @@ class LoRADropout(nn.Dropout):
         return torch.where(dropout_mask(x.shape, self.p, x.device), 0.0, x).mul_(keep_scale)
 
 
-class LoRALinear(nn.Module):
+class AroundLinear(nn.Module):
+    """A module wrapping a frozen linear layer ``base``; its weight and bias read through, so code that reads
+    ``module.weight`` keeps working."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+
+class LoRALinear(AroundLinear):
     """A frozen linear layer plus a trainable low-rank update: ``y = base(x) + scaling · B(A(dropout(x)))``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base)
-        device = _param_device(base)
+        device = module_device(base)
         self.base = base
         self.r = r
         self.alpha = alpha
@@ -136,19 +130,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         nn.init.zeros_(self.lora_B.weight)
 
-    # The wrapped layer's weight and bias, so code that reads `module.weight` keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not (self.merged or self.disabled):
-            from qlora_cli.kernels.lora_linear import fused_lora_linear
-
             p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
             return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
         out = self.base(x)
@@ -183,12 +166,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, fan_in_fan_out={self.fan_in_fan_out}"
-
-
-def _param_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +251,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """Run every LoRA layer through the fused kernel (``kernels.lora_linear``) or the plain path: the config's
+    ``fused_lora``, set the same way by training, evaluation and the memory plan."""
+    for _, layer in lora_layers(model):
+        layer.fused = fused
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -17,7 +17,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,23 @@ from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
 from qlora_cli.data import CHATML_TEMPLATE
 from qlora_cli.errors import ConfigError, ModelError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config names
+
+
+def autocast(dtype: torch.dtype | str, device: torch.device | str) -> AbstractContextManager:
+    """The autocast training runs its forward under: to the compute dtype (a torch dtype or its config name)
+    on ``device``'s type, or nothing in float32. Norms, softmax and the loss stay float32 inside."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's (first) parameter lives; the CPU for a module without parameters."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def quiet_libraries() -> None:
@@ -502,3 +518,50 @@ def resolve_gguf(cfg: ModelSettings) -> ModelSettings:
         return cfg
     folder = gguf_folder(cfg.base_model, cfg.quant.compute_dtype, need_tokenizer=cfg.tokenizer is None)
     return replace(cfg, base_model=str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# generation limits: when to stop, how long a sequence may be
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's positions allow (from its (text) config), or None when it does not say."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The tokenizer's EOS, then the model's own end tokens (its generation config), each once."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(configured) if isinstance(configured, list | tuple) else [configured]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token a chat template puts right after an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...),
+    or None (no template, or one that ends turns with plain text or EOS)."""
+    marker = "qlora-end-of-turn-probe"
+    try:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that rejects this conversation
+        return None
+    after = text[text.find(marker) + len(marker) :] if marker in text else ""
+    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after.strip() else []
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """EOS, the model's own end tokens and, for chat, the token that closes an assistant turn; each once."""
+    ids = eos_token_ids(tokenizer, model)
+    turn = end_of_turn_id(tokenizer) if chat else None
+    return ids + [turn] if turn is not None and turn not in ids else ids

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_cli.adapter_io import read_adapter, settings_from_peft_config
+from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, read_adapter, settings_from_peft_config
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import LoRALinear, linear_module_names, linear_shape, matches_target, output_head
+from qlora_cli.lora import AroundLinear, LoRALinear, linear_shape, matches_target, output_head
+from qlora_cli.model import module_device
 
 BASE_ONLY = -1  # the slot of a row that uses no adapter
 
@@ -73,7 +74,7 @@ def bag_matmul(stack: torch.Tensor, rows: RowAdapters, x: torch.Tensor) -> torch
     return torch.embedding_bag(stack, indices, offsets, False, 0, False, x.reshape(-1))[0]
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(AroundLinear):
     """A frozen linear layer plus every loaded adapter's low-rank update, picked per row of the batch."""
 
     def __init__(self, base: nn.Module, rows: RowAdapters, capacity: int, device: torch.device):
@@ -86,14 +87,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(capacity, in_features, 0, device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(capacity, 0, out_features, device=device), persistent=False)
         self.present = [False] * capacity  # which slots this layer holds (a host list: no device sync to check)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     @property
     def capacity(self) -> int:
@@ -191,7 +184,7 @@ class MultiLoRA:
         self.rows = RowAdapters()
         head = output_head(model)
         # every linear layer an adapter may target (the head too: PEFT allows it), before any wrapping
-        self.linear: dict[str, nn.Module] = {n: model.get_submodule(n) for n in linear_module_names(model, True)}
+        self.linear: dict[str, nn.Module] = linear_modules(model)
         self.default_targets = [n for n, m in self.linear.items() if m is not head]  # what all-linear means
         self.layers: dict[str, MultiLoRALinear] = {}
         self.adapters: dict[str, Adapter] = {}
@@ -201,7 +194,7 @@ class MultiLoRA:
         self.pins: dict[int, int] = {}  # slot -> how many requests use it (see pin/unpin)
         self.slot_rank: dict[int, int] = {}  # slot -> its adapter's rank, while the slot holds one
         self.lock = threading.RLock()  # held by each forward and each load/unload
-        self.device = _device_of(model)
+        self.device = module_device(model)
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self, name: str, folder: str | Path) -> Adapter:
@@ -232,37 +225,19 @@ class MultiLoRA:
     def _check_fit(
         self, folder: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor], r: int
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module: (A (r, in), B (out, r))} after checking every saved module against the base."""
-        where = f"adapter {folder} does not fit the base model"
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            module, sep, rest = key.rpartition(".lora_")
-            if not sep or rest not in ("A.weight", "B.weight"):
-                raise ModelError(f"{where}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
-            saved.setdefault(module, {})[rest[0]] = tensor
-        if not saved:
-            raise ModelError(f"adapter {folder} holds no LoRA weights")
-        targets = config["target_modules"]
+        """{module: (A (r, in), B (out, r)) in float32} after ``adapter_io.check_fit`` against the base's linear
+        layers (as they were before any adapter was loaded)."""
+        where = f"adapter {folder}"
+        modules = adapter_modules(state, where)
+        check_fit(modules, r, self.linear, lambda: self._targeted(config["target_modules"]), where)
+        return {m: (a.to(torch.float32), b.to(torch.float32)) for m, (a, b) in modules.items()}
+
+    def _targeted(self, targets: list[str] | str) -> list[str]:
+        """The base's linear layers an adapter's target_modules select (the head too when named)."""
         if targets == "all-linear":
-            targeted = list(self.default_targets)
-        else:
-            targets = [targets] if isinstance(targets, str) else list(targets)
-            targeted = [n for n in self.linear if any(matches_target(n, t) for t in targets)]
-        for module, pair in saved.items():
-            if module not in self.linear:
-                raise ModelError(f"{where}: no linear module named {module!r}")
-            if set(pair) != {"A", "B"}:
-                missing = "lora_B" if "A" in pair else "lora_A"
-                raise ModelError(f"adapter {folder} has no {missing} weight for {module!r}")
-            n_in, n_out, _ = linear_shape(self.linear[module])
-            for which, want in (("A", (r, n_in)), ("B", (n_out, r))):
-                got = tuple(pair[which].shape)
-                if got != want:
-                    raise ModelError(f"{where}: {module}.lora_{which} has shape {got}, the base needs {want}")
-        not_saved = [n for n in targeted if n not in saved]
-        if not_saved:
-            raise ModelError(f"adapter {folder} has no weights for targeted module {not_saved[0]!r}")
-        return {m: (p["A"].to(torch.float32), p["B"].to(torch.float32)) for m, p in saved.items()}
+            return list(self.default_targets)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        return [n for n in self.linear if any(matches_target(n, t) for t in targets)]
 
     def _take_slot(self) -> int:
         if self.free:
@@ -338,9 +313,3 @@ class MultiLoRA:
                 yield
             finally:
                 self.rows.set(None, BASE_ONLY)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

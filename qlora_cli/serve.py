@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from qlora_cli.config import ModelSettings, QuantSettings
@@ -50,7 +49,7 @@ except ImportError:  # no web stack: create_app says so (require_web_stack)
     Request = Any  # type: ignore[misc,assignment]
 
 BASE_ALIAS = "base"
-DEFAULT_QUANT = QuantSettings(True, "nf4", True, "bfloat16")  # a base served with no adapter: qlora's default
+DEFAULT_QUANT = QuantSettings()  # a base served with no adapter: qlora's default
 
 
 class RequestError(QLoRAError):
@@ -109,7 +108,7 @@ class ModelServer:
         base_name: str | None = None,
         policy: ServePolicy | None = None,
     ):
-        from qlora_cli.model import load_base_model, load_tokenizer, resolve_device
+        from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, resolve_device
         from qlora_cli.run_folder import open_run
 
         self.policy = policy = policy or ServePolicy()
@@ -132,7 +131,7 @@ class ModelServer:
         self.model = load_base_model(settings, self.device)
         self.model.eval()
         self.multi = MultiLoRA(self.model)
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.quant.compute_dtype, torch.float32)
+        dtype = DTYPES[settings.quant.compute_dtype]
         self.engine = Engine(self.model, self.multi, max_batch_size=max_batch_size, compute_dtype=dtype)
         self.max_length = self.engine.max_length
         self.vocab_size = self.model.get_input_embeddings().num_embeddings

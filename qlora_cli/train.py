@@ -24,13 +24,12 @@ from rich.console import Console
 from qlora_cli.adapter_io import save_adapter
 from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from qlora_cli.config import RunConfig, dump_config
-from qlora_cli.data import Example, TrainData, build_datasets, collate, collate_packed, epoch_batches, pack_examples
+from qlora_cli.data import Example, TrainData, build_datasets, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
-from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
-from qlora_cli.loss import EvalResult, evaluate_loss, loss_sum
+from qlora_cli.lora import inject_lora, lora_parameters, set_fused
+from qlora_cli.loss import EvalResult, evaluate_loss
 from qlora_cli.model import (
-    DTYPES,
     check_base_model,
     enable_gradient_checkpointing,
     load_base_model,
@@ -39,6 +38,7 @@ from qlora_cli.model import (
     resolve_device,
 )
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
+from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 
 
 @dataclass
@@ -101,96 +101,6 @@ def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_epochs))
 
 
-@dataclass
-class Precision:
-    """Autocast to the compute dtype (norms and the loss stay float32); fp16 also needs loss scaling."""
-
-    device_type: str
-    dtype: torch.dtype
-    scaler: Any = None
-
-    @classmethod
-    def for_run(cls, compute_dtype: str, device: torch.device) -> Precision:
-        if compute_dtype == "float16" and device.type == "cpu":
-            raise ConfigError("bnb_4bit_compute_dtype: float16 needs a GPU; use bfloat16 or float32 on CPU")
-        dtype = DTYPES[compute_dtype]
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return cls(device.type, dtype, scaler)
-
-    def autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            optimizer.step()
-
-
-def accumulate_gradients(
-    model: Any,
-    micro_batches: list[list[list[Example]]],
-    pad_id: int,
-    device: torch.device,
-    precision: Precision,
-    no_sync: Any = nullcontext,
-    pad_multiple: int = 1,
-    packed: bool = False,
-    n_targets: int | None = None,
-    world_size: int = 1,
-    seeds: list[int] | None = None,
-    fused_ce: bool = False,
-) -> tuple[float, int, int]:
-    """Forward and backward over one optimizer step's micro-batches (on this process).
-
-    A micro-batch is a list of rows; a row is one example, or several when ``packed``. The loss is the sum
-    of token losses divided by ``n_targets``, the target tokens of the whole step on every process, so each
-    target token weighs the same however the step is cut into micro-batches and processes (DDP averages
-    gradients over processes, hence the factor ``world_size``).
-    ``seeds`` (one per micro-batch) reseed the RNG before each forward, so dropout masks depend on which
-    micro-batch it is, not on which process runs it or whether the run was resumed.
-    Returns (summed loss, target tokens, real tokens) of this process's micro-batches.
-    """
-    local_targets = sum(e.n_targets for mb in micro_batches for row in mb for e in row)
-    n_targets = local_targets if n_targets is None else n_targets
-    total, n_tokens = 0.0, 0
-    for j, rows in enumerate(micro_batches):
-        if packed:
-            batch = collate_packed(rows, pad_id, pad_multiple)
-        else:
-            batch = collate([row[0] for row in rows], pad_id, pad_multiple)
-        tokens = batch.pop("token_mask", batch.get("attention_mask"))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        last = j == len(micro_batches) - 1
-        if seeds is not None:
-            torch.manual_seed(seeds[j])
-        with nullcontext() if last else no_sync(model):  # DDP: all-reduce gradients once, on the last
-            with precision.autocast():
-                s, _ = loss_sum(model, batch, fused_ce)
-            precision.backward(s * (world_size / max(n_targets, 1)))
-        total += float(s.detach())
-        n_tokens += int(tokens.sum())
-    return total, local_targets, n_tokens
-
-
-def _idle_backward(model: Any, row: list[Example], pad_id: int, device: torch.device, precision: Precision) -> None:
-    """A process with no data in this step still joins DDP's gradient all-reduce, contributing zeros."""
-    batch = {k: v.to(device) for k, v in collate(row[:1], pad_id).items()}
-    with precision.autocast():
-        s, _ = loss_sum(model, batch)
-    precision.backward(s * 0.0)
-
-
 def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, tolerance: float) -> None:
     """Refuse sample packing when the model's attention does not keep packed examples apart.
 
@@ -215,7 +125,48 @@ def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, t
 
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# the run: setup -> (train_step, evaluate, checkpoint)* -> save
+
+
+@dataclass
+class Run:
+    """What ``setup`` builds: everything the loop, ``evaluate`` and ``save`` use."""
+
+    cfg: RunConfig
+    accelerator: Any
+    console: Console
+    out: Path
+    tokenizer: Any
+    data: TrainData
+    rows: list[list[Example]]  # one example each, or one pack each with sample packing
+    model: Any  # the plain model with its LoRA layers: what is saved
+    trained: Any  # what runs forward and backward: the model, or its DDP/FSDP wrapper
+    fsdp: bool
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Precision
+    steps: int
+    state: TrainerState
+    resumed_from: Path | None
+    metrics: _Metrics | None = None  # once ``start`` has created the output folder
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def pad_multiple(self) -> int:
+        return 8 if self.device.type == "cuda" else 1
 
 
 def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -224,16 +175,48 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     Under ``accelerate launch`` each process trains on its own share of every step's micro-batches;
     gradients are averaged by DDP and only the main process writes.
     """
+    run = setup(cfg, force=force, console=console)
+    start(run)
+    state, steps = run.state, run.steps
+    window_log = _LogWindow()
+    with _Progress(run.console, steps, state.step) as progress, _StopSignals() as stop:
+        while state.step < steps:
+            windows = epoch_windows(run)  # this epoch's optimizer steps, each a list of micro-batches
+            for window in windows[state.window :]:
+                if state.step >= steps:
+                    break
+                grad_norm, n_tokens = train_step(run, window)
+                window_log.tokens += n_tokens
+                if state.step % cfg.logging_steps == 0 or state.step == steps:
+                    progress.update(state.step, window_log.record(run, grad_norm))
+                else:
+                    progress.update(state.step, None)
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < steps:
+                    evaluate(run)
+                if state.window == len(windows):  # the epoch is done: the next step reshuffles
+                    state.epoch, state.window = state.epoch + 1, 0
+                if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
+                    checkpoint(run)
+                if _any_process(run.accelerator, stop.signal is not None):
+                    raise TrainingInterrupted(
+                        f"{stop.name or 'signal'} at step {state.step}: checkpoint saved to {checkpoint(run)}; "
+                        "continue with `qlora train <config> --resume`",
+                        exit_code=143 if stop.name == "SIGTERM" else 130,
+                    )
+    return save(run, evaluate(run), window_log.last_loss)
+
+
+def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> Run:
+    """Validate everything and load everything (tokenizer, data, 4-bit base, LoRA, optimizer, schedule, a
+    checkpoint to resume from); nothing is written."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     quiet_libraries()
-    # -- validate everything before writing anything
     resolve_device(cfg.device)  # a clear error when CUDA is asked for and missing
     accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    console = (console or Console(stderr=True, soft_wrap=True)) if main else Console(quiet=True)
+    device = accelerator.device
+    console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
     out = check_output_dir(cfg.output_dir, force or cfg.resume_from_checkpoint is not None)
     resume_from = (
@@ -245,8 +228,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     data = build_datasets(cfg.data, tokenizer)
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
-    for _, layer in lora_layers(model):
-        layer.fused = cfg.fused_lora
+    set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
@@ -263,174 +245,209 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     # FSDP replaces parameter storage while wrapping, so the optimizer is built on the wrapped parameters
     params = [p for p in trained.parameters() if p.requires_grad] if fsdp else lora_parameters(model)
     optimizer = build_optimizer(cfg, params)
-    steps = total_steps(cfg, len(rows), world)
+    steps = total_steps(cfg, len(rows), accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, steps)
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, rank)
-    _report_start(console, cfg, data, model, target_names, params, steps, device, world, rows)
+        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, accelerator.process_index)
+    _report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
     if liger:
         console.print("Liger kernels: RMSNorm, RoPE, SwiGLU")
     if resume_from is not None:
         console.print(f"resuming from {resume_from} at step {state.step}")
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        console=console,
+        out=out,
+        tokenizer=tokenizer,
+        data=data,
+        rows=rows,
+        model=model,
+        trained=trained,
+        fsdp=fsdp,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=precision,
+        steps=steps,
+        state=state,
+        resumed_from=resume_from,
+    )
 
-    # -- from here on we write (the main process only)
-    accelerator.wait_for_everyone()  # every process has validated before anything is created
+
+def start(run: Run) -> None:
+    """From here on we write (the main process only): the output folder, the config, the metrics log."""
+    run.accelerator.wait_for_everyone()  # every process has validated before anything is created
+    main = run.accelerator.is_main_process
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(dump_config(cfg))
-    metrics = _Metrics(out / METRICS_FILE, state.step if resume_from is not None else None, enabled=main)
-    pad_id = tokenizer.pad_token_id
-    pad_multiple = 8 if device.type == "cuda" else 1
-    eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
+    keep = run.state.step if run.resumed_from is not None else None
+    run.metrics = _Metrics(run.out / METRICS_FILE, keep, enabled=main)
+    run.started = time.perf_counter()
 
-    def run_eval(step: int) -> EvalResult | None:
-        if not data.eval:
-            return None
-        mine = data.eval[rank::world]  # each process scores its share; sums are combined below
-        local = (
-            evaluate_loss(trained, mine, eval_batch, pad_id, device, precision.autocast, cfg.fused_cross_entropy)
-            if mine
-            else None
+
+def epoch_windows(run: Run) -> list[list[list[list[Example]]]]:
+    """The current epoch's optimizer steps: each a list of micro-batches (accumulation x processes of them),
+    each a list of rows, shuffled by the epoch's seed."""
+    cfg = run.cfg
+    batches = epoch_batches(len(run.rows), cfg.micro_batch_size, cfg.seed, run.state.epoch)
+    windows = _windows(batches, cfg.gradient_accumulation_steps * run.world)
+    return [[[run.rows[i] for i in idx] for idx in window] for window in windows]
+
+
+def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]:
+    """One optimizer step over ``window``; this process takes its consecutive share of the micro-batches.
+    A non-finite loss or gradient norm skips the update (the data position and schedule still move) and
+    ``max_bad_steps`` of them in a row stop the run. Returns (gradient norm, real tokens on every process)."""
+    cfg, state, precision = run.cfg, run.state, run.precision
+    accumulation = cfg.gradient_accumulation_steps
+    n_targets = sum(e.n_targets for mb in window for row in mb for e in row)
+    first = run.rank * accumulation
+    share = window[first : first + accumulation]
+    if share:
+        seeds = [_micro_batch_seed(cfg.seed, state.epoch, state.window, first + j) for j in range(len(share))]
+        step_loss, _, n_tokens = accumulate_gradients(
+            run.trained,
+            share,
+            device=run.device,
+            precision=precision,
+            pad_id=run.tokenizer.pad_token_id,
+            pad_multiple=run.pad_multiple,
+            packed=cfg.sample_packing,
+            fused_cross_entropy=cfg.fused_cross_entropy,
+            n_targets=n_targets,
+            world_size=run.world,
+            seeds=seeds,
+            no_sync=run.accelerator.no_sync,
         )
-        sums = torch.tensor([local.loss * local.n_tokens, local.n_tokens] if local else [0.0, 0.0], device=device)
-        sums = accelerator.reduce(sums, "sum") if world > 1 else sums
-        result = EvalResult(float(sums[0] / sums[1].clamp(min=1)), int(sums[1]))
-        metrics.log(
-            {
-                "type": "eval",
-                "step": step,
-                "eval_loss": result.loss,
-                "eval_ppl": result.perplexity,
-                "eval_tokens": result.n_tokens,
-            }
+    else:
+        idle_backward(run.trained, window[0][0], run.tokenizer.pad_token_id, run.device, precision)
+        step_loss, n_tokens = 0.0, 0
+    if run.world > 1:
+        totals = run.accelerator.reduce(
+            torch.tensor([step_loss, n_tokens], device=run.device, dtype=torch.float64), "sum"
         )
-        console.print(f"step {step}: eval_loss {result.loss:.4f}  ppl {result.perplexity:.2f}")
-        return result
+        step_loss, n_tokens = float(totals[0]), int(totals[1])
+    precision.unscale(run.optimizer)
+    grad_norm = clip_gradients(run.trained if run.fsdp else run.params, cfg.max_grad_norm)
+    if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        precision.step(run.optimizer)
+        state.consecutive_bad = 0
+        state.log_loss += step_loss
+        state.log_targets += n_targets
+    else:  # skip the update, keep the data position and schedule moving
+        state.bad_steps += 1
+        state.consecutive_bad += 1
+        run.console.print(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.window += 1
+    if state.consecutive_bad >= cfg.max_bad_steps:
+        run.metrics.log({"type": "error", "step": state.step, "bad_steps": state.bad_steps})
+        raise TrainingDiverged(
+            f"stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite "
+            f"loss or gradient norm (max_bad_steps={cfg.max_bad_steps}); lower learning_rate or check the "
+            "data; the last checkpoint is intact"
+        )
+    return grad_norm, n_tokens
 
-    def checkpoint() -> Path:
-        path = save_checkpoint(out, cfg, model, optimizer, scheduler, state, accelerator)
-        console.print(f"step {state.step}: checkpoint saved to {path}")
-        return path
 
-    last_loss = float("nan")
-    window_tokens, t_window, t_start = 0, time.perf_counter(), time.perf_counter()
-    with _Progress(console, steps, state.step) as progress, _StopSignals() as stop:
-        while state.step < steps:
-            batches = epoch_batches(len(rows), cfg.micro_batch_size, cfg.seed, state.epoch)
-            # one step = accumulation x processes micro-batches; process r takes its consecutive share
-            windows = _windows(batches, cfg.gradient_accumulation_steps * world)
-            epoch_done = False
-            while not epoch_done and state.step < steps:
-                window = [[rows[i] for i in idx] for idx in windows[state.window]]
-                n_targets = sum(e.n_targets for mb in window for row in mb for e in row)
-                first = rank * cfg.gradient_accumulation_steps
-                share = window[first : first + cfg.gradient_accumulation_steps]
-                seeds = [_micro_batch_seed(cfg.seed, state.epoch, state.window, first + j) for j in range(len(share))]
-                if share:
-                    step_loss, _, n_tokens = accumulate_gradients(
-                        trained,
-                        share,
-                        pad_id,
-                        device,
-                        precision,
-                        accelerator.no_sync,
-                        pad_multiple,
-                        cfg.sample_packing,
-                        n_targets,
-                        world,
-                        seeds,
-                        cfg.fused_cross_entropy,
-                    )
-                else:
-                    _idle_backward(trained, window[0][0], pad_id, device, precision)
-                    step_loss, n_tokens = 0.0, 0
-                if world > 1:
-                    totals = accelerator.reduce(
-                        torch.tensor([step_loss, n_tokens], device=device, dtype=torch.float64), "sum"
-                    )
-                    step_loss, n_tokens = float(totals[0]), int(totals[1])
-                precision.unscale(optimizer)
-                grad_norm = _clip(trained if fsdp else params, cfg.max_grad_norm)
-                if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                    precision.step(optimizer)
-                    state.consecutive_bad = 0
-                    state.log_loss += step_loss
-                    state.log_targets += n_targets
-                else:  # skip the update, keep the data position and schedule moving
-                    state.bad_steps += 1
-                    state.consecutive_bad += 1
-                    console.print(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.window += 1
-                window_tokens += n_tokens
-                if state.consecutive_bad >= cfg.max_bad_steps:
-                    metrics.log({"type": "error", "step": state.step, "bad_steps": state.bad_steps})
-                    raise TrainingDiverged(
-                        f"stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite "
-                        f"loss or gradient norm (max_bad_steps={cfg.max_bad_steps}); lower learning_rate or check the "
-                        "data; the last checkpoint is intact"
-                    )
+def evaluate(run: Run) -> EvalResult | None:
+    """The eval loss at the current step, logged; each process scores its share and the sums are combined."""
+    if not run.data.eval:
+        return None
+    cfg, step = run.cfg, run.state.step
+    mine = run.data.eval[run.rank :: run.world]
+    batch_size = cfg.eval_batch_size or cfg.micro_batch_size
+    pad_id = run.tokenizer.pad_token_id
+    local = (
+        evaluate_loss(
+            run.trained, mine, batch_size, pad_id, run.device, run.precision.autocast, cfg.fused_cross_entropy
+        )
+        if mine
+        else None
+    )
+    sums = torch.tensor([local.loss * local.n_tokens, local.n_tokens] if local else [0.0, 0.0], device=run.device)
+    sums = run.accelerator.reduce(sums, "sum") if run.world > 1 else sums
+    result = EvalResult(float(sums[0] / sums[1].clamp(min=1)), int(sums[1]))
+    run.metrics.log(
+        {
+            "type": "eval",
+            "step": step,
+            "eval_loss": result.loss,
+            "eval_ppl": result.perplexity,
+            "eval_tokens": result.n_tokens,
+        }
+    )
+    run.console.print(f"step {step}: eval_loss {result.loss:.4f}  ppl {result.perplexity:.2f}")
+    return result
 
-                if state.step % cfg.logging_steps == 0 or state.step == steps:
-                    elapsed = time.perf_counter() - t_window
-                    last_loss = state.log_loss / state.log_targets if state.log_targets else float("nan")
-                    record = {
-                        "type": "train",
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "loss": last_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
-                        "elapsed_sec": time.perf_counter() - t_start,
-                        "bad_steps": state.bad_steps,
-                    }
-                    metrics.log(record)
-                    progress.update(state.step, record)
-                    state.log_loss, state.log_targets = 0.0, 0
-                    window_tokens, t_window = 0, time.perf_counter()
-                else:
-                    progress.update(state.step, None)
-                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < steps:
-                    run_eval(state.step)
-                if state.window == len(windows):  # the epoch is done: the next step reshuffles
-                    state.epoch, state.window, epoch_done = state.epoch + 1, 0, True
-                if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
-                    checkpoint()
-                if _any_process(accelerator, stop.signal is not None):
-                    path = checkpoint()
-                    raise TrainingInterrupted(
-                        f"{stop.name or 'signal'} at step {state.step}: checkpoint saved to {path}; continue with "
-                        f"`qlora train <config> --resume`",
-                        exit_code=143 if stop.name == "SIGTERM" else 130,
-                    )
 
-    eval_result = run_eval(state.step)
-    model.eval()
-    with _full_adapter(trained, fsdp):  # FSDP: gather the sharded adapter on the main process
-        if main:
-            save_adapter(model, out, cfg.lora, cfg.base_model)
-            tokenizer.save_pretrained(out)
-    accelerator.wait_for_everyone()
-    elapsed = time.perf_counter() - t_start
-    metrics.log(
+def checkpoint(run: Run) -> Path:
+    """An atomic checkpoint of the adapter, optimizer, schedule, RNG and position (``checkpoint.py``)."""
+    path = save_checkpoint(run.out, run.cfg, run.model, run.optimizer, run.scheduler, run.state, run.accelerator)
+    run.console.print(f"step {run.state.step}: checkpoint saved to {path}")
+    return path
+
+
+def save(run: Run, eval_result: EvalResult | None, train_loss: float) -> TrainResult:
+    """Write the adapter and tokenizer (the main process; FSDP gathers the sharded adapter) and the summary."""
+    cfg, state = run.cfg, run.state
+    run.model.eval()
+    with _full_adapter(run.trained, run.fsdp):
+        if run.accelerator.is_main_process:
+            save_adapter(run.model, run.out, cfg.lora, cfg.base_model)
+            run.tokenizer.save_pretrained(run.out)
+    run.accelerator.wait_for_everyone()
+    elapsed = time.perf_counter() - run.started
+    eval_loss = eval_result.loss if eval_result else None
+    run.metrics.log(
         {
             "type": "summary",
             "steps": state.step,
-            "train_loss": last_loss,
-            "eval_loss": eval_result.loss if eval_result else None,
+            "train_loss": train_loss,
+            "eval_loss": eval_loss,
             "bad_steps": state.bad_steps,
-            "train_examples": len(data.train),
-            "train_target_tokens": data.train_stats.target_tokens,
-            "processes": world,
+            "train_examples": len(run.data.train),
+            "train_target_tokens": run.data.train_stats.target_tokens,
+            "processes": run.world,
             "elapsed_sec": elapsed,
         }
     )
-    console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {out}")
-    return TrainResult(out, state.step, last_loss, eval_result.loss if eval_result else None, metrics.history)
+    run.console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {run.out}")
+    return TrainResult(run.out, state.step, train_loss, eval_loss, run.metrics.history)
+
+
+@dataclass
+class _LogWindow:
+    """Tokens and time since the last train log line; the loss is the token-weighted mean over that window."""
+
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_loss: float = float("nan")
+
+    def record(self, run: Run, grad_norm: float) -> dict[str, Any]:
+        state = run.state
+        elapsed = time.perf_counter() - self.started
+        self.last_loss = state.log_loss / state.log_targets if state.log_targets else float("nan")
+        record = {
+            "type": "train",
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": self.last_loss,
+            "lr": run.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_sec": self.tokens / max(elapsed, 1e-9),
+            "elapsed_sec": time.perf_counter() - run.started,
+            "bad_steps": state.bad_steps,
+        }
+        run.metrics.log(record)
+        state.log_loss, state.log_targets = 0.0, 0
+        self.tokens, self.started = 0, time.perf_counter()
+        return record
 
 
 def _micro_batch_seed(seed: int, epoch: int, window: int, index: int) -> int:
@@ -523,14 +540,6 @@ class _StopSignals:
 def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
     """Group micro-batches into optimizer steps; the epoch's last step may have fewer micro-batches."""
     return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
-
-
-def _clip(params: list[torch.nn.Parameter] | Any, max_norm: float | None) -> float:
-    """Clip and return the total gradient norm; an FSDP module computes it across its shards."""
-    limit = max_norm if max_norm is not None else float("inf")
-    if hasattr(params, "clip_grad_norm_"):
-        return float(params.clip_grad_norm_(limit))
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 def _is_fsdp(accelerator: Any) -> bool:

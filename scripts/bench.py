@@ -83,7 +83,7 @@ def build_base(shape: Shape, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_cli.model import quiet_libraries
-    from qlora_cli.tiny import build_char_tokenizer
+    from qlora_cli.testing.tiny import build_char_tokenizer
 
     quiet_libraries()
     cfg = LlamaConfig(
@@ -122,10 +122,11 @@ def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, tor
 
 def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     from qlora_cli.config import load_config
-    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import loss_sum
     from qlora_cli.model import enable_gradient_checkpointing, load_base_model
-    from qlora_cli.train import Precision, _clip, build_optimizer
+    from qlora_cli.step import Precision, clip_gradients
+    from qlora_cli.train import build_optimizer
 
     recompute = "offload" if (mode == "memory-saving" and preset.device == "cuda") else mode == "memory-saving"
     cfg = load_config(
@@ -144,8 +145,7 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     device = torch.device(preset.device)
     model = load_base_model(cfg, device)
     inject_lora(model, cfg.lora)
-    for _, m in lora_layers(model):
-        m.fused = True
+    set_fused(model, True)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload")
     model.train()
@@ -157,7 +157,7 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
         with precision.autocast():
             s, n = loss_sum(model, batch, fused=True)
         (s / n).backward()
-        _clip(params, 1.0)
+        clip_gradients(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(s.detach()) / n
@@ -388,7 +388,7 @@ def run_packing(folder: Path, preset: Preset) -> dict:
 
     from qlora_cli.config import load_config
     from qlora_cli.data import Example, collate, collate_packed, pack_examples
-    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import loss_sum
     from qlora_cli.model import load_base_model
     from qlora_cli.train import build_optimizer
@@ -413,8 +413,7 @@ def run_packing(folder: Path, preset: Preset) -> dict:
     )
     model = load_base_model(cfg, torch.device(preset.device))
     inject_lora(model, cfg.lora)
-    for _, m in lora_layers(model):
-        m.fused = True
+    set_fused(model, True)
     model.train()
     opt = build_optimizer(cfg, lora_parameters(model))
     packs = [[examples[i] for i in p] for p in pack_examples(examples, preset.seq)]

@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qlora_cli.config import load_config  # noqa: E402
-from qlora_cli.memory_plan import format_bytes, measure_training_peak, plan_memory  # noqa: E402
+from qlora_cli.memory_plan import plan_memory  # noqa: E402
+from qlora_cli.memory_plan.sizes import format_bytes, measure_training_peak  # noqa: E402
 from qlora_cli.model import quiet_libraries  # noqa: E402
-from qlora_cli.tiny import build_char_tokenizer, save_llama_8b_shapes  # noqa: E402
+from qlora_cli.testing.tiny import build_char_tokenizer, save_llama_8b_shapes  # noqa: E402
 
 PLAIN = dict(fused_lora=False, fused_cross_entropy=False)  # the reference paths; the default is fused
 CASES = [

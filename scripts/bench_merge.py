@@ -85,7 +85,7 @@ def build(work: Path, size: str, shard: str) -> tuple[Path, Path, int]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_cli.config import dump_config, load_config
-    from qlora_cli.tiny import build_char_tokenizer
+    from qlora_cli.testing.tiny import build_char_tokenizer
 
     s = SIZES[size]
     base, run = work / "base", work / "run"

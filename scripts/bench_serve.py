@@ -35,7 +35,7 @@ from qlora_cli.generation import Engine, SamplingParams, Sequence  # noqa: E402
 from qlora_cli.lora import inject_lora, lora_layers  # noqa: E402
 from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
 from qlora_cli.multi_lora import MultiLoRA  # noqa: E402
-from qlora_cli.tiny import build_tiny_model  # noqa: E402
+from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 
 
 def make_adapters(base: Path, settings: ModelSettings, out: Path, n: int, r: int) -> list[Path]:
@@ -117,7 +117,7 @@ def main() -> None:
         kv_heads=max(2, args.hidden // 256), intermediate=int(args.hidden * 8 / 3) // 64 * 64,
         max_positions=args.prompt_len + args.new_tokens + 8, initializer_range=0.1,
     )  # fmt: skip
-    settings = ModelSettings(str(base), quant=QuantSettings(True, "nf4", True, args.dtype))
+    settings = ModelSettings(str(base), quant=QuantSettings(compute_dtype=args.dtype))
     folders = make_adapters(base, settings, tmp, args.adapters, args.rank)
     tok = load_tokenizer(settings)
     ids = prompts(tok, args.batch, args.prompt_len)

@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlora_cli.tiny import ARCHITECTURES  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2", "gpt_neox", "opt")  # what tiny builds
 
 
 def write_task(folder: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
@@ -86,8 +86,8 @@ def qlora_config(args: argparse.Namespace, base: Path, data: Path, out: Path, se
 
 def score(model: Any, tokenizer: Any, eval_path: Path, dtype: str) -> float:
     from qlora_cli.data import read_rows
-    from qlora_cli.evaluate import generation_case, score_generations
-    from qlora_cli.train import Precision
+    from qlora_cli.scoring import generation_case, score_generations
+    from qlora_cli.step import Precision
 
     cases = [generation_case(r, "completion", tokenizer) for r in read_rows(_spec(eval_path))]
     autocast = Precision.for_run(dtype, torch.device("cpu")).autocast
@@ -199,7 +199,7 @@ def main() -> int:
     archs = list(ARCHITECTURES) if args.arch == ["all"] else args.arch
 
     from qlora_cli.model import quiet_libraries
-    from qlora_cli.tiny import build_tiny_model
+    from qlora_cli.testing.tiny import build_tiny_model
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

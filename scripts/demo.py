@@ -52,8 +52,8 @@ def main() -> int:
     from qlora_cli.adapter_io import load_adapter
     from qlora_cli.config import load_config
     from qlora_cli.data import read_rows
-    from qlora_cli.evaluate import generation_case, score_generations
     from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries
+    from qlora_cli.scoring import generation_case, score_generations
 
     console = Console(soft_wrap=True)
     quiet_libraries()

@@ -34,7 +34,7 @@ from qlora_cli.config import load_config  # noqa: E402
 from qlora_cli.lora import LoRALinear, inject_lora, lora_layers  # noqa: E402
 from qlora_cli.loss import loss_sum  # noqa: E402
 from qlora_cli.model import DTYPES, disable_cpu_weight_repacking, load_base_model, quiet_libraries  # noqa: E402
-from qlora_cli.tiny import build_tiny_model  # noqa: E402
+from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 
 RESULTS: list[dict[str, Any]] = []
 

@@ -13,7 +13,7 @@ import torch
 
 from qlora_cli.config import RunConfig, load_config
 from qlora_cli.model import quiet_libraries
-from qlora_cli.tiny import build_char_tokenizer, build_tiny_model
+from qlora_cli.testing.tiny import build_char_tokenizer, build_tiny_model
 
 quiet_libraries()
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.data import Row
-from qlora_cli.evaluate import generation_case, score_generations
+from qlora_cli.scoring import generation_case, score_generations
 
 from .conftest import upper_rows, write_jsonl
 

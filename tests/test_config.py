@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from qlora_cli.config import RunConfig, dump_config, load_config, parse_override
+from qlora_cli.config import RunConfig, dump_config, load_config, parse_override, parse_size
 from qlora_cli.errors import ConfigError
 
 MIN = {"base_model": "m", "datasets": [{"path": "d.jsonl"}]}
@@ -140,3 +140,14 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg = load_config(path)
         assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+
+
+def test_one_reading_of_sizes_for_every_flag():
+    """transformers' units, as the README states them for --max-shard-size: GB is 10**9, GiB 2**30; --gpu-memory
+    reads sizes the same way."""
+    assert parse_size("2GB", "s") == 2 * 10**9 == parse_size("2g", "s") and parse_size("500MB", "s") == 500 * 10**6
+    assert parse_size("1GiB", "s") == 2**30 == parse_size("1 gib", "s") and parse_size("16384MiB", "s") == 16 * 2**30
+    assert parse_size("64kb", "s") == 64_000 and parse_size(1234, "s") == 1234 and parse_size("1.5KiB", "s") == 1536
+    for bad in ("lots", "-1GB", "0", "1iB"):
+        with pytest.raises(ConfigError, match="--max-shard-size"):
+            parse_size(bad, "--max-shard-size")

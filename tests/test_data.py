@@ -21,7 +21,7 @@ from qlora_cli.data import (
     tokenize_rows,
 )
 from qlora_cli.errors import DataError
-from qlora_cli.tiny import build_char_tokenizer
+from qlora_cli.testing.tiny import build_char_tokenizer
 
 from .conftest import write_jsonl
 

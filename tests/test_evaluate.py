@@ -22,18 +22,11 @@ from qlora_cli.adapter_io import load_adapter
 from qlora_cli.cli import app
 from qlora_cli.data import IGNORE_INDEX, Row
 from qlora_cli.errors import ModelError
-from qlora_cli.evaluate import (
-    EvalOptions,
-    data_settings,
-    evaluate,
-    generate_ids,
-    generation_case,
-    prepare,
-    score_model,
-)
-from qlora_cli.lora import lora_disabled, lora_layers
+from qlora_cli.evaluate import EvalOptions, data_settings, evaluate, prepare, score_model
+from qlora_cli.lora import lora_disabled, lora_layers, set_fused
 from qlora_cli.model import load_base_model, load_tokenizer
 from qlora_cli.run_folder import METRICS_FILE, open_run
+from qlora_cli.scoring import generate_ids, generation_case
 from qlora_cli.train import train
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -258,8 +251,7 @@ def test_batched_generation_equals_one_by_one(task, tokenizer):
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in task.rows[:6]]
     prompts += [tokenizer("".join(rng.choice("abcdefghij \n") for _ in range(n)))["input_ids"] for n in (1, 7, 60, 90)]
     for fused in (False, True):  # the plain LoRA path and the fused one training uses (and eval, for a run)
-        for _, layer in lora_layers(model):
-            layer.fused = fused
+        set_fused(model, fused)
         batched = generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
         assert batched == [generate_ids(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
         assert any(len(b) == 8 for b in batched) and any(len(b) < 8 for b in batched)  # some stop at EOS, some not
@@ -412,7 +404,7 @@ def test_qlora_merge_output_scores_like_the_adapter(task, tmp_path):
 
 
 def test_chat_generation_stops_at_the_end_of_turn(task, tokenizer):
-    from qlora_cli.evaluate import stop_token_ids
+    from qlora_cli.model import stop_token_ids
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 77]))

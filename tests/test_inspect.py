@@ -17,19 +17,18 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
 from qlora_cli.data import IGNORE_INDEX, read_rows, tokenize_rows
+from qlora_cli.inspect_adapter import adapter_report, delta_norm, vllm_check
 from qlora_cli.inspect_cmd import (
     TARGET_STYLE,
-    adapter_report,
     config_report,
     data_report,
-    delta_norm,
     left_out_table,
     render_tokens,
     target_table,
-    vllm_check,
 )
 from qlora_cli.lora import Conv1D, inject_lora, lora_delta, lora_parameters
-from qlora_cli.memory_plan import (
+from qlora_cli.memory_plan import plan_memory
+from qlora_cli.memory_plan.sizes import (
     adapter_shapes,
     load_model_config,
     measure_training_peak,
@@ -37,16 +36,13 @@ from qlora_cli.memory_plan import (
     meta_model,
     nf4_bytes,
     optimizer_state_bytes,
-    parse_size,
-    plan_memory,
     resident_bytes,
     target_infos,
-    trace_step,
-    traced_peak,
     weight_bytes,
 )
+from qlora_cli.memory_plan.tracer import trace_step, traced_peak
 from qlora_cli.model import load_base_model
-from qlora_cli.tiny import build_char_tokenizer, save_llama_8b_shapes
+from qlora_cli.testing.tiny import build_char_tokenizer, save_llama_8b_shapes
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -307,17 +303,6 @@ def test_real_shaped_config_report(llama_8b_folder, tmp_path):
     assert plan["activations_without_checkpointing"] > 3 * plan["activations_with_checkpointing"]
     assert plan["fits"] and plan["max_micro_batch_size"] >= 2
     assert plan["total"] == plan["tensor_peak"] + sum(c["bytes"] for c in plan["overhead"])
-
-
-def test_parse_size():
-    assert parse_size("24GB") == 24 * GiB == parse_size("24 GiB") == parse_size("24g") == parse_size("24")
-    assert parse_size("16384MB") == 16 * GiB
-    with pytest.raises(Exception, match="gpu-memory"):
-        parse_size("lots")
-
-
-# ---------------------------------------------------------------------------------------------
-# data report
 
 
 def test_data_report_marks_exactly_the_target_positions(llama_dir, tmp_path):

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from qlora_cli.config import LoRASettings, load_config
 from qlora_cli.data import IGNORE_INDEX
 from qlora_cli.kernels.cross_entropy import fused_linear_cross_entropy
-from qlora_cli.lora import LoRALinear, inject_lora, lora_layers, lora_parameters
+from qlora_cli.lora import LoRALinear, inject_lora, lora_layers, lora_parameters, set_fused
 from qlora_cli.loss import loss_sum, supports_fused_cross_entropy
 from qlora_cli.model import load_base_model
 from qlora_cli.train import train
@@ -112,8 +112,7 @@ def test_fused_loss_equals_plain_loss_on_real_models(model_factory, arch):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     results = []
     for fused in (False, True):
-        for _, m in lora_layers(model):
-            m.fused = fused
+        set_fused(model, fused)
         params = lora_parameters(model)
         for p in params:
             p.grad = None

@@ -7,9 +7,9 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_cli.config import LoRASettings, load_config
 from qlora_cli.errors import ModelError
+from qlora_cli.kernels.dropout import dropout_mask
 from qlora_cli.lora import (
     LoRALinear,
-    dropout_mask,
     inject_lora,
     lora_delta,
     lora_disabled,

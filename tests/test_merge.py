@@ -21,20 +21,21 @@ from qlora_cli import merge as merge_mod
 from qlora_cli.adapter_io import save_adapter
 from qlora_cli.cli import app
 from qlora_cli.config import dump_config
-from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.errors import ModelError
 from qlora_cli.lora import inject_lora, lora_layers
 from qlora_cli.merge import (
     OutTensor,
     SafetensorsWriter,
     merge_run,
-    nf4_roundtrip,
-    parse_size,
     read_header,
     self_check,
 )
+from qlora_cli.merge import plan as merge_plan
+from qlora_cli.merge import weights as merge_weights
+from qlora_cli.merge.weights import nf4_roundtrip
 from qlora_cli.model import load_base_model
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.tiny import build_tiny_model
+from qlora_cli.testing.tiny import build_tiny_model
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -115,14 +116,6 @@ def ids() -> torch.Tensor:
 # pure pieces
 
 
-def test_parse_size():
-    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 500 * 10**6 and parse_size("1GiB") == 2**30
-    assert parse_size("64kb") == 64_000 and parse_size(1234) == 1234
-    for bad in ("lots", "-1GB", "0"):
-        with pytest.raises(ConfigError):
-            parse_size(bad)
-
-
 def test_streaming_writer_reads_back_with_safetensors(tmp_path):
     tensors = {
         "a": torch.randn(3, 5),
@@ -149,13 +142,13 @@ def test_streaming_writer_reads_back_with_safetensors(tmp_path):
         assert all(same_bytes(merge_mod.read_tensor(f, i), tensors[i.name]) for i in infos)
 
 
-def test_checkpoint_names_with_and_without_the_base_model_prefix(model_factory):
+def test_base_tensor_names_with_and_without_the_base_model_prefix(model_factory):
     """Older GPT-2 checkpoints store `h.0.attn.c_attn.weight`, not `transformer.h.0.attn.c_attn.weight`."""
     skeleton = merge_mod.model_skeleton(model_factory("gpt2", initializer_range=0.1), False)
     module = "transformer.h.0.attn.c_attn"
-    assert merge_mod.checkpoint_name(module, skeleton, {f"{module}.weight": None}) == f"{module}.weight"
-    assert merge_mod.checkpoint_name(module, skeleton, {"h.0.attn.c_attn.weight": None}) == "h.0.attn.c_attn.weight"
-    assert merge_mod.checkpoint_name(module, skeleton, {"h.1.attn.c_attn.weight": None}) is None
+    assert merge_plan.base_tensor_name(module, skeleton, {f"{module}.weight": None}) == f"{module}.weight"
+    assert merge_plan.base_tensor_name(module, skeleton, {"h.0.attn.c_attn.weight": None}) == "h.0.attn.c_attn.weight"
+    assert merge_plan.base_tensor_name(module, skeleton, {"h.1.attn.c_attn.weight": None}) is None
 
 
 def test_report_warns_when_nf4_error_dominates_with_original_weights():
@@ -187,14 +180,14 @@ def test_nf4_roundtrip_is_bit_identical_to_the_training_time_base(
         bnb_4bit_compute_dtype=compute,
     )  # fmt: skip
     model = load_base_model(cfg, CPU)
-    checkpoint = load_file(base / "model.safetensors")
+    base_tensors = load_file(base / "model.safetensors")
     names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     if arch == "gpt2":
         names = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.0.mlp.c_fc"]
     for name in names:
         layer = model.get_submodule(name)
         trained_on = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        w = checkpoint[f"{name}.weight"]
+        w = base_tensors[f"{name}.weight"]
         mine = nf4_roundtrip(w.T if arch == "gpt2" else w, cfg.quant)  # Conv1D stores (in, out)
         assert mine.dtype == trained_on.dtype and torch.equal(mine, trained_on), name
         assert not torch.equal(mine.float(), (w.T if arch == "gpt2" else w).float())  # it did quantize
@@ -203,10 +196,10 @@ def test_nf4_roundtrip_is_bit_identical_to_the_training_time_base(
 def test_nf4_error_estimate_is_close_to_the_exact_error():
     from qlora_cli.config import QuantSettings
 
-    quant = QuantSettings(True, "nf4", True, "float32")
+    quant = QuantSettings(compute_dtype="float32")
     w = torch.randn(8192, 128) * torch.linspace(0.5, 2.0, 8192)[:, None]  # rows differ in scale
     exact = torch.linalg.vector_norm(w - nf4_roundtrip(w, quant)).item()
-    estimate = merge_mod.nf4_error_estimate(w, quant)  # from every 4th row
+    estimate = merge_weights.nf4_error_estimate(w, quant)  # from every 4th row
     assert estimate != exact and abs(estimate - exact) < 0.03 * exact
 
 
@@ -243,7 +236,7 @@ def test_16bit_run_merges_exactly(llama_dir, data, tmp_path, ids):
 def test_4bit_run_dequantized_and_original(llama_dir, data, tmp_path, ids):
     """dequantized reproduces the 4-bit training-time model; original the adapter on the 16-bit base; the
     two differ, and the dequantized one is the closer to what was trained."""
-    from qlora_cli.evaluate import generate
+    from qlora_cli.scoring import generate
 
     run = make_run(llama_dir, tmp_path / "run", data, lora_target_modules="all-linear")
     deq = quiet_merge(run, tmp_path / "deq", dtype="float32", verify=True)
@@ -286,7 +279,7 @@ def test_gpt2_conv1d_and_tied_embeddings(model_factory, data, tmp_path, ids, loa
     torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=0)
 
 
-def test_default_dtype_follows_the_checkpoint(tmp_path, data):
+def test_default_dtype_follows_the_base_shards(tmp_path, data):
     """A bfloat16 checkpoint merges to bfloat16 with untargeted tensors bit for bit; float32 becomes bfloat16."""
     base = build_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16, initializer_range=0.1)
     run = make_run(base, tmp_path / "run", data, load_in_4bit=False)
@@ -411,7 +404,9 @@ def test_user_errors_exit_2_and_write_nothing(small_run, tmp_path, model_factory
     other = model_factory("llama", hidden=32)  # the same module names, other shapes
     assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(other)), "q_proj", fresh)
     gpt2 = model_factory("gpt2", initializer_range=0.1)
-    assert_user_error(run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(gpt2)), "no module named", fresh)
+    assert_user_error(
+        run_cli("merge", str(small_run), "-o", str(fresh), "--base", str(gpt2)), "no linear module named", fresh
+    )
     assert_user_error(
         run_cli("merge", str(small_run), "-o", str(fresh), "--base-weights", "new"), "base-weights", fresh
     )

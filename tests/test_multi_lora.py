@@ -27,10 +27,10 @@ from qlora_cli.lora import inject_lora, lora_layers
 from qlora_cli.model import load_base_model, load_tokenizer
 from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA, MultiLoRALinear
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.tiny import build_char_tokenizer
+from qlora_cli.testing.tiny import build_char_tokenizer
 
 CPU = torch.device("cpu")
-FLOAT32_NF4 = QuantSettings(True, "nf4", True, "float32")
+FLOAT32_NF4 = QuantSettings(compute_dtype="float32")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def _peft_model(folder, cfg, lora_init: dict[str, tuple[torch.Tensor, torch.Tens
 def test_training_equals_peft_step_for_step(model_factory, tokenizer, arch, compute):
     import bitsandbytes as bnb
 
-    from qlora_cli.train import Precision, _clip, accumulate_gradients, build_optimizer
+    from qlora_cli.step import Precision, accumulate_gradients, clip_gradients
+    from qlora_cli.train import build_optimizer
 
     folder = model_factory(arch, initializer_range=0.1, layers=1, hidden=32, **NO_DROPOUT.get(arch, {}))
     device = torch.device("cpu")
@@ -135,9 +136,14 @@ def test_training_equals_peft_step_for_step(model_factory, tokenizer, arch, comp
         for step in range(STEPS):
             window = [[[e] for e in mb] for mb in micro[step * ACCUMULATION : (step + 1) * ACCUMULATION]]
             total, n_targets, _ = accumulate_gradients(
-                model, window, pad, device, precision, fused_ce=cfg.fused_cross_entropy
+                model,
+                window,
+                device=device,
+                precision=precision,
+                pad_id=pad,
+                fused_cross_entropy=cfg.fused_cross_entropy,
             )
-            _clip(params, cfg.max_grad_norm)
+            clip_gradients(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total / n_targets)
@@ -191,7 +197,7 @@ def test_training_equals_peft_step_for_step(model_factory, tokenizer, arch, comp
 def test_tiny_config_applies_extra_keys_on_every_architecture(tokenizer, arch):
     """initializer_range and dropout keys reach every architecture's config (GPT-2, GPT-NeoX and OPT used to
     drop them silently, so a 'GPT-2 at initializer_range 0.1' was GPT-2 at its default 0.02)."""
-    from qlora_cli.tiny import tiny_config
+    from qlora_cli.testing.tiny import tiny_config
 
     config = tiny_config(arch, tokenizer, initializer_range=0.1, **NO_DROPOUT.get(arch, {}))
     assert config.initializer_range == 0.1

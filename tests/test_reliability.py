@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import qlora_cli.step as step_mod
 import qlora_cli.train as train_mod
 from qlora_cli.checkpoint import COMPLETE, list_checkpoints
 from qlora_cli.errors import ConfigError
@@ -200,7 +201,7 @@ def test_resume_from_an_explicit_path_and_errors(tmp_path, reference_run, quiet_
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypatch, quiet_console):
-    real = train_mod.loss_sum
+    real = step_mod.loss_sum
     calls = {"n": 0}
 
     def nan_on_2nd_and_3rd(model, batch, *args):
@@ -208,7 +209,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypat
         s, n = real(model, batch, *args)
         return (s * float("nan"), n) if calls["n"] in (2, 3) else (s, n)
 
-    monkeypatch.setattr(train_mod, "loss_sum", nan_on_2nd_and_3rd)
+    monkeypatch.setattr(step_mod, "loss_sum", nan_on_2nd_and_3rd)
     cfg = run_config(
         tmp_path, llama_dir, "run", max_steps=5, save_steps=None, eval_steps=None, logging_steps=1, lora_dropout=0.0
     )
@@ -220,7 +221,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypat
 
 
 def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, llama_dir, monkeypatch, quiet_console):
-    real = train_mod.loss_sum
+    real = step_mod.loss_sum
     calls = {"n": 0}
 
     def nan_after_4(model, batch, *args):
@@ -228,7 +229,7 @@ def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, ll
         s, n = real(model, batch, *args)
         return (s * float("inf"), n) if calls["n"] > 4 else (s, n)
 
-    monkeypatch.setattr(train_mod, "loss_sum", nan_after_4)
+    monkeypatch.setattr(step_mod, "loss_sum", nan_after_4)
     cfg = run_config(tmp_path, llama_dir, "run", max_steps=30, save_steps=4, eval_steps=None, max_bad_steps=3)
     with pytest.raises(TrainingDiverged) as e:
         train(cfg, console=quiet_console)

@@ -32,8 +32,8 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.data import Row
 from qlora_cli.errors import ModelError, QLoRAError
-from qlora_cli.evaluate import generate, generation_case
 from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.scoring import generate, generation_case
 from qlora_cli.serve import ModelServer, describe_validation_error, parse_adapter_arg, require_web_stack
 from qlora_cli.train import train
 

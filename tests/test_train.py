@@ -88,7 +88,7 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
     from qlora_cli.config import LoRASettings, load_config
     from qlora_cli.data import Row, collate, tokenize_row
     from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
-    from qlora_cli.train import Precision, accumulate_gradients
+    from qlora_cli.step import Precision, accumulate_gradients
 
     cfg = load_config(None, base_model=str(llama_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32")
     model = load_base_model(cfg, torch.device("cpu"))
@@ -105,7 +105,9 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
         for p in params:
             p.grad = None
         micro = [[[examples[i]] for i in idx] for idx in cut]  # micro-batches of one-example rows
-        accumulate_gradients(model, micro, tokenizer.pad_token_id, torch.device("cpu"), precision)
+        accumulate_gradients(
+            model, micro, device=torch.device("cpu"), precision=precision, pad_id=tokenizer.pad_token_id
+        )
         return [p.grad.clone() for p in params]
 
     whole = grads_for([[0, 1, 2, 3]])

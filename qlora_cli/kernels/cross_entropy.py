@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.data import IGNORE_INDEX
+IGNORE_INDEX = -100  # labels not trained on: data.IGNORE_INDEX, also torch's cross_entropy default
 
 
 class _FusedLinearCE(torch.autograd.Function):

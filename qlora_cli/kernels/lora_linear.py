@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
+
 _buffers: dict[tuple, torch.Tensor] = {}
 _no_out_variant: set[str] = set()
 
@@ -131,11 +133,9 @@ def fused_lora_linear(
 ) -> torch.Tensor:
     """base(x) + scaling * (dropout(x) A^T) B^T as one autograd node. x: (..., in) -> (..., out).
 
-    ``dropout`` is the probability (0 outside training); the mask comes from ``lora.dropout_mask``, the
+    ``dropout`` is the probability (0 outside training); the mask comes from ``kernels.dropout.dropout_mask``, the
     same draw as ``LoRADropout``.
     """
-    from qlora_cli.lora import dropout_mask, dropout_rate
-
     dtype = compute_dtype(base, x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

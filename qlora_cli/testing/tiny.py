@@ -118,9 +118,6 @@ def tiny_config(
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2", "gpt_neox", "opt")
-
-
 def build_tiny_model(
     folder: str | Path,
     arch: str = "llama",

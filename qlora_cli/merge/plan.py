@@ -1,0 +1,157 @@
+"""Which base tensors the adapter changes: the base folder, its config and meta-device skeleton, and the
+adapter checked against it (``adapter_io.check_fit``) and mapped to base tensor names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, settings_from_peft_config, targeted_modules
+from qlora_cli.config import QuantSettings
+from qlora_cli.errors import ModelError
+from qlora_cli.lora import linear_shape, output_head
+from qlora_cli.merge.safetensors_stream import FLOAT_CODES, TensorInfo
+from qlora_cli.model import is_local
+
+# ---------------------------------------------------------------------------------------------
+# which base tensors the adapter changes
+
+
+@dataclass
+class Target:
+    module: str  # adapter module path, e.g. model.layers.0.self_attn.q_proj
+    tensor: str  # base tensor name
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    conv1d: bool  # the base shard stores this weight (in, out)
+    quantized: bool  # the run held this layer in 4 bits
+
+
+def resolve_base_folder(name: str) -> Path:
+    """A local folder for the base: the folder itself, or a hub id's snapshot in the local Hugging Face cache."""
+    if is_local(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"base model folder not found: {name}")
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
+        raise ModelError(
+            f"base model {name} is not a local folder and is not in the Hugging Face cache; "
+            f"download it first (hf download {name}) or pass --base /path/to/model"
+        ) from None
+
+
+def read_base_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise ModelError(f"base model folder {folder} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelError(f"{path}: malformed JSON ({e})") from None
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise ModelError(
+            f"base model {folder} is a pre-quantized ({method}) checkpoint; merge needs the 16-bit original weights"
+        )
+    return config
+
+
+def model_skeleton(folder: Path, trust_remote_code: bool) -> Any:
+    """The base model's module tree on the meta device (no memory): which layers are Conv1D, their shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read base model {folder}: {str(e).splitlines()[0]}") from None
+
+
+def not_quantized_modules(skeleton: Any) -> list[str]:
+    """Module-name patterns transformers leaves unquantized when it loads a model in 4 bits (the output head,
+    tied weights, the model's keep-in-fp32 modules)."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        keys = list(get_keys_to_not_convert(skeleton))
+    except Exception:  # noqa: BLE001 - private API; fall back to its main rule
+        keys = [n for n, m in skeleton.named_modules() if m is output_head(skeleton)]
+    keys += list(getattr(skeleton, "_keep_in_fp32_modules", None) or [])
+    return keys
+
+
+def is_quantized_in_training(name: str, skip: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return bool(should_convert_module(name, skip))
+    except ImportError:  # pragma: no cover - older transformers
+        return not any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in skip)
+
+
+def base_tensor_name(module: str, skeleton: Any, tensors: dict[str, TensorInfo]) -> str | None:
+    """The base tensor holding ``module``'s weight: ``<module>.weight``, or that name with the model's
+    base-model prefix (``transformer.``, ``model.``) removed or added, as older checkpoints store it."""
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    candidates = [f"{module}.weight"]
+    if prefix and module.startswith(prefix + "."):
+        candidates.append(f"{module[len(prefix) + 1 :]}.weight")
+    elif prefix:
+        candidates.append(f"{prefix}.{module}.weight")
+    return next((c for c in candidates if c in tensors), None)
+
+
+def plan_targets(
+    adapter_dir: Path,
+    adapter_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    skeleton: Any,
+    tensors: dict[str, TensorInfo],
+    quant: QuantSettings,
+) -> tuple[dict[str, Target], float]:
+    """{base tensor name: Target} and the scaling, after checking the adapter fits the base exactly.
+
+    Raises ``ModelError`` naming the first module that does not fit (missing, wrong shape, tied, not float).
+    """
+    settings = settings_from_peft_config(adapter_config)
+    where = f"adapter {adapter_dir}"
+    fits = f"{where} does not fit the base model"
+    saved = adapter_modules(state, where)
+    targeted = check_fit(
+        saved, settings.r, linear_modules(skeleton), lambda: targeted_modules(skeleton, settings, where), where
+    )
+    modules = dict(skeleton.named_modules())
+    head = output_head(skeleton)
+    tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    skip = not_quantized_modules(skeleton) if quant.load_in_4bit else []
+    targets: dict[str, Target] = {}
+    for name in targeted:
+        module = modules[name]
+        n_in, n_out, conv1d = linear_shape(module)
+        A, B = saved[name]
+        if module is head and tied:
+            raise ModelError(
+                f"adapter targets {name!r}, whose weight is tied to the input embeddings; merging would change both"
+            )
+        key = base_tensor_name(name, skeleton, tensors)
+        if key is None:
+            raise ModelError(f"{fits}: the base model has no weight for module {name!r} (looked for {name}.weight)")
+        info = tensors[key]
+        need = (n_in, n_out) if conv1d else (n_out, n_in)
+        if info.shape != need:
+            raise ModelError(f"{fits}: base tensor {key} has shape {info.shape}, the adapter needs {need}")
+        if info.dtype not in FLOAT_CODES:
+            raise ModelError(f"base tensor {key} is {info.dtype}; merge needs 16- or 32-bit float base weights")
+        quantized = quant.load_in_4bit and is_quantized_in_training(name, skip)
+        targets[key] = Target(name, key, A.float(), B.float(), conv1d, quantized)
+    return targets, settings.scaling

@@ -1,0 +1,84 @@
+"""The package's shape: no import cycles (counting imports inside functions), kernels below the layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qlora_cli"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the qlora_cli modules it imports anywhere in its file}; ``from pkg import mod`` counts as mod."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        here = name if is_pkg else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {m for m in found if m in modules and m != name and not name.startswith(m + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "qlora_cli.lora" in graph["qlora_cli.adapter_io"]
+    assert "qlora_cli.train" in graph["qlora_cli.cli"]  # cli imports each command's module when it runs
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_kernels_import_nothing_from_the_layers_above():
+    """Only the user-error classes, which import nothing."""
+    above = {
+        name: sorted(m for m in deps if not m.startswith("qlora_cli.kernels") and m != "qlora_cli.errors")
+        for name, deps in import_graph().items()
+        if name.startswith("qlora_cli.kernels")
+    }
+    assert above == {name: [] for name in above}
+
+
+def test_the_labels_ignore_value_is_the_same_in_data_and_the_fused_loss():
+    from qlora_cli.data import IGNORE_INDEX
+    from qlora_cli.kernels import cross_entropy
+
+    assert cross_entropy.IGNORE_INDEX == IGNORE_INDEX == -100
+
+
+def test_a_cycle_is_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
