@@ -450,3 +450,33 @@ def test_a_failed_write_in_the_background_stops_the_merge_and_publishes_nothing(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and "Traceback" not in result.output  # the disk, not a bug in qlora
     assert lines[-1].startswith("error:") and "No space left on device" in lines[-1] and not out.exists()
+
+
+def test_stale_temp_folders_go_and_outputs_get_the_usual_modes(small_run, tmp_path):
+    """A merge killed with -9 leaves `.out.tmp-*` beside the output: the next merge removes it (a running
+    merge's folder, whose owner process is alive, stays). The merged folder and files get mkdir/open's modes
+    under the umask (0755/0644), not mkdtemp's 0700."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".out.tmp-crashed"
+    stale.mkdir()
+    (stale / ".qlora-merge-pid").write_text(dead.stdout.strip())
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+    running = tmp_path / ".out.tmp-running"
+    running.mkdir()
+    (running / ".qlora-merge-pid").write_text(str(os.getpid()))
+    old_umask = os.umask(0o022)
+    try:
+        result = run_cli("merge", str(small_run), "-o", str(tmp_path / "out"), "--no-verify", "--device", "cpu")
+    finally:
+        os.umask(old_umask)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-running", "out"]
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
+    assert not (out / ".qlora-merge-pid").exists()
+    assert (small_run / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -163,7 +163,9 @@ def merge_run(
         f"scaling {scaling:g}) -> {out} ({NAME_OF_CODE[out_code]}, {len(shards)} shard(s), {_gb(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    (tmp / OWNER_FILE).write_text(str(os.getpid()))
     try:
         layers = _write_weights(
             tmp, infos, entries, shards, targets, scaling, base_weights, quant, torch_device, console
@@ -338,8 +340,36 @@ def _write_config(folder: Path, config: dict[str, Any], dtype: str) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+OWNER_FILE = ".qlora-merge-pid"  # in a temporary folder while its merge runs; gone before it is published
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Delete temporary folders left beside ``out`` by merges that died (``kill -9``, power loss): those whose
+    owner process is gone. A merge still running keeps its folder."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int((tmp / OWNER_FILE).read_text())
+            os.kill(pid, 0)
+            continue  # its merge is still running
+        except (OSError, ValueError):
+            pass  # no owner file, or no such process
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def usual_mode(path: Path) -> None:
+    """The modes ``mkdir``/``open`` would give under the process umask (0755/0644 for umask 022), instead of
+    ``mkdtemp``'s and ``mkstemp``'s 0700/0600, which would make a shared model folder unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place; an existing output (allowed by --force) goes only after."""
+    (tmp / OWNER_FILE).unlink(missing_ok=True)
+    usual_mode(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / "x")
