@@ -265,7 +265,7 @@ class ModelServer:
                 f"{describe_quant(self.settings.quant)}",
                 param="lora_path",
             )
-        own = {str(folder), str(folder.parent.parent)}
+        own = {str(folder), str(folder.parent.parent)} if in_checkpoints else {str(folder)}  # both inside the roots
         tokenizer = run.model.tokenizer if run.model.tokenizer in own else None  # never a path a config names
         settings = replace(
             self.settings,
