@@ -85,7 +85,7 @@ def main() -> int:
         console.print(f"[bold]sentence:[/bold] {rows[i].fields['messages'][1]['content']}")
         console.print(f"  base:         {before.predictions[i]!r}")
         console.print(f"  base + LoRA:  {after.predictions[i]!r}")
-        console.print(f"  expected:     {cases[i].target!r}")
+        console.print(f"  expected:     {cases[i].reference!r}")
     table = Table(title=f"SmolLM2-135M-Instruct: fields as JSON, {before.n} held-out sentences, greedy decoding")
     table.add_column("model")
     table.add_column("exact match", justify="right")
