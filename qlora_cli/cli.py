@@ -171,7 +171,8 @@ def generate(
     """Generate from one prompt with a trained adapter, streaming the text to the terminal."""
 
     def go() -> None:
-        from qlora_cli.generation import SamplingParams, generate_text
+        from qlora_cli.generate import generate_text
+        from qlora_cli.serving.engine import SamplingParams
 
         text = sys.stdin.read() if prompt == "-" else prompt
         params = SamplingParams(max_tokens, temperature, top_p, list(stop or []), seed)
@@ -226,8 +227,8 @@ def serve(
 
     def go() -> None:
         from qlora_cli.model import quiet_libraries
-        from qlora_cli.serve import serve as run_serve
-        from qlora_cli.serve_policy import ServePolicy, resolve_roots
+        from qlora_cli.serving.app import serve as run_serve
+        from qlora_cli.serving.policy import ServePolicy, resolve_roots
 
         try:
             policy = ServePolicy(

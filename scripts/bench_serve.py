@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_cli.adapter_io import save_adapter  # noqa: E402
 from qlora_cli.config import LoRASettings, ModelSettings, QuantSettings  # noqa: E402
-from qlora_cli.generation import Engine, SamplingParams, Sequence  # noqa: E402
 from qlora_cli.lora import inject_lora, lora_layers  # noqa: E402
 from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
-from qlora_cli.multi_lora import MultiLoRA  # noqa: E402
+from qlora_cli.serving.engine import Engine, Generation, SamplingParams  # noqa: E402
+from qlora_cli.serving.multi_lora import MultiLoRA  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
 
     def ours(which: list[int]) -> list[list[int]]:
-        seqs = [Sequence(p, tok, params, slots[w]) for p, w in zip(ids, which)]
+        seqs = [Generation(p, tok, params, slots[w]) for p, w in zip(ids, which)]
         engine.run(seqs)
         assert all(len(s.output_ids) == args.new_tokens for s in seqs)
         return [s.output_ids for s in seqs]

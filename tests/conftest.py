@@ -5,6 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +117,45 @@ def _qlora_cache(tmp_path_factory):
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(
+    args: list[str], log: Path, env: dict | None = None, start_timeout: float = 120
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`qlora serve ARGS` in a subprocess on a free loopback port: (base URL, process) once /health answers;
+    stopped (SIGTERM, then kill) on exit. Fails the test with the server's log if it does not start."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu", *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

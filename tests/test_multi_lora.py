@@ -14,19 +14,19 @@ from torch import nn
 from qlora_cli.adapter_io import save_adapter, to_peft_key
 from qlora_cli.config import LoRASettings, ModelSettings, QuantSettings
 from qlora_cli.errors import ModelError
-from qlora_cli.generation import (
+from qlora_cli.lora import inject_lora, lora_layers
+from qlora_cli.model import load_base_model, load_tokenizer
+from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.serving.engine import (
     Engine,
+    Generation,
     IncrementalDecoder,
     SamplingParams,
-    Sequence,
     end_of_turn_ids,
     held_back,
     sample_next,
 )
-from qlora_cli.lora import inject_lora, lora_layers
-from qlora_cli.model import load_base_model, load_tokenizer
-from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA, MultiLoRALinear
-from qlora_cli.run_folder import load_adapted_model, open_run
+from qlora_cli.serving.multi_lora import BASE_ONLY, MultiLoRA, MultiLoRALinear
 from qlora_cli.testing.tiny import build_char_tokenizer
 
 CPU = torch.device("cpu")
@@ -78,10 +78,10 @@ def reference_ids(model, prompt_ids: list[int], max_new: int, eos: int) -> list[
     return out[: out.index(eos) + 1] if eos in out else out
 
 
-def seqs_for(tok, prompts: list[str], slots: list[int], max_tokens: list[int]) -> list[Sequence]:
+def seqs_for(tok, prompts: list[str], slots: list[int], max_tokens: list[int]) -> list[Generation]:
     eos = frozenset([tok.eos_token_id])
     return [
-        Sequence(list(tok(p)["input_ids"]), tok, SamplingParams(max_tokens=m), slot, eos)
+        Generation(list(tok(p)["input_ids"]), tok, SamplingParams(max_tokens=m), slot, eos)
         for p, slot, m in zip(prompts, slots, max_tokens)
     ]
 
@@ -318,7 +318,9 @@ def test_incremental_decoding_never_splits_a_character():
 def test_stop_strings_end_the_text_and_are_held_back_while_undecided():
     tok = build_char_tokenizer()
     released: list[str] = []
-    seq = Sequence([1], tok, SamplingParams(max_tokens=50, stop=["END", "##"]), on_text=lambda s, d: released.append(d))
+    seq = Generation(
+        [1], tok, SamplingParams(max_tokens=50, stop=["END", "##"]), on_text=lambda s, d: released.append(d)
+    )
     for ch in "abcENxyz#aEN":
         seq.append(tok.convert_tokens_to_ids(ch))
     assert seq.text == "abcENxyz#a" and not seq.finished  # "EN" could still become "END": held back
@@ -329,11 +331,11 @@ def test_stop_strings_end_the_text_and_are_held_back_while_undecided():
     assert seq.finish_reason == "stop" and seq.text == "abcENxyz#a" and "".join(released) == seq.text
     assert held_back("xxEN", ["END"]) == 2 and held_back("xx", ["END"]) == 0 and held_back("#", ["##", "#!"]) == 1
 
-    eos = Sequence([1], tok, SamplingParams(max_tokens=3), eos_ids=frozenset([tok.eos_token_id]))
+    eos = Generation([1], tok, SamplingParams(max_tokens=3), eos_ids=frozenset([tok.eos_token_id]))
     eos.append(tok.convert_tokens_to_ids("a"))
     eos.append(tok.eos_token_id)
     assert eos.finish_reason == "stop" and eos.text == "a" and eos.output_ids[-1] == tok.eos_token_id
-    length = Sequence([1], tok, SamplingParams(max_tokens=2))
+    length = Generation([1], tok, SamplingParams(max_tokens=2))
     for ch in "abc":
         if not length.finished:
             length.append(tok.convert_tokens_to_ids(ch))
@@ -346,7 +348,7 @@ def test_sampling_temperature_top_p_and_seed():
     logits[0, 3], logits[0, 5] = 0.0, float(torch.log(torch.tensor(3.0)))  # p = 0.25, 0.75
 
     def draws(params: SamplingParams, n: int) -> list[int]:
-        seq = Sequence([1], tok, params)
+        seq = Generation([1], tok, params)
         return [sample_next(logits, [seq])[0] for _ in range(n)]
 
     assert set(draws(SamplingParams(temperature=0.0), 5)) == {5}  # greedy

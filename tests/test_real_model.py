@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +25,7 @@ from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
 from qlora_cli.train import train
 
-from .conftest import write_jsonl
+from .conftest import serve_process, write_jsonl
 
 pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,42 +144,14 @@ def test_merge_passes_its_self_check(real_run, tmp_path):
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_a_chat_request_with_the_models_template(real_run, tmp_path):
-    import httpx
     import openai
 
-    port = free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([*cmd, "--adapter", f"extract={real_run}"], cwd=ROOT, stdout=out, stderr=out)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    args = ["--adapter", f"extract={real_run}"]
+    with serve_process(args, tmp_path / "server.log", start_timeout=300) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         messages = rows("eval", 2)[1]["messages"][:2]
         chat = client.chat.completions.create(model="extract", messages=messages, max_tokens=40, temperature=0)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     model, tokenizer = load_adapted_model(open_run(real_run), CPU)
     case = generation_case(Row("r", {"messages": [*messages, {"role": "assistant", "content": ""}]}), "chat", tokenizer)
     assert chat.usage.prompt_tokens == len(case.prompt_ids)  # SmolLM2's template, from the GGUF file

@@ -11,8 +11,6 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,10 +32,11 @@ from qlora_cli.data import Row
 from qlora_cli.errors import ModelError, QLoRAError
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
-from qlora_cli.serve import ModelServer, describe_validation_error, parse_adapter_arg, require_web_stack
+from qlora_cli.serving.app import describe_validation_error, require_web_stack
+from qlora_cli.serving.server import ModelServer, parse_adapter_arg
 from qlora_cli.train import train
 
-from .conftest import make_config, upper_rows, write_jsonl
+from .conftest import make_config, serve_process, upper_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 400  # enough for the tiny model to solve both tasks on held-out words
@@ -82,38 +81,6 @@ def runs(model_factory, tmp_path_factory):
     return base, folders, answers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cmd_args: list[str], log: Path, env: dict | None = None):
-    """`qlora serve ARGS` in a subprocess on a free port; yields (base URL, process), stops it after."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "qlora_cli", "serve", "--port", str(port), "--device", "cpu", *cmd_args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"qlora serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield url, proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     """`qlora serve` with both adapters and runtime loading from the tests' temporary folders; its base URL."""
@@ -122,7 +89,7 @@ def server(runs, tmp_path_factory):
     for task, folder in folders.items():
         args += ["--adapter", f"{task}={folder}"]
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    for url, _ in start_server(args, log):
+    with serve_process(args, log) as (url, _):
         yield url
 
 
@@ -513,7 +480,8 @@ def locked_server(runs, tmp_path_factory):
     _, folders, _ = runs
     log = tmp_path_factory.mktemp("locked-log") / "server.log"
     env = {**os.environ, "QLORA_API_KEY": "sk-test-key"}
-    yield from start_server(["--adapter", f"upper={folders['upper']}"], log, env=env)
+    with serve_process(["--adapter", f"upper={folders['upper']}"], log, env=env) as (url, proc):
+        yield url, proc
 
 
 def test_api_key_is_required_on_every_endpoint_but_health(locked_server, runs):

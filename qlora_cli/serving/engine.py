@@ -1,10 +1,10 @@
 """Text generation for ``qlora generate`` and ``qlora serve``: greedy or sampled, KV cache, stop strings,
 streamed text, and rows of one batch using different adapters.
 
-    Sequence   one request: prompt ids, sampling settings, adapter slot; turns each new token into text
-    Engine     batched decoding with a KV cache: prefill new rows, decode one token for every running row,
-               drop finished rows, and let new rows join a running batch between steps (continuous batching)
-    Scheduler  a background thread that feeds waiting requests to the engine (what the server uses)
+    Generation  one request: prompt ids, sampling settings, adapter slot; turns each new token into text
+    Engine      batched decoding with a KV cache: prefill new rows, decode one token for every running row,
+                drop finished rows, and let new rows join a running batch between steps (continuous batching)
+    EngineLoop  a background thread that feeds waiting requests to the engine (what the server uses)
 
 Rows are left-padded, so every row's newest token is in the last column; ``attention_mask`` hides the padding
 and ``position_ids`` count only real tokens, as ``model.generate`` does. A row that joins a running batch is
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_cli.model import autocast, context_length, end_of_turn_id, eos_token_ids, module_device
-from qlora_cli.multi_lora import BASE_ONLY, MultiLoRA
+from qlora_cli.serving.multi_lora import BASE_ONLY, MultiLoRA
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete multi-byte character
 
@@ -95,7 +95,7 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 @dataclass(eq=False)
-class Sequence:
+class Generation:
     """One request being generated. ``on_text(seq, delta)`` is called (from the engine's thread) with each
     new piece of text, and once more with ``seq.finish_reason`` set when the request is done."""
 
@@ -104,8 +104,8 @@ class Sequence:
     params: SamplingParams = field(default_factory=SamplingParams)
     slot: int = BASE_ONLY  # adapter slot (see MultiLoRA.slot); -1: the base alone
     eos_ids: frozenset[int] = frozenset()
-    on_text: Callable[[Sequence, str], None] | None = None
-    on_done: Callable[[Sequence], None] | None = None  # called once, when the request ends for any reason
+    on_text: Callable[[Generation, str], None] | None = None
+    on_done: Callable[[Generation], None] | None = None  # called once, when the request ends for any reason
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the text released so far
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
@@ -167,7 +167,7 @@ class Sequence:
 # sampling
 
 
-def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample_next(logits: torch.Tensor, seqs: list[Generation]) -> list[int]:
     """One token per row of ``logits`` (B, V): argmax for greedy rows, else temperature + top-p sampling."""
     tokens = logits.argmax(dim=-1).tolist()
     for b, seq in enumerate(seqs):
@@ -196,7 +196,7 @@ def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 class Batch:
     """The running rows: their KV cache, attention mask (B, L) and the token each feeds next."""
 
-    seqs: list[Sequence]
+    seqs: list[Generation]
     cache: Any
     attention_mask: torch.Tensor  # (B, L) 1 = real token, 0 = left padding
     next_ids: torch.Tensor  # (B,) the last sampled token of each row, input of the next step
@@ -256,7 +256,7 @@ class Engine:
 
     # -- one forward ---------------------------------------------------------------------------
     def _forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seqs: list[Sequence], cache: Any
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seqs: list[Generation], cache: Any
     ) -> tuple[torch.Tensor, Any]:
         """Logits of each row's last position (B, V) float32, and the updated cache."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]  # real tokens only
@@ -284,7 +284,7 @@ class Engine:
     def _autocast(self) -> Any:
         return autocast(self.compute_dtype, self.device)
 
-    def prefill(self, seqs: list[Sequence]) -> Batch:
+    def prefill(self, seqs: list[Generation]) -> Batch:
         """Run the prompts (left-padded) through the model and take each row's first token."""
         T = max(len(s.prompt_ids) for s in seqs)
         input_ids = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -355,7 +355,7 @@ class Engine:
         mask = torch.cat([F.pad(batch.attention_mask, (L - La, 0)), F.pad(new.attention_mask, (L - Lb, 0))])
         return Batch(batch.seqs + new.seqs, batch.cache, mask, torch.cat([batch.next_ids, new.next_ids]))
 
-    def advance(self, batch: Batch | None, waiting: list[Sequence]) -> Batch | None:
+    def advance(self, batch: Batch | None, waiting: list[Generation]) -> Batch | None:
         """One scheduling step: admit waiting rows (taken from ``waiting``) if there is room, then decode one
         token for the rows that were already running. Returns the running batch (None when idle)."""
         room = self.max_batch_size - (len(batch.seqs) if batch else 0)
@@ -375,7 +375,7 @@ class Engine:
         ok = self.safe(lambda: self.step(batch), batch.seqs)
         return self.drop_finished(batch) if ok is not None else None
 
-    def safe(self, fn: Callable[[], Any], seqs: list[Sequence]) -> Any:
+    def safe(self, fn: Callable[[], Any], seqs: list[Generation]) -> Any:
         """Run ``fn``; on an error (out of memory, a bug) end these rows with the error instead of the server."""
         try:
             result = fn()
@@ -388,7 +388,7 @@ class Engine:
                 torch.cuda.empty_cache()
             return None
 
-    def run(self, seqs: list[Sequence]) -> list[Sequence]:
+    def run(self, seqs: list[Generation]) -> list[Generation]:
         """Generate every sequence to the end (at most ``max_batch_size`` rows at a time); returns them."""
         waiting, batch = list(seqs), None
         while waiting or batch is not None:
@@ -400,19 +400,19 @@ class Engine:
 # the background loop the server uses
 
 
-class Scheduler:
+class EngineLoop:
     """A thread that gathers submitted requests into batches and decodes them, a token per step for every
     running row; new requests join between steps. ``submit`` returns at once; text arrives via ``on_text``."""
 
     def __init__(self, engine: Engine, idle_wait: float = 0.05):
         self.engine = engine
         self.idle_wait = idle_wait
-        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self.inbox: queue.Queue[Generation] = queue.Queue()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="qlora-scheduler", daemon=True)
         self.running = 0
 
-    def start(self) -> Scheduler:
+    def start(self) -> EngineLoop:
         self.thread.start()
         return self
 
@@ -420,11 +420,11 @@ class Scheduler:
         self.stopped.set()
         self.thread.join(timeout=10)
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: Generation) -> None:
         self.inbox.put(seq)
 
     def _loop(self) -> None:
-        waiting: list[Sequence] = []
+        waiting: list[Generation] = []
         batch: Batch | None = None
         while not self.stopped.is_set():
             if batch is None and not waiting:
@@ -455,62 +455,3 @@ def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
 
 def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
     return frozenset(eos_token_ids(tokenizer, model))
-
-
-# ---------------------------------------------------------------------------------------------
-# `qlora generate`
-
-
-def generate_text(
-    folder: str,
-    prompt: str,
-    params: SamplingParams,
-    chat: bool = False,
-    base: str | None = None,
-    device: str = "auto",
-    write: Callable[[str], None] | None = None,
-) -> Sequence:
-    """Generate from one prompt with a run/adapter folder (or a model folder: the base alone), calling
-    ``write`` with each new piece of text. Returns the finished sequence."""
-    from pathlib import Path
-
-    from qlora_cli.config import ModelSettings, QuantSettings
-    from qlora_cli.errors import ModelError
-    from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, quiet_libraries, resolve_device
-    from qlora_cli.run_folder import is_adapter_folder, load_adapted_model, open_run
-
-    quiet_libraries()
-    torch_device = resolve_device(device)
-    path = Path(folder).expanduser()
-    if is_adapter_folder(path) or not (path / "config.json").exists():
-        run = open_run(path, base=base)
-        settings = run.model
-        model, tokenizer = load_adapted_model(run, torch_device)
-    else:  # a model folder: the base alone, quantized as `qlora train` would
-        settings = ModelSettings(str(path), quant=QuantSettings())
-        model, tokenizer = load_base_model(settings, torch_device), load_tokenizer(settings)
-        model.eval()
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelError(f"{folder}: the tokenizer has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    engine = Engine(model, None, max_batch_size=1, compute_dtype=DTYPES[settings.quant.compute_dtype])
-    limit = engine.max_length
-    if limit and len(prompt_ids) + params.max_tokens > limit:
-        raise ModelError(
-            f"the prompt ({len(prompt_ids)} tokens) plus --max-tokens {params.max_tokens} exceeds the model's "
-            f"context length of {limit} tokens"
-        )
-    eos = eos_ids(tokenizer, model) | (end_of_turn_ids(tokenizer) if chat else frozenset())
-    seq = Sequence(prompt_ids, tokenizer, params, eos_ids=eos)
-    if write is not None:
-        seq.on_text = lambda _, delta: write(delta) if delta else None
-    engine.run([seq])
-    if seq.finish_reason == "error":
-        raise RuntimeError(seq.error)
-    return seq
