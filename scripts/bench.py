@@ -5,6 +5,8 @@
     python scripts/bench.py --preset gpu-8b              # Llama-3.1-8B shape, micro-batch 2, memory-saving
     python scripts/bench.py --preset gpu-8b-longctx      # longest sequence that trains in 24 GiB, each stack
     python scripts/bench.py --preset cpu-packing         # qlora with and without sample packing, Alpaca-like lengths
+    python scripts/bench.py --preset cpu-smollm2 --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+                                                         # a real model (folder or GGUF): also FLOP/s vs the GEMM rate
 
 Same random-init model (saved once, loaded by both stacks from the same folder), same token batch, LoRA
 r=16 on all linear layers, paged 8-bit AdamW, same precision and recomputation mode. Speed: both stacks
@@ -12,6 +14,13 @@ live in one process and take steps alternately after a warm-up; the median step 
 Peak memory: each stack in its own subprocess (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS
 above the process's RSS before the model was loaded). The last line is
 `speedup_vs_peft=X.XX memory_vs_peft=Y.YY` for the preset's first mode.
+
+With ``--model`` both stacks load that model instead (a GGUF file is converted once, by qlora, into a float32
+safetensors folder that both then load and quantize alike) and the report adds each stack's achieved model
+FLOP/s as a fraction of this machine's fp32 GEMM rate, measured in the same run on the model's own matrix
+shapes: the physical limit of a CPU step. Model FLOPs per step count the frozen base's matmuls forward and
+input-gradient (4 x its linear parameters per token), the LoRA matmuls forward and both gradients (6 x), and
+attention's score and value products (forward and backward: 12 x layers x tokens x sequence x hidden).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ class Shape:
 
 @dataclass
 class Preset:
-    shape: Shape
+    shape: Shape | None  # None: a real model, named with --model
     device: str
     dtype: str  # compute dtype
     micro_batch: int
@@ -69,6 +78,8 @@ PRESETS = {
     "gpu-8b": Preset(LLAMA_8B, "cuda", "bfloat16", 2, 2048, ["memory-saving"], steps=6),
     "gpu-8b-longctx": Preset(LLAMA_8B, "cuda", "bfloat16", 1, 4096, ["memory-saving"], extra={"budget_gib": 24}),
     "cpu-packing": Preset(Shape(512, 1376, 4, 8, 2, 8192), "cpu", "float32", 4, 512, ["no-recompute"], steps=6),
+    # SmolLM2-135M-Instruct (--model): micro-batch 8 x 256 tokens, NF4, float32 compute; a step is ~half a minute
+    "cpu-smollm2": Preset(None, "cpu", "float32", 8, 256, ["no-recompute"], steps=3, warmup=1),
 }
 
 
@@ -104,12 +115,16 @@ def build_base(shape: Shape, folder: Path) -> Path:
     return folder
 
 
+MODEL: str | None = None  # --model, passed on to the memory workers
 DATA = "full"  # "full": every token is a target; "instruct": the first half of each row is an untrained prompt
+
+
+VOCAB: int | None = None  # a real model's vocabulary size (--model)
 
 
 def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(10, preset.shape.vocab, (preset.micro_batch, seq), generator=g)
+    ids = torch.randint(10, VOCAB or preset.shape.vocab, (preset.micro_batch, seq), generator=g)
     labels = ids.clone()
     if DATA == "instruct":  # supervised fine-tuning: loss on the response only (train_on_inputs: false)
         labels[:, : seq // 2] = -100
@@ -325,6 +340,8 @@ def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: i
         "--data",
         DATA,
     ]
+    if MODEL:
+        cmd += ["--model", MODEL]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -364,6 +381,53 @@ def longest_sequence(folder: Path, preset: Preset, mode: str, stack: str, budget
         mid = (lo + hi) // 2 // 512 * 512
         lo, hi = (mid, hi) if fits(folder, preset, mode, stack, mid, budget_gib) else (lo, mid)
     return lo
+
+
+def real_model_folder(name: str) -> Path:
+    """A model folder both stacks can load: the folder itself, or a GGUF file converted (once) to float32."""
+    from qlora_cli.model import gguf_folder, is_gguf
+
+    return gguf_folder(name, "float32") if is_gguf(name) else Path(name).expanduser()
+
+
+def model_flops_per_step(folder: Path, preset: Preset, seq: int, lora_r: int = 16) -> float:
+    """FLOPs of one LoRA training step (see the module's docstring), counted on the model's own shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    base = sum(m.in_features * m.out_features for m in linear)
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in linear if m is not model.get_output_embeddings())
+    tokens = preset.micro_batch * seq
+    attention = 12 * config.num_hidden_layers * tokens * seq * config.hidden_size
+    return 4 * base * tokens + 6 * lora * tokens + attention
+
+
+def gemm_rate(folder: Path, preset: Preset, seq: int, seconds: float = 3.0) -> dict[str, float]:
+    """This machine's fp32 matmul rate (FLOP/s) on the model's main shapes, tokens x hidden x intermediate and
+    tokens x hidden x hidden: the best of a few timed repeats of each, after a warm-up."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    tokens, hidden = preset.micro_batch * seq, config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    rates = {}
+    for name, (m, k, n) in {
+        "up": (tokens, hidden, inter),
+        "down": (tokens, inter, hidden),
+        "square": (tokens, hidden, hidden),
+    }.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = 2 * m * k * n / best
+    return rates
 
 
 def versions() -> dict[str, str]:
@@ -445,6 +509,7 @@ def main() -> int:
     ap.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--model-dir", type=Path, default=None, help="where the random base model is saved")
+    ap.add_argument("--model", default=None, help="a real model folder or GGUF file instead of a random one")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument(
         "--data",
@@ -460,17 +525,27 @@ def main() -> int:
     ap.add_argument("--budget-gib", type=float, default=24.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     preset = PRESETS[args.preset]
-    global DATA
-    DATA = args.data
+    global DATA, MODEL
+    DATA, MODEL = args.data, args.model
     if args.steps:
         preset.steps = args.steps
     torch.set_num_threads(torch.get_num_threads())
     from qlora_cli.model import quiet_libraries
 
     quiet_libraries()
-    folder = args.model_dir or Path(os.environ.get("QLORA_BENCH_DIR", "/tmp/qlora-bench")) / (
-        f"llama-{preset.shape.hidden}x{preset.shape.layers}-v{preset.shape.vocab}"
-    )
+    if preset.shape is None and not args.model:
+        print(f"preset {args.preset} needs --model (a model folder or GGUF file)", file=sys.stderr)
+        return 2
+    if args.model:
+        folder = real_model_folder(args.model)
+        from transformers import AutoConfig
+
+        global VOCAB
+        VOCAB = AutoConfig.from_pretrained(folder).vocab_size
+    else:
+        folder = args.model_dir or Path(os.environ.get("QLORA_BENCH_DIR", "/tmp/qlora-bench")) / (
+            f"llama-{preset.shape.hidden}x{preset.shape.layers}-v{preset.shape.vocab}"
+        )
 
     if args.memory_worker:  # child process: one stack's peak memory
         print(json.dumps(memory_worker(folder, preset, args.mode, args.memory_worker, args.seq)))
@@ -491,7 +566,8 @@ def main() -> int:
         print(f"preset {args.preset} needs a CUDA GPU", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
-    build_base(preset.shape, folder)
+    if preset.shape is not None and not args.model:
+        build_base(preset.shape, folder)
     report: dict[str, Any] = {
         "preset": args.preset,
         "preset_settings": asdict(preset),
@@ -501,6 +577,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "modes": {},
     }
+    if args.model:
+        report["model"] = args.model
     stacks = available_stacks()
     summary = None
     if args.preset == "cpu-packing":
@@ -540,9 +618,23 @@ def main() -> int:
                     f"{s:8s} {r['tokens_per_sec']:10,.0f} {r['speedup_vs_peft']:7.2f}x "
                     f"{(mem or 0) / 2**20:10,.0f} {ratio_m:7.2f}x"
                 )
+            if args.model and preset.device == "cpu":
+                flops = model_flops_per_step(folder, preset, preset.seq)
+                rates = gemm_rate(folder, preset, preset.seq)
+                limit = max(rates.values())
+                report["gemm_flops_per_sec"], report["model_flops_per_step"] = rates, flops
+                print(f"fp32 GEMM here: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in rates.items())} GFLOP/s")
+                for s in stacks:
+                    r = speed[s]
+                    r["model_flops_per_sec"] = flops / r["median_step_sec"]
+                    r["fraction_of_gemm_rate"] = r["model_flops_per_sec"] / limit
+                    print(f"{s:8s} {r['model_flops_per_sec'] / 1e9:6.1f} GFLOP/s = {r['fraction_of_gemm_rate']:.0%} "
+                          "of the best GEMM rate")  # fmt: skip
             if summary is None:
                 q = speed["qlora"]
                 summary = f"speedup_vs_peft={q['speedup_vs_peft']:.2f} memory_vs_peft={q['memory_vs_peft']:.2f}"
+                if "fraction_of_gemm_rate" in q:
+                    summary += f" fraction_of_gemm_rate={q['fraction_of_gemm_rate']:.2f}"
     report["wall_sec"] = time.perf_counter() - t_start
     print(f"hardware: {report['hardware']}; versions: {report['versions']}")
     if args.json:
