@@ -257,6 +257,9 @@ def inspect(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Plan for cuda or cpu; default: the config's.")] = None,
     examples: Annotated[int, typer.Option("--examples", min=0, help="Tokenized examples to show (data).")] = 3,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: --set chat_template=llama3 (repeatable).")
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Understand a config (targets, memory plan), its data (`inspect data config.yaml`) or an adapter."""
@@ -271,7 +274,14 @@ def inspect(
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
         console = Console(soft_wrap=True)
         run_inspect(
-            target, config, as_json=json_, gpu_memory=gpu_memory, examples=examples, device=device, console=console
+            target,
+            config,
+            as_json=json_,
+            gpu_memory=gpu_memory,
+            examples=examples,
+            device=device,
+            console=console,
+            overrides=overrides,
         )
 
     run_command(go, debug)

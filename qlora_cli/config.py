@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qlora_cli.chat_templates import check_chat_template
 from qlora_cli.errors import ConfigError
 
 DatasetType = Literal["completion", "alpaca", "chat", "text"]
@@ -48,7 +49,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False  # run Python shipped with the model; off unless asked for
     allow_pickle_weights: bool = False  # also read .bin/.pt weights (pickle can run code); safetensors only by default
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # None: transformers picks
-    chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a Jinja template string
+    chat_template: str | None = None  # None/"tokenizer": the tokenizer's own; a name (llama3, chatml, ...); or Jinja
     # quantization
     load_in_4bit: bool = True  # False: plain LoRA on a 16-bit base
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -68,6 +69,7 @@ class RunConfig(BaseModel):
     train_on_inputs: bool = False  # True: loss on prompts too
     sequence_len: int = Field(512, ge=2)  # longer examples are truncated (and counted)
     sample_packing: bool = False  # pack short examples into sequence_len rows, attention kept within each example
+    allow_degenerate_data: bool = False  # train even when every example looks broken (see data.check_not_degenerate)
     # batch and schedule
     micro_batch_size: int = Field(4, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size
@@ -114,6 +116,11 @@ class RunConfig(BaseModel):
             if any(not t.strip() for t in v):
                 raise ValueError("module names must not be empty")
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        return check_chat_template(v)  # a name that is not a template is never used as Jinja text
 
     @field_validator("learning_rate", "lora_alpha", "num_epochs", "weight_decay", "val_set_size")
     @classmethod
@@ -178,6 +185,7 @@ class RunConfig(BaseModel):
             train_on_inputs=self.train_on_inputs,
             sequence_len=self.sequence_len,
             seed=self.seed,
+            allow_degenerate=self.allow_degenerate_data,
         )
 
 
@@ -230,6 +238,7 @@ class DataSettings:
     train_on_inputs: bool
     sequence_len: int
     seed: int
+    allow_degenerate: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,13 +39,6 @@ ALPACA_PROMPT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 REQUIRED_FIELDS = {
     "completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
@@ -367,7 +360,7 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
     if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
-            "set chat_template: chatml (or a Jinja template) in the config"
+            "set chat_template to a name (chatml, llama3, ...) or a Jinja template in the config"
         )
     return tokenize_rows(rows, spec.type, tokenizer, settings)
 
@@ -401,6 +394,8 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
             f"no training examples left: all {train_stats.rows} rows were truncated away at sequence_len="
             f"{settings.sequence_len} or have no target tokens"
         )
+    if not settings.allow_degenerate:
+        check_not_degenerate(train, tokenizer)
     eval_examples, eval_stats = _tokenize_all(settings.eval_datasets, tokenizer, settings)
     if not settings.eval_datasets and settings.val_set_size > 0:
         order = list(range(len(train)))
@@ -430,6 +425,49 @@ def _tokenize_all(specs: list[DatasetSpec], tokenizer: Any, settings: DataSettin
         examples.extend(some)
         total.add(stats)
     return examples, total
+
+
+# ---------------------------------------------------------------------------------------------
+# a guard against training on nonsense
+
+DEGENERATE_OVERRIDE = "set allow_degenerate_data: true to train anyway"
+PROMPT_SAMPLE = 64  # chat rows re-rendered to look for their prompts; enough to tell a broken template
+
+
+def check_not_degenerate(examples: list[Example], tokenizer: Any) -> None:
+    """Refuse data that can only train nonsense, in one line saying what was seen. Each check needs *every*
+    example to look wrong, so one odd row never stops a run: every example has fewer than 2 target tokens
+    (e.g. a template that drops the assistant turns), every example is the same token sequence (a template
+    that ignores the messages), or no chat row's user text appears in what its template renders.
+    Raises ``DataError``."""
+    if not examples:
+        return
+    most = max(e.n_targets for e in examples)
+    if most < 2:
+        raise DataError(
+            f"every training example has fewer than 2 target tokens (at most {most}, {len(examples)} examples); "
+            f"the model would learn nothing but EOS; check the data format and chat_template, or {DEGENERATE_OVERRIDE}"
+        )
+    first = examples[0].input_ids
+    if len(examples) > 1 and all(e.input_ids == first for e in examples):
+        shown = tokenizer.decode(first)[:60]
+        raise DataError(
+            f"all {len(examples)} training examples are the same tokens ({shown!r}); check the data format and "
+            f"chat_template, or {DEGENERATE_OVERRIDE}"
+        )
+    chats = [e for e in examples if e.fmt == "chat" and e.row is not None][:PROMPT_SAMPLE]
+    if chats and all(_lost_prompt(e.row, tokenizer) for e in chats):
+        raise DataError(
+            f"the user messages of {chats[0].row.where} (and of every chat example checked) do not appear in the "
+            f"text the chat template renders; check chat_template, or {DEGENERATE_OVERRIDE}"
+        )
+
+
+def _lost_prompt(row: Row, tokenizer: Any) -> bool:
+    """True when some user message of the row is missing from its rendered conversation."""
+    messages = chat_messages(row)
+    rendered = _render(tokenizer, messages, generation_prompt=False)
+    return any(m["content"].strip() not in rendered for m in messages if m["role"] == "user" and m["content"].strip())
 
 
 # ---------------------------------------------------------------------------------------------

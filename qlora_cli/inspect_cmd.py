@@ -219,7 +219,8 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
 def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     """What the model will be trained on: counts as ``data.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
-    from qlora_cli.data import IGNORE_INDEX, read_rows, tokenize_row
+    from qlora_cli.chat_templates import describe_chat_template
+    from qlora_cli.data import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
     from qlora_cli.model import load_tokenizer, quiet_libraries
 
     quiet_libraries()
@@ -237,6 +238,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     lengths: list[int] = []  # untruncated, train datasets
     shown: list[dict[str, Any]] = []
     no_eos: list[str] = []
+    kept: list[Any] = []  # training examples, for the degenerate-data check
     entries = [("train", s) for s in cfg.datasets] + [("eval", s) for s in cfg.eval_datasets]
     for split, spec in entries:
         rows = read_rows(spec)
@@ -246,7 +248,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
         if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
             warnings.append(
                 f"{spec.path}: type chat but the tokenizer has no chat template; training would stop here "
-                "(set chat_template: chatml, or a Jinja template)"
+                "(set chat_template to a name such as chatml or llama3, or a Jinja template)"
             )
             entry["skipped"] = True
             continue
@@ -264,10 +266,14 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             entry["examples"] += 1
             entry["tokens"] += len(ex.input_ids)
             entry["target_tokens"] += ex.n_targets
+            if split == "train":
+                kept.append(ex)
             if eos not in ex.labels[1:]:
                 no_eos.append(row.where)
             if split == "train" and len(shown) < n_examples:
                 shown.append(_example_view(ex, tokenizer, IGNORE_INDEX))
+    if not cfg.allow_degenerate_data:
+        check_not_degenerate(kept, tokenizer)  # as training would: an error, not a warning
     train = [d for d in datasets if d["split"] == "train"]
     totals = {
         k: sum(d[k] for d in train) for k in ("rows", "examples", "tokens", "target_tokens", "truncated", "dropped")
@@ -291,6 +297,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
         "sequence_len": cfg.sequence_len,
         "train_on_inputs": cfg.train_on_inputs,
         "tokenizer": {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id},
+        "chat_template": describe_chat_template(cfg.chat_template, tokenizer),
         "datasets": datasets,
         "train": totals,
         "histogram": length_histogram(lengths, cfg.sequence_len),
@@ -334,6 +341,8 @@ def render_data(report: dict[str, Any], console: Console) -> None:
         f"{t['target_tokens']:,} target tokens; truncated {t['truncated']}, dropped {t['dropped']} "
         f"(sequence_len {report['sequence_len']})"
     )
+    if any(d["type"] == "chat" for d in report["datasets"]):
+        console.print(f"[bold]chat template[/bold]: {report['chat_template']['source']}", highlight=False)
     table = Table(show_edge=False)
     for col in ("split", "dataset", "type", "rows", "examples", "tokens", "targets", "cut", "dropped"):
         if col in ("dataset", "type"):
@@ -401,6 +410,7 @@ def run_inspect(
     examples: int,
     device: str | None,
     console: Console,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Dispatch ``qlora inspect TARGET [CONFIG]`` and print the report (JSON or rich). Returns the report."""
     from qlora_cli.run_folder import is_adapter_folder
@@ -410,7 +420,7 @@ def run_inspect(
     if target == "data" and (config is not None or not is_adapter_folder(path)):  # ./data may be a data folder
         if config is None:
             raise ConfigError("usage: qlora inspect data CONFIG.yaml")
-        report = data_report(load_config(config), examples)
+        report = data_report(load_config(config, overrides), examples)
     else:
         if config is not None:
             raise ConfigError(
@@ -421,9 +431,11 @@ def run_inspect(
                 f"not found: {target} (expected a config YAML, a run or adapter folder, or `data CONFIG`)"
             )
         if path.is_dir():
+            if overrides:
+                raise ConfigError("--set applies to a config, not to an adapter folder")
             report = adapter_report(path)
         else:
-            report = config_report(load_config(path), budget, device)
+            report = config_report(load_config(path, overrides), budget, device)
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from qlora_cli.chat_templates import resolve_chat_template
 from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
-from qlora_cli.data import CHATML_TEMPLATE
 from qlora_cli.errors import ConfigError, ModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config names
@@ -136,10 +136,9 @@ def load_tokenizer(cfg: RunConfig | ModelSettings) -> Any:
         raise ModelError(f"cannot load tokenizer from {name}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, so EOS stays a target
-    if cfg.chat_template == "chatml":
-        tokenizer.chat_template = CHATML_TEMPLATE
-    elif cfg.chat_template:
-        tokenizer.chat_template = cfg.chat_template
+    template = resolve_chat_template(cfg.chat_template)  # a family name becomes its template
+    if template is not None:
+        tokenizer.chat_template = template
     tokenizer.padding_side = "right"
     return tokenizer
 

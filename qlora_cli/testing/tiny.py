@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.data import CHATML_TEMPLATE as CHATML
+from qlora_cli.chat_templates import CHATML_TEMPLATE as CHATML
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n\t"

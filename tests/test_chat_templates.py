@@ -1,0 +1,169 @@
+"""Named chat templates render what each model family's own template renders, and stay prefix-stable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_cli.chat_templates import NAMES, TEMPLATES, canonical_name, check_chat_template, resolve_chat_template
+from qlora_cli.config import DatasetSpec, DataSettings
+from qlora_cli.data import ALPACA_PROMPT, IGNORE_INDEX, Row, build_datasets, tokenize_row
+from qlora_cli.errors import ConfigError
+from qlora_cli.model import load_tokenizer
+from qlora_cli.testing.tiny import build_char_tokenizer
+
+from .conftest import make_config, write_jsonl
+
+FAMILY = json.loads((Path(__file__).parent / "fixtures" / "family_chat_templates.json").read_text())
+WITH_SYSTEM = ["chatml", "llama3", "llama2", "qwen2.5", "phi3"]  # their own templates take a system message
+NO_SYSTEM = ["gemma", "mistral"]  # theirs refuse one; ours puts it before the first user turn
+
+SYSTEM = "You are terse."
+CONVERSATION = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?\nShow it."},
+    {"role": "assistant", "content": "  6, since 3+3=6.  "},  # padding: some families trim, some keep it
+]
+
+
+def render(template: str, messages: list[dict], generation_prompt: bool = False) -> str:
+    tok = build_char_tokenizer(chat_template=template)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def system_in_first_user_turn(messages: list[dict]) -> list[dict]:
+    """What the named gemma/mistral templates do with a system prompt, as a conversation their own take."""
+    system, first, *rest = messages
+    return [{"role": "user", "content": system["content"] + "\n\n" + first["content"]}, *rest]
+
+
+def test_every_family_has_a_reference_template():
+    assert set(NAMES) - set(FAMILY) == {"alpaca"}  # no model ships alpaca; it is tested against the row format
+
+
+@pytest.mark.parametrize("name", WITH_SYSTEM)
+def test_named_template_renders_like_the_family_own(name):
+    own = FAMILY[name]["chat_template"]
+    ours = resolve_chat_template(name)
+    # phi3's own template ends a finished conversation with EOS; qlora appends that EOS itself (see below)
+    eos = "</s>" if name == "phi3" else ""
+    assert render(ours, CONVERSATION) + eos == render(own, CONVERSATION)
+    assert render(ours, CONVERSATION[:4], True) == render(own, CONVERSATION[:4], True)
+    assert render(ours, CONVERSATION[1:]) + eos == render(own, CONVERSATION[1:])  # and without a system prompt
+
+
+@pytest.mark.parametrize("name", NO_SYSTEM)
+def test_families_without_a_system_role_get_it_in_the_first_user_turn(name):
+    own = FAMILY[name]["chat_template"]
+    ours = resolve_chat_template(name)
+    with pytest.raises(Exception, match="(?i)system|alternate"):
+        render(own, CONVERSATION)  # why the named template has to decide
+    assert render(ours, CONVERSATION) == render(own, system_in_first_user_turn(CONVERSATION))
+    assert render(ours, CONVERSATION[:4], True) == render(own, system_in_first_user_turn(CONVERSATION[:4]), True)
+    assert render(ours, CONVERSATION[1:]) == render(own, CONVERSATION[1:])
+    assert SYSTEM in render(ours, CONVERSATION)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_templates_pass_the_prefix_check_and_mask_only_assistant_turns(name):
+    tok = build_char_tokenizer(chat_template=resolve_chat_template(name))
+    ex = tokenize_row(Row("row", {"messages": CONVERSATION}), "chat", tok, train_on_inputs=False)
+    trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert "4" in trained and "6, since 3+3=6." in trained
+    assert "What is" not in trained and "Show it" not in trained and SYSTEM not in trained
+    assert ex.labels[-1] == tok.eos_token_id and ex.n_targets >= len("4") + len("6, since 3+3=6.") + 1
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml", "qwen2.5", "llama2"])
+def test_named_template_gives_the_same_tokens_as_the_family_own(name):
+    own = build_char_tokenizer(chat_template=FAMILY[name]["chat_template"])
+    named = build_char_tokenizer(chat_template=resolve_chat_template(name))
+    row = Row("row", {"messages": CONVERSATION})
+    a, b = tokenize_row(row, "chat", own, False), tokenize_row(row, "chat", named, False)
+    assert a.input_ids == b.input_ids and a.labels == b.labels
+
+
+def test_phi3_tokens_equal_the_own_template_with_its_final_eos():
+    tok = build_char_tokenizer(chat_template=resolve_chat_template("phi3"))
+    ex = tokenize_row(Row("row", {"messages": CONVERSATION}), "chat", tok, False)
+    own_text = render(FAMILY["phi3"]["chat_template"], CONVERSATION)
+    assert ex.input_ids == tok(own_text, add_special_tokens=False)["input_ids"]
+
+
+def test_alpaca_template_renders_the_alpaca_row_format():
+    tok = build_char_tokenizer(chat_template=resolve_chat_template("alpaca"))
+    chat = tokenize_row(
+        Row("r", {"messages": [{"role": "user", "content": "Add 1+1"}, {"role": "assistant", "content": "2"}]}),
+        "chat",
+        tok,
+        False,
+    )
+    alpaca = tokenize_row(Row("r", {"instruction": "Add 1+1", "output": "2"}), "alpaca", tok, False)
+    assert chat.input_ids == alpaca.input_ids and chat.labels == alpaca.labels
+    assert ALPACA_PROMPT.format(instruction="What is 2+2?") in render(
+        resolve_chat_template("alpaca"), CONVERSATION[1:3]
+    )
+    with_system = render(resolve_chat_template("alpaca"), CONVERSATION[:3])
+    assert with_system.startswith("<s>" + SYSTEM + "\n\n### Instruction:\n")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("llama3", "llama3"),
+        ("qwen_25", "qwen2.5"),
+        ("Qwen2.5", "qwen2.5"),
+        ("phi_3", "phi3"),
+        ("gemma2", "gemma"),
+        ("tokenizer", None),
+        ("tokenizer_default", None),
+        (None, None),
+    ],
+)
+def test_names_and_axolotl_spellings(given, stored):
+    assert check_chat_template(given) == stored
+
+
+def test_jinja_text_is_kept_and_names_are_not_jinja():
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert check_chat_template(jinja) == jinja and resolve_chat_template(jinja) == jinja
+    assert canonical_name("llama3") == "llama3" and resolve_chat_template("llama3") == TEMPLATES["llama3"][0]
+    assert resolve_chat_template("tokenizer") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("llama4", "unknown template name (use tokenizer for the tokenizer's own, one of chatml, llama3"),
+        ("my template", "unknown template name"),
+        ("{{ messages", "the Jinja template does not parse"),
+    ],
+)
+def test_a_value_that_is_neither_a_name_nor_jinja_is_refused_at_validation(tmp_path, value, message):
+    from qlora_cli.config import load_config
+
+    with pytest.raises(ConfigError, match="key 'chat_template'") as e:
+        load_config(None, base_model="x", datasets=[{"path": "d.jsonl"}], chat_template=value)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_llama3_by_name_on_a_llama3_model_gives_the_tokens_of_its_own_template(tmp_path):
+    """The bug this module exists for: `chat_template: llama3` must mean Llama-3's template."""
+    folder = tmp_path / "tok"
+    build_char_tokenizer(chat_template=FAMILY["llama3"]["chat_template"]).save_pretrained(folder)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    spec = DatasetSpec(path=str(data), type="chat")
+    settings = DataSettings([spec], [], 0.0, False, 512, 0)
+
+    def tokens(chat_template):
+        cfg = make_config(tmp_path, data, tmp_path / "out", tokenizer=str(folder), chat_template=chat_template)
+        built = build_datasets(settings, load_tokenizer(cfg))
+        return [(e.input_ids, e.labels) for e in built.train]
+
+    own, named = tokens(None), tokens("llama3")
+    assert own == named and len(own) == 2
+    assert sum(1 for t in own[0][1] if t != IGNORE_INDEX) > 10  # really trained on the answers, not on "llama3"
