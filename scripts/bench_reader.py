@@ -82,6 +82,7 @@ def main() -> None:
               f"{max(shard_bytes) / 2**30:.2f} GiB")  # fmt: skip
         run_reader(READERS[0], base)  # warm the page cache
         rows = [run_reader(kind, base) for kind in READERS]
+        rows += [run_reader(kind, base) for kind in reversed(READERS)]  # the other order: drift shows
     imports_only = run_reader_floor()
     print(f"{'reader':<22}{'seconds':>9}{'peak RSS GiB':>14}{'above imports GiB':>19}")
     for r in rows:

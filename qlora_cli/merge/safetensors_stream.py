@@ -132,10 +132,10 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
         )
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    buf = bytearray(info.nbytes)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray: the read fills it
     f.seek(info.start)
-    _readinto(f, memoryview(buf))
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+    _readinto(f, memoryview(buf.numpy()))
+    return buf.view(dtype).reshape(info.shape)
 
 
 def copy_chunks(f: BinaryIO, info: TensorInfo, out_code: str) -> Iterator[memoryview | bytes]:
