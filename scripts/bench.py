@@ -19,8 +19,9 @@ With ``--model`` both stacks load that model instead (a GGUF file is converted o
 safetensors folder that both then load and quantize alike) and the report adds each stack's achieved model
 FLOP/s as a fraction of this machine's fp32 GEMM rate, measured in the same run on the model's own matrix
 shapes: the physical limit of a CPU step. Model FLOPs per step count the frozen base's matmuls forward and
-input-gradient (4 x its linear parameters per token), the LoRA matmuls forward and both gradients (6 x), and
-attention's score and value products (forward and backward: 12 x layers x tokens x sequence x hidden).
+input-gradient (4 x its linear parameters per token; the output head only at positions with a target), the LoRA
+matmuls forward and both gradients (6 x), and attention's score and value products (forward and backward:
+12 x layers x tokens x sequence x hidden).
 """
 
 from __future__ import annotations
@@ -391,18 +392,23 @@ def real_model_folder(name: str) -> Path:
 
 
 def model_flops_per_step(folder: Path, preset: Preset, seq: int, lora_r: int = 16) -> float:
-    """FLOPs of one LoRA training step (see the module's docstring), counted on the model's own shapes."""
+    """FLOPs of one LoRA training step (see the module's docstring), counted on the model's own shapes. The output
+    head counts only at positions that predict a target: the work the loss needs (with ``--data instruct`` half the
+    positions have no target; a stack that computes logits there does work this count does not credit)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    base = sum(m.in_features * m.out_features for m in linear)
-    lora = sum(lora_r * (m.in_features + m.out_features) for m in linear if m is not model.get_output_embeddings())
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    body = sum(m.in_features * m.out_features for m in linear)
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in linear)
     tokens = preset.micro_batch * seq
+    labels = token_batch(preset, seq, torch.device("cpu"))["labels"]
+    targets = int((labels[:, 1:] != -100).sum())
     attention = 12 * config.num_hidden_layers * tokens * seq * config.hidden_size
-    return 4 * base * tokens + 6 * lora * tokens + attention
+    return 4 * body * tokens + 4 * head.in_features * head.out_features * targets + 6 * lora * tokens + attention
 
 
 def gemm_rate(folder: Path, preset: Preset, seq: int, seconds: float = 3.0) -> dict[str, float]:
