@@ -82,3 +82,20 @@ def test_the_labels_ignore_value_is_the_same_in_data_and_the_fused_loss():
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_training_never_reaches_the_serving_package():
+    """train, merge and eval stand without the server: serving depends on them, never the other way."""
+    graph = import_graph()
+    for root in ("qlora_cli.train", "qlora_cli.merge", "qlora_cli.evaluate"):
+        assert sorted(m for m in reachable(graph, root) if m.startswith("qlora_cli.serving")) == [], root
+    assert "qlora_cli.model" in reachable(graph, "qlora_cli.serving.server")  # the walk does see real imports
