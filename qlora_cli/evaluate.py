@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -301,7 +301,7 @@ def score_model(
     batch_size: int,
     max_new_tokens: int | None,
     device: torch.device,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> ModelScore:
     """Loss and perplexity over every example; exact match and contains over those with a reference."""
     from qlora_cli.loss import evaluate_loss

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_cli.data import IGNORE_INDEX, Example, collate, epoch_batches
+from qlora_cli.model import model_autocast
 
 # Architectures whose causal-LM head is exactly `logits = head(final hidden state)` (Gemma-2 adds soft-capping,
 # handled). Others (e.g. logit scaling in Cohere or Granite) use the plain loss.
@@ -110,7 +111,8 @@ def evaluate_loss(
     autocast: Any = None,
     fused: bool = False,
 ) -> EvalResult:
-    """Token-weighted mean loss over ``examples`` (every target token counts once), model in eval mode.
+    """Token-weighted mean loss over ``examples`` (every target token counts once), model in eval mode,
+    under ``autocast()`` (default: the model's own compute dtype, as training ran it).
 
     ``fused`` scores through the chunked head + cross-entropy, so evaluation never needs more memory for
     logits than training did."""
@@ -120,7 +122,7 @@ def evaluate_loss(
     try:
         for idx in epoch_batches(len(examples), batch_size, 0, 0, shuffle=False):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            with autocast() if autocast is not None else nullcontext():
+            with autocast() if autocast is not None else model_autocast(model):
                 s, n = loss_sum(model, batch, fused)
             total += float(s)
             n_total += n

@@ -40,6 +40,28 @@ def autocast(dtype: torch.dtype | str, device: torch.device | str) -> AbstractCo
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype a model's matmuls run in: its 4-bit layers' compute dtype, else the dtype it was loaded in
+    (``load_base_model`` loads in the run's compute dtype; norms are upcast afterwards). float32 if unknown."""
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    dtype = (
+        quant.get("bnb_4bit_compute_dtype")
+        if isinstance(quant, dict)
+        else getattr(quant, "bnb_4bit_compute_dtype", None)
+    )
+    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def model_autocast(model: Any) -> AbstractContextManager:
+    """``autocast`` for a model as training ran it: to its ``compute_dtype`` on its device. Scoring, generation
+    and checks that are not handed the run's precision use this, never a bare forward."""
+    return autocast(compute_dtype(model), module_device(model))
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """Where a module's (first) parameter lives; the CPU for a module without parameters."""
     for p in module.parameters():

@@ -4,7 +4,7 @@ and the task metrics ``qlora eval`` reports: exact match and contains against th
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from qlora_cli.data import (
     chat_messages,
     prompt_and_target,
 )
-from qlora_cli.model import module_device
+from qlora_cli.model import model_autocast, module_device
 
 # ---------------------------------------------------------------------------------------------
 # generation and task metrics
@@ -56,6 +56,7 @@ def generate_ids(
 
     Prompts are sorted by length so a batch holds similar lengths (less padding), then left-padded so every
     row's last prompt token sits at the same position; the KV cache is on. The output keeps the input order.
+    Runs under ``autocast()``; default: the model's own compute dtype (``model_autocast``), as training ran it.
     """
     was_training = model.training
     model.eval()
@@ -74,7 +75,7 @@ def generate_ids(
             for j, p in enumerate(chunk):
                 input_ids[j, T - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attention_mask[j, T - len(p) :] = 1
-            with autocast() if autocast is not None else nullcontext():
+            with autocast() if autocast is not None else model_autocast(model):
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),

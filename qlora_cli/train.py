@@ -101,18 +101,20 @@ def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_epochs))
 
 
-def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, tolerance: float) -> None:
+def check_packing_isolation(model: Any, device: torch.device, vocab_size: int, precision: Precision) -> None:
     """Refuse sample packing when the model's attention does not keep packed examples apart.
 
     Packing relies on transformers building a block-diagonal causal mask from restarting position ids;
     an attention implementation that ignores them would silently let examples attend to each other.
+    The model runs as training runs it (``precision``'s autocast): a bare bf16 forward fails on float32 norms.
     """
+    tolerance = 1e-4 if precision.dtype == torch.float32 else 5e-2
     g = torch.Generator().manual_seed(0)
     a = torch.randint(3, vocab_size, (1, 7), generator=g)
     b = torch.randint(3, vocab_size, (1, 5), generator=g)
     packed = torch.cat([a, b], dim=1).to(device)
     positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         together = model(input_ids=packed, position_ids=positions).logits[0, 7:].float()
         alone = model(input_ids=b.to(device)).logits[0].float()
     if not torch.allclose(together, alone, atol=tolerance, rtol=0):
@@ -231,7 +233,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
-        check_packing_isolation(model, device, len(tokenizer), 1e-4 if precision.dtype == torch.float32 else 5e-2)
+        check_packing_isolation(model, device, len(tokenizer), precision)
         rows = [[data.train[i] for i in pack] for pack in pack_examples(data.train, cfg.sequence_len)]
     else:
         rows = [[e] for e in data.train]

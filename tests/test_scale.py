@@ -18,6 +18,7 @@ from qlora_cli.config import load_config
 from qlora_cli.data import IGNORE_INDEX, Row, collate_packed, pack_examples, packing_efficiency, tokenize_row
 from qlora_cli.errors import ConfigError
 from qlora_cli.model import load_base_model
+from qlora_cli.step import Precision
 from qlora_cli.train import check_packing_isolation, train
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -162,7 +163,7 @@ def test_packed_losses_equal_unpacked_and_examples_are_isolated(model_factory, t
     rows = [Row("r", {"prompt": f"p{i}: " + "x" * i, "completion": "abc"[: i % 3 + 1]}) for i in range(4)]
     examples = [tokenize_row(r, "completion", tokenizer, False) for r in rows]
     with torch.no_grad():
-        check_packing_isolation(model, torch.device("cpu"), len(tokenizer), 1e-4)
+        check_packing_isolation(model, torch.device("cpu"), len(tokenizer), Precision("cpu", torch.float32))
         alone = per_example_losses(model, examples, packed=False)
         together = per_example_losses(model, examples, packed=True)
         torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-4, rtol=0)
@@ -185,7 +186,7 @@ def test_packing_is_refused_where_attention_would_leak(model_factory):
     )
     model = load_base_model(cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match="sample_packing: OPTForCausalLM .* lets packed examples attend"):
-        check_packing_isolation(model, torch.device("cpu"), 90, 1e-4)
+        check_packing_isolation(model, torch.device("cpu"), 90, Precision("cpu", torch.float32))
 
 
 def test_pack_examples_fits_rows_and_keeps_every_example(tokenizer):

@@ -1,0 +1,148 @@
+"""Every model call outside the training step runs under the run's precision (issue 13 item 8).
+
+A bf16 run keeps norms in float32 and computes matmuls in bfloat16 under autocast; a forward outside autocast
+feeds float32 norm outputs to bf16 layers and dies (``expected m1 and m2 to have the same dtype``), or, where it
+survives, scores a different model than the one trained. Each test records, for every forward of the causal LM
+(the top-level ``...ForCausalLM`` module), whether CPU autocast was on and to which dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from qlora_cli.config import load_config
+from qlora_cli.model import load_base_model
+from tests.conftest import make_config, upper_rows, write_jsonl
+
+
+@contextmanager
+def forwards_of_the_model() -> Iterator[list[torch.dtype | None]]:
+    """Per forward of a causal LM inside the block: the CPU autocast dtype it ran under, or None."""
+    seen: list[torch.dtype | None] = []
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if type(module).__name__.endswith("ForCausalLM"):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def bf16_base(model_factory):
+    return model_factory("llama", initializer_range=0.1)
+
+
+def test_packing_check_and_train_time_eval_run_under_bf16(tmp_path, bf16_base, quiet_console, monkeypatch):
+    """sample_packing with the default bf16 compute dtype trains (it crashed in the packing check before the
+    first step); the check, the steps and the eval each ran their forwards under bf16 autocast."""
+    from qlora_cli import train as train_mod
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=3))
+    cfg = make_config(
+        bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", sample_packing=True,
+        sequence_len=64, micro_batch_size=2, max_steps=2, eval_datasets=[{"path": str(data)}],
+    )  # fmt: skip
+    calls: dict[str, list] = {}
+    real_check, real_eval = train_mod.check_packing_isolation, train_mod.evaluate_loss
+
+    def check(*a, **kw):
+        with forwards_of_the_model() as seen:
+            real_check(*a, **kw)
+        calls["packing check"] = seen
+
+    def evaluate_loss(*a, **kw):
+        with forwards_of_the_model() as seen:
+            result = real_eval(*a, **kw)
+        calls.setdefault("eval", []).extend(seen)
+        return result
+
+    monkeypatch.setattr(train_mod, "check_packing_isolation", check)
+    monkeypatch.setattr(train_mod, "evaluate_loss", evaluate_loss)
+    result = train_mod.train(cfg, console=quiet_console)
+    assert calls["packing check"] == [torch.bfloat16] * 2  # packed, then the second example alone
+    assert calls["eval"] and set(calls["eval"]) == {torch.bfloat16}
+    evals = [r for r in result.history if r["type"] == "eval"]
+    assert evals and all(0 < r["eval_loss"] < 10 for r in evals)
+
+
+def test_packing_check_under_bf16_still_refuses_leaking_attention(model_factory):
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.step import Precision
+    from qlora_cli.train import check_packing_isolation
+
+    cfg = load_config(None, base_model=str(model_factory("opt")), datasets=[{"path": "x"}])  # bf16: the default
+    assert cfg.bnb_4bit_compute_dtype == "bfloat16"
+    model = load_base_model(cfg, torch.device("cpu"))
+    precision = Precision.for_run("bfloat16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="lets packed examples attend"):
+        check_packing_isolation(model, torch.device("cpu"), 90, precision)
+
+
+def test_scoring_and_loss_default_to_the_models_compute_dtype(bf16_base, tokenizer):
+    """A caller that passes no autocast (the demo, scripts) scores a bf16 model as it was trained."""
+    from qlora_cli.data import Row, tokenize_row
+    from qlora_cli.loss import evaluate_loss
+    from qlora_cli.scoring import generate_ids
+
+    cfg = load_config(None, base_model=str(bf16_base), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="bfloat16")
+    model = load_base_model(cfg, torch.device("cpu"))
+    examples = [tokenize_row(Row("r", r), "completion", tokenizer, True) for r in upper_rows(3, seed=1)]
+    with forwards_of_the_model() as seen:
+        evaluate_loss(model, examples, 4, tokenizer.pad_token_id, torch.device("cpu"))
+        generate_ids(model, tokenizer, [e.input_ids[:6] for e in examples], max_new_tokens=2)
+    assert len(seen) == 1 + 2 and set(seen) == {torch.bfloat16}
+
+    f32 = load_base_model(cfg.model_copy(update={"bnb_4bit_compute_dtype": "float32"}), torch.device("cpu"))
+    with forwards_of_the_model() as seen:
+        evaluate_loss(f32, examples, 4, tokenizer.pad_token_id, torch.device("cpu"))
+    assert seen == [None]  # float32 runs without autocast, as training does
+
+
+def test_qlora_eval_scores_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
+    from qlora_cli.evaluate import EvalOptions, evaluate
+    from qlora_cli.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
+    train(
+        make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=1),
+        console=quiet_console,
+    )
+    with forwards_of_the_model() as seen:
+        evaluate([tmp_path / "run"], EvalOptions(data=str(data), include_base=False, max_new_tokens=2, limit=4))
+    assert len(seen) >= 3 and set(seen) == {torch.bfloat16}  # the loss batch and each generated token
+
+
+def test_memory_plan_traces_under_the_runs_precision(bf16_base):
+    from transformers import AutoConfig
+
+    from qlora_cli.memory_plan.tracer import trace_step
+
+    cfg = make_config(bf16_base, bf16_base, bf16_base, bnb_4bit_compute_dtype="bfloat16")
+    for train in (True, False):
+        with forwards_of_the_model() as seen:
+            trace_step(AutoConfig.from_pretrained(bf16_base), cfg, device_type="cuda", micro_batch_size=2,
+                       seq_len=32, gradient_checkpointing=train, train=train)  # fmt: skip
+        assert seen == [torch.bfloat16]
+
+
+def test_merge_self_check_runs_the_adapter_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
+    from qlora_cli.merge import merge_run
+    from qlora_cli.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
+    train(
+        make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=1),
+        console=quiet_console,
+    )
+    with forwards_of_the_model() as seen:
+        merge_run(tmp_path / "run", tmp_path / "merged", device="cpu", console=quiet_console)
+    # the adapter on its base (and with the adapter off) under bf16; the merged model plainly, in float32
+    assert seen.count(torch.bfloat16) >= 2 and seen[-1] is None
