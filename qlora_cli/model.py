@@ -247,30 +247,68 @@ def enable_gradient_checkpointing(model: Any, offload: bool = False, every_n_lay
     which is what makes it work with a frozen (4-bit) base and trainable adapters inside it.
 
     ``offload`` keeps the saved layer inputs in pinned CPU memory; ``every_n_layers`` > 1 recomputes only
-    some layers (both need a transformers release with ``activation_checkpointing_enable``)."""
-    import inspect
-
+    every n-th decoder layer. transformers has three shapes of this API within the versions qlora supports,
+    told apart by what the methods take, never by version number:
+      ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)`` (5.22+),
+      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)`` (5.17-5.21),
+      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs)`` (5.0-5.13): there qlora applies
+      ``offload`` and ``every_n_layers`` itself (``_checkpoint_options``), as the later releases do."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is None:  # transformers before the rename
-        if offload or every_n_layers > 1:
-            raise ConfigError(
-                "gradient_checkpointing: offload and checkpoint_every_n_layers need a newer transformers "
-                "(activation_checkpointing_enable)"
-            )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        return
-    if offload and next(model.parameters()).device.type == "cpu":
+    if offload and module_device(model).type == "cpu":
         offload = False  # the activations already live in host memory; there is nothing to move
-    options = inspect.signature(enable).parameters
-    extra = {}
-    if offload or every_n_layers > 1:
-        if "offload" not in options or "every_n_layers" not in options:
-            raise ConfigError("gradient_checkpointing: offload/checkpoint_every_n_layers need a newer transformers")
-        extra = {"offload": offload, "every_n_layers": every_n_layers}
-    enable(activation_checkpointing_kwargs=kwargs, **extra)
+    kwargs = {"use_reentrant": False}
+    options = {"every_n_layers": every_n_layers, "offload": offload} if offload or every_n_layers > 1 else {}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable) and _takes(enable, "activation_checkpointing_kwargs", *options):
+        enable(activation_checkpointing_kwargs=kwargs, **options)
+        return
+    enable = model.gradient_checkpointing_enable
+    if _takes(enable, "gradient_checkpointing_kwargs", *options):
+        enable(gradient_checkpointing_kwargs=kwargs, **options)
+        return
+    enable(gradient_checkpointing_kwargs=kwargs)  # every layer, on the device
+    if options:
+        _checkpoint_options(model, offload, every_n_layers)
+
+
+def _takes(fn: Any, *names: str) -> bool:
+    """Whether ``fn`` accepts each keyword in ``names`` by name (a ``**kwargs`` catch-all does not count:
+    transformers' deprecated aliases forward anything and fail later)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(n in params and params[n].kind != inspect.Parameter.VAR_KEYWORD for n in names)
+
+
+def _checkpoint_options(model: Any, offload: bool, every_n_layers: int) -> None:
+    """``offload`` and ``every_n_layers`` on a model whose transformers checkpointed every layer without them:
+    what transformers 5.17+ does inside ``_set_gradient_checkpointing``. Each decoder layer
+    (``GradientCheckpointingLayer``) recomputes only when its index is a multiple of ``every_n_layers``, and
+    with ``offload`` the inputs a checkpoint saves go to pinned host memory while it runs."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(
+            f"gradient_checkpointing: offload/checkpoint_every_n_layers: {type(model).__name__} has no "
+            "checkpointed decoder layers this transformers can configure; set them to their defaults"
+        )
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every_n_layers == 0
+        if offload:
+            layer._gradient_checkpointing_func = _offloaded(layer._gradient_checkpointing_func)
+
+
+def _offloaded(checkpoint_fn: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return checkpoint_fn(*args, **kwargs)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
