@@ -249,10 +249,11 @@ def enable_gradient_checkpointing(model: Any, offload: bool = False, every_n_lay
     ``offload`` keeps the saved layer inputs in pinned CPU memory; ``every_n_layers`` > 1 recomputes only
     every n-th decoder layer. transformers has three shapes of this API within the versions qlora supports,
     told apart by what the methods take, never by version number:
-      ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)`` (5.22+),
-      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)`` (5.17-5.21),
-      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs)`` (5.0-5.13): there qlora applies
-      ``offload`` and ``every_n_layers`` itself (``_checkpoint_options``), as the later releases do."""
+      ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)`` (5.23+),
+      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)`` (5.17-5.22),
+      ``gradient_checkpointing_enable(gradient_checkpointing_kwargs[, every_n_layers])`` (5.0-5.16; 5.16 takes
+      ``every_n_layers`` but not ``offload``): there qlora applies both options itself (``_checkpoint_options``),
+      as the later releases do."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
     if offload and module_device(model).type == "cpu":

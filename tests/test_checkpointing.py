@@ -1,10 +1,12 @@
 """Gradient checkpointing on every transformers release pyproject.toml allows (issue 13 item 1).
 
 transformers has three shapes of the API within 5.x; qlora tells them apart by what the methods accept:
-  C  ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)`` (5.22+; the
+  C  ``activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)`` (5.23+; the
      old name stays as a deprecated ``**kwargs`` alias)
-  B  ``gradient_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)`` (5.17-5.21)
-  A  ``gradient_checkpointing_enable(gradient_checkpointing_kwargs)`` (5.0-5.13): qlora applies the options itself
+  B  ``gradient_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)`` (5.17-5.22)
+  A  ``gradient_checkpointing_enable(gradient_checkpointing_kwargs)`` (5.0-5.14), with ``every_n_layers`` but no
+     ``offload`` in 5.16: qlora applies the options itself
+(read from each release's modeling_utils.py: 5.0, 5.4, 5.9, 5.13, 5.14, 5.16, 5.17, 5.18, 5.21, 5.22, 5.23, 5.24)
 """
 
 from __future__ import annotations
@@ -83,25 +85,30 @@ def _step(model) -> list[torch.Tensor]:
     return grads
 
 
-def _as_transformers_5_0(model, monkeypatch) -> None:
-    """The 5.0-5.13 API on a real model: no activation_checkpointing_enable, and a gradient_checkpointing_enable
-    that takes only the checkpoint kwargs and checkpoints every layer (5.0's body)."""
+def _as_transformers_5_0(model, monkeypatch, version: str = "5.0") -> None:
+    """The 5.0-5.16 API on a real model: no activation_checkpointing_enable, and a gradient_checkpointing_enable
+    that takes only the checkpoint kwargs (5.16: and every_n_layers) and checkpoints every layer (5.0's body)."""
 
     def enable(gradient_checkpointing_kwargs=None):
         fn = partial(checkpoint, **(gradient_checkpointing_kwargs or {"use_reentrant": True}))
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=fn)
         model.enable_input_require_grads()
 
+    def enable_5_16(gradient_checkpointing_kwargs=None, every_n_layers=1):
+        enable(gradient_checkpointing_kwargs)
+        for i, layer in enumerate(model.model.layers):
+            layer.gradient_checkpointing = i % every_n_layers == 0
+
     monkeypatch.setattr(model, "activation_checkpointing_enable", None, raising=False)
-    monkeypatch.setattr(model, "gradient_checkpointing_enable", enable)
+    monkeypatch.setattr(model, "gradient_checkpointing_enable", enable if version == "5.0" else enable_5_16)
 
 
-@pytest.mark.parametrize("api", ["installed", "5.0"])
+@pytest.mark.parametrize("api", ["installed", "5.0", "5.16"])
 def test_every_n_layers_recomputes_only_those_layers_with_the_same_gradients(four_layers, api, monkeypatch):
     plain = _step(_model(four_layers))
     model = _model(four_layers)
-    if api == "5.0":
-        _as_transformers_5_0(model, monkeypatch)
+    if api != "installed":
+        _as_transformers_5_0(model, monkeypatch, api)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the deprecated alias is not what gets called
         enable_gradient_checkpointing(model, False, 2)
