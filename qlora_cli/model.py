@@ -236,10 +236,34 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
 
 def upcast_small_parameters(model: torch.nn.Module) -> None:
     """Norm weights and biases to float32 (as PEFT's prepare_model_for_kbit_training does): they are tiny,
-    and autocast runs norms in float32 anyway. Embeddings and the output head stay 16-bit (they are large)."""
+    and autocast runs norms in float32 anyway. Embeddings and the output head stay 16-bit (they are large).
+
+    A float32 norm weight makes the norm's output float32, and from there the projections (which return their
+    input's dtype) and the residual stream would stay float32 for the rest of the model: twice the activation
+    memory, and twice the bytes gradient checkpointing saves or offloads. So under 16-bit autocast each norm
+    hands on its output in the autocast dtype (``norms_output_compute_dtype``), which is what the next matmul
+    reads anyway; the norm's own math stays float32."""
     for p in model.parameters():
         if p.ndim == 1 and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+    norms_output_compute_dtype(model)
+
+
+def norms_output_compute_dtype(model: torch.nn.Module) -> None:
+    """Under 16-bit autocast, every norm module (class name ending in ``Norm``: RMSNorm, LayerNorm) returns its
+    output in the autocast dtype instead of float32; outside autocast it is left as it is. Idempotent."""
+    for module in model.modules():
+        if type(module).__name__.endswith("Norm") and not getattr(module, "_qlora_compute_dtype_output", False):
+            module.register_forward_hook(_output_in_autocast_dtype)
+            module._qlora_compute_dtype_output = True
+
+
+def _output_in_autocast_dtype(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
+        device_type = output.device.type
+        if torch.is_autocast_enabled(device_type):
+            return output.to(torch.get_autocast_dtype(device_type))
+    return None
 
 
 def enable_gradient_checkpointing(model: Any, offload: bool = False, every_n_layers: int = 1) -> None:

@@ -146,3 +146,53 @@ def test_merge_self_check_runs_the_adapter_under_the_runs_precision(tmp_path, bf
         merge_run(tmp_path / "run", tmp_path / "merged", device="cpu", console=quiet_console)
     # the adapter on its base (and with the adapter off) under bf16; the merged model plainly, in float32
     assert seen.count(torch.bfloat16) >= 2 and seen[-1] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# activations between decoder layers in the compute dtype (issue 13 item 2)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@pytest.mark.parametrize("arch,fused", [("llama", True), ("llama", False), ("gpt2", True), ("qwen2", True)])
+def test_hidden_states_between_decoder_layers_stay_bf16(model_factory, arch, fused):
+    """Norms keep float32 weights and math, but under bf16 autocast they hand the next matmul bf16, as PEFT's
+    and Unsloth's bf16 norms do: the residual stream, each layer's input and output, and the projections'
+    outputs are bf16 (before, the stream was float32 after layer 0: twice the activation memory)."""
+    from qlora_cli.config import LoRASettings
+    from qlora_cli.lora import inject_lora, lora_layers, set_fused
+    from qlora_cli.step import Precision
+
+    cfg = load_config(None, base_model=str(model_factory(arch)), datasets=[{"path": "x"}])  # bf16: the default
+    model = load_base_model(cfg, torch.device("cpu"))
+    inject_lora(model, LoRASettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_rslora=False))
+    set_fused(model, fused)
+    model.train()
+    layers = _decoder_layers(model)
+    seen: list[tuple[str, torch.dtype]] = []
+
+    def record(name):
+        def hook(module, args, output):
+            first = output[0] if isinstance(output, tuple) else output
+            seen.append((f"{name} in", args[0].dtype))
+            seen.append((f"{name} out", first.dtype))
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(record(f"layer {i}"))
+    for name, module in lora_layers(model):
+        module.register_forward_hook(record(name))
+    ids = torch.arange(5, 37).reshape(2, 16)
+    with Precision.for_run("bfloat16", torch.device("cpu")).autocast():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(layers) == 2 and len(seen) > 4
+    assert [k for k, dtype in seen if dtype != torch.bfloat16 and not k.endswith(" in")] == []
+    assert [k for k, dtype in seen if dtype != torch.bfloat16 and k.startswith("layer")] == []
+    assert all(m.lora_B.weight.grad.abs().sum() > 0 for _, m in lora_layers(model))
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n or "ln_" in n} == {torch.float32}

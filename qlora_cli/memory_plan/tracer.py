@@ -16,7 +16,7 @@ from torch import nn
 
 from qlora_cli.config import RunConfig
 from qlora_cli.memory_plan.sizes import layer_period, linear_dims, meta_model, num_layers_of, quantized_module_names
-from qlora_cli.model import DTYPES
+from qlora_cli.model import DTYPES, norms_output_compute_dtype
 
 # ---------------------------------------------------------------------------------------------
 # the traced step
@@ -346,6 +346,8 @@ def _materialize(model: nn.Module, cfg: RunConfig, device: torch.device) -> None
         for key, b in list(module._buffers.items()):
             if b is not None and b.device.type == "meta":
                 module._buffers[key] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    if compute != torch.float32:
+        norms_output_compute_dtype(model)  # as model.upcast_small_parameters leaves a 16-bit run's norms
     for module in model.modules():
         if isinstance(module, _Linear4bitStandIn):  # what code that checks for a 4-bit weight looks at
             module.weight.quant_state = _StandInQuantState((module.out_features, module.in_features), compute)
