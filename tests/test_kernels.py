@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,6 +193,48 @@ def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llam
     for other in adapters[1:]:
         for k in adapters[0]:
             torch.testing.assert_close(other[k], adapters[0][k], atol=1e-6, rtol=1e-5)
+
+
+class _OnCuda:
+    """Enough of a model for apply_liger to get past its device check without a GPU."""
+
+    config = SimpleNamespace(model_type="llama")
+
+    def parameters(self):
+        yield SimpleNamespace(device=torch.device("cuda"))
+
+
+@pytest.mark.parametrize(
+    "error,broken",
+    [
+        (RuntimeError("Triton was built for CUDA 12, the driver has 13"), True),
+        (ImportError("libcuda.so.1: cannot open shared object file"), True),
+        (ModuleNotFoundError("No module named 'triton'", name="triton"), True),
+        (ModuleNotFoundError("No module named 'liger_kernel'", name="liger_kernel"), False),
+    ],
+)
+def test_a_liger_or_triton_that_fails_to_import_falls_back_with_a_warning(monkeypatch, error, broken):
+    import warnings
+
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.kernels import liger
+
+    def failing_import(name):
+        raise error
+
+    monkeypatch.setattr(liger, "importlib", SimpleNamespace(import_module=failing_import))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert liger.apply_liger(_OnCuda(), "auto") is False
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if broken:  # installed but broken: said once, then training goes on without it
+        assert messages == [
+            f"liger_kernels: liger-kernel is installed but does not import ({type(error).__name__}: {error}); training without Liger kernels"
+        ]
+    else:  # simply not installed: nothing to say under auto
+        assert messages == []
+    with pytest.raises(ConfigError, match="liger_kernels: true, but liger-kernel is"):
+        liger.apply_liger(_OnCuda(), "true")
 
 
 def test_liger_falls_back_cleanly_off_gpu(model_factory):
