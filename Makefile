@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # On a machine without a GPU a CPU build of torch is enough; override TORCH for your CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo demo-tiny lint bench clean
+.PHONY: install test test-oldest demo demo-tiny lint bench clean
 
 $(BIN)/qlora: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,23 @@ install: $(BIN)/qlora
 test: install
 	$(BIN)/python -m pytest
 
+# The lowest versions pyproject.toml allows, in their own venv, on a fast subset (tests marked `oldest`: train on
+# every architecture, checkpointing modes, resume, merge, eval, PEFT loading): proves the lower bounds. torch stays
+# at $(TORCH) (2.13 CPU, from local disk): torch 2.4 from PyPI would pull a multi-GB CUDA build.
+VENV_OLDEST ?= .venv-oldest
+OLDEST := transformers==5.0.0 accelerate==1.2.0 bitsandbytes==0.50.0 peft==0.18.0
+
+$(VENV_OLDEST)/bin/qlora: pyproject.toml
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_OLDEST)/bin/python -c "import torch" 2>/dev/null || $(VENV_OLDEST)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV_OLDEST)/bin/python -m pip install -q -e ".[test]" $(OLDEST)
+	touch $(VENV_OLDEST)/bin/qlora
+
+test-oldest: $(VENV_OLDEST)/bin/qlora
+	$(VENV_OLDEST)/bin/python -c "import transformers, accelerate, bitsandbytes, peft, torch; print('oldest:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, bitsandbytes, peft, torch)))"
+	$(VENV_OLDEST)/bin/python -m pytest -m oldest
+
 # SmolLM2-135M-Instruct (GGUF from PyPI) learns a small extraction task on CPU: a few minutes
 demo: install
 	$(BIN)/python scripts/demo.py
@@ -35,7 +52,7 @@ lint: install
 	$(BIN)/ruff format --check qlora_cli tests scripts
 
 clean:
-	rm -rf $(VENV) models/tiny-demo models/SmolLM2-135M-Instruct.Q4_1.gguf runs/demo runs/demo-smollm2 .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) models/tiny-demo models/SmolLM2-135M-Instruct.Q4_1.gguf runs/demo runs/demo-smollm2 .pytest_cache
 
 bench: install
 	$(BIN)/python scripts/bench.py --preset cpu-tiny --data full --json bench-cpu-tiny-full.json

@@ -171,7 +171,7 @@ def bnb_config(quant: QuantSettings) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ModelError("load_in_4bit: true needs bitsandbytes; pip install 'bitsandbytes>=0.49'") from None
+        raise ModelError("load_in_4bit: true needs bitsandbytes; pip install 'bitsandbytes>=0.50'") from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,

@@ -90,6 +90,7 @@ def test_save_then_load_gives_the_same_logits(tmp_path, model_factory, four_bit)
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox"])
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_peft_loads_our_adapter_and_agrees(tmp_path, model_factory, arch, four_bit, caplog):

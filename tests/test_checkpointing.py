@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from qlora_cli.config import load_config
 from qlora_cli.model import _checkpoint_options, enable_gradient_checkpointing, load_base_model
 
+pytestmark = pytest.mark.oldest  # make test-oldest: the whole file, on the lowest versions
+
 OPTIONS = [(False, 1), (True, 1), (False, 2), (True, 3)]  # (offload, every_n_layers)
 
 

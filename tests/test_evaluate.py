@@ -177,6 +177,7 @@ def test_train_time_eval_loss_equals_qlora_eval(task, short):
     assert "val_set_size" in report.source
 
 
+@pytest.mark.oldest
 def test_bf16_run_matches_its_train_time_eval_loss(tmp_path, base_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(24, seed=5))
     cfg = make_config(

@@ -174,6 +174,7 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             assert (b[k] - a[k]).norm() <= 0.1 * a[k].norm(), k
 
 
+@pytest.mark.oldest
 def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=4))
     adapters = []

@@ -233,6 +233,7 @@ def test_16bit_run_merges_exactly(llama_dir, data, tmp_path, ids):
             assert same_bytes(out_t[name], t), name  # untargeted: bit for bit
 
 
+@pytest.mark.oldest
 def test_4bit_run_dequantized_and_original(llama_dir, data, tmp_path, ids):
     """dequantized reproduces the 4-bit training-time model; original the adapter on the 16-bit base; the
     two differ, and the dequantized one is the closer to what was trained."""

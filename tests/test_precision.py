@@ -40,6 +40,7 @@ def bf16_base(model_factory):
     return model_factory("llama", initializer_range=0.1)
 
 
+@pytest.mark.oldest
 def test_packing_check_and_train_time_eval_run_under_bf16(tmp_path, bf16_base, quiet_console, monkeypatch):
     """sample_packing with the default bf16 compute dtype trains (it crashed in the packing check before the
     first step); the check, the steps and the eval each ran their forwards under bf16 autocast."""
@@ -158,6 +159,7 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("arch,fused", [("llama", True), ("llama", False), ("gpt2", True), ("qwen2", True)])
 def test_hidden_states_between_decoder_layers_stay_bf16(model_factory, arch, fused):
     """Norms keep float32 weights and math, but under bf16 autocast they hand the next matmul bf16, as PEFT's

@@ -90,6 +90,7 @@ def test_checkpoint_layout(reference_run):
     assert not list((out / "checkpoints").glob(".step-*"))
 
 
+@pytest.mark.oldest
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, reference_run, llama_dir, monkeypatch, quiet_console):
     """SIGINT at step 6 (mid-epoch, between checkpoints) saves a checkpoint and exits; --resume finishes
     with the same adapter bytes and the same loss log as the uninterrupted run."""

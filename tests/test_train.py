@@ -30,6 +30,7 @@ def loss_on(cfg: RunConfig, adapter_dir=None) -> float:
     return evaluate_loss(model, data.train, 16, tok.pad_token_id, torch.device("cpu")).loss
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_injects_and_learns(tmp_path, model_factory, arch, quiet_console):
     folder = model_factory(arch)
@@ -172,6 +173,7 @@ def test_refuses_a_non_empty_output_dir_and_a_file(tmp_path, llama_dir, quiet_co
         train(make_config(llama_dir, data, tmp_path / "f", max_steps=1), console=quiet_console)
 
 
+@pytest.mark.oldest
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=4))
     outs = []
@@ -191,6 +193,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, llama_dir, quiet_c
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.oldest
 def test_bf16_autocast_trains_on_cpu(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=5))
     cfg = make_config(

@@ -211,7 +211,7 @@ def _require_bitsandbytes() -> None:
     if not _has_bitsandbytes():
         raise ModelError(
             "--base-weights dequantized needs bitsandbytes to reproduce the 4-bit weights; "
-            "pip install 'bitsandbytes>=0.49' (or use --base-weights original)"
+            "pip install 'bitsandbytes>=0.50' (or use --base-weights original)"
         ) from None
 
 
