@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,38 @@ def test_hidden_states_between_decoder_layers_stay_bf16(model_factory, arch, fus
     assert [k for k, dtype in seen if dtype != torch.bfloat16 and k.startswith("layer")] == []
     assert all(m.lora_B.weight.grad.abs().sum() > 0 for _, m in lora_layers(model))
     assert {p.dtype for n, p in model.named_parameters() if "norm" in n or "ln_" in n} == {torch.float32}
+
+
+def test_gpu_selfcheck_compares_qlora_and_peft_under_the_same_autocast(tmp_path, bf16_base, quiet_console):
+    """scripts/gpu_selfcheck.py's PEFT comparison on a bf16 run (issue 13 item 6): both stacks under bf16
+    autocast (a bare bf16 forward of qlora's model crashed on its float32 norms), top-1 judged where decisive,
+    on enough positions (>= 100) that one rounding flip cannot fail it."""
+    import importlib.util
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.model import DTYPES, bnb_config, disable_cpu_weight_repacking
+    from qlora_cli.run_folder import load_adapted_model, open_run
+    from qlora_cli.train import train
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_selfcheck", Path(__file__).parent.parent / "scripts" / "gpu_selfcheck.py"
+    )
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=5))
+    cfg = make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=3,
+                      learning_rate=2e-2, lora_target_modules="all-linear")  # fmt: skip
+    train(cfg, console=quiet_console)
+    cpu = torch.device("cpu")
+    ours, _ = load_adapted_model(open_run(tmp_path / "run"), cpu)
+    reference = AutoModelForCausalLM.from_pretrained(
+        bf16_base, quantization_config=bnb_config(cfg.quant), dtype=DTYPES["bfloat16"], device_map={"": cpu}
+    )
+    disable_cpu_weight_repacking(reference)
+    numbers = selfcheck.compare_with_peft(
+        ours, PeftModel.from_pretrained(reference, tmp_path / "run").eval(), cpu, "bfloat16"
+    )
+    assert selfcheck.RESULTS[-1]["ok"], numbers
+    assert numbers["decisive"] >= selfcheck.MIN_DECISIVE and numbers["top1_decisive"] >= 0.98
