@@ -41,10 +41,18 @@ from qlora_cli.step import Precision  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 
 RESULTS: list[dict[str, Any]] = []
+REPORT: dict[str, Any] = {}  # written to --json after every check: a run cut short keeps what it measured
+JSON_PATH: Path | None = None
+
+
+def write_report() -> None:
+    if JSON_PATH is not None:
+        JSON_PATH.write_text(json.dumps({**REPORT, "results": RESULTS}, indent=2))
 
 
 def check(name: str, ok: bool, **numbers: Any) -> None:
     RESULTS.append({"check": name, "ok": bool(ok), **numbers})
+    write_report()
     shown = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
     print(f"{'PASS' if ok else 'FAIL'}  {name}  {shown}", flush=True)
 
@@ -190,6 +198,14 @@ def main() -> int:
         print("no CUDA device: use --device cpu", file=sys.stderr)
         return 2
     quiet_libraries()
+    global JSON_PATH
+    JSON_PATH = args.json
+    REPORT.update(
+        device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    write_report()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="qlora-gpu-check-") as tmp:
         work = Path(tmp)
@@ -197,14 +213,7 @@ def main() -> int:
         for fn in (fused_lora_matches_plain, fused_loss_matches_plain):
             fn(small, device, args.dtype)
         train_eval_merge(work, args.device, args.dtype, args.steps)
-    report = {
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "results": RESULTS,
-    }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report()
     failed = [r["check"] for r in RESULTS if not r["ok"]]
     print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
