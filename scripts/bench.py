@@ -70,6 +70,13 @@ class Preset:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# PEFT's reference recipe (setup_peft) as measured for issue 13 on an H200 (torch 2.11, transformers 5.17, seq 2048):
+# (preset, mode) -> (tokens/s, peak GiB). Printed beside PEFT's figures here, to show the same thing was measured.
+PEFT_REFERENCE = {
+    ("gpu-1b", "memory-saving"): (29_738, 13.4),
+    ("gpu-1b", "no-recompute"): (39_823, 27.1),
+    ("gpu-8b", "memory-saving"): (6_442, 12.5),
+}
 LLAMA_1B = Shape(2048, 8192, 16, 32, 8, 128256, tie=True)
 LLAMA_8B = Shape(4096, 14336, 32, 32, 8, 128256)
 PRESETS = {
@@ -88,10 +95,18 @@ PRESETS = {
 # the model both stacks load
 
 
+COMPLETE = ".complete"  # written last: a folder without it (a run cut short while saving) is never reused
+
+
 def build_base(shape: Shape, folder: Path) -> Path:
-    """A random-init Llama-shaped model saved as bf16 safetensors (reused when already there)."""
-    if (folder / "config.json").exists():
+    """A random-init Llama-shaped model saved as bf16 safetensors, built on the GPU where there is one (an 8B
+    random init takes minutes on a CPU), written beside ``folder`` and renamed into place, then marked complete.
+    Reused only when the completion marker is there; anything else at ``folder`` is removed and rebuilt."""
+    import shutil
+
+    if (folder / COMPLETE).exists():
         return folder
+    shutil.rmtree(folder, ignore_errors=True)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_cli.model import quiet_libraries
@@ -109,10 +124,17 @@ def build_base(shape: Shape, folder: Path) -> Path:
         max_position_embeddings=131072,
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(folder, max_shard_size="2GB")
-    build_char_tokenizer().save_pretrained(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="2GB")
+    build_char_tokenizer().save_pretrained(tmp)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    os.replace(tmp, folder)
     return folder
 
 
@@ -138,6 +160,7 @@ def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, tor
 
 def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     from qlora_cli.config import load_config
+    from qlora_cli.kernels.liger import apply_liger
     from qlora_cli.lora import inject_lora, lora_parameters, set_fused
     from qlora_cli.loss import loss_sum
     from qlora_cli.model import enable_gradient_checkpointing, load_base_model
@@ -151,7 +174,7 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
         datasets=[{"path": "unused"}],
         lora_r=16,
         lora_alpha=32,
-        lora_dropout=0.05,
+        lora_dropout=0.0,  # as PEFT's reference recipe
         lora_target_modules="all-linear",
         bnb_4bit_compute_dtype=preset.dtype,
         optimizer="paged_adamw_8bit",
@@ -162,8 +185,9 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     model = load_base_model(cfg, device)
     inject_lora(model, cfg.lora)
     set_fused(model, True)
+    liger = apply_liger(model, cfg.liger_kernels)  # as `qlora train` does: on a GPU where Liger imports
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload")
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
     params = lora_parameters(model)
     opt = build_optimizer(cfg, params)
@@ -178,12 +202,20 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
         opt.zero_grad(set_to_none=True)
         return float(s.detach()) / n
 
+    step.optimizer, step.liger = opt, liger
     return step
 
 
 def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """PEFT's reference recipe (issue 13): the bnb 4-bit model (NF4, double quant, compute and load dtype the
+    preset's), ``get_peft_model`` with LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+    lora_dropout=0.0) and no ``prepare_model_for_kbit_training`` (it upcasts embeddings and head to float32:
+    slower and heavier than PEFT run plainly), non-reentrant checkpointing in memory-saving mode, autocast
+    around the forward, the model's own loss, paged AdamW 8-bit."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_cli.model import enable_gradient_checkpointing
 
     dtype = getattr(torch, preset.dtype)
     quant = BitsAndBytesConfig(
@@ -193,13 +225,10 @@ def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
         folder, quantization_config=quant, dtype=dtype, device_map={"": torch.device(preset.device)}
     )
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=mode == "memory-saving",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    if mode == "memory-saving":  # transformers' own non-reentrant checkpointing (whatever its 5.x method name)
+        enable_gradient_checkpointing(model)
     model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     )
     model.train()
     return hf_loss_step(model, preset.device, dtype if dtype != torch.float32 else None)
@@ -215,7 +244,7 @@ def setup_unsloth(folder: Path, preset: Preset, mode: str) -> Any:
         model,
         r=16,
         lora_alpha=32,
-        lora_dropout=0.05,
+        lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth" if mode == "memory-saving" else False,
     )
@@ -238,6 +267,7 @@ def hf_loss_step(model: Any, device: str, autocast_dtype: torch.dtype | None) ->
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    step.optimizer = opt
     return step
 
 
@@ -310,6 +340,8 @@ def memory_worker(folder: Path, preset: Preset, mode: str, stack: str, seq: int)
     batch = token_batch(preset, seq, torch.device(device))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+            torch.cuda.reset_peak_host_memory_stats()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
@@ -320,11 +352,23 @@ def memory_worker(folder: Path, preset: Preset, mode: str, stack: str, seq: int)
         stop.set()
         sampler.join()
     if device == "cuda":
-        return {"peak_bytes": torch.cuda.max_memory_allocated()}
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), **host_memory(step)}
     return {"peak_bytes": peak[0] - baseline}
 
 
-def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: int) -> int | None:
+def host_memory(step: Any) -> dict[str, int | None]:
+    """What a GPU memory figure leaves out: pinned host memory (torch's pinned allocator: offloaded checkpoint
+    inputs) at its peak, and the optimizer state bitsandbytes pages (unified memory, which
+    ``max_memory_allocated`` never sees and the driver moves to the host under pressure)."""
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    pinned = stats.get("allocated_bytes.peak", stats.get("allocated_bytes.all.peak"))
+    opt = getattr(step, "optimizer", None)
+    paged = getattr(getattr(opt, "page_mng", None), "paged_tensors", None)
+    paged_bytes = sum(t.numel() * t.element_size() for t in paged) if paged is not None else None
+    return {"pinned_host_peak_bytes": pinned, "paged_optimizer_bytes": paged_bytes}
+
+
+def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: int) -> dict[str, Any]:
     cmd = [
         sys.executable,
         __file__,
@@ -347,40 +391,97 @@ def measure_memory(folder: Path, preset_name: str, mode: str, stack: str, seq: i
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         print(f"  memory run of {stack} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])["peak_bytes"]
+        return {"peak_bytes": None}
+    return json.loads(lines[-1])
 
 
-def fits(folder: Path, preset: Preset, mode: str, stack: str, seq: int, budget_gib: float) -> bool:
-    """One training step at ``seq`` within ``budget_gib`` of GPU memory (in a fresh process)."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--preset",
-        "gpu-8b-longctx",
-        "--fits-worker",
-        stack,
-        "--mode",
-        mode,
-        "--seq",
-        str(seq),
-        "--model-dir",
-        str(folder),
-        "--budget-gib",
-        str(budget_gib),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+def planned_longest(folder: Path, preset: Preset, budget_gib: float) -> int:
+    """The longest sequence ``qlora inspect``'s memory plan says fits ``budget_gib`` (micro-batch 1, the
+    memory-saving mode setup_qlora trains in): the plan at two lengths, solved for the budget (the step peak is
+    affine in the length with flash attention). 8192 when the plan cannot say."""
+    from qlora_cli.config import load_config
+    from qlora_cli.memory_plan import plan_memory
+    from qlora_cli.memory_plan.sizes import load_model_config
+
+    def total(seq: int) -> int:
+        cfg = load_config(
+            None, base_model=str(folder), datasets=[{"path": "unused"}], lora_r=16, lora_alpha=32, lora_dropout=0.0,
+            lora_target_modules="all-linear", bnb_4bit_compute_dtype=preset.dtype, optimizer="paged_adamw_8bit",
+            gradient_checkpointing="offload", micro_batch_size=1, sequence_len=seq,
+        )  # fmt: skip
+        return plan_memory(cfg, load_model_config(cfg), device_type="cuda", search_batch=False).total
+
+    try:
+        a, b = total(8192), total(16384)
+    except Exception as e:  # noqa: BLE001 - the plan is a starting point, not a requirement
+        print(f"memory plan failed ({type(e).__name__}: {e}); starting the search at 8192", file=sys.stderr)
+        return 8192
+    per_token = max((b - a) / 8192, 1.0)
+    return max(1024, int(8192 + (budget_gib * 2**30 - a) / per_token) // 512 * 512)
 
 
-def longest_sequence(folder: Path, preset: Preset, mode: str, stack: str, budget_gib: float) -> int:
-    lo, hi = 0, 1024
-    while fits(folder, preset, mode, stack, hi, budget_gib):  # double until it fails
-        lo, hi = hi, hi * 2
-        if hi > 262144:
-            return lo
-    while hi - lo > 1024:  # then bisect to 1k tokens
-        mid = (lo + hi) // 2 // 512 * 512
-        lo, hi = (mid, hi) if fits(folder, preset, mode, stack, mid, budget_gib) else (lo, mid)
+def longest_sequences(folder: Path, preset: Preset, stacks: list[str], budget_gib: float, out: dict) -> None:
+    """The longest sequence each stack trains one step of within ``budget_gib`` of GPU memory, all in this one
+    process (each stack loaded once). Only ``torch.OutOfMemoryError`` counts as "does not fit": any other error
+    ends the search with that error, never as a length of 0. The search starts where qlora's memory plan says
+    the limit is, steps up by 1/8 while it fits (or halves while it does not), then bisects to 512 tokens.
+    The budget is torch's allocator limit (``set_per_process_memory_fraction``); bitsandbytes' paged optimizer
+    state and the CUDA context are outside it. ``out`` is filled as it goes (the caller writes it)."""
+    import gc
+
+    torch.cuda.set_per_process_memory_fraction(budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    start = planned_longest(folder, preset, budget_gib)
+    out["plan_start"] = start
+    print(f"memory plan: about {start:,} tokens fit in {budget_gib:g} GiB (qlora, micro-batch 1); searching from there")
+    for stack in stacks:
+        out["longest_sequence"][stack], out["tried"][stack] = _longest_for(stack, folder, preset, start)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _longest_for(stack: str, folder: Path, preset: Preset, start: int) -> tuple[int, dict[int, bool]]:
+    import gc
+
+    step = STACKS[stack](folder, preset, "memory-saving")
+    tried: dict[int, bool] = {}
+
+    def fits(seq: int) -> bool:
+        oom = False
+        try:
+            step(token_batch(preset, seq, torch.device("cuda")))
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            oom = True
+        step.optimizer.zero_grad(set_to_none=True)  # a backward cut short leaves partial gradients
+        gc.collect()  # after the except block: the traceback no longer holds the step's tensors
+        torch.cuda.empty_cache()
+        tried[seq] = not oom
+        print(f"  {stack:8s} {seq:>7,} tokens: {'fits' if not oom else 'out of memory'}", flush=True)
+        return not oom
+
+    return _search(fits, start), tried
+
+
+def _search(fits: Any, start: int, grain: int = 512, cap: int = 262_144) -> int:
+    lo, hi = 0, None
+    seq = max(grain, start // grain * grain)
+    if fits(seq):
+        lo = seq
+        while hi is None:  # up by 1/8 from a plan that is close
+            nxt = min(cap, (lo + max(grain, lo // 8)) // grain * grain)
+            if nxt <= lo:
+                return lo
+            lo, hi = (nxt, None) if fits(nxt) else (lo, nxt)
+    else:
+        hi = seq
+        while lo == 0:  # down by halves: PEFT's limit may be far below qlora's plan
+            nxt = hi // 2 // grain * grain
+            if nxt < grain:
+                return 0
+            lo, hi = (nxt, hi) if fits(nxt) else (0, nxt)
+    while hi - lo > grain:
+        mid = (lo + hi) // 2 // grain * grain
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
@@ -525,10 +626,8 @@ def main() -> int:
         "is a prompt without loss, as in supervised fine-tuning",
     )
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--fits-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--budget-gib", type=float, default=24.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     global DATA, MODEL
@@ -556,18 +655,6 @@ def main() -> int:
     if args.memory_worker:  # child process: one stack's peak memory
         print(json.dumps(memory_worker(folder, preset, args.mode, args.memory_worker, args.seq)))
         return 0
-    if args.fits_worker:  # child process: does one step fit in the budget?
-        torch.cuda.set_per_process_memory_fraction(
-            args.budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
-        )
-        try:
-            step = STACKS[args.fits_worker](folder, preset, args.mode)
-            step(token_batch(preset, args.seq, torch.device("cuda")))
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            return 1
-        return 0
-
     if preset.device == "cuda" and not torch.cuda.is_available():
         print(f"preset {args.preset} needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -597,8 +684,14 @@ def main() -> int:
         summary = f"packed_vs_padded={res['packed_vs_padded']:.2f}"
     elif args.preset == "gpu-8b-longctx":
         budget = preset.extra["budget_gib"]
-        lengths = {s: longest_sequence(folder, preset, "memory-saving", s, budget) for s in stacks}
-        report["longest_sequence"] = lengths
+        found: dict[str, Any] = {"longest_sequence": {}, "tried": {}}
+        report["longctx"] = found
+        try:
+            longest_sequences(folder, preset, stacks, budget, found)
+        finally:  # whatever was found is kept, also when a stack fails with something other than OOM
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2))
+        lengths = found["longest_sequence"]
         for s, n in lengths.items():
             print(f"{s:8s} longest trainable sequence in {budget:g} GiB: {n:,} tokens")
         summary = f"longctx_vs_peft={lengths['qlora'] / max(lengths['peft'], 1):.2f}"
@@ -606,24 +699,43 @@ def main() -> int:
         for mode in preset.modes:
             speed = time_alternating(folder, preset, mode, stacks, preset.seq)
             for s in stacks:
-                speed[s]["peak_bytes"] = measure_memory(folder, args.preset, mode, s, preset.seq)
+                speed[s].update(measure_memory(folder, args.preset, mode, s, preset.seq))
             report["modes"][mode] = speed
             base = speed["peft"]
             print(
                 f"\n{args.preset} / {mode}: micro-batch {preset.micro_batch} x seq {preset.seq}, {preset.dtype}, "
                 f"{DATA} targets"
             )
-            print(f"{'stack':8s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s}")
+            gpu = preset.device == "cuda"
+            host = f" {'pinned MiB':>10s} {'paged MiB':>9s}" if gpu else ""
+            print(f"{'stack':8s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s}{host}")
             for s in stacks:
                 r = speed[s]
                 mem = r["peak_bytes"]
                 ratio_m = (mem / base["peak_bytes"]) if (mem and base["peak_bytes"]) else float("nan")
                 r["speedup_vs_peft"] = r["tokens_per_sec"] / base["tokens_per_sec"]
                 r["memory_vs_peft"] = ratio_m
+                moved = ""
+                if gpu:  # bytes a GPU figure does not hold: said beside it, never left out
+                    mib = [r.get(k) for k in ("pinned_host_peak_bytes", "paged_optimizer_bytes")]
+                    moved = "".join(
+                        f" {'n/a' if v is None else f'{v / 2**20:,.0f}':>{w}s}" for v, w in zip(mib, (10, 9))
+                    )
                 print(
                     f"{s:8s} {r['tokens_per_sec']:10,.0f} {r['speedup_vs_peft']:7.2f}x "
-                    f"{(mem or 0) / 2**20:10,.0f} {ratio_m:7.2f}x"
+                    f"{(mem or 0) / 2**20:10,.0f} {ratio_m:7.2f}x{moved}"
                 )
+            ref = PEFT_REFERENCE.get((args.preset, mode))
+            if ref is not None and not args.model and DATA == "full":
+                report["modes"][mode]["peft_reference"] = {"tokens_per_sec": ref[0], "peak_gib": ref[1]}
+                peak = base["peak_bytes"]
+                print(
+                    f"PEFT here: {base['tokens_per_sec']:,.0f} tokens/s at "
+                    f"{'n/a' if peak is None else f'{peak / 2**30:.1f}'} GiB; the issue's reference for this recipe "
+                    f"(H200, torch 2.11, transformers 5.17): {ref[0]:,} tokens/s at {ref[1]} GiB"
+                )
+            if args.json:  # as it goes: a run cut short keeps the modes it measured
+                args.json.write_text(json.dumps(report, indent=2))
             if args.model and preset.device == "cpu":
                 flops = model_flops_per_step(folder, preset, preset.seq)
                 rates = gemm_rate(folder, preset, preset.seq)
