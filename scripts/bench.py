@@ -550,7 +550,7 @@ def versions() -> dict[str, str]:
 def hardware(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch using {torch.get_num_threads()}"
 
 
 def run_packing(folder: Path, preset: Preset) -> dict:
