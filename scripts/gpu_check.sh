@@ -43,6 +43,9 @@ for name in ("liger_kernel", "unsloth", "triton"):
         env["versions"][name] = getattr(m, "__version__", "installed")
     except Exception as e:  # noqa: BLE001 - optional: recorded, not required
         env["versions"][name] = f"unavailable ({type(e).__name__})"
+if "torch" not in env["versions"]:
+    print("import check failed: " + "; ".join(missing) + f" (python: {sys.executable}; set PYTHON=...)")
+    sys.exit(3)
 import torch
 env["cuda"] = torch.version.cuda
 env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
