@@ -242,6 +242,93 @@ class DataSettings:
 
 
 # ---------------------------------------------------------------------------------------------
+# coming from Axolotl: its keys qlora spells differently or does without, and what to write instead
+
+_NO_WANDB = "no W&B logging: metrics go to output_dir/metrics.jsonl, one JSON line per logged step"
+_NOTHING = "nothing to set: "
+# key -> the qlora way; a dict hints by the value given (None: any other value)
+AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
+    "adapter": {
+        "qlora": "load_in_4bit: true (the default; qlora always trains a LoRA adapter)",
+        "lora": "load_in_4bit: false (LoRA on a 16-bit base)",
+        None: "load_in_4bit: true (QLoRA) or false (LoRA on a 16-bit base)",
+    },
+    "lora_target_linear": "lora_target_modules: all-linear",
+    "peft_use_rslora": "lora_use_rslora: true",
+    "bf16": {
+        "auto": "bnb_4bit_compute_dtype: bfloat16 (the default)",
+        True: "bnb_4bit_compute_dtype: bfloat16 (the default)",
+        None: "bnb_4bit_compute_dtype: float16 or float32",
+    },
+    "fp16": {True: "bnb_4bit_compute_dtype: float16", None: "bnb_4bit_compute_dtype: bfloat16 (the default)"},
+    "load_in_8bit": "load_in_4bit: true (NF4) or false (16-bit); there is no 8-bit base",
+    "test_datasets": "eval_datasets",
+    "flash_attention": "attn_implementation: flash_attention_2",
+    "sdp_attention": "attn_implementation: sdpa",
+    "xformers_attention": "attn_implementation: sdpa",
+    "warmup_ratio": "warmup_steps (a number of optimizer steps)",
+    "evals_per_epoch": "eval_steps (every N optimizer steps)",
+    "saves_per_epoch": "save_steps (every N optimizer steps)",
+    "max_packed_sequence_len": "sequence_len (with sample_packing: true)",
+    "tokenizer_config": "tokenizer (a tokenizer folder or hub id)",
+    "chat_template_jinja": "chat_template: the Jinja text itself",
+    "wandb_project": _NO_WANDB,
+    "wandb_entity": _NO_WANDB,
+    "wandb_name": _NO_WANDB,
+    "wandb_watch": _NO_WANDB,
+    "wandb_log_model": _NO_WANDB,
+    "liger_rms_norm": "liger_kernels: true",
+    "liger_glu_activation": "liger_kernels: true",
+    "liger_rope": "liger_kernels: true",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing: true (always non-reentrant) or offload",
+    "tokenizer_type": _NOTHING + "transformers' AutoTokenizer reads it from the tokenizer files",
+    "model_type": _NOTHING + "transformers' AutoModelForCausalLM reads it from config.json",
+    "pad_to_sequence_len": _NOTHING + "batches are padded to their longest example (sample_packing: true fills rows)",
+    "dataset_prepared_path": _NOTHING + "qlora tokenizes at the start of each run",
+    "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
+    "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
+    "lora_modules_to_save": _NOTHING + "qlora trains LoRA weights only",
+}
+# keys of one datasets/eval_datasets entry
+AXOLOTL_DATASET_KEYS: dict[str, str] = {
+    "field_messages": "type: chat reads the messages field (or ShareGPT's conversations)",
+    "message_field_role": "type: chat reads role and content (or ShareGPT's from and value)",
+    "message_field_content": "type: chat reads role and content (or ShareGPT's from and value)",
+    "roles_to_train": "train_on_inputs (false: loss on assistant turns only)",
+    "ds_type": _NOTHING + "the reader follows the file extension",
+    "data_files": "path (the file itself)",
+}
+# (key, value) -> the qlora value
+AXOLOTL_VALUES: dict[tuple[str, Any], str] = {
+    ("optimizer", "adamw_bnb_8bit"): "adamw_8bit",
+    ("optimizer", "adamw_torch_fused"): "adamw_torch",
+    ("type", "chat_template"): "chat",
+    ("type", "sharegpt"): "chat (ShareGPT's conversations/from/value rows are read as they are)",
+    ("type", "alpaca_chat"): "alpaca",
+    ("type", "completion_text"): "text",
+}
+
+
+def axolotl_hint(key: str, value: Any = None, in_dataset: bool = False) -> str:
+    """`` (Axolotl's; in qlora: ...)`` for a key qlora does not have, or ``""``."""
+    hint = (AXOLOTL_DATASET_KEYS if in_dataset else AXOLOTL_KEYS).get(key)
+    if isinstance(hint, dict):
+        try:
+            hint = hint.get(value, hint[None])
+        except TypeError:  # an unhashable value (a list): the general hint
+            hint = hint[None]
+    return f" (Axolotl's key; in qlora: {hint})" if hint else ""
+
+
+def axolotl_value_hint(key: str, value: Any) -> str:
+    try:
+        hint = AXOLOTL_VALUES.get((key, value))
+    except TypeError:
+        return ""
+    return f" (Axolotl's name; in qlora: {key}: {hint})" if hint else ""
+
+
+# ---------------------------------------------------------------------------------------------
 # loading
 
 
@@ -406,7 +493,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     if unknown:
         key = unknown[0]
         hint = difflib.get_close_matches(str(key), list(RunConfig.model_fields), n=1, cutoff=0.6)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        suggestion = axolotl_hint(str(key), data[key]) or (f" (did you mean '{hint[0]}'?)" if hint else "")
         raise ConfigError(f"{source}: unknown key '{key}'{suggestion}")
     try:
         return RunConfig(**_normalise_numbers(data))
@@ -433,12 +520,14 @@ def format_validation_error(e: ValidationError) -> str:
             field_names = list(DatasetSpec.model_fields) if "datasets" in loc else list(RunConfig.model_fields)
             name = str(err["loc"][-1])
             hint = difflib.get_close_matches(name, field_names, n=1, cutoff=0.6)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            suggestion = axolotl_hint(name, err.get("input"), in_dataset="datasets" in loc) or (
+                f" (did you mean '{hint[0]}'?)" if hint else ""
+            )
             parts.append(f"unknown key '{loc}'{suggestion}")
             continue
         got = err.get("input")
         msg = msg[0].lower() + msg[1:] if msg else msg
-        parts.append(f"key '{loc}': {msg}, got {got!r}")
+        parts.append(f"key '{loc}': {msg}, got {got!r}{axolotl_value_hint(str(err['loc'][-1]), got)}")
     first = parts[0]
     return first if len(parts) == 1 else f"{first} (and {len(parts) - 1} more problem(s))"
 

@@ -227,7 +227,9 @@ def _read_hub(spec: DatasetSpec) -> list[Row]:
 def _field(row: Row, name: str, fmt: str, optional: bool = False) -> str:
     if name not in row.fields or (row.fields[name] is None and not optional):
         needed = ", ".join(REQUIRED_FIELDS[fmt])
-        raise DataError(f"{row.where}: row is missing field '{name}' (type {fmt} needs {needed})")
+        text_row = fmt == "completion" and "text" in row.fields  # Axolotl's type: completion reads `text`
+        hint = "; a row with a 'text' field is type: text" if text_row else ""
+        raise DataError(f"{row.where}: row is missing field '{name}' (type {fmt} needs {needed}){hint}")
     value = row.fields[name]
     if value is None:
         return ""
