@@ -270,7 +270,7 @@ class ModelServer:
             self.settings,
             tokenizer=tokenizer,
             trust_remote_code=False if tokenizer else self.policy.trust_remote_code,
-            chat_template=run.model.chat_template,  # a Jinja string: transformers renders it sandboxed
+            chat_template=run.model.chat_template,  # a family name or Jinja text: transformers renders it sandboxed
         )
         return replace(run, model=settings)
 
