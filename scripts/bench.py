@@ -487,7 +487,7 @@ def _search(fits: Any, start: int, grain: int = 512, cap: int = 262_144) -> int:
 
 def real_model_folder(name: str) -> Path:
     """A model folder both stacks can load: the folder itself, or a GGUF file converted (once) to float32."""
-    from qlora_cli.model import gguf_folder, is_gguf
+    from qlora_cli.gguf import gguf_folder, is_gguf
 
     return gguf_folder(name, "float32") if is_gguf(name) else Path(name).expanduser()
 

@@ -16,8 +16,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
+from qlora_cli.gguf import gguf_cache_folder, gguf_folder
 from qlora_cli.merge import merge_run
-from qlora_cli.model import gguf_cache_folder, gguf_folder, load_base_model, load_tokenizer
+from qlora_cli.model import load_base_model, load_tokenizer
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.train import train
 

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
 from qlora_cli.data import Row
+from qlora_cli.gguf import gguf_folder
 from qlora_cli.merge import merge_run
-from qlora_cli.model import disable_cpu_weight_repacking, gguf_folder
+from qlora_cli.model import disable_cpu_weight_repacking
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
 from qlora_cli.train import train

@@ -29,7 +29,8 @@ def load_model_config(cfg: RunConfig) -> Any:
     """The transformers config of ``cfg.base_model`` from local files only (a folder, a GGUF file, or the HF cache)."""
     from transformers import AutoConfig
 
-    from qlora_cli.model import check_model_folder, is_gguf, is_local, load_gguf_config, quiet_libraries
+    from qlora_cli.gguf import is_gguf, load_gguf_config
+    from qlora_cli.model import check_model_folder, is_local, quiet_libraries
 
     quiet_libraries()
     name = cfg.base_model

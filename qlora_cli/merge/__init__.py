@@ -40,6 +40,7 @@ from rich.console import Console
 
 from qlora_cli.config import QuantSettings, parse_size
 from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.gguf import resolve_gguf
 from qlora_cli.merge.plan import Target, model_skeleton, plan_targets, read_base_config, resolve_base_folder
 from qlora_cli.merge.report import LayerStat, MergeResult, print_report
 from qlora_cli.merge.safetensors_stream import (
@@ -61,7 +62,7 @@ from qlora_cli.merge.safetensors_stream import (
 )
 from qlora_cli.merge.self_check import self_check
 from qlora_cli.merge.weights import merged_weight
-from qlora_cli.model import DTYPES, quiet_libraries, resolve_device, resolve_gguf
+from qlora_cli.model import DTYPES, quiet_libraries, resolve_device
 from qlora_cli.run_folder import open_run
 
 BASE_WEIGHTS = ("dequantized", "original")
