@@ -1,0 +1,281 @@
+"""GGUF files as a base model: a ``.gguf`` file (as kept for llama.cpp, Ollama, LM Studio) is checked, then converted
+once, tensor by tensor, into a cached safetensors folder dequantized to the compute dtype (``gguf_folder``); from
+then on it is loaded like any folder. The ``gguf`` package is imported only here."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_cli.cache import cache_dir
+from qlora_cli.config import ModelSettings
+from qlora_cli.errors import ModelError
+
+GGUF_MIN_VERSION = "0.13.0"  # 0.11 and older fail under numpy 2 (memmap.newbyteorder); tested 0.13-0.19
+GGUF_FORMAT_VERSION = 1  # bump when the converted folder's layout changes: old cache entries are not reused
+
+
+def is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+_gguf_session_depth = 0
+
+
+@contextmanager
+def gguf_session() -> Iterator[None]:
+    """Within this block every ``gguf.GGUFReader(path)`` of one path is the same reader, and gguf's tensor
+    name maps are computed once. Parsing the header of a 49k-token GGUF takes seconds (its vocabulary is
+    read element by element), and transformers parses it anew for the config, the tokenizer and the tensors;
+    its name mapping rebuilds gguf's map for every submodule. This keeps a conversion to one parse."""
+    global _gguf_session_depth
+    import gguf
+
+    if _gguf_session_depth:
+        yield
+        return
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(real_name_map)
+    _gguf_session_depth += 1
+    try:
+        yield
+    finally:
+        _gguf_session_depth -= 1
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
+
+
+def _gguf_reader(name: str) -> Any:
+    """The GGUF file's reader (memory-mapped: nothing is read but the header). Raises ``ModelError``."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(f"base_model GGUF file not found: {name}")
+    if not path.is_file():
+        raise ModelError(f"base_model {name} ends in .gguf but is not a file")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError(
+            f"base_model {name} is a GGUF file; reading it needs the gguf package: pip install 'gguf>={GGUF_MIN_VERSION}'"
+        ) from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"base_model {name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises whatever numpy/struct raise on a cut file
+        raise ModelError(f"GGUF file {name} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    size = path.stat().st_size
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size or not reader.tensors:
+        raise ModelError(
+            f"GGUF file {name} is truncated: its tensors need {end:,} bytes, the file has {size:,}"
+            if reader.tensors
+            else f"GGUF file {name} holds no tensors"
+        )
+    return reader
+
+
+def _gguf_field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode("utf-8", "replace") if field.types and field.types[0].name == "STRING" else value
+
+
+def check_gguf(name: str, need_tokenizer: bool = True) -> None:
+    """Everything that can be wrong with a GGUF base, checked without writing anything (``ModelError``):
+    not there, not GGUF, cut short, an architecture transformers cannot read from GGUF, no tokenizer."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        _gguf_reader(name)  # raises the missing-package error after the file checks
+    with gguf_session():
+        _check_gguf(name, need_tokenizer)
+
+
+def _check_gguf(name: str, need_tokenizer: bool) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    reader = _gguf_reader(name)
+    architecture = _gguf_field(reader, "general.architecture")
+    if architecture is None:
+        raise ModelError(f"GGUF file {name} names no architecture (general.architecture)")
+    try:
+        config = _gguf_config(name)
+    except ValueError as e:
+        if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"GGUF file {name}: architecture {architecture!r} cannot be read from GGUF by transformers "
+                f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+            ) from None
+        raise ModelError(f"cannot read GGUF file {name}: {str(e).splitlines()[0]}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelError(f"GGUF file {name}: {type(config).__name__} ({architecture}) is not a causal language model")
+    if need_tokenizer and "tokenizer.ggml.tokens" not in reader.fields:
+        raise ModelError(
+            f"GGUF file {name} has no tokenizer (no tokenizer.ggml.* metadata); set tokenizer: to a tokenizer folder"
+        )
+
+
+def _gguf_config(name: str) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_gguf_config(name: str) -> Any:
+    """The transformers config held in a GGUF file's metadata (nothing converted, nothing written)."""
+    with gguf_session():
+        check_gguf(name, need_tokenizer=False)
+        return _gguf_config(name)
+
+
+def gguf_cache_folder(name: str, dtype: str) -> Path:
+    """Where ``gguf_folder`` keeps the conversion of ``name`` to ``dtype`` (it may not exist yet)."""
+    path = Path(name).expanduser().resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{GGUF_FORMAT_VERSION}"
+    return cache_dir() / "gguf" / f"{path.stem}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
+    """The GGUF file ``name`` as a transformers model folder (config.json, model.safetensors with every tensor
+    dequantized to ``dtype``, the tokenizer with its chat template, generation_config.json), converted on
+    first use into ``cache_dir()/gguf/`` and reused while the file keeps its path, size and mtime.
+
+    Conversion streams tensor by tensor (the file is memory-mapped, each tensor dequantized, converted and
+    appended to disk), so memory holds one tensor at a time, never the whole dequantized model. Nothing is
+    written before the file has passed ``check_gguf``; a failed conversion leaves nothing behind.
+    """
+    if not Path(name).expanduser().is_file():
+        check_gguf(name)  # raises the one-line error
+    folder = gguf_cache_folder(name, dtype)
+    if (folder / "config.json").exists():  # a folder appears only once complete
+        return folder
+    with gguf_session():
+        check_gguf(name, need_tokenizer=need_tokenizer)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+        try:
+            convert_gguf(Path(name).expanduser().resolve(), tmp, getattr(torch, dtype))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished the same conversion first
+                if not (folder / "config.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return folder
+
+
+def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
+    """Write ``path`` (GGUF) into the empty folder ``out`` as a transformers model folder, one tensor in memory
+    at a time. Names, the q/k un-permutation and other per-architecture fixes are transformers' own
+    (``modeling_gguf_pytorch_utils``), applied as ``from_pretrained(gguf_file=...)`` applies them."""
+    import numpy as np
+    from gguf import dequantize
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    reader = _gguf_reader(str(path))
+    config = _gguf_config(str(path))
+    config.dtype = dtype
+    if "tokenizer.ggml.tokens" in reader.fields:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer.save_pretrained(out)
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata as transformers parses it
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    architecture = _gguf_field(reader, "general.architecture")
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    parsed["tensors"] = {}
+    code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    data_path = out / "tensors.tmp"
+    with open(data_path, "wb") as data:
+
+        def append(hf_name: str, weights: Any) -> None:
+            nonlocal offset
+            t = torch.from_numpy(np.array(weights, copy=True)).to(dtype)  # (out, in), as transformers holds it
+            raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+            data.write(raw)
+            header[hf_name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+
+        for tensor in reader.tensors:
+            weights = dequantize(tensor.data, tensor.tensor_type)  # float32 numpy, (out, in)
+            result = processor.process(
+                weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+            )
+            if result.name in names and result.weights is not None:
+                append(names[result.name], result.weights)
+            del weights, result
+        for hf_name, t in parsed["tensors"].items():  # processors that gather pieces (MoE experts) leave them here
+            append(hf_name, t.numpy() if isinstance(t, torch.Tensor) else t)
+    expected = {n for n, _ in skeleton.named_parameters()} | {n for n, _ in skeleton.named_buffers()}
+    missing = sorted(n for n in expected if n not in header and not _tied(skeleton, n))
+    if missing:
+        raise ModelError(f"GGUF file {path}: no tensor for {missing[0]} ({len(missing)} missing); cannot convert it")
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out / "model.safetensors", "wb") as f, open(data_path, "rb") as data:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        shutil.copyfileobj(data, f, 16 << 20)
+    data_path.unlink()
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    stat = path.stat()
+    source = {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": str(dtype)}
+    (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _tied(model: Any, name: str) -> bool:
+    """Whether parameter ``name`` is tied to another one (the output head to the embeddings) or a
+    non-persistent buffer: a checkpoint need not hold it."""
+    if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False):
+        return True
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf in getattr(module, "_non_persistent_buffers_set", set())
+
+
+def resolve_gguf(cfg: ModelSettings) -> ModelSettings:
+    """``cfg`` with a ``.gguf`` base replaced by its converted folder (dequantized to the compute dtype), whose
+    tokenizer is then the default; any other base unchanged."""
+    if not is_gguf(cfg.base_model):
+        return cfg
+    folder = gguf_folder(cfg.base_model, cfg.quant.compute_dtype, need_tokenizer=cfg.tokenizer is None)
+    return replace(cfg, base_model=str(folder))
