@@ -33,9 +33,14 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1)  # a local .jsonl/.json/.csv/.parquet file, or a datasets hub name
+    path: str = Field(min_length=1)  # a local .jsonl/.json/.csv/.parquet file, a dataset folder, or a hub name
     type: DatasetType = "completion"  # how a row becomes prompt and target text
-    split: str = "train"  # hub datasets only: which split to read
+    split: str = "train"  # hub datasets and folders: which split to read
+    # hub datasets and folders, passed to datasets.load_dataset as they are:
+    name: str | None = Field(None, min_length=1)  # the subset (configuration)
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None  # files inside the dataset
+    revision: str | None = Field(None, min_length=1)  # a branch, tag or commit of a hub dataset
+    max_samples: int | None = Field(None, ge=1)  # keep the first N rows (any source)
 
 
 class RunConfig(BaseModel):
@@ -296,7 +301,6 @@ AXOLOTL_DATASET_KEYS: dict[str, str] = {
     "message_field_content": "type: chat reads role and content (or ShareGPT's from and value)",
     "roles_to_train": "train_on_inputs (false: loss on assistant turns only)",
     "ds_type": _NOTHING + "the reader follows the file extension",
-    "data_files": "path (the file itself)",
 }
 # (key, value) -> the qlora value
 AXOLOTL_VALUES: dict[tuple[str, Any], str] = {

@@ -93,18 +93,24 @@ class TrainData:
 
 
 def read_rows(spec: DatasetSpec) -> list[Row]:
-    """Every row of one dataset entry, with a location for error messages. Raises ``DataError``."""
+    """Every row of one dataset entry (the first ``max_samples``), with a location for error messages.
+    Raises ``DataError``."""
     path = Path(spec.path).expanduser()
-    if path.is_dir():
-        raise DataError(f"dataset path is a folder, expected a file: {spec.path}")
-    if path.exists():
+    if path.is_file():
+        hub_only = [k for k in ("name", "data_files", "revision") if getattr(spec, k) is not None]
+        if hub_only:
+            raise DataError(
+                f"dataset {spec.path}: {', '.join(hub_only)} apply to hub datasets and dataset folders, not to a file"
+            )
         suffix = path.suffix.lower()
         if suffix not in DATA_EXTENSIONS:
             raise DataError(
                 f"unsupported dataset file extension '{path.suffix}' in {spec.path} (use {', '.join(DATA_EXTENSIONS)})"
             )
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        rows = readers[suffix](path)
+        rows = readers[suffix](path)[: spec.max_samples]
+    elif path.is_dir():
+        rows = _read_hub(spec, folder=path)
     elif path.suffix.lower() in DATA_EXTENSIONS or spec.path.startswith((".", "/", "~")) or spec.path.count("/") > 1:
         raise DataError(f"dataset file not found: {spec.path}")
     else:
@@ -204,19 +210,47 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
 
 
-def _read_hub(spec: DatasetSpec) -> list[Row]:
+def load_dataset_kwargs(spec: DatasetSpec) -> dict[str, Any]:
+    """The arguments ``datasets.load_dataset`` gets for a hub dataset or folder: only those the entry sets."""
+    kwargs: dict[str, Any] = {"split": spec.split}
+    for key in ("name", "data_files", "revision"):
+        if getattr(spec, key) is not None:
+            kwargs[key] = getattr(spec, key)
+    return kwargs
+
+
+def _read_hub(spec: DatasetSpec, folder: Path | None = None) -> list[Row]:
+    """Rows of a hub dataset or a local dataset folder: a folder written by ``save_to_disk`` is read with
+    ``load_from_disk``, any other folder (data files, a README with configs) and a hub name with
+    ``load_dataset``, which gets the entry's ``name``, ``data_files``, ``split`` and ``revision``."""
+    what = f"dataset folder {spec.path}" if folder else f"dataset {spec.path!r} is not a local file and"
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            f"dataset {spec.path!r} is not a local file and the datasets library is not installed"
-        ) from None
+        raise DataError(f"{what} needs the datasets library, which is not installed") from None
+    saved = folder is not None and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists())
     try:
-        ds = datasets.load_dataset(spec.path, split=spec.split)
+        if saved:
+            if spec.name is not None or spec.data_files is not None or spec.revision is not None:
+                raise DataError(
+                    f"dataset folder {spec.path} was written by save_to_disk: it has no subsets (name), "
+                    "data_files or revision; remove them from the dataset entry"
+                )
+            ds = datasets.load_from_disk(str(folder))
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise DataError(f"dataset folder {spec.path} has no split {spec.split!r} (it has {', '.join(ds)})")
+                ds = ds[spec.split]
+        else:
+            ds = datasets.load_dataset(str(folder) if folder else spec.path, **load_dataset_kwargs(spec))
+    except DataError:
+        raise
     except Exception as e:
-        raise DataError(
-            f"dataset {spec.path!r} is not a local file and could not be loaded from the hub: {str(e).splitlines()[0]}"
-        ) from None
+        could_not = "could not be loaded" if folder else "could not be loaded from the hub"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{what} {could_not}: {first}") from None
+    if spec.max_samples is not None and spec.max_samples < len(ds):
+        ds = ds.select(range(spec.max_samples))
     return [Row(f"{spec.path}[{spec.split}][{i}]", dict(r)) for i, r in enumerate(ds)]
 
 
