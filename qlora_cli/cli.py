@@ -79,6 +79,26 @@ def train(
     run_command(go, debug)
 
 
+@app.command()
+def preprocess(
+    config: Annotated[Path, typer.Argument(help="The run's YAML config.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: --set sequence_len=1024 (repeatable).")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Tokenize the config's datasets into the cache ($QLORA_CACHE), so train starts without tokenizing."""
+
+    def go() -> None:
+        from qlora_cli.config import load_config
+        from qlora_cli.data_cache import preprocess as run_preprocess
+
+        cfg = load_config(config, set_ or [])
+        run_preprocess(cfg, lambda line: err.print(line, highlight=False, soft_wrap=True))
+
+    run_command(go, debug)
+
+
 @app.command("eval")
 def eval_(
     folders: Annotated[

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ class RunConfig(BaseModel):
     sequence_len: int = Field(512, ge=2)  # longer examples are truncated (and counted)
     sample_packing: bool = False  # pack short examples into sequence_len rows, attention kept within each example
     allow_degenerate_data: bool = False  # train even when every example looks broken (see data.check_not_degenerate)
+    dataset_cache: bool = True  # reuse tokenized examples from $QLORA_CACHE/tokenized (see data_cache)
+    dataset_num_proc: int | None = Field(None, ge=1)  # processes tokenizing a large dataset; default: CPU count
     # batch and schedule
     micro_batch_size: int = Field(4, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size
@@ -191,6 +194,8 @@ class RunConfig(BaseModel):
             sequence_len=self.sequence_len,
             seed=self.seed,
             allow_degenerate=self.allow_degenerate_data,
+            cache=self.dataset_cache,
+            num_proc=self.dataset_num_proc or os.cpu_count() or 1,
         )
 
 
@@ -244,6 +249,9 @@ class DataSettings:
     sequence_len: int
     seed: int
     allow_degenerate: bool = False
+    cache: bool = False  # through the tokenization cache (data_cache); RunConfig turns it on
+    cache_required: bool = False  # a cache that cannot be written is an error, not a warning (qlora preprocess)
+    num_proc: int = 1  # processes tokenizing a large dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "tokenizer_type": _NOTHING + "transformers' AutoTokenizer reads it from the tokenizer files",
     "model_type": _NOTHING + "transformers' AutoModelForCausalLM reads it from config.json",
     "pad_to_sequence_len": _NOTHING + "batches are padded to their longest example (sample_packing: true fills rows)",
-    "dataset_prepared_path": _NOTHING + "qlora tokenizes at the start of each run",
+    "dataset_prepared_path": _NOTHING + "tokenized data is cached under $QLORA_CACHE (qlora preprocess fills it)",
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
     "lora_modules_to_save": _NOTHING + "qlora trains LoRA weights only",

@@ -16,6 +16,7 @@ the prompt tokens the model was trained on.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -398,14 +399,24 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
             f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
             "set chat_template to a name (chatml, llama3, ...) or a Jinja template in the config"
         )
-    return tokenize_rows(rows, spec.type, tokenizer, settings)
+    if not settings.cache:
+        return tokenize_rows(rows, spec.type, tokenizer, settings)
+    from qlora_cli.data_cache import cached_tokenize
+
+    examples, stats, hit = cached_tokenize(
+        rows, spec.type, tokenizer, settings, tokenize_rows, strict=settings.cache_required
+    )
+    CACHE_EVENTS.append((spec.path, hit))
+    return examples, stats
+
+
+CACHE_EVENTS: list[tuple[str, bool]] = []  # (dataset path, loaded from the cache) per tokenized entry, for reports
 
 
 def tokenize_rows(rows: list[Row], fmt: str, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
     stats = DataStats(rows=len(rows))
     examples = []
-    for row in rows:
-        ex = tokenize_row(row, fmt, tokenizer, settings.train_on_inputs)
+    for row, ex in zip(rows, tokenize_many(rows, fmt, tokenizer, settings.train_on_inputs, settings.num_proc)):
         ex.row, ex.fmt = row, fmt
         if len(ex.input_ids) > settings.sequence_len:
             ex.input_ids, ex.labels = ex.input_ids[: settings.sequence_len], ex.labels[: settings.sequence_len]
@@ -418,6 +429,71 @@ def tokenize_rows(rows: list[Row], fmt: str, tokenizer: Any, settings: DataSetti
         stats.target_tokens += ex.n_targets
     stats.examples = len(examples)
     return examples, stats
+
+
+PARALLEL_MIN_ROWS = 2048  # fewer rows tokenize faster than worker processes start
+BATCH_ROWS = 1024  # texts per call of a fast tokenizer
+
+
+def tokenize_many(rows: list[Row], fmt: str, tokenizer: Any, train_on_inputs: bool, num_proc: int = 1) -> list[Example]:
+    """``tokenize_row`` of every row, the same tokens: a fast tokenizer gets completion, alpaca and text rows in
+    batches (its Rust side runs them in parallel), and with ``num_proc`` > 1 and many rows, chunks of rows go
+    to that many forked worker processes (chat templates render in Python, so processes are what helps)."""
+    import multiprocessing
+
+    if num_proc > 1 and len(rows) >= PARALLEL_MIN_ROWS and "fork" in multiprocessing.get_all_start_methods():
+        global _WORK
+        n = min(num_proc, -(-len(rows) // (PARALLEL_MIN_ROWS // 2)))
+        bounds = [(len(rows) * i // n, len(rows) * (i + 1) // n) for i in range(n)]
+        _WORK = (rows, fmt, tokenizer, train_on_inputs)
+        quiet = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one process; no fork warning
+        try:
+            with multiprocessing.get_context("fork").Pool(n) as pool:
+                parts = pool.map(_tokenize_chunk, bounds)
+        finally:
+            _WORK = None
+            if quiet is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = quiet
+        return [Example(ids, labels) for part in parts for ids, labels in part]
+    return _tokenize_serial(rows, fmt, tokenizer, train_on_inputs)
+
+
+_WORK: tuple[list[Row], str, Any, bool] | None = None  # what forked workers tokenize (inherited, never pickled)
+
+
+def _tokenize_chunk(bounds: tuple[int, int]) -> list[tuple[list[int], list[int]]]:
+    assert _WORK is not None
+    rows, fmt, tokenizer, train_on_inputs = _WORK
+    return [
+        (e.input_ids, e.labels) for e in _tokenize_serial(rows[bounds[0] : bounds[1]], fmt, tokenizer, train_on_inputs)
+    ]
+
+
+def _tokenize_serial(rows: list[Row], fmt: str, tokenizer: Any, train_on_inputs: bool) -> list[Example]:
+    if fmt == "chat" or not getattr(tokenizer, "is_fast", False):
+        return [tokenize_row(row, fmt, tokenizer, train_on_inputs) for row in rows]
+    out = []
+    eos = tokenizer.eos_token_id
+    for at in range(0, len(rows), BATCH_ROWS):
+        chunk = rows[at : at + BATCH_ROWS]
+        if fmt == "text":
+            texts = [_field(row, "text", fmt) for row in chunk]
+            for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+                ids = list(ids) + [eos]
+                out.append(Example(ids, list(ids)))
+            continue
+        pairs = [prompt_and_target(row, fmt) for row in chunk]
+        prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+        targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+        for prompt_ids, target_ids in zip(prompts, targets):
+            prompt_ids, target_ids = list(prompt_ids), list(target_ids) + [eos]
+            ids = prompt_ids + target_ids
+            labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target_ids
+            out.append(Example(ids, labels))
+    return out
 
 
 def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:

@@ -1,0 +1,174 @@
+"""The tokenization cache: a second run loads, any change to an input misses, a damaged entry is rebuilt."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import qlora_cli.data as data_mod
+from qlora_cli.config import DatasetSpec, DataSettings
+from qlora_cli.data import build_datasets, tokenize_many
+from qlora_cli.data_cache import entry_path, tokenized_dir
+from qlora_cli.errors import DataError
+from qlora_cli.testing.tiny import build_char_tokenizer
+
+from .conftest import upper_rows, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+
+
+def settings(specs, **kw) -> DataSettings:
+    base = dict(
+        datasets=specs, eval_datasets=[], val_set_size=0.0, train_on_inputs=False, sequence_len=512, seed=0, cache=True
+    )
+    base.update(kw)
+    return DataSettings(**base)
+
+
+class Spy:
+    """Counts calls of data.tokenize_rows (what the cache stands in for)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = data_mod.tokenize_rows
+
+        def spy(*args, **kw):
+            self.calls += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(data_mod, "tokenize_rows", spy)
+
+
+def tokens(built):
+    return [(e.input_ids, e.labels, e.row.where, e.fmt) for e in built.train]
+
+
+def test_second_run_loads_the_same_tokens_without_tokenizing(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    tok = build_char_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(12, seed=1))
+    s = settings([DatasetSpec(path=str(data))], sequence_len=22)  # some truncated, some dropped
+    first = build_datasets(s, tok)
+    assert spy.calls == 1 and len(list(tokenized_dir().iterdir())) == 1
+    assert first.train_stats.truncated > first.train_stats.dropped > 0 and first.train
+    second = build_datasets(s, tok)
+    assert spy.calls == 1  # loaded, not tokenized
+    assert tokens(second) == tokens(first) and second.train_stats == first.train_stats
+    fresh = build_datasets(settings([DatasetSpec(path=str(data))], sequence_len=22, cache=False), tok)
+    assert tokens(second) == tokens(fresh)
+
+
+def test_each_input_change_misses(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(6, seed=1))
+    chat = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]} for w in "abc"],
+    )
+    spec = DatasetSpec(path=str(data))
+    tok = build_char_tokenizer()
+    variants = [
+        (settings([spec]), tok),
+        (settings([spec], sequence_len=100), tok),
+        (settings([spec], train_on_inputs=True), tok),
+        (settings([spec]), build_char_tokenizer(add_bos=False)),
+        (settings([spec]), build_char_tokenizer(pad_is_eos=True)),
+        (settings([DatasetSpec(path=str(data), max_samples=5)]), tok),
+        (settings([DatasetSpec(path=str(chat), type="chat")]), tok),
+        (settings([DatasetSpec(path=str(chat), type="chat")]), build_char_tokenizer(chat_template=CHAT_B)),
+    ]
+    for n, (s, t) in enumerate(variants, start=1):
+        build_datasets(s, t)
+        assert spy.calls == n, f"variant {n} hit the cache"
+    for s, t in variants:  # and every one of them is cached now
+        build_datasets(s, t)
+    assert spy.calls == len(variants)
+    write_jsonl(data, upper_rows(6, seed=2))  # the file's content changes
+    build_datasets(settings([spec]), tok)
+    assert spy.calls == len(variants) + 1
+
+
+CHAT_B = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_damaged_entry_is_rebuilt_never_trusted(tmp_path, monkeypatch, capsys, damage):
+    spy = Spy(monkeypatch)
+    tok = build_char_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    s = settings([DatasetSpec(path=str(data))])
+    first = build_datasets(s, tok)
+    (entry,) = tokenized_dir().iterdir()
+    raw = bytearray(entry.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) - 9]
+    elif damage == "flip":
+        raw[-5] ^= 0x01  # a token id in the data section, header intact
+    else:
+        raw = bytearray(b"not a safetensors file")
+    entry.write_bytes(bytes(raw))
+    again = build_datasets(s, tok)
+    assert spy.calls == 2 and "damaged" in capsys.readouterr().err
+    assert tokens(again) == tokens(first)
+    build_datasets(s, tok)  # the rebuilt entry is good
+    assert spy.calls == 2
+
+
+def test_read_only_cache_warns_and_trains_but_preprocess_refuses(tmp_path, monkeypatch, capsys):
+    if os.geteuid() == 0:  # root writes anywhere: make the cache path a file instead
+        (tmp_path / "cache").write_text("")
+    else:
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache").chmod(0o500)
+    tok = build_char_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(4, seed=1))
+    built = build_datasets(settings([DatasetSpec(path=str(data))]), tok)
+    assert len(built.train) == 4 and "cannot write the tokenization cache" in capsys.readouterr().err
+    with pytest.raises(DataError, match="cannot write the tokenization cache"):
+        build_datasets(settings([DatasetSpec(path=str(data))], cache_required=True), tok)
+
+
+def test_processes_and_batches_give_the_tokens_of_one_row_at_a_time(monkeypatch):
+    monkeypatch.setattr(data_mod, "PARALLEL_MIN_ROWS", 8)
+    tok = build_char_tokenizer()
+    rows = [data_mod.Row(f"r{i}", r) for i, r in enumerate(upper_rows(40, seed=3))]
+    one = [data_mod.tokenize_row(r, "completion", tok, False) for r in rows]
+    for num_proc in (1, 2):
+        got = tokenize_many(rows, "completion", tok, False, num_proc=num_proc)
+        assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in one]
+    texts = [data_mod.Row(f"t{i}", {"text": r.fields["prompt"]}) for i, r in enumerate(rows)]
+    assert [e.input_ids for e in tokenize_many(texts, "text", tok, False, num_proc=2)] == [
+        data_mod.tokenize_row(r, "text", tok, False).input_ids for r in texts
+    ]
+    bad = rows[:20] + [data_mod.Row("bad:1", {"prompt": "x"})] + rows[20:]
+    with pytest.raises(DataError, match="bad:1: row is missing field 'completion'"):
+        tokenize_many(bad, "completion", tok, False, num_proc=2)
+
+
+def test_entry_path_is_under_qlora_cache(tmp_path):
+    assert entry_path("ab" * 32).parent == tmp_path / "cache" / "tokenized"
+
+
+def test_preprocess_fills_the_cache_and_train_then_does_not_tokenize(tmp_path, llama_dir, monkeypatch):
+    from .test_cli import assert_user_error, run_cli, write_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data)
+    result = run_cli("preprocess", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert "tokenized and cached" in result.stderr and not (tmp_path / "run").exists()
+    assert "already cached" in run_cli("preprocess", str(cfg)).stderr
+    spy = Spy(monkeypatch)
+    result = run_cli("train", str(cfg))
+    assert result.exit_code == 0, result.output
+    assert spy.calls == 0  # training started from the cache
+    assert_user_error(run_cli("train", str(cfg), "--set", "dataset_num_proc=0"), "dataset_num_proc")
+    monkeypatch.setenv("QLORA_CACHE", str(data))  # a file: nothing can be written under it
+    assert_user_error(run_cli("preprocess", str(cfg)), "cannot write the tokenization cache")
