@@ -31,6 +31,8 @@ from qlora_cli.config import RunConfig
 from qlora_cli.errors import ConfigError, ModelError
 
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"  # save_best: the adapter of the best eval, and best_eval.json saying which it was
+BEST_FILE = "best_eval.json"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes from it.
@@ -45,6 +47,9 @@ RESUMABLE_KEYS = frozenset(
         "resume_from_checkpoint",
         "output_dir",
         "max_bad_steps",
+        "early_stopping_patience",
+        "early_stopping_threshold",
+        "save_best",
     }
 )
 
@@ -60,6 +65,9 @@ class TrainerState:
     log_targets: int = 0
     bad_steps: int = 0  # non-finite steps skipped so far
     consecutive_bad: int = 0
+    best_eval_loss: float | None = None  # early stopping / save_best: the best eval so far, its step,
+    best_step: int | None = None  # and how many evals since it
+    evals_since_best: int = 0
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     python_rng: list[Any] = field(default_factory=list)
@@ -163,6 +171,31 @@ def save_checkpoint(
     barrier()
     if main and cfg.save_total_limit:
         prune_checkpoints(output_dir, cfg.save_total_limit)
+    return final
+
+
+def save_best_adapter(output_dir: Path, cfg: RunConfig, model: torch.nn.Module, step: int, eval_loss: float) -> Path:
+    """Write ``output_dir/best/`` (the adapter and ``best_eval.json``) atomically: into a hidden folder, flushed,
+    then swapped in, so ``best/`` is always one complete adapter. The main process calls it."""
+    final, tmp, old = output_dir / BEST_DIR, output_dir / f".{BEST_DIR}.tmp", output_dir / f".{BEST_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_adapter(model, tmp, cfg.lora, cfg.base_model)
+        (tmp / BEST_FILE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():  # put the previous best back
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -108,6 +108,10 @@ class RunConfig(BaseModel):
     save_total_limit: int | None = Field(None, ge=1)  # keep only the newest K checkpoints
     resume_from_checkpoint: str | None = None  # "auto" (newest complete checkpoint) or a checkpoint folder
     max_bad_steps: int = Field(10, ge=1)  # stop after this many consecutive non-finite steps
+    # early stopping (on eval_loss; needs eval data and eval_steps)
+    early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evals without eval_loss improving
+    early_stopping_threshold: float = Field(0.0, ge=0)  # an eval improves only when it beats the best by more
+    save_best: bool = False  # keep the adapter of the best eval as output_dir/best/
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -130,7 +134,9 @@ class RunConfig(BaseModel):
     def _known_template(cls, v: str | None) -> str | None:
         return check_chat_template(v)  # a name that is not a template is never used as Jinja text
 
-    @field_validator("learning_rate", "lora_alpha", "num_epochs", "weight_decay", "val_set_size")
+    @field_validator(
+        "learning_rate", "lora_alpha", "num_epochs", "weight_decay", "val_set_size", "early_stopping_threshold"
+    )
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
@@ -149,6 +155,16 @@ class RunConfig(BaseModel):
                     if "int" in ann or "float" in ann:
                         raise ValueError(f"__key__{key}: expected a number, got {value!r}")
         return data
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> RunConfig:
+        has_eval = bool(self.eval_datasets) or self.val_set_size > 0
+        for key in ("early_stopping_patience", "save_best"):
+            if getattr(self, key) and not has_eval:
+                raise ValueError(f"__key__{key}: needs eval data (eval_datasets or val_set_size > 0)")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("__key__early_stopping_patience: needs eval_steps (evals during training)")
+        return self
 
     # -- sub-views handed to the modules that need them --------------------------------------
     @property

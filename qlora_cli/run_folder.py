@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter
+from qlora_cli.checkpoint import BEST_DIR
 from qlora_cli.config import ModelSettings, RunConfig, load_config
 from qlora_cli.errors import ConfigError, ModelError
 
@@ -45,7 +46,11 @@ def open_run(path: str | Path, base: str | None = None) -> RunFolder:
     adapter_config, _ = read_adapter(folder)  # checks both adapter files are there and readable
     config: RunConfig | None = None
     # a checkpoint (<run>/checkpoints/step-N) carries no config of its own: it trained as its run did
-    run_dir = folder.resolve().parent.parent if folder.resolve().parent.name == "checkpoints" else None
+    # nor does the best adapter (<run>/best, save_best)
+    resolved = folder.resolve()
+    run_dir = resolved.parent.parent if resolved.parent.name == "checkpoints" else None
+    if resolved.name == BEST_DIR and (resolved.parent / CONFIG_FILE).exists():
+        run_dir = resolved.parent
     config_dir = folder if (folder / CONFIG_FILE).exists() else run_dir
     if config_dir is not None and (config_dir / CONFIG_FILE).exists():
         try:

@@ -22,7 +22,13 @@ import torch
 from rich.console import Console
 
 from qlora_cli.adapter_io import save_adapter
-from qlora_cli.checkpoint import TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
+from qlora_cli.checkpoint import (
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_best_adapter,
+    save_checkpoint,
+)
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data import Example, TrainData, build_datasets, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
@@ -48,6 +54,7 @@ class TrainResult:
     train_loss: float  # token-weighted mean over the last logging window
     eval_loss: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: str | None = None  # why early stopping ended the run, if it did
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +188,12 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     start(run)
     state, steps = run.state, run.steps
     window_log = _LogWindow()
+    last_eval, stopped = None, None  # stopped: why early stopping ended the run
     with _Progress(run.console, steps, state.step) as progress, _StopSignals() as stop:
-        while state.step < steps:
+        while state.step < steps and stopped is None:
             windows = epoch_windows(run)  # this epoch's optimizer steps, each a list of micro-batches
             for window in windows[state.window :]:
-                if state.step >= steps:
+                if state.step >= steps or stopped is not None:
                     break
                 grad_norm, n_tokens = train_step(run, window)
                 window_log.tokens += n_tokens
@@ -194,7 +202,8 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                 else:
                     progress.update(state.step, None)
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < steps:
-                    evaluate(run)
+                    last_eval = evaluate(run)
+                    stopped = track_best(run, last_eval)
                 if state.window == len(windows):  # the epoch is done: the next step reshuffles
                     state.epoch, state.window = state.epoch + 1, 0
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
@@ -205,7 +214,12 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                         "continue with `qlora train <config> --resume`",
                         exit_code=143 if stop.name == "SIGTERM" else 130,
                     )
-    return save(run, evaluate(run), window_log.last_loss)
+    if stopped is None:
+        last_eval = evaluate(run)
+        track_best(run, last_eval)
+    else:
+        run.console.print(f"step {state.step}: stopping early: {stopped}")
+    return save(run, last_eval, window_log.last_loss, stopped)
 
 
 def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> Run:
@@ -388,6 +402,31 @@ def evaluate(run: Run) -> EvalResult | None:
     return result
 
 
+def track_best(run: Run, result: EvalResult | None) -> str | None:
+    """Early stopping and ``save_best`` bookkeeping after an eval: a new best (lower than the best by more
+    than ``early_stopping_threshold``) is kept as ``best/``; returns why to stop, or None to go on."""
+    cfg, state = run.cfg, run.state
+    if result is None or not (cfg.early_stopping_patience or cfg.save_best):
+        return None
+    best = state.best_eval_loss
+    if best is None or result.loss < best - cfg.early_stopping_threshold:
+        state.best_eval_loss, state.best_step, state.evals_since_best = result.loss, state.step, 0
+        if cfg.save_best:
+            with _full_adapter(run.trained, run.fsdp):
+                if run.accelerator.is_main_process:
+                    save_best_adapter(run.out, cfg, run.model, state.step, result.loss)
+            run.accelerator.wait_for_everyone()
+        return None
+    state.evals_since_best += 1
+    if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+        return (
+            f"eval_loss has not improved on {best:.4f} (step {state.best_step}) by more than "
+            f"{cfg.early_stopping_threshold:g} in {state.evals_since_best} evals (early_stopping_patience="
+            f"{cfg.early_stopping_patience})"
+        )
+    return None
+
+
 def checkpoint(run: Run) -> Path:
     """An atomic checkpoint of the adapter, optimizer, schedule, RNG and position (``checkpoint.py``)."""
     path = save_checkpoint(run.out, run.cfg, run.model, run.optimizer, run.scheduler, run.state, run.accelerator)
@@ -395,7 +434,7 @@ def checkpoint(run: Run) -> Path:
     return path
 
 
-def save(run: Run, eval_result: EvalResult | None, train_loss: float) -> TrainResult:
+def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: str | None = None) -> TrainResult:
     """Write the adapter and tokenizer (the main process; FSDP gathers the sharded adapter) and the summary."""
     cfg, state = run.cfg, run.state
     run.model.eval()
@@ -413,6 +452,9 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float) -> TrainRe
             "train_loss": train_loss,
             "eval_loss": eval_loss,
             "bad_steps": state.bad_steps,
+            "best_eval_loss": state.best_eval_loss,
+            "best_step": state.best_step,
+            "stopped_early": stopped,
             "train_examples": len(run.data.train),
             "train_target_tokens": run.data.train_stats.target_tokens,
             "processes": run.world,
@@ -420,7 +462,7 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float) -> TrainRe
         }
     )
     run.console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {run.out}")
-    return TrainResult(run.out, state.step, train_loss, eval_loss, run.metrics.history)
+    return TrainResult(run.out, state.step, train_loss, eval_loss, run.metrics.history, stopped)
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Seeing a run: early stopping and the best adapter, the model card, loss plots, experiment trackers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qlora_cli.train as train_mod
+from qlora_cli.checkpoint import BEST_DIR, BEST_FILE
+from qlora_cli.loss import EvalResult
+from qlora_cli.run_folder import open_run
+from qlora_cli.train import train
+
+from .conftest import make_config, upper_rows, write_jsonl
+from .test_cli import assert_user_error, run_cli, write_config
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def scripted_eval(monkeypatch):
+    """Make the eval loss follow a script: the n-th eval of the run returns losses[n]."""
+
+    def use(losses: list[float]) -> list[int]:
+        calls: list[int] = []
+
+        def fake(*args, **kwargs):
+            calls.append(len(calls))
+            return EvalResult(losses[len(calls) - 1], 100)
+
+        monkeypatch.setattr(train_mod, "evaluate_loss", fake)
+        return calls
+
+    return use
+
+
+def test_early_stopping_stops_at_the_expected_step_and_keeps_the_best(
+    tmp_path, llama_dir, quiet_console, scripted_eval
+):
+    """Eval every step; the loss falls to its best at step 3 (2.0), then rises: with patience 2 the run stops
+    after the evals of steps 4 and 5, at step 5 of 10, and best/ holds the adapter of step 3."""
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=1))
+    scripted_eval([3.0, 2.5, 2.0, 2.1, 2.3, 2.6, 2.8, 3.0, 3.1, 3.2])
+    cfg = make_config(
+        llama_dir, data, tmp_path / "run", max_steps=10, micro_batch_size=4, eval_steps=1, save_steps=1,
+        learning_rate=1e-2, eval_datasets=[{"path": str(data)}], early_stopping_patience=2, save_best=True,
+    )  # fmt: skip
+    result = train(cfg, console=quiet_console)
+    out = result.output_dir
+    assert result.steps == 5
+    assert "not improved on 2.0000 (step 3)" in result.stopped_early
+    recs = records(out)
+    assert [r["step"] for r in recs if r["type"] == "eval"] == [1, 2, 3, 4, 5]  # no extra eval after the stop
+    summary = recs[-1]
+    assert summary["type"] == "summary" and summary["steps"] == 5
+    assert summary["best_step"] == 3 and summary["best_eval_loss"] == 2.0 and summary["stopped_early"]
+    assert json.loads((out / BEST_DIR / BEST_FILE).read_text()) == {"step": 3, "eval_loss": 2.0}
+    best = load_file(out / BEST_DIR / "adapter_model.safetensors")
+    at_3 = load_file(out / "checkpoints" / "step-3" / "adapter_model.safetensors")
+    at_5 = load_file(out / "adapter_model.safetensors")
+    assert best.keys() == at_3.keys()
+    for k in best:
+        torch.testing.assert_close(best[k], at_3[k], rtol=0, atol=0)
+    assert any(not torch.equal(best[k], at_5[k]) for k in best if "lora_B" in k)  # training moved on after it
+    assert not list(out.glob(".best*"))  # no temporary folder left
+    assert open_run(out / BEST_DIR).config == cfg  # later commands find the run's config from best/
+
+
+def test_threshold_counts_small_gains_as_no_improvement(tmp_path, llama_dir, quiet_console, scripted_eval):
+    """With threshold 0.1, falls of 0.05 are not improvements: patience 2 stops at step 3."""
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    scripted_eval([3.0, 2.95, 2.9, 2.85, 2.8, 2.75])
+    cfg = make_config(
+        llama_dir, data, tmp_path / "run", max_steps=6, micro_batch_size=4, eval_steps=1, val_set_size=0.25,
+        early_stopping_patience=2, early_stopping_threshold=0.1,
+    )  # fmt: skip
+    result = train(cfg, console=quiet_console)
+    assert result.steps == 3 and result.stopped_early
+    assert not (result.output_dir / BEST_DIR).exists()  # save_best is off
+
+
+def test_without_a_stop_the_final_eval_counts_for_best(tmp_path, llama_dir, quiet_console, scripted_eval):
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    calls = scripted_eval([3.0, 2.9, 2.0])
+    cfg = make_config(
+        llama_dir, data, tmp_path / "run", max_steps=3, micro_batch_size=4, eval_steps=1,
+        eval_datasets=[{"path": str(data)}], early_stopping_patience=1, save_best=True,
+    )  # fmt: skip
+    result = train(cfg, console=quiet_console)
+    assert result.steps == 3 and result.stopped_early is None and len(calls) == 3
+    best = load_file(result.output_dir / BEST_DIR / "adapter_model.safetensors")
+    final = load_file(result.output_dir / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_early_stopping_cli_exit_codes(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data, early_stopping_patience=2, eval_steps=1)
+    assert_user_error(run_cli("train", str(cfg)), "'early_stopping_patience': needs eval data", tmp_path / "run")
+    cfg = write_config(tmp_path, llama_dir, data, save_best=True)
+    assert_user_error(run_cli("train", str(cfg)), "'save_best': needs eval data", tmp_path / "run")
+    cfg = write_config(tmp_path, llama_dir, data, early_stopping_patience=2, eval_datasets=[{"path": str(data)}])
+    assert_user_error(run_cli("train", str(cfg)), "needs eval_steps", tmp_path / "run")
