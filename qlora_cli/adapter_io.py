@@ -34,6 +34,9 @@ from qlora_cli.lora import (
     suffixes,
 )
 
+# vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

@@ -265,6 +265,7 @@ class ModelScore:
     exact_match: float | None  # None when no row has a reference answer (text data)
     contains: float | None
     predictions: list[str | None] = field(default_factory=list, repr=False)  # aligned with the examples
+    path: Path | None = None  # the adapter's folder (None for the base)
 
     def to_json(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -453,6 +454,7 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             _same_forward_as_training(model, c.config)
             model.eval()
             scores.append(score_model(c.name, model, tokenizer, prepared, autocast=autocast, **kw))
+            scores[-1].path = c.path
             _remove_lora(model)
             say(_one_line(scores[-1]))
         del model
@@ -596,4 +598,16 @@ def run_eval(
             console.print("no samples to show: the eval data has no reference answers (text rows)")
     if json_path is not None:
         write_json(json_path, report)
+        refresh_model_cards(report)
     return report
+
+
+def refresh_model_cards(report: EvalReport) -> None:
+    """Rewrite the model card of each run folder scored (not checkpoints or bare adapters) with these scores."""
+    from qlora_cli.model_card import write_model_card
+    from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
+
+    base = [m.to_json() for m in report.models if m.name == "base" and m.path is None]
+    for m in report.models:
+        if m.path is not None and (m.path / CONFIG_FILE).exists() and (m.path / METRICS_FILE).exists():
+            write_model_card(m.path, evaluation={"source": report.source, "models": [*base, m.to_json()]})

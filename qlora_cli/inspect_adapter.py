@@ -14,14 +14,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from qlora_cli.adapter_io import VLLM_MAX_LORA_RANKS
 from qlora_cli.config import load_config
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.memory_plan.sizes import (
     format_bytes,
 )
 
-# vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Modules vLLM serves LoRA on only with extra flags or not at all: qlora's adapters never target them.
 VLLM_SPECIAL_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "embed_in")
 

@@ -43,6 +43,7 @@ from qlora_cli.model import (
     quiet_libraries,
     resolve_device,
 )
+from qlora_cli.model_card import write_model_card
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 
@@ -461,6 +462,8 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
             "elapsed_sec": elapsed,
         }
     )
+    if run.accelerator.is_main_process:
+        write_model_card(run.out, cfg)
     run.console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {run.out}")
     return TrainResult(run.out, state.step, train_loss, eval_loss, run.metrics.history, stopped)
 

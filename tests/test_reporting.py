@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 import qlora_cli.train as train_mod
 from qlora_cli.checkpoint import BEST_DIR, BEST_FILE
+from qlora_cli.config import load_config
 from qlora_cli.loss import EvalResult
+from qlora_cli.model_card import base_license, card_metadata, front_matter
 from qlora_cli.run_folder import open_run
 from qlora_cli.train import train
 
@@ -107,3 +109,84 @@ def test_early_stopping_cli_exit_codes(tmp_path, llama_dir):
     assert_user_error(run_cli("train", str(cfg)), "'save_best': needs eval data", tmp_path / "run")
     cfg = write_config(tmp_path, llama_dir, data, early_stopping_patience=2, eval_datasets=[{"path": str(data)}])
     assert_user_error(run_cli("train", str(cfg)), "needs eval_steps", tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model card
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, llama_dir):
+    """A 4-step run with eval every 2 steps and save_best: the folder later tests read."""
+    from rich.console import Console
+
+    tmp = tmp_path_factory.mktemp("finished")
+    data = write_jsonl(tmp / "d.jsonl", upper_rows(16, seed=3))
+    cfg = make_config(
+        llama_dir, data, tmp / "run", max_steps=4, micro_batch_size=4, eval_steps=2, save_best=True,
+        eval_datasets=[{"path": str(data)}], learning_rate=1e-2,
+    )  # fmt: skip
+    result = train(cfg, console=Console(quiet=True))
+    return cfg, result
+
+
+def test_model_card_front_matter_and_figures(finished_run):
+    cfg, result = finished_run
+    text = (result.output_dir / "README.md").read_text()
+    meta = front_matter(text)
+    assert meta["base_model"] == cfg.base_model and meta["library_name"] == "peft"
+    assert {"qlora", "lora", "peft", "nf4"} <= set(meta["tags"])
+    assert "datasets" not in meta and "license" not in meta  # local data files; a base without a known license
+    recs = records(result.output_dir)
+    evals = [r for r in recs if r["type"] == "eval"]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert f"final eval loss: {evals[-1]['eval_loss']:.4f}" in text
+    assert f"best eval loss: {best['eval_loss']:.4f} at step {best['step']}" in text
+    assert f"`best/` holds the adapter of step {best['step']}" in text
+    assert "| LoRA r / alpha / dropout | 16 / 32 / 0 |" in text
+    assert "PeftModel.from_pretrained" in text and "vllm serve" in text and "qlora serve --adapter run=./run" in text
+
+
+def test_model_card_metadata_hub_names_and_license(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(4, seed=1))
+    cfg = load_config(
+        None,
+        base_model="org/some-model",
+        datasets=[{"path": "tatsu-lab/alpaca", "type": "alpaca"}, {"path": str(data)}],
+    )
+    meta = card_metadata(cfg)
+    assert meta["datasets"] == ["tatsu-lab/alpaca"] and "base_model:adapter:org/some-model" in meta["tags"]
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# a model\n")
+    assert card_metadata(cfg.model_copy(update={"base_model": str(base)}))["license"] == "apache-2.0"
+    assert base_license(str(tmp_path)) is None
+
+
+def test_peft_loads_the_run_folder_with_its_card(finished_run, llama_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    _, result = finished_run
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), result.output_dir)
+    saved = load_file(result.output_dir / "adapter_model.safetensors")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    key = next(k for k in saved if "lora_B" in k)
+    torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], saved[key])
+    assert saved[key].abs().sum() > 0
+
+
+def test_eval_json_refreshes_the_card(finished_run, tmp_path):
+    from rich.console import Console
+
+    from qlora_cli.evaluate import EvalOptions, run_eval
+
+    _, result = finished_run
+    report = run_eval(
+        [result.output_dir], EvalOptions(limit=4, max_new_tokens=2, device="cpu"), json_path=tmp_path / "r.json",
+        console=Console(quiet=True),
+    )  # fmt: skip
+    text = (result.output_dir / "README.md").read_text()
+    adapter = next(m for m in report.models if m.name != "base")
+    assert f"| run | {adapter.loss:.4f} |" in text and "| base |" in text
+    assert front_matter(text)["library_name"] == "peft"
