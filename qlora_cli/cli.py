@@ -307,6 +307,25 @@ def inspect(
     run_command(go, debug)
 
 
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (their metrics.jsonl); several are overlaid.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG to write; default: RUN/loss.png, or ./curves.png.")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Draw train loss (raw and smoothed), eval loss, learning rate and gradient norm of one or more runs."""
+
+    def go() -> None:
+        from qlora_cli.plot import default_output, plot_runs
+
+        path = plot_runs(list(runs), output or default_output(list(runs)))
+        err.print(f"wrote {path}", highlight=False)
+
+    run_command(go, debug)
+
+
 def main() -> None:
     app(prog_name="qlora")
 

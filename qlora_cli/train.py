@@ -44,6 +44,7 @@ from qlora_cli.model import (
     resolve_device,
 )
 from qlora_cli.model_card import write_model_card
+from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 
@@ -463,6 +464,7 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
         }
     )
     if run.accelerator.is_main_process:
+        write_loss_plot(run.out, run.console)
         write_model_card(run.out, cfg)
     run.console.print(f"[green]done[/green]: {state.step} steps in {elapsed:.1f}s; adapter written to {run.out}")
     return TrainResult(run.out, state.step, train_loss, eval_loss, run.metrics.history, stopped)

@@ -190,3 +190,89 @@ def test_eval_json_refreshes_the_card(finished_run, tmp_path):
     adapter = next(m for m in report.models if m.name != "base")
     assert f"| run | {adapter.loss:.4f} |" in text and "| base |" in text
     assert front_matter(text)["library_name"] == "peft"
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def write_metrics(folder: Path, records_: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records_))
+    return folder
+
+
+def fake_run(folder: Path, steps: int, scale: float, resumed_at: int | None = None) -> Path:
+    """A metrics.jsonl with falling loss; ``resumed_at``: steps after it logged twice (an older log segment)."""
+    recs = []
+    for s in range(1, steps + 1):
+        recs.append({"type": "train", "step": s, "loss": scale / s, "lr": 1e-3 * (1 - s / steps), "grad_norm": 1 + s})
+        if s % 5 == 0:
+            recs.append({"type": "eval", "step": s, "eval_loss": scale / s + 0.1, "eval_ppl": 2.0})
+    if resumed_at is not None:
+        recs += [r for r in recs if r["step"] > resumed_at]
+    recs.append({"type": "summary", "steps": steps})
+    return write_metrics(folder, recs)
+
+
+def test_plot_two_runs_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from matplotlib.image import imread
+
+    from qlora_cli.plot import make_figure, read_curves
+
+    a = fake_run(tmp_path / "run-a", 20, 3.0)
+    b = fake_run(tmp_path / "run-b", 20, 5.0, resumed_at=8)
+    curves = read_curves(b)
+    assert [s for s, _ in curves.loss] == list(range(1, 21))  # the resumed run is one line, no repeated steps
+    fig = make_figure([read_curves(a), curves])
+    ax_loss = fig.axes[0]
+    assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == ["run-a", "run-b"]
+    colours = {line.get_color() for ax in fig.axes for line in ax.get_lines()}
+    assert colours == {"C0", "C1"}
+    result = run_cli("plot", str(a), str(b), "-o", str(tmp_path / "curves.png"))
+    assert result.exit_code == 0, result.output
+    image = imread(tmp_path / "curves.png")
+    assert image.shape[:2] == (800, 1200)
+    assert float(np.var(image[..., :3])) > 0.01  # not blank
+    # both runs' colours are in the picture: C0 (blue, #1f77b4) and C1 (orange, #ff7f0e)
+    rgb = (image[..., :3] * 255).round().astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
+        assert (np.abs(rgb - colour).sum(axis=-1) < 10).sum() > 500, colour
+
+
+def test_plot_errors(tmp_path):
+    assert_user_error(run_cli("plot", str(tmp_path / "missing")), "no metrics.jsonl")
+    empty = write_metrics(tmp_path / "empty", [{"type": "summary", "steps": 0}])
+    assert_user_error(run_cli("plot", str(empty)), "nothing to plot")
+    run = fake_run(tmp_path / "r", 5, 1.0)
+    assert_user_error(run_cli("plot", str(run), "-o", str(tmp_path / "no" / "x.png")), "does not exist")
+
+
+def test_train_writes_loss_png(finished_run):
+    pytest.importorskip("matplotlib")
+    _, result = finished_run
+    assert (result.output_dir / "loss.png").stat().st_size > 10_000
+    assert "![training curves](loss.png)" in (result.output_dir / "README.md").read_text()
+
+
+def test_train_without_matplotlib_notes_and_goes_on(tmp_path, monkeypatch):
+    import builtins
+
+    from rich.console import Console
+
+    from qlora_cli.plot import write_loss_plot
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    console = Console(record=True, width=200)
+    assert write_loss_plot(fake_run(tmp_path / "r", 5, 1.0), console) is None
+    assert console.export_text().strip() == "no loss.png: matplotlib is not installed (pip install matplotlib)"
+    assert not (tmp_path / "r" / "loss.png").exists()
