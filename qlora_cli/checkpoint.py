@@ -50,6 +50,8 @@ RESUMABLE_KEYS = frozenset(
         "early_stopping_patience",
         "early_stopping_threshold",
         "save_best",
+        "report_to",
+        "run_name",
     }
 )
 

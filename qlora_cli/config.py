@@ -25,6 +25,7 @@ DatasetType = Literal["completion", "alpaca", "chat", "text"]
 DType = Literal["bfloat16", "float16", "float32"]
 Optimizer = Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"]
 Scheduler = Literal["cosine", "linear", "constant"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -112,6 +113,9 @@ class RunConfig(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evals without eval_loss improving
     early_stopping_threshold: float = Field(0.0, ge=0)  # an eval improves only when it beats the best by more
     save_best: bool = False  # keep the adapter of the best eval as output_dir/best/
+    # experiment trackers (accelerate's tracking API; the same numbers as metrics.jsonl)
+    report_to: list[Tracker] = Field(default_factory=list)  # tensorboard, wandb, mlflow; none (the default): []
+    run_name: str | None = Field(None, min_length=1)  # the run's name in the trackers; default: output_dir's name
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -155,6 +159,15 @@ class RunConfig(BaseModel):
                     if "int" in ann or "float" in ann:
                         raise ValueError(f"__key__{key}: expected a number, got {value!r}")
         return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        # `report_to: tensorboard` is the one tracker; `none` (or null) is none, as in transformers
+        if v is None or v == "none" or v == ["none"]:
+            return []
+        v = [v] if isinstance(v, str) else v
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> RunConfig:

@@ -47,6 +47,7 @@ from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
+from qlora_cli.trackers import Reporter, check_trackers, start_trackers
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Run:
     state: TrainerState
     resumed_from: Path | None
     metrics: _Metrics | None = None  # once ``start`` has created the output folder
+    reporter: Reporter | None = None  # the experiment trackers, when report_to names any
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -232,6 +234,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
 
     quiet_libraries()
     resolve_device(cfg.device)  # a clear error when CUDA is asked for and missing
+    check_trackers(cfg.report_to)  # a tracker that is not installed: an error before anything loads
     accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = accelerator.device
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
@@ -303,6 +306,9 @@ def start(run: Run) -> None:
         (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
     keep = run.state.step if run.resumed_from is not None else None
     run.metrics = _Metrics(run.out / METRICS_FILE, keep, enabled=main)
+    run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep)
+    if run.reporter is not None:
+        run.metrics.report = run.reporter.report
     run.started = time.perf_counter()
 
 
@@ -463,6 +469,8 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
             "elapsed_sec": elapsed,
         }
     )
+    if run.reporter is not None:
+        run.reporter.finish()
     if run.accelerator.is_main_process:
         write_loss_plot(run.out, run.console)
         write_model_card(run.out, cfg)
@@ -541,6 +549,7 @@ class _Metrics:
         self.path = path
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
+        self.report: Any = None  # also send each record to the experiment trackers
         kept = []
         if keep_through_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -556,6 +565,8 @@ class _Metrics:
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        if self.report is not None:
+            self.report(record)
         if not self.enabled:
             return
         with self.path.open("a") as f:

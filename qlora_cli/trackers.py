@@ -1,0 +1,144 @@
+"""Experiment trackers (TensorBoard, Weights & Biases, MLflow) through accelerate's tracking API.
+
+    report_to: [tensorboard, wandb]     accelerate's trackers, started by ``Accelerator.init_trackers``;
+    run_name: my-run                    every record ``metrics.jsonl`` gets goes to ``Accelerator.log``
+
+Only the main process reports (accelerate's ``init_trackers`` and ``log`` run there only). Each tracker's
+package is imported by accelerate when the run starts; ``check_trackers`` refuses a missing one before
+anything is loaded or written.
+
+Resume continues the same curves, no step twice: TensorBoard purges the events after the checkpoint's step
+(``SummaryWriter(purge_step=)``), W&B resumes the run by its id and MLflow by its run id (both kept in
+``output_dir/trackers.json``), and steps MLflow already holds are not sent again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from qlora_cli.config import RunConfig
+from qlora_cli.errors import ConfigError
+
+TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids, so a resumed run continues the same run
+TENSORBOARD_DIR = "tensorboard"  # output_dir/tensorboard/: `tensorboard --logdir runs/` finds every run
+PROJECT = "qlora"  # W&B project / MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> pip package
+# metrics.jsonl key -> tracker metric name, per record type
+METRIC_NAMES = {
+    "train": {
+        "loss": "train/loss",
+        "lr": "train/learning_rate",
+        "grad_norm": "train/grad_norm",
+        "tokens_per_sec": "train/tokens_per_sec",
+        "epoch": "train/epoch",
+    },
+    "eval": {"eval_loss": "eval/loss", "eval_ppl": "eval/perplexity"},
+}
+
+
+def check_trackers(names: list[str]) -> None:
+    """``ConfigError`` naming the pip package of the first tracker that is not installed."""
+    for name in names:
+        package = PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"report_to: {name} needs the {package} package; pip install {package}")
+
+
+def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config, flat: numbers, strings and booleans as they are, anything else as JSON text
+    (TensorBoard's hparams take scalars only; None becomes "null")."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        out[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
+
+
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one metrics.jsonl record, under the trackers' names ({} for summaries and errors)."""
+    names = METRIC_NAMES.get(record.get("type", ""), {})
+    return {name: float(record[key]) for key, name in names.items() if isinstance(record.get(key), (int, float))}
+
+
+class Reporter:
+    """Sends metrics.jsonl's records to the started trackers; ``skip_through`` holds, per tracker, the last
+    step it already has (MLflow on resume), so no step is sent twice."""
+
+    def __init__(self, accelerator: Any, skip_through: dict[str, int] | None = None):
+        self.accelerator = accelerator
+        self.skip_through = skip_through or {}
+
+    def report(self, record: dict[str, Any]) -> None:
+        values, step = tracker_values(record), record.get("step")
+        if not values or not isinstance(step, int):
+            return
+        if not self.skip_through:
+            self.accelerator.log(values, step=step)
+            return
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if step > self.skip_through.get(tracker.name, -1):
+                    tracker.log(values, step=step)
+
+    def finish(self) -> None:
+        """Close every tracker (flush TensorBoard's events, end the W&B and MLflow runs)."""
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        self.accelerator.trackers = []
+
+
+def start_trackers(accelerator: Any, cfg: RunConfig, out: Path, resumed_step: int | None) -> Reporter | None:
+    """Build and start the trackers ``cfg.report_to`` names (main process); None when there are none.
+    ``resumed_step``: the checkpoint's step when the run resumes. A new run stores the config as hyperparameters."""
+    if not cfg.report_to:
+        return None
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    run_name = cfg.run_name or out.resolve().name
+    ids_file = out / TRACKERS_FILE
+    ids: dict[str, str] = {}
+    if resumed_step is not None and ids_file.exists():
+        try:
+            ids = json.loads(ids_file.read_text())
+        except (OSError, ValueError):
+            ids = {}
+    trackers: list[Any] = []
+    if "tensorboard" in cfg.report_to:
+        # purge_step: TensorBoard hides the events a crashed run wrote after its last checkpoint
+        kwargs = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
+        trackers.append(TensorBoardTracker(TENSORBOARD_DIR, out, **kwargs))
+    if "wandb" in cfg.report_to:
+        ids.setdefault("wandb_id", secrets.token_hex(8))
+        project = os.environ.get("WANDB_PROJECT", PROJECT)
+        trackers.append(WandBTracker(project, name=run_name, id=ids["wandb_id"], resume="allow", dir=str(out)))
+    if "mlflow" in cfg.report_to:
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
+        trackers.append(MLflowTracker(experiment_name=experiment, run_id=ids.get("mlflow_run_id"), run_name=run_name))
+    accelerator.log_with = trackers  # accelerate starts tracker objects given to it as they are
+    accelerator.init_trackers(PROJECT, config=hyperparameters(cfg) if resumed_step is None else None)
+    skip: dict[str, int] = {}
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if tracker.name == "mlflow":
+                ids["mlflow_run_id"] = tracker.active_run.info.run_id
+                if resumed_step is not None:
+                    skip["mlflow"] = _mlflow_last_step(ids["mlflow_run_id"])
+        ids_file.write_text(json.dumps(ids) + "\n")
+    return Reporter(accelerator, skip)
+
+
+def _mlflow_last_step(run_id: str) -> int:
+    """The last step the MLflow run holds for any of qlora's metrics (-1 when none)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    last = -1
+    for name in (n for names in METRIC_NAMES.values() for n in names.values()):
+        for m in client.get_metric_history(run_id, name):
+            last = max(last, m.step)
+    return last
