@@ -437,11 +437,18 @@ BATCH_ROWS = 1024  # texts per call of a fast tokenizer
 
 def tokenize_many(rows: list[Row], fmt: str, tokenizer: Any, train_on_inputs: bool, num_proc: int = 1) -> list[Example]:
     """``tokenize_row`` of every row, the same tokens: a fast tokenizer gets completion, alpaca and text rows in
-    batches (its Rust side runs them in parallel), and with ``num_proc`` > 1 and many rows, chunks of rows go
-    to that many forked worker processes (chat templates render in Python, so processes are what helps)."""
+    batches (its Rust side runs them in parallel); chat rows (templates render in Python) and slow tokenizers,
+    with ``num_proc`` > 1 and many rows, go in chunks to that many forked worker processes. (Measured: for
+    alpaca rows on a fast tokenizer, processes were slower than one process's batches.)"""
     import multiprocessing
 
-    if num_proc > 1 and len(rows) >= PARALLEL_MIN_ROWS and "fork" in multiprocessing.get_all_start_methods():
+    python_bound = fmt == "chat" or not getattr(tokenizer, "is_fast", False)  # else batches beat processes
+    if (
+        python_bound
+        and num_proc > 1
+        and len(rows) >= PARALLEL_MIN_ROWS
+        and "fork" in multiprocessing.get_all_start_methods()
+    ):
         global _WORK
         n = min(num_proc, -(-len(rows) // (PARALLEL_MIN_ROWS // 2)))
         bounds = [(len(rows) * i // n, len(rows) * (i + 1) // n) for i in range(n)]

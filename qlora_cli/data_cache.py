@@ -33,10 +33,7 @@ TOKENS_VERSION = 1  # bump when data.tokenize_row/tokenize_rows would produce di
 
 
 def tokenized_dir() -> Path:
-    try:  # cache_dir is moving from model.py to its own module
-        from qlora_cli.cache import cache_dir
-    except ImportError:
-        from qlora_cli.model import cache_dir
+    from qlora_cli.cache import cache_dir
 
     return cache_dir() / "tokenized"
 

@@ -139,17 +139,19 @@ def test_processes_and_batches_give_the_tokens_of_one_row_at_a_time(monkeypatch)
     monkeypatch.setattr(data_mod, "PARALLEL_MIN_ROWS", 8)
     tok = build_char_tokenizer()
     rows = [data_mod.Row(f"r{i}", r) for i, r in enumerate(upper_rows(40, seed=3))]
-    one = [data_mod.tokenize_row(r, "completion", tok, False) for r in rows]
-    for num_proc in (1, 2):
-        got = tokenize_many(rows, "completion", tok, False, num_proc=num_proc)
-        assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in one]
-    texts = [data_mod.Row(f"t{i}", {"text": r.fields["prompt"]}) for i, r in enumerate(rows)]
-    assert [e.input_ids for e in tokenize_many(texts, "text", tok, False, num_proc=2)] == [
-        data_mod.tokenize_row(r, "text", tok, False).input_ids for r in texts
-    ]
-    bad = rows[:20] + [data_mod.Row("bad:1", {"prompt": "x"})] + rows[20:]
-    with pytest.raises(DataError, match="bad:1: row is missing field 'completion'"):
-        tokenize_many(bad, "completion", tok, False, num_proc=2)
+    for fmt, some in [
+        ("completion", rows),
+        ("text", [data_mod.Row(r.where, {"text": r.fields["prompt"]}) for r in rows]),
+        ("chat", [data_mod.Row(r.where, {"messages": [{"role": "user", "content": r.fields["prompt"]},
+                                                     {"role": "assistant", "content": r.fields["completion"]}]})
+                  for r in rows]),
+    ]:  # fmt: skip
+        one = [(e.input_ids, e.labels) for e in (data_mod.tokenize_row(r, fmt, tok, False) for r in some)]
+        for num_proc in (1, 2):  # chat with 2: forked workers; completion/text: batches
+            assert [(e.input_ids, e.labels) for e in tokenize_many(some, fmt, tok, False, num_proc)] == one
+    bad = some[:20] + [data_mod.Row("bad:1", {"messages": []})] + some[20:]  # some: the chat rows
+    with pytest.raises(DataError, match="bad:1: field 'messages' must be a non-empty list"):
+        tokenize_many(bad, "chat", tok, False, num_proc=2)
 
 
 def test_entry_path_is_under_qlora_cache(tmp_path):
