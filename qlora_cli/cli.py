@@ -91,7 +91,7 @@ def preprocess(
 
     def go() -> None:
         from qlora_cli.config import load_config
-        from qlora_cli.data_cache import preprocess as run_preprocess
+        from qlora_cli.preprocess import preprocess as run_preprocess
 
         cfg = load_config(config, set_ or [])
         run_preprocess(cfg, lambda line: err.print(line, highlight=False, soft_wrap=True))

@@ -403,8 +403,16 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
         return tokenize_rows(rows, spec.type, tokenizer, settings)
     from qlora_cli.data_cache import cached_tokenize
 
+    def rebuild(items: list[tuple[list[int], list[int], int]], stats: dict) -> tuple[list[Example], DataStats]:
+        examples = []
+        for ids, labels, r in items:
+            ex = Example(ids, labels)
+            ex.row, ex.fmt = rows[r], spec.type
+            examples.append(ex)
+        return examples, DataStats(**stats)
+
     examples, stats, hit = cached_tokenize(
-        rows, spec.type, tokenizer, settings, tokenize_rows, strict=settings.cache_required
+        rows, spec.type, tokenizer, settings, tokenize_rows, rebuild, strict=settings.cache_required
     )
     CACHE_EVENTS.append((spec.path, hit))
     return examples, stats

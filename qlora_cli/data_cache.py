@@ -150,14 +150,16 @@ def warn(message: str) -> None:
     sys.stderr.flush()
 
 
-def cached_tokenize(rows: list[Any], fmt: str, tokenizer: Any, settings: Any, tokenize: Any, strict: bool = False):
-    """``tokenize(rows, fmt, tokenizer, settings)`` (data.tokenize_rows), through the cache.
+def cached_tokenize(
+    rows: list[Any], fmt: str, tokenizer: Any, settings: Any, tokenize: Any, rebuild: Any, strict: bool = False
+):
+    """``tokenize(rows, fmt, tokenizer, settings)`` (data.tokenize_rows), through the cache. A hit is handed to
+    ``rebuild(items, stats)`` (items: (input_ids, labels, row index) per example; stats: DataStats' fields), which
+    returns what ``tokenize`` would have: the data layer's own types, so this module imports nothing of it.
 
     A cache folder that cannot be written is a warning and the run goes on uncached (the cache only saves
     time), unless ``strict`` (``qlora preprocess``, whose job is to fill it), where it is a ``DataError``.
     """
-    from qlora_cli.data import DataStats, Example
-
     key = cache_key(rows, fmt, tokenizer, settings.sequence_len, settings.train_on_inputs)
     try:
         hit = load(key, len(rows))
@@ -165,13 +167,8 @@ def cached_tokenize(rows: list[Any], fmt: str, tokenizer: Any, settings: Any, to
         warn(f"tokenization cache entry {entry_path(key)} is damaged ({e}); rebuilding it")
         hit = None
     if hit is not None:
-        items, stats = hit
-        examples = []
-        for ids, labels, r in items:
-            ex = Example(ids, labels)
-            ex.row, ex.fmt = rows[r], fmt
-            examples.append(ex)
-        return examples, DataStats(**stats), True
+        examples, stats = rebuild(*hit)
+        return examples, stats, True
     examples, stats = tokenize(rows, fmt, tokenizer, settings)
     position = {id(row): i for i, row in enumerate(rows)}
     row_index = [position[id(ex.row)] for ex in examples]
@@ -184,29 +181,3 @@ def cached_tokenize(rows: list[Any], fmt: str, tokenizer: Any, settings: Any, to
             raise DataError(f"{message}; set QLORA_CACHE to a writable folder") from None
         warn(f"{message}; continuing without it (set QLORA_CACHE to a writable folder)")
     return examples, stats, False
-
-
-def preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
-    """``qlora preprocess``: tokenize the config's datasets into the cache, as ``train`` would (same checks),
-    so a later run loads them. Returns (dataset path, was already cached) per entry."""
-    import time
-    from dataclasses import replace
-
-    from qlora_cli.data import CACHE_EVENTS, build_datasets
-    from qlora_cli.model import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.base)
-    settings = replace(cfg.data, cache=True, cache_required=True)
-    CACHE_EVENTS.clear()
-    start = time.perf_counter()
-    data = build_datasets(settings, tokenizer)
-    elapsed = time.perf_counter() - start
-    events = list(CACHE_EVENTS)
-    for path, hit in events:
-        log(f"{path}: {'already cached' if hit else 'tokenized and cached'}")
-    rows = data.train_stats.rows + data.eval_stats.rows
-    log(
-        f"{len(data.train)} training and {len(data.eval)} eval examples from {rows} rows in {elapsed:.1f}s; "
-        f"cache: {tokenized_dir()}"
-    )
-    return events

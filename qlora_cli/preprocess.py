@@ -1,0 +1,33 @@
+"""``qlora preprocess``: tokenize a config's datasets into the tokenization cache ahead of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlora_cli.data_cache import tokenized_dir
+
+
+def preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
+    """``qlora preprocess``: tokenize the config's datasets into the cache, as ``train`` would (same checks),
+    so a later run loads them. Returns (dataset path, was already cached) per entry."""
+    import time
+    from dataclasses import replace
+
+    from qlora_cli.data import CACHE_EVENTS, build_datasets
+    from qlora_cli.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.base)
+    settings = replace(cfg.data, cache=True, cache_required=True)
+    CACHE_EVENTS.clear()
+    start = time.perf_counter()
+    data = build_datasets(settings, tokenizer)
+    elapsed = time.perf_counter() - start
+    events = list(CACHE_EVENTS)
+    for path, hit in events:
+        log(f"{path}: {'already cached' if hit else 'tokenized and cached'}")
+    rows = data.train_stats.rows + data.eval_stats.rows
+    log(
+        f"{len(data.train)} training and {len(data.eval)} eval examples from {rows} rows in {elapsed:.1f}s; "
+        f"cache: {tokenized_dir()}"
+    )
+    return events
