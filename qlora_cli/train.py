@@ -8,10 +8,7 @@ before the output folder is touched, so a mistake leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +45,7 @@ from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 from qlora_cli.trackers import Reporter, check_trackers, start_trackers
+from qlora_cli.train_log import MetricsLog, ProgressDisplay, StopSignals, report_start
 
 
 @dataclass
@@ -161,7 +159,7 @@ class Run:
     steps: int
     state: TrainerState
     resumed_from: Path | None
-    metrics: _Metrics | None = None  # once ``start`` has created the output folder
+    metrics: MetricsLog | None = None  # once ``start`` has created the output folder
     reporter: Reporter | None = None  # the experiment trackers, when report_to names any
     started: float = field(default_factory=time.perf_counter)
 
@@ -193,7 +191,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     state, steps = run.state, run.steps
     window_log = _LogWindow()
     last_eval, stopped = None, None  # stopped: why early stopping ended the run
-    with _Progress(run.console, steps, state.step) as progress, _StopSignals() as stop:
+    with ProgressDisplay(run.console, steps, state.step) as progress, StopSignals() as stop:
         while state.step < steps and stopped is None:
             windows = epoch_windows(run)  # this epoch's optimizer steps, each a list of micro-batches
             for window in windows[state.window :]:
@@ -271,7 +269,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, accelerator.process_index)
-    _report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
+    report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
     if liger:
         console.print("Liger kernels: RMSNorm, RoPE, SwiGLU")
     if resume_from is not None:
@@ -305,7 +303,7 @@ def start(run: Run) -> None:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
     keep = run.state.step if run.resumed_from is not None else None
-    run.metrics = _Metrics(run.out / METRICS_FILE, keep, enabled=main)
+    run.metrics = MetricsLog(run.out / METRICS_FILE, keep, enabled=main)
     run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep)
     if run.reporter is not None:
         run.metrics.report = run.reporter.report
@@ -541,62 +539,6 @@ class TrainingInterrupted(QLoRAError):
         self.exit_code = exit_code
 
 
-class _Metrics:
-    """metrics.jsonl, appended line by line. On resume, records after the checkpoint's step are dropped,
-    so the log of a resumed run equals the log of an uninterrupted one."""
-
-    def __init__(self, path: Path, keep_through_step: int | None, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-        self.history: list[dict[str, Any]] = []
-        self.report: Any = None  # also send each record to the experiment trackers
-        kept = []
-        if keep_through_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
-                    continue
-                if record.get("type") in ("train", "eval") and record.get("step", 0) <= keep_through_step:
-                    kept.append(record)
-        self.history = kept
-        if enabled:
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if self.report is not None:
-            self.report(record)
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and exits. A second SIGINT
-    interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.name = ""
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal, self.name = signum, signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _windows(batches: list[list[int]], accumulation: int) -> list[list[list[int]]]:
     """Group micro-batches into optimizer steps; the epoch's last step may have fewer micro-batches."""
     return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
@@ -614,84 +556,3 @@ def _full_adapter(trained: Any, fsdp: bool) -> Any:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     return FSDP.summon_full_params(trained, writeback=False, rank0_only=True, offload_to_cpu=True)
-
-
-def _report_start(
-    console: Console,
-    cfg: RunConfig,
-    data: TrainData,
-    model: Any,
-    target_names: list[str],
-    params: list[torch.nn.Parameter],
-    steps: int,
-    device: torch.device,
-    world: int = 1,
-    rows: list[list[Example]] | None = None,
-) -> None:
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())  # 4-bit weights count packed (two per byte)
-    s = data.train_stats
-    console.print(
-        f"[bold]qlora train[/bold] {cfg.base_model} on {device.type}"
-        f" ({'4-bit ' + cfg.bnb_4bit_quant_type if cfg.load_in_4bit else '16-bit base'}, compute {cfg.bnb_4bit_compute_dtype})"
-    )
-    console.print(
-        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {len(target_names)} modules; "
-        f"trainable {trainable:,} params ({100 * trainable / max(total, 1):.3f}% of stored)"
-    )
-    console.print(
-        f"data: {s.examples} train examples, {s.tokens:,} tokens ({s.target_tokens:,} targets), "
-        f"{len(data.eval)} eval; truncated {s.truncated}, dropped {s.dropped}"
-    )
-    if cfg.sample_packing and rows is not None:
-        used = sum(len(e.input_ids) for row in rows for e in row)
-        console.print(
-            f"sample packing: {s.examples} examples in {len(rows)} rows of {cfg.sequence_len}, "
-            f"efficiency {used / max(len(rows) * cfg.sequence_len, 1):.1%}"
-        )
-    unit = "rows" if cfg.sample_packing else "examples"
-    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
-    console.print(
-        f"{steps} steps, effective batch {effective} {unit} ({cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} "
-        f"accumulation x {world} process{'es' if world > 1 else ''}), lr {cfg.learning_rate:g} {cfg.lr_scheduler}, "
-        f"{cfg.optimizer}"
-    )
-
-
-class _Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
-
-    def __init__(self, console: Console, total: int, completed: int = 0):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console = console
-        self.live = console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not self.live,
-        )
-        self.task = self.progress.add_task("train", total=total, info="", completed=completed)
-
-    def __enter__(self) -> _Progress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def update(self, step: int, record: dict[str, Any] | None) -> None:
-        if record is not None:
-            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_sec']:,.0f} tok/s"
-            self.progress.update(self.task, completed=step, info=info)
-            if not self.live:
-                self.console.print(
-                    f"step {step}/{self.progress.tasks[0].total}  {info}  grad_norm {record['grad_norm']:.3f}"
-                )
-        else:
-            self.progress.update(self.task, completed=step)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.config import DatasetSpec
-from qlora_cli.data import load_dataset_kwargs, read_rows
+from qlora_cli.data_sources import load_dataset_kwargs, read_rows
 from qlora_cli.errors import DataError
 
 from .conftest import upper_rows, write_jsonl
