@@ -30,8 +30,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,7 +64,7 @@ from qlora_cli.merge.safetensors_stream import (
 from qlora_cli.merge.self_check import self_check
 from qlora_cli.merge.weights import merged_weight
 from qlora_cli.model import DTYPES, quiet_libraries, resolve_device
-from qlora_cli.run_folder import open_run
+from qlora_cli.run_folder import RunFolder, open_run
 
 BASE_WEIGHTS = ("dequantized", "original")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -115,35 +116,20 @@ def merge_run(
     quiet_libraries()
 
     # -- read and check everything first
-    run = open_run(run_path, base=base)
-    from qlora_cli.adapter_io import read_adapter
-
-    adapter_config, state = read_adapter(run.path)
-    run = replace(run, model=resolve_gguf(run.model))  # a GGUF base: its dequantized folder holds the originals
-    folder = resolve_base_folder(run.model.base_model)
-    run = replace(run, model=replace(run.model, base_model=str(folder)))
+    source = prepare_source(run_path, base, base_weights)
+    run, folder, infos, targets, scaling, quant = (
+        source.run,
+        source.folder,
+        source.infos,
+        source.targets,
+        source.scaling,
+        source.quant,
+    )
     out = Path(output).expanduser()
     check_output(out, force, [run.path, folder])
-    config = read_base_config(folder)
-    infos: list[TensorInfo] = []
-    for path in base_shard_files(folder):
-        infos.extend(read_header(path)[0])
-    tensors = {t.name: t for t in infos}
-    if len(tensors) != len(infos):
-        raise ModelError(f"base model {folder}: a tensor name appears in two shards")
-    quant = run.model.quant
-    if quant.load_in_4bit and base_weights == "dequantized":
-        _require_bitsandbytes()
-    elif quant.load_in_4bit and not _has_bitsandbytes():  # original: the NF4 error report needs it, nothing else
-        quant = replace(quant, load_in_4bit=False)
-    skeleton = model_skeleton(folder, run.model.trust_remote_code)
-    targets, scaling = plan_targets(run.path, adapter_config, state, skeleton, tensors, quant)
-    del skeleton, state
     main_code = _main_float_code(infos)
     out_code = CODE_OF_DTYPE[DTYPES[dtype]] if dtype else ("BF16" if main_code in ("F32", "F64") else main_code)
-    from qlora_cli.model import load_tokenizer
-
-    tokenizer = load_tokenizer(run.model)
+    tokenizer = source.tokenizer
 
     def planned(t: TensorInfo) -> OutTensor:
         if t.name in targets or (t.dtype == main_code and t.dtype != out_code):
@@ -171,7 +157,7 @@ def merge_run(
         layers = _write_weights(
             tmp, infos, entries, shards, targets, scaling, base_weights, quant, torch_device, console
         )
-        _write_config(tmp, config, NAME_OF_CODE[out_code])
+        _write_config(tmp, source.config, NAME_OF_CODE[out_code])
         if (folder / "generation_config.json").exists():
             shutil.copy2(folder / "generation_config.json", tmp / "generation_config.json")
         if run.model.trust_remote_code:
@@ -198,6 +184,77 @@ def merge_run(
     result.seconds = time.perf_counter() - started
     print_report(console, result)
     return result
+
+
+@dataclass
+class MergeSource:
+    """Everything a merge reads, checked: the run (its base resolved to a local folder of safetensors shards),
+    the base's config and tensors (in file order), the targeted tensors with their adapter weights."""
+
+    run: RunFolder
+    folder: Path
+    config: dict[str, Any]
+    infos: list[TensorInfo]
+    targets: dict[str, Target]
+    scaling: float
+    quant: QuantSettings
+    tokenizer: Any
+
+
+def prepare_source(run_path: str | Path, base: str | None, base_weights: str) -> MergeSource:
+    """Open the run and its base and check the adapter fits; nothing is written. Raises ``QLoRAError``."""
+    run = open_run(run_path, base=base)
+    from qlora_cli.adapter_io import read_adapter
+
+    adapter_config, state = read_adapter(run.path)
+    run = replace(run, model=resolve_gguf(run.model))  # a GGUF base: its dequantized folder holds the originals
+    folder = resolve_base_folder(run.model.base_model)
+    run = replace(run, model=replace(run.model, base_model=str(folder)))
+    config = read_base_config(folder)
+    infos: list[TensorInfo] = []
+    for path in base_shard_files(folder):
+        infos.extend(read_header(path)[0])
+    tensors = {t.name: t for t in infos}
+    if len(tensors) != len(infos):
+        raise ModelError(f"base model {folder}: a tensor name appears in two shards")
+    quant = run.model.quant
+    if quant.load_in_4bit and base_weights == "dequantized":
+        _require_bitsandbytes()
+    elif quant.load_in_4bit and not _has_bitsandbytes():  # original: the NF4 error report needs it, nothing else
+        quant = replace(quant, load_in_4bit=False)
+    skeleton = model_skeleton(folder, run.model.trust_remote_code)
+    targets, scaling = plan_targets(run.path, adapter_config, state, skeleton, tensors, quant)
+    del skeleton, state
+    from qlora_cli.model import load_tokenizer
+
+    return MergeSource(run, folder, config, infos, targets, scaling, quant, load_tokenizer(run.model))
+
+
+def merged_tensors(
+    source: MergeSource, base_weights: str, device: torch.device
+) -> Iterator[tuple[TensorInfo, torch.Tensor, LayerStat | None]]:
+    """Every base tensor in file order, one at a time: (its header, the tensor (a targeted weight merged, in
+    float32 and the base shard's layout; anything else as stored), the merge statistics of a targeted one)."""
+    current: BinaryIO | None = None
+    try:
+        for info in source.infos:
+            if current is None or current.name != str(info.file):
+                if current is not None:
+                    current.close()
+                current = open(info.file, "rb")
+            weight = read_tensor(current, info)
+            target = source.targets.get(info.name)
+            if target is None:
+                yield info, weight, None
+                continue
+            merged, stat = merged_weight(weight, target, source.scaling, base_weights, source.quant, device)
+            del weight
+            yield info, merged, stat
+            del merged
+            release_memory()
+    finally:
+        if current is not None:
+            current.close()
 
 
 def _has_bitsandbytes() -> bool:
