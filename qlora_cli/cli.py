@@ -175,6 +175,43 @@ def merge(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder, or any folder with a PEFT LoRA adapter.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="gguf (the merged model) or gguf-lora (the adapter, for llama.cpp --lora).")
+    ] = "gguf",
+    quant: Annotated[
+        str, typer.Option("--quant", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (gguf only).")
+    ] = "q8_0",
+    base: Annotated[str | None, typer.Option("--base", help="Base model folder or hub id; default: the run's.")] = None,
+    base_weights: Annotated[
+        str, typer.Option("--base-weights", help="dequantized (the NF4 weights the adapter trained on) or original.")
+    ] = "dequantized",
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Read the file back and compare with the adapter.")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (merge math and self-check).")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Export a run as GGUF for llama.cpp, Ollama and LM Studio (merged and quantized), or its adapter as a GGUF LoRA."""
+
+    def go() -> Any:
+        from qlora_cli.export import export_run
+
+        return export_run(
+            run, output, fmt=fmt, quant=quant, base=base, base_weights=base_weights, force=force, verify=verify,
+            device=device, console=err,
+        )  # fmt: skip
+
+    result = run_command(go, debug)
+    if result.check is not None and not result.check.passed:
+        err.print("[red]the exported file failed its self-check and was removed[/red]")
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def generate(
     run: Annotated[Path, typer.Argument(help="A run or adapter folder (or a model folder: the base alone).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; - reads it from stdin.")],

@@ -42,6 +42,9 @@ class CheckLimits:
 CHECK_LIMITS = {
     "exact": CheckLimits(max_kl=1e-5, min_top1=0.99, max_effect_fraction=0.01, min_effect=1e-4),
     "16-bit": CheckLimits(max_kl=1e-2, min_top1=0.98, max_effect_fraction=0.1, min_effect=1e-2),
+    # qlora export's 8-bit and 4/5-bit GGUF files: their quantization error comes on top of the merge's
+    "q8_0": CheckLimits(max_kl=2e-2, min_top1=0.95, max_effect_fraction=0.5, min_effect=1e-2),
+    "4/5-bit": CheckLimits(max_kl=0.15, min_top1=0.85, max_effect_fraction=1.0, min_effect=5e-2),
 }
 TOP1_MARGIN = 0.5  # logits
 CHECK_PROMPTS = 8
@@ -193,7 +196,14 @@ def _load_partly_quantized(run: RunFolder, device: torch.device, skip: list[str]
 
 
 def self_check(
-    run: RunFolder, merged_dir: Path, base_weights: str, device: torch.device, tokenizer: Any = None
+    run: RunFolder,
+    merged_dir: Path,
+    base_weights: str,
+    device: torch.device,
+    tokenizer: Any = None,
+    *,
+    load_candidate: Any = None,
+    limits: str | None = None,
 ) -> CheckResult:
     """Run a few prompts through the adapter on its base (``load_reference``) and through the merged model
     loaded by plain transformers in float32; compare the logits. Where the reference is not the training-time
@@ -221,13 +231,18 @@ def self_check(
         training = _logits(model, prompts, device, autocast)
         del model
     gc.collect()
-    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device})
+    if load_candidate is None:
+        merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device})
+    else:
+        merged_model = load_candidate()
     merged = _logits(merged_model.eval(), prompts, device, nullcontext)
     del merged_model
     gc.collect()
 
-    merged_dtype = json.loads((Path(merged_dir) / "config.json").read_text()).get("dtype")
-    exact = run.model.quant.compute_dtype == "float32" and merged_dtype == "float32"
+    if limits is None:
+        merged_dtype = json.loads((Path(merged_dir) / "config.json").read_text()).get("dtype")
+        exact = run.model.quant.compute_dtype == "float32" and merged_dtype == "float32"
+        limits = "exact" if exact else "16-bit"
     max_diff, kl, top1, top1_decisive = compare_logits(ref, merged)
     _, adapter_kl, adapter_top1, _ = compare_logits(ref, base)
     result = CheckResult(
@@ -239,7 +254,7 @@ def self_check(
         top1_decisive=top1_decisive,
         adapter_kl=adapter_kl,
         adapter_top1=adapter_top1,
-        limits="exact" if exact else "16-bit",
+        limits=limits,
         prompts_from=source,
         reference=what,
         training_kl=None if training is None else compare_logits(training, merged)[1],

@@ -45,6 +45,89 @@ def build_char_tokenizer(pad_is_eos: bool = False, add_bos: bool = True, chat_te
     return tokenizer
 
 
+BPE_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. The dog did not move, and the fox ran into the forest. "
+    "Question: What is the capital of France? Answer: The capital of France is Paris. "
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5\n"
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. "
+    "Translate to German: The weather is nice today. German: Das Wetter ist heute schön. 1, 1, 2, 3, 5, 8, 13, 21."
+)
+
+
+def build_bpe_tokenizer(kind: str = "llama3", vocab_size: int = 400, chat_template: str | None = CHATML) -> Any:
+    """A small trained BPE tokenizer of a real model family's kind, for the GGUF export tests:
+
+    ``llama3``       byte-level BPE split by Llama 3's pattern, BOS added (Llama 3, SmolLM-style)
+    ``qwen2``        byte-level BPE split by Qwen2's pattern, no BOS
+    ``sentencepiece``  sentencepiece-style BPE ("▁" for spaces, byte fallback tokens <0x00>..<0xFF>), BOS
+                     added, "▁" prefixed to the text (Llama 2, Mistral, Phi-3)
+    ``gemma``        the same without the "▁" prefix (Gemma)
+    Special tokens are ``SPECIAL_TOKENS`` (ChatML's turn markers among them)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_cli.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    corpus = [BPE_CORPUS] * 4
+    if kind in ("llama3", "qwen2"):
+        split = LLAMA3_SPLIT if kind == "llama3" else QWEN2_SPLIT
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(corpus, trainer)
+    elif kind in ("sentencepiece", "gemma"):
+        # train on "▁"-spelled text, then lay the vocabulary out as Llama 2's is: specials, 256 byte tokens, pieces
+        sp = Tokenizer(models.BPE())
+        sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        sp.pre_tokenizer = pre_tokenizers.Split(Regex("▁[^▁]*|[^▁]+"), behavior="isolated")
+        sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+        pieces = sorted(sp.get_vocab().items(), key=lambda kv: kv[1])
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])}
+        for piece, _ in pieces:
+            vocab.setdefault(piece, len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges(sp)]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        replace = normalizers.Replace(" ", "▁")
+        tk.normalizer = replace if kind == "gemma" else normalizers.Sequence([normalizers.Prepend("▁"), replace])
+        tk.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        tk.add_special_tokens(SPECIAL_TOKENS)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    vocab = tk.get_vocab()
+    if kind != "qwen2":
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _merges(tk: Any) -> list[Any]:
+    import json
+
+    return json.loads(tk.to_str())["model"]["merges"]
+
+
 def _common(tok: Any) -> dict[str, Any]:
     return {
         "vocab_size": len(tok),

@@ -1,0 +1,312 @@
+"""``qlora export``: a run as one GGUF file for llama.cpp, Ollama and LM Studio, or its adapter as a GGUF LoRA.
+
+    --format gguf        the merged weights (``qlora merge``'s, streamed tensor by tensor) in llama.cpp's layout,
+                         quantized per tensor (``--quant``), with the tokenizer and the run's chat template;
+                         an Ollama Modelfile beside it
+    --format gguf-lora   the adapter alone, for ``llama-cli -m base.gguf --lora adapter.gguf``
+
+The file is written beside the output under a temporary name, read back by transformers' own GGUF loader (an
+independent reader) and compared with the adapter on its base (``self_check``), and only then renamed into
+place; a failed check exits 1 and leaves nothing. Bad input is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.export.gguf_arch import (
+    DEFAULT_QUANT,
+    QUANTS,
+    ArchSpec,
+    TensorNames,
+    arch_spec,
+    llama3_rope_factors,
+    metadata,
+    permute_rotary,
+    tensor_type,
+    to_gguf_layout,
+)
+from qlora_cli.export.gguf_vocab import source_gguf_file, vocab_metadata
+from qlora_cli.merge import BASE_WEIGHTS, MergeSource, merged_tensors, prepare_source, usual_mode
+from qlora_cli.model import quiet_libraries, resolve_device
+
+FORMATS = ("gguf", "gguf-lora")
+GGUF_WRITE_MIN_VERSION = "0.13.0"
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    format: str
+    quant: str
+    n_tensors: int
+    nbytes: int
+    seconds: float = 0.0
+    modelfile: Path | None = None
+    check: Any = None  # merge.self_check.CheckResult
+    check_skipped: str | None = None
+    types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
+
+
+def export_run(
+    run_path: str | Path,
+    output: str | Path,
+    *,
+    fmt: str = "gguf",
+    quant: str = DEFAULT_QUANT,
+    base: str | None = None,
+    base_weights: str = "dequantized",
+    force: bool = False,
+    verify: bool = True,
+    device: str = "auto",
+    console: Console | None = None,
+) -> ExportResult:
+    """Export a run (see the module docstring). Raises ``QLoRAError`` subclasses for bad input."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    started = time.perf_counter()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if quant not in QUANTS:
+        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if base_weights not in BASE_WEIGHTS:
+        raise ConfigError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
+    _require_gguf()
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ModelError(f"output {out} is a folder; give the path of the .gguf file to write")
+    if out.exists() and not force:
+        raise ModelError(f"output {out} exists (use --force to replace it)")
+    torch_device = resolve_device(device)
+    quiet_libraries()
+
+    from qlora_cli.run_folder import open_run
+
+    source_gguf = source_gguf_file(open_run(run_path, base=base).model.base_model)
+    source = prepare_source(run_path, base, base_weights)
+    spec = arch_spec(source.config)
+    names = TensorNames(spec)
+    if source_gguf is not None and out.resolve() == Path(source_gguf).expanduser().resolve():
+        raise ModelError(f"output {out} is the run's base model; choose another file")
+    if fmt == "gguf-lora":
+        return _export_lora(source, spec, names, out, started, console)
+
+    vocab_size = int(source.config["vocab_size"])
+    kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf)}
+    plan = _plan(source, spec, names, quant)
+    rope_factors = llama3_rope_factors(source.config, spec.head_dim)
+    total = sum(p.nbytes for p in plan.values()) + (0 if rope_factors is None else rope_factors.nbytes)
+    _check_disk(out, total)
+
+    console.print(
+        f"exporting {source.run.path} ({spec.model_type}, {len(source.targets)} merged layers, {base_weights} base "
+        f"weights) -> {out} (GGUF {quant}, {_gb(total)})"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=".gguf")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = _open_writer(tmp, spec, source, quant, kv)
+        if rope_factors is not None:
+            writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, np.float32, rope_factors.nbytes)
+        for p in plan.values():
+            writer.add_tensor_info(p.name, p.shape, np.float32, p.nbytes, raw_dtype=p.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        if rope_factors is not None:
+            writer.write_tensor_data(rope_factors)
+        for info, tensor, _stat in merged_tensors(source, base_weights, torch_device):
+            p = plan.get(info.name)
+            if p is None:
+                continue
+            writer.write_tensor_data(_encode(spec, p, tensor))
+            del tensor
+        writer.fout[0].flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        usual_mode(tmp)
+        result = ExportResult(out, fmt, quant, len(plan), tmp.stat().st_size)
+        for p in plan.values():
+            result.types[p.type_name] = result.types.get(p.type_name, 0) + 1
+        console.print(f"[green]wrote[/green] {tmp.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s")
+        if verify:
+            from qlora_cli.export.check import check_export
+
+            result.check = check_export(source, tmp, quant, base_weights, torch_device, console)
+            if not result.check.passed:
+                tmp.unlink(missing_ok=True)
+                result.seconds = time.perf_counter() - started
+                return result
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    from qlora_cli.export.ollama import write_modelfile
+
+    result.modelfile = write_modelfile(out, quant, source.tokenizer, console)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order (rows, columns)
+    type_name: str  # F32, F16, BF16, Q8_0, ...
+    nbytes: int
+
+    @property
+    def ggml_type(self) -> Any:
+        import gguf
+
+        return gguf.GGMLQuantizationType[self.type_name]
+
+
+def _plan(source: MergeSource, spec: ArchSpec, names: TensorNames, quant: str) -> dict[str, PlannedTensor]:
+    """{HF tensor name: what it becomes in the file}, in the base's file order."""
+    import gguf
+
+    plan: dict[str, PlannedTensor] = {}
+    for info in source.infos:
+        name = names.gguf_name(info.name)
+        if name is None:
+            continue
+        shape = tuple(info.shape)
+        kind = tensor_type(quant, name, shape)
+        qtype = gguf.GGMLQuantizationType[kind]
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
+        plan[info.name] = PlannedTensor(name, shape, kind, nbytes)
+    if not any(p.name == "output.weight" for p in plan.values()) and not spec.tied:
+        raise ModelError("GGUF export: the base model has no output head (lm_head.weight) and is not tied")
+    return plan
+
+
+def _encode(spec: ArchSpec, p: PlannedTensor, tensor: torch.Tensor) -> np.ndarray:
+    """One tensor as the bytes of its GGML type (in llama.cpp's layout)."""
+    import gguf
+
+    w = to_gguf_layout(spec, p.name, tensor.float().numpy())
+    if p.type_name == "F32":
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if p.type_name == "F16":
+        return np.ascontiguousarray(w, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), p.ggml_type)
+
+
+def _open_writer(path: Path, spec: ArchSpec, source: MergeSource, quant: str, kv: dict[str, Any]) -> Any:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, spec.arch)
+    writer.add_name(source.run.path.resolve().name)
+    writer.add_file_type(QUANTS[quant][1])
+    if QUANTS[quant][0].startswith("Q"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in kv.items():
+        add_value(writer, key, value)
+    return writer
+
+
+def add_value(writer: Any, key: str, value: Any) -> None:
+    """One metadata value with the GGUF type llama.cpp reads it as."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        if key.endswith(".scores"):
+            value = [float(v) for v in value]
+        elif key.endswith(".token_type"):
+            value = [int(v) for v in value]
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"cannot write {key} = {value!r}")
+
+
+def _export_lora(
+    source: MergeSource, spec: ArchSpec, names: TensorNames, out: Path, started: float, console: Console
+) -> ExportResult:
+    """The adapter as a GGUF LoRA: per targeted weight, ``<name>.lora_a`` (r, in) and ``<name>.lora_b`` (out, r)
+    in float32, B's rows permuted like the weight's; ``adapter.lora.alpha`` = scaling · r, so llama.cpp's
+    alpha / r is the run's scaling (rsLoRA included)."""
+    import gguf
+
+    if not source.targets:
+        raise ModelError("the run's adapter targets no weight")
+    ranks = {t.lora_A.shape[0] for t in source.targets.values()}
+    if len(ranks) != 1:
+        raise ModelError("GGUF LoRA export needs one rank for every layer (llama.cpp takes one alpha)")
+    r = ranks.pop()
+    tensors: list[tuple[str, np.ndarray]] = []
+    for key, target in source.targets.items():
+        name = names.gguf_name(key)
+        if name is None:
+            raise ModelError(f"GGUF LoRA export: llama.cpp has no tensor for the adapted weight {key}")
+        if target.conv1d:
+            raise ModelError(f"GGUF LoRA export: {key} is a Conv1D weight, which llama.cpp does not adapt")
+        a = target.lora_A.float().numpy()
+        b = target.lora_B.float().numpy()
+        if spec.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            b = permute_rotary(b, spec.n_heads if ".attn_q." in name else spec.n_kv_heads)
+        tensors += [(f"{name}.lora_a", np.ascontiguousarray(a)), (f"{name}.lora_b", np.ascontiguousarray(b))]
+    total = sum(t.nbytes for _, t in tensors)
+    _check_disk(out, total)
+    console.print(f"exporting the adapter of {source.run.path} ({len(source.targets)} layers, r={r}) -> {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=".gguf")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, spec.arch)
+        writer.add_name(source.run.path.resolve().name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(source.scaling * r))
+        for name, t in tensors:
+            writer.add_tensor(name, t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        usual_mode(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    result = ExportResult(out, "gguf-lora", "f32", len(tensors), out.stat().st_size, types={"F32": len(tensors)})
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_disk(out: Path, total: int) -> None:
+    existing = next(p for p in [out.parent, *out.parent.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise ModelError(f"not enough disk space for {out}: the file needs {_gb(total)}, {_gb(free)} free")
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError(f"GGUF export needs the gguf package: pip install 'gguf>={GGUF_WRITE_MIN_VERSION}'") from None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,128 @@
+"""The export's self-check: the written GGUF file read back by transformers' own GGUF loader (an independent
+reader: it parses the metadata into a config and a tokenizer, and un-permutes and dequantizes the tensors)
+and compared with the adapter on its base: logits on a few prompts (``merge.self_check`` with the limits
+of the file's precision) and token ids on texts that exercise the special tokens and the chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from qlora_cli.export.gguf_arch import rope_settings
+from qlora_cli.merge import MergeSource
+from qlora_cli.merge.self_check import BUILTIN_PROMPTS, CHECK_LIMITS, CheckResult, self_check
+from qlora_cli.model import quiet_libraries
+
+# --quant -> which CHECK_LIMITS judge the file (f32 is "exact" only when the run computed in float32)
+LIMITS = {"f16": "16-bit", "bf16": "16-bit", "q8_0": "q8_0", "q4_0": "4/5-bit", "q4_1": "4/5-bit", "q5_0": "4/5-bit"}
+LIMITS["q5_1"] = "4/5-bit"
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "What colour is the sky?"},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "And grass?"},
+]
+
+
+def limits_for(quant: str, compute_dtype: str) -> str:
+    if quant == "f32":
+        return "exact" if compute_dtype == "float32" else "16-bit"
+    return LIMITS[quant]
+
+
+def load_gguf_model(path: Path, device: torch.device, config_folder: Path | None = None) -> Any:
+    """The GGUF file as a transformers model in float32. ``config_folder``: take the config from there instead
+    of the file's metadata (for what transformers does not read back, e.g. Llama 3.1's rope scaling)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    quiet_libraries()
+    hf_logging.disable_progress_bar()  # its tensor-conversion bar would interleave with qlora's output
+    kwargs: dict[str, Any] = {}
+    if config_folder is not None:
+        kwargs["config"] = AutoConfig.from_pretrained(config_folder)
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, device_map={"": device}, **kwargs
+    )
+
+
+def check_texts(tokenizer: Any) -> list[str]:
+    """Texts whose token ids must be the same in the file's tokenizer: plain prose and code, every special
+    token of the tokenizer, and a conversation rendered by the run's chat template."""
+    # (no text starts with a space: transformers' GGUF reader prefixes "▁" by Metaspace, so a leading space
+    # comes out one "▁" short of the sentencepiece tokenizers' and llama.cpp's own encoding)
+    texts = list(BUILTIN_PROMPTS) + ["Two  spaces,\ttabs\n\nand 12345 digits; émigré 東京 🙂"]
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    if specials:
+        texts.append("x" + " x".join(specials) + " y")
+    if getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def tokenizer_problems(tokenizer: Any, path: Path) -> list[str]:
+    """Where the file's tokenizer (as transformers reads it) gives other ids than the run's tokenizer."""
+    from transformers import AutoTokenizer
+
+    quiet_libraries()
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    texts = check_texts(tokenizer)
+    if _file_tokenizer_model(path) == "llama":
+        # sentencepiece: the run's tokenizer and llama.cpp prefix "▁" to the text after a special token too
+        # (Llama 2's "legacy" behaviour); transformers' reader does not, so only texts without one compare
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        texts = [t for t in texts if not any(s in t for s in specials)]
+    problems = []
+    for text in texts:
+        ours_ids = list(tokenizer(text)["input_ids"])
+        their_ids = list(theirs(text)["input_ids"])
+        if ours_ids != their_ids:
+            problems.append(
+                f"the file's tokenizer encodes {text[:40]!r} differently ({their_ids[:8]}... vs {ours_ids[:8]}...)"
+            )
+            break
+    template = getattr(tokenizer, "chat_template", None)
+    if template and getattr(theirs, "chat_template", None) != template:
+        problems.append("the file's chat template is not the run's")
+    return problems
+
+
+def check_export(
+    source: MergeSource, path: Path, quant: str, base_weights: str, device: torch.device, console: Console
+) -> CheckResult:
+    """Logits and tokenizer of the GGUF file against the adapter on its base; prints the verdict."""
+    limits = limits_for(quant, source.run.model.quant.compute_dtype)
+    config_folder = source.folder if rope_settings(source.config)["rope_type"] != "default" else None
+    result = self_check(
+        source.run,
+        path.parent,
+        base_weights,
+        device,
+        tokenizer=source.tokenizer,
+        load_candidate=lambda: load_gguf_model(path, device, config_folder),
+        limits=limits,
+    )
+    result.problems.extend(tokenizer_problems(source.tokenizer, path))
+    lim = CHECK_LIMITS[limits]
+    verdict = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
+    console.print(
+        f"self-check {verdict} (read back by transformers' GGUF loader, {result.n_prompts} prompts from "
+        f"{result.prompts_from}, {result.n_positions} positions): mean KL {result.mean_kl:.3g} (limit "
+        f"{lim.max_kl:g}), top-1 agreement {result.top1_agreement:.1%} ({result.top1_decisive:.1%} where the "
+        f"adapter's choice is clear, limit {lim.min_top1:.0%}); the adapter itself moves the base by KL "
+        f"{result.adapter_kl:.3g}; tokenizer: {'same ids' if not any('tokenizer' in p for p in result.problems) else 'DIFFERS'}"
+    )
+    for problem in result.problems:
+        console.print(f"[red]  {problem}[/red]")
+    return result
+
+
+def _file_tokenizer_model(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.model")
+    return None if field is None else field.contents()
