@@ -38,16 +38,23 @@ def load_gguf_model(path: Path, device: torch.device, config_folder: Path | None
     """The GGUF file as a transformers model in float32. ``config_folder``: take the config from there instead
     of the file's metadata (for what transformers does not read back, e.g. Llama 3.1's rope scaling)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     quiet_libraries()
-    hf_logging.disable_progress_bar()  # its tensor-conversion bar would interleave with qlora's output
     kwargs: dict[str, Any] = {}
     if config_folder is not None:
         kwargs["config"] = AutoConfig.from_pretrained(config_folder)
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, device_map={"": device}, **kwargs
-    )
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:  # its per-tensor bar (tqdm.auto, not transformers' switch) would interleave with qlora's
+        gguf_utils.tqdm = lambda items, **_: items
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, device_map={"": device}, **kwargs
+        )
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def check_texts(tokenizer: Any) -> list[str]:

@@ -39,7 +39,7 @@ FAMILIES = (
     ("<|start_header_id|>", LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     ("<start_of_turn>", GEMMA, ["<start_of_turn>", "<end_of_turn>"]),
     ("[INST]", MISTRAL, ["[INST]", "[/INST]"]),
-    ("<|user|>", PHI3, ["<|end|>", "<|user|>", "<|assistant|>"]),
+    ("<|end|>", PHI3, ["<|end|>", "<|user|>", "<|assistant|>"]),
 )
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 

@@ -1,0 +1,265 @@
+"""qlora export: GGUF files that transformers' own GGUF loader (an independent reader) reads back with the
+merged model's logits and the run's token ids, for every supported family; the GGUF LoRA adds up to the
+merged weights; the self-check catches a wrong layout; bad input is refused with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+from qlora_cli.export import export_run
+from qlora_cli.export import gguf_arch as arch_mod
+from qlora_cli.export.check import load_gguf_model
+from qlora_cli.export.ollama import modelfile_path, modelfile_text
+from qlora_cli.testing.tiny import build_bpe_tokenizer, build_tiny_model
+
+from .conftest import upper_rows, write_jsonl
+from .test_merge import make_run, quiet_merge
+
+gguf = pytest.importorskip("gguf")
+CPU = torch.device("cpu")
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("export-data") / "d.jsonl", upper_rows(8, 0))
+
+
+def family_run(
+    root: Path, arch: str, kind: str, data: Path, b_std: float = 0.05, init: dict | None = None, **kw
+) -> Path:
+    """A tiny ``arch`` model with a trained-style ``kind`` tokenizer and a random adapter on every linear layer."""
+    tok = build_bpe_tokenizer(kind)
+    extra = {"query_pre_attn_scalar": 16} if arch == "gemma2" else {}  # llama.cpp scales gemma2 by head_dim
+    init = init or {}
+    base = build_tiny_model(root / "base", arch, tokenizer=tok, **extra, **init)
+    kw.setdefault("load_in_4bit", False)
+    return make_run(base, root / "run", data, b_std=b_std, lora_target_modules="all-linear", **kw)
+
+
+def read_gguf(path: Path) -> dict[str, np.ndarray]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: gguf.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape))) for t in reader.tensors}
+
+
+def field(path: Path, key: str):
+    f = gguf.GGUFReader(path).fields.get(key)
+    return None if f is None else f.contents()
+
+
+@torch.no_grad()
+def logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b  # 12345",
+    "Schön, 東京 🙂 and tabs\tand  two spaces",
+]
+
+
+@pytest.mark.parametrize(
+    "arch,kind,quant,max_diff",
+    [
+        ("llama", "llama3", "f32", 1e-4),  # rotary rows permuted for llama.cpp and back by the reader
+        ("mistral", "sentencepiece", "f16", 0.05),  # mistral runs as llama.cpp's llama
+        ("qwen2", "qwen2", "q8_0", 0.1),  # q/k/v biases, no BOS
+        ("gemma2", "gemma", "bf16", 0.1),  # norms + 1, tied head, softcapping
+        ("phi3", "sentencepiece", "q4_0", 0.5),  # fused qkv and gate_up
+    ],
+)
+def test_round_trip_through_transformers_gguf_loader(tmp_path, data, arch, kind, quant, max_diff):
+    run = family_run(tmp_path, arch, kind, data)
+    out = tmp_path / f"model.{quant}.gguf"
+    result = export_run(run, out, quant=quant, device="cpu", console=QUIET)
+    assert result.check is not None and result.check.passed, result.check.problems
+    assert result.check.adapter_kl > 3 * result.check.mean_kl  # the adapter shows through the quantization
+
+    # the merged model (qlora merge, float32) and the file as transformers reads it give the same logits
+    merged = quiet_merge(run, tmp_path / "merged", dtype="float32")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = AutoModelForCausalLM.from_pretrained(merged.output, dtype=torch.float32).eval()
+    theirs = load_gguf_model(out, CPU).eval()
+    assert theirs.config.model_type in (arch, "llama")
+    tok = AutoTokenizer.from_pretrained(merged.output)
+    file_tok = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        assert file_tok(text)["input_ids"] == ids, text
+        a, b = logits(ours, ids), logits(theirs, ids)
+        diff = (a - b).abs().max().item()
+        assert diff < max_diff, (text, diff)
+    # special tokens, ids and the chat template travel with the file
+    assert field(out, "tokenizer.chat_template") == tok.chat_template
+    assert field(out, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert file_tok.convert_tokens_to_ids("<|im_end|>") == tok.convert_tokens_to_ids("<|im_end|>")
+    types = gguf.GGUFReader(out).tensors
+    norm = next(t for t in types if t.name == "output_norm.weight")
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32  # 1-D tensors stay f32, as llama.cpp keeps them
+    modelfile = modelfile_path(out, quant)
+    assert modelfile.name == "model.Modelfile" and f"FROM ./{out.name}" in modelfile.read_text()
+
+
+def test_4bit_run_exports_the_weights_it_trained_on(tmp_path, data):
+    """The default base weights are the dequantized NF4 ones training saw: the file equals qlora merge's."""
+    run = family_run(tmp_path, "llama", "llama3", data, load_in_4bit=True)
+    out = tmp_path / "m.gguf"
+    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    assert result.check.passed, result.check.problems
+    merged = quiet_merge(run, tmp_path / "merged", dtype="float32")
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in merged.output.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    tensors = read_gguf(out)
+    spec = arch_mod.arch_spec({**_config(merged.output)})
+    q = arch_mod.permute_rotary(weights["model.layers.1.self_attn.q_proj.weight"].numpy(), spec.n_heads)
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight"], q)
+    np.testing.assert_array_equal(
+        tensors["blk.0.ffn_down.weight"], weights["model.layers.0.mlp.down_proj.weight"].numpy()
+    )
+
+
+def _config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_gguf_lora_adds_up_to_the_merged_weights(tmp_path, data):
+    """base.gguf + alpha/r · B @ A (llama.cpp's LoRA rule) == the merged file, tensor by tensor, with the
+    rotary permutation applied to B."""
+    run = family_run(tmp_path / "a", "llama", "llama3", data)
+    zero = family_run(tmp_path / "z", "llama", "llama3", data, b_std=0.0)  # same base (same seed), no change
+    merged, base, lora = tmp_path / "merged.gguf", tmp_path / "base.gguf", tmp_path / "lora.gguf"
+    export_run(run, merged, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
+    export_run(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
+    result = export_run(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
+    assert result.format == "gguf-lora"
+    assert field(lora, "general.type") == "adapter" and field(lora, "adapter.type") == "lora"
+    alpha = field(lora, "adapter.lora.alpha")
+    m, b, t = read_gguf(merged), read_gguf(base), read_gguf(lora)
+    pairs = sorted(n[: -len(".lora_a")] for n in t if n.endswith(".lora_a"))
+    assert len(pairs) == 2 * 7  # every linear layer of both blocks
+    for name in pairs:
+        A, B = t[f"{name}.lora_a"], t[f"{name}.lora_b"]
+        rebuilt = b[name] + alpha / A.shape[0] * (B @ A)
+        np.testing.assert_allclose(rebuilt, m[name], atol=1e-6, err_msg=name)
+    assert not np.allclose(m["blk.0.attn_q.weight"], b["blk.0.attn_q.weight"], atol=1e-3)  # the adapter matters
+
+
+def test_self_check_catches_a_wrong_layout_and_leaves_nothing(tmp_path, data, monkeypatch):
+    """An export that forgets llama.cpp's rotary permutation loads fine and computes something else: the
+    self-check must fail it (exit 1) and remove the file."""
+    # weights large enough that attention is not near-uniform, so scrambling q/k rows changes the output
+    run = family_run(tmp_path, "llama", "llama3", data, init={"initializer_range": 0.2})
+    monkeypatch.setattr(arch_mod, "permute_rotary", lambda w, heads: w)
+    out = tmp_path / "bad.gguf"
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(out), "--quant", "f32", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "self-check" in result.output and "FAILED" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".bad*")) and not (tmp_path / "bad.Modelfile").exists()
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def assert_refused(result, fragment: str, folder: Path, before: set[Path]) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:") and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert set(folder.iterdir()) == before  # nothing written
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, data):
+    run = family_run(tmp_path / "llama", "llama", "llama3", data)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = set(out_dir.iterdir())
+    out = str(out_dir / "m.gguf")
+    assert_refused(run_cli(str(run), "-o", out, "--quant", "q3_k"), "--quant must be one of", out_dir, before)
+    assert_refused(run_cli(str(run), "-o", out, "--format", "onnx"), "--format must be one of", out_dir, before)
+    assert_refused(run_cli(str(tmp_path / "nope"), "-o", out), "nope", out_dir, before)
+    # an architecture llama.cpp's layout is not written for
+    gpt2 = build_tiny_model(tmp_path / "gpt2", "gpt2", tokenizer=build_bpe_tokenizer("llama3"))
+    gpt2_run = make_run(gpt2, tmp_path / "gpt2-run", data, load_in_4bit=False, lora_target_modules="all-linear")
+    assert_refused(run_cli(str(gpt2_run), "-o", out), "llama, mistral, qwen2, gemma2, phi3", out_dir, before)
+    # a tokenizer llama.cpp cannot reproduce (one token per character, WordLevel)
+    char = build_tiny_model(tmp_path / "char", "llama")
+    char_run = make_run(char, tmp_path / "char-run", data, load_in_4bit=False)
+    assert_refused(run_cli(str(char_run), "-o", out), "WordLevel", out_dir, before)
+    # an existing output is kept unless --force
+    (out_dir / "m.gguf").write_text("keep")
+    before = set(out_dir.iterdir())
+    assert_refused(run_cli(str(run), "-o", out), "--force", out_dir, before)
+    assert (out_dir / "m.gguf").read_text() == "keep"
+    ok = run_cli(str(run), "-o", out, "--force", "--quant", "q8_0", "--device", "cpu")
+    assert ok.exit_code == 0, ok.output
+    assert (out_dir / "m.gguf").read_bytes()[:4] == b"GGUF"
+    assert "ollama create m -f" in ok.output and "llama-cli -m" in ok.output
+
+
+def test_unsupported_rope_and_gemma_scaling_are_refused():
+    from qlora_cli.errors import ModelError
+
+    llama = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    with pytest.raises(ModelError, match="rope type 'yarn'"):
+        arch_mod.arch_spec({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    gemma = {**llama, "model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 256}
+    with pytest.raises(ModelError, match="query_pre_attn_scalar"):
+        arch_mod.arch_spec(gemma)
+
+
+def test_llama3_rope_factors_follow_the_scaling_rule():
+    """Llama 3.1's rope_freqs: 1 for short wavelengths, `factor` for long ones, and between them the value
+    transformers' own llama3 rope computes (compared through the inverse frequencies it returns)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    rope["original_max_position_embeddings"] = 8192
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_scaling={**rope, "rope_theta": 500000.0})
+    ours = arch_mod.llama3_rope_factors({"rope_parameters": {**rope, "rope_theta": 500000.0}}, 128)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    np.testing.assert_allclose(ours, (base / inv_freq).numpy(), rtol=1e-4)
+    assert ours[0] == 1.0 and ours[-1] == 8.0 and ((ours > 1) & (ours < 8)).any()
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "mistral", "phi3", "qwen2.5"])
+def test_modelfile_translates_each_named_template(name):
+    from qlora_cli.chat_templates import TEMPLATES
+
+    text = modelfile_text(Path("x.gguf"), TEMPLATES[name][0])
+    assert text.startswith("FROM ./x.gguf\nTEMPLATE ")
+    stops = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+    stops |= {"mistral": "[INST]", "phi3": "<|end|>"}
+    assert f'PARAMETER stop "{stops[name]}"' in text
+    assert ("SYSTEM" in text) == (name == "qwen2.5")  # Qwen's default system prompt
+
+
+def test_modelfile_without_a_known_template_leaves_it_to_the_file():
+    text = modelfile_text(Path("x.gguf"), "{{ messages[0]['content'] }}")
+    assert "TEMPLATE" not in text.replace("no TEMPLATE", "")
+    assert modelfile_path(Path("/a/bot.Q4_0.gguf"), "q4_0") == Path("/a/bot.Modelfile")
+    assert modelfile_path(Path("/a/bot-f16.gguf"), "q8_0") == Path("/a/bot-f16.Modelfile")
