@@ -52,6 +52,8 @@ RESUMABLE_KEYS = frozenset(
         "save_best",
         "report_to",
         "run_name",
+        "wandb_project",
+        "wandb_entity",
     }
 )
 

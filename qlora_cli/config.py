@@ -116,6 +116,8 @@ class RunConfig(BaseModel):
     # experiment trackers (accelerate's tracking API; the same numbers as metrics.jsonl)
     report_to: list[Tracker] = Field(default_factory=list)  # tensorboard, wandb, mlflow; none (the default): []
     run_name: str | None = Field(None, min_length=1)  # the run's name in the trackers; default: output_dir's name
+    wandb_project: str | None = Field(None, min_length=1)  # W&B project; default: $WANDB_PROJECT, else qlora
+    wandb_entity: str | None = Field(None, min_length=1)  # W&B team or user; default: $WANDB_ENTITY, else W&B's default
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -177,6 +179,14 @@ class RunConfig(BaseModel):
                 raise ValueError(f"__key__{key}: needs eval data (eval_datasets or val_set_size > 0)")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("__key__early_stopping_patience: needs eval_steps (evals during training)")
+        return self
+
+    @model_validator(mode="after")
+    def _wandb_keys_need_wandb(self) -> RunConfig:
+        # Axolotl turns W&B on with wandb_project; in qlora report_to does, and a W&B key without it would do nothing
+        for key in ("wandb_project", "wandb_entity"):
+            if getattr(self, key) is not None and "wandb" not in self.report_to:
+                raise ValueError(f"__key__{key}: needs report_to: [wandb] (W&B is on only when report_to names it)")
         return self
 
     # -- sub-views handed to the modules that need them --------------------------------------
@@ -286,7 +296,7 @@ class DataSettings:
 # ---------------------------------------------------------------------------------------------
 # coming from Axolotl: its keys qlora spells differently or does without, and what to write instead
 
-_NO_WANDB = "no W&B logging: metrics go to output_dir/metrics.jsonl, one JSON line per logged step"
+_WANDB = "report_to: [wandb] with wandb_project, wandb_entity and run_name; "
 _NOTHING = "nothing to set: "
 # key -> the qlora way; a dict hints by the value given (None: any other value)
 AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
@@ -314,11 +324,17 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "max_packed_sequence_len": "sequence_len (with sample_packing: true)",
     "tokenizer_config": "tokenizer (a tokenizer folder or hub id)",
     "chat_template_jinja": "chat_template: the Jinja text itself",
-    "wandb_project": _NO_WANDB,
-    "wandb_entity": _NO_WANDB,
-    "wandb_name": _NO_WANDB,
-    "wandb_watch": _NO_WANDB,
-    "wandb_log_model": _NO_WANDB,
+    "use_wandb": "report_to: [wandb]",
+    "wandb_name": "run_name (the run's name in every tracker)",
+    "wandb_mode": "report_to: [wandb] with WANDB_MODE=offline (or online) in the environment",
+    "wandb_run_id": _WANDB + "the run id is kept in output_dir/trackers.json and a resumed run continues it",
+    "wandb_watch": _WANDB + "no gradient or parameter watching (the numbers of metrics.jsonl are sent)",
+    "wandb_log_model": _WANDB + "adapters are not uploaded as W&B artifacts",
+    "use_tensorboard": "report_to: [tensorboard]",
+    "use_mlflow": "report_to: [mlflow]",
+    "mlflow_tracking_uri": "report_to: [mlflow] with MLFLOW_TRACKING_URI in the environment",
+    "mlflow_experiment_name": "report_to: [mlflow] with MLFLOW_EXPERIMENT_NAME in the environment",
+    "mlflow_run_name": "run_name (the run's name in every tracker)",
     "liger_rms_norm": "liger_kernels: true",
     "liger_glu_activation": "liger_kernels: true",
     "liger_rope": "liger_kernels: true",

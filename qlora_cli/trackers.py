@@ -7,9 +7,14 @@ Only the main process reports (accelerate's ``init_trackers`` and ``log`` run th
 package is imported by accelerate when the run starts; ``check_trackers`` refuses a missing one before
 anything is loaded or written.
 
+    wandb_project: my-project           W&B's project (else $WANDB_PROJECT, else qlora) and entity (else
+    wandb_entity: my-team               $WANDB_ENTITY, else W&B's default); WANDB_MODE=offline keeps it local
+
 Resume continues the same curves, no step twice: TensorBoard purges the events after the checkpoint's step
 (``SummaryWriter(purge_step=)``), W&B resumes the run by its id and MLflow by its run id (both kept in
-``output_dir/trackers.json``), and steps MLflow already holds are not sent again.
+``output_dir/trackers.json``). Neither W&B nor MLflow can take a step back, so the steps they already hold
+(MLflow: its store says; W&B: the last step the earlier run logged, or the resumed run's starting step
+online) are not sent again: they keep the earlier run's values where the resumed run trains steps again.
 """
 
 from __future__ import annotations
@@ -92,9 +97,12 @@ class Reporter:
         self.accelerator.trackers = []
 
 
-def start_trackers(accelerator: Any, cfg: RunConfig, out: Path, resumed_step: int | None) -> Reporter | None:
+def start_trackers(
+    accelerator: Any, cfg: RunConfig, out: Path, resumed_step: int | None, logged_through: int | None = None
+) -> Reporter | None:
     """Build and start the trackers ``cfg.report_to`` names (main process); None when there are none.
-    ``resumed_step``: the checkpoint's step when the run resumes. A new run stores the config as hyperparameters."""
+    ``resumed_step``: the checkpoint's step when the run resumes; ``logged_through``: then the last step the
+    earlier run logged to metrics.jsonl. A new run stores the config as hyperparameters."""
     if not cfg.report_to:
         return None
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
@@ -112,10 +120,14 @@ def start_trackers(accelerator: Any, cfg: RunConfig, out: Path, resumed_step: in
         # purge_step: TensorBoard hides the events a crashed run wrote after its last checkpoint
         kwargs = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
         trackers.append(TensorBoardTracker(TENSORBOARD_DIR, out, **kwargs))
+    wandb_logged = logged_through if "wandb_id" in ids else None  # the earlier run reported to W&B too
     if "wandb" in cfg.report_to:
         ids.setdefault("wandb_id", secrets.token_hex(8))
-        project = os.environ.get("WANDB_PROJECT", PROJECT)
-        trackers.append(WandBTracker(project, name=run_name, id=ids["wandb_id"], resume="allow", dir=str(out)))
+        project = cfg.wandb_project or os.environ.get("WANDB_PROJECT") or PROJECT
+        entity = {"entity": cfg.wandb_entity} if cfg.wandb_entity else {}  # else wandb reads $WANDB_ENTITY
+        trackers.append(
+            WandBTracker(project, name=run_name, id=ids["wandb_id"], resume="allow", dir=str(out), **entity)
+        )
     if "mlflow" in cfg.report_to:
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         trackers.append(MLflowTracker(experiment_name=experiment, run_id=ids.get("mlflow_run_id"), run_name=run_name))
@@ -128,6 +140,11 @@ def start_trackers(accelerator: Any, cfg: RunConfig, out: Path, resumed_step: in
                 ids["mlflow_run_id"] = tracker.active_run.info.run_id
                 if resumed_step is not None:
                     skip["mlflow"] = _mlflow_last_step(ids["mlflow_run_id"])
+            if tracker.name == "wandb" and resumed_step is not None:
+                # offline, W&B cannot say what the run holds (starting_step 0): metrics.jsonl's earlier run does
+                held = max(wandb_logged or -1, getattr(tracker.run, "starting_step", 0) - 1)
+                if held > resumed_step:
+                    skip["wandb"] = held
         ids_file.write_text(json.dumps(ids) + "\n")
     return Reporter(accelerator, skip)
 

@@ -304,7 +304,7 @@ def start(run: Run) -> None:
         (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
     keep = run.state.step if run.resumed_from is not None else None
     run.metrics = MetricsLog(run.out / METRICS_FILE, keep, enabled=main)
-    run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep)
+    run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep, run.metrics.logged_through)
     if run.reporter is not None:
         run.metrics.report = run.reporter.report
     run.started = time.perf_counter()

@@ -25,6 +25,7 @@ class MetricsLog:
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         self.report: Any = None  # also send each record to the experiment trackers
+        self.logged_through: int | None = None  # on resume: the last step the earlier run logged (dropped or not)
         kept = []
         if keep_through_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -32,7 +33,11 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash
                     continue
-                if record.get("type") in ("train", "eval") and record.get("step", 0) <= keep_through_step:
+                if record.get("type") not in ("train", "eval"):
+                    continue
+                step = record.get("step", 0)
+                self.logged_through = max(self.logged_through or 0, step)
+                if step <= keep_through_step:
                     kept.append(record)
         self.history = kept
         if enabled:

@@ -21,7 +21,13 @@ BASE = {"base_model": "m", "datasets": [{"path": "d.jsonl"}]}
         ("adapter", "qlora", "in qlora: load_in_4bit: true"),
         ("adapter", "lora", "in qlora: load_in_4bit: false"),
         ("lora_target_linear", True, "in qlora: lora_target_modules: all-linear"),
-        ("wandb_project", "my-proj", "in qlora: no W&B logging: metrics go to output_dir/metrics.jsonl"),
+        ("wandb_watch", "gradients", "in qlora: report_to: [wandb] with wandb_project, wandb_entity and run_name; no"),
+        ("wandb_name", "r16", "in qlora: run_name (the run's name in every tracker)"),
+        (
+            "mlflow_tracking_uri",
+            "http://x",
+            "in qlora: report_to: [mlflow] with MLFLOW_TRACKING_URI in the environment",
+        ),
         ("bf16", "auto", "in qlora: bnb_4bit_compute_dtype: bfloat16"),
         ("fp16", True, "in qlora: bnb_4bit_compute_dtype: float16"),
         ("test_datasets", [{"path": "e.jsonl"}], "in qlora: eval_datasets"),
@@ -56,7 +62,7 @@ def test_hints_name_only_keys_qlora_has():
     for hint in AXOLOTL_KEYS.values():
         for text in hint.values() if isinstance(hint, dict) else [hint]:
             named = text.split(":")[0].split(" ")[0]
-            assert named in RunConfig.model_fields or text.startswith(("nothing to set", "no W&B", "accelerate")), text
+            assert named in RunConfig.model_fields or text.startswith(("nothing to set", "accelerate")), text
     assert len(AXOLOTL_KEYS) >= 15 and not set(AXOLOTL_KEYS) & set(RunConfig.model_fields)
     allowed = {"optimizer": get_args(Optimizer), "type": get_args(DatasetType)}
     for (key, _), value in AXOLOTL_VALUES.items():
