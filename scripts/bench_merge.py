@@ -78,14 +78,15 @@ print(json.dumps({"seconds": seconds, "peak_rss": peak}))
 """
 
 
-def build(work: Path, size: str, shard: str) -> tuple[Path, Path, int]:
-    """(base folder, run folder, parameter count): a random bf16 Llama in shards and a random LoRA run."""
+def build(work: Path, size: str, shard: str, tokenizer: str = "char") -> tuple[Path, Path, int]:
+    """(base folder, run folder, parameter count): a random bf16 Llama in shards and a random LoRA run.
+    ``tokenizer``: "char" (one token per character) or a ``build_bpe_tokenizer`` kind (GGUF export needs BPE)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_cli.config import dump_config, load_config
-    from qlora_cli.testing.tiny import build_char_tokenizer
+    from qlora_cli.testing.tiny import build_bpe_tokenizer, build_char_tokenizer
 
     s = SIZES[size]
     base, run = work / "base", work / "run"
@@ -108,8 +109,8 @@ def build(work: Path, size: str, shard: str) -> tuple[Path, Path, int]:
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(base, max_shard_size=shard)
     del model
-    tokenizer = build_char_tokenizer()
-    tokenizer.save_pretrained(base)
+    tok = build_char_tokenizer() if tokenizer == "char" else build_bpe_tokenizer(tokenizer)
+    tok.save_pretrained(base)
 
     # a random rank-16 adapter on every linear layer, in PEFT's format, plus the run config qlora train writes
     r, h, i = 16, s["hidden_size"], s["intermediate_size"]

@@ -103,7 +103,11 @@ def check_export(
 ) -> CheckResult:
     """Logits and tokenizer of the GGUF file against the adapter on its base; prints the verdict."""
     limits = limits_for(quant, source.run.model.quant.compute_dtype)
-    config_folder = source.folder if rope_settings(source.config)["rope_type"] != "default" else None
+    # transformers' reader does not read back Llama 3.1's rope scaling, nor Gemma 2's softcapping and query
+    # scale (it takes its defaults): those models are checked with the base's config, and llama.cpp-specific
+    # keys are covered by the llama.cpp tests
+    unread = rope_settings(source.config)["rope_type"] != "default" or source.config.get("model_type") == "gemma2"
+    config_folder = source.folder if unread else None
     result = self_check(
         source.run,
         path.parent,
@@ -125,6 +129,11 @@ def check_export(
     )
     for problem in result.problems:
         console.print(f"[red]  {problem}[/red]")
+    if not result.passed and limits in ("q8_0", "4/5-bit"):
+        console.print(
+            f"  {quant} rounds this model's weights enough to change its answers beyond the limits (small models "
+            "suffer most); try a wider type (q8_0, f16), or keep the file anyway with --no-verify"
+        )
     return result
 
 
