@@ -58,8 +58,10 @@ def read_gguf(path: Path) -> dict[str, np.ndarray]:
 
 
 def field(path: Path, key: str):
+    from qlora_cli.export.gguf_vocab import field_value
+
     f = gguf.GGUFReader(path).fields.get(key)
-    return None if f is None else f.contents()
+    return None if f is None else field_value(f)
 
 
 @torch.no_grad()

@@ -140,5 +140,7 @@ def check_export(
 def _file_tokenizer_model(path: Path) -> str | None:
     from gguf import GGUFReader
 
+    from qlora_cli.export.gguf_vocab import field_value
+
     field = GGUFReader(path).fields.get("tokenizer.ggml.model")
-    return None if field is None else field.contents()
+    return None if field is None else field_value(field)
