@@ -265,3 +265,15 @@ def test_modelfile_without_a_known_template_leaves_it_to_the_file():
     assert "TEMPLATE" not in text.replace("no TEMPLATE", "")
     assert modelfile_path(Path("/a/bot.Q4_0.gguf"), "q4_0") == Path("/a/bot.Modelfile")
     assert modelfile_path(Path("/a/bot-f16.gguf"), "q8_0") == Path("/a/bot-f16.Modelfile")
+
+
+def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    rope |= {"original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    run = family_run(tmp_path, "llama", "llama3", data, init={"rope_parameters": rope})
+    out = tmp_path / "m.gguf"
+    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    assert result.check.passed, result.check.problems  # read with the base's config: see check.py
+    freqs = read_gguf(out)["rope_freqs.weight"]
+    assert freqs.tolist() == arch_mod.llama3_rope_factors({"rope_parameters": rope}, 16).tolist()
+    assert freqs[0] == 1.0 and freqs[-1] == 8.0  # short wavelengths kept, long ones scaled by the factor

@@ -106,19 +106,32 @@ def data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("lcpp-data") / "d.jsonl", upper_rows(8, 0))
 
 
+LLAMA31_ROPE = {
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+    }
+}  # fmt: skip  (Llama 3.1's rope scaling, its wavelength bands moved into a 16-wide head)
+
+
 @pytest.mark.parametrize(
-    "arch,kind",
+    "arch,kind,extra",
     [
-        ("llama", "llama3"),
-        ("mistral", "sentencepiece"),
-        ("qwen2", "qwen2"),
-        ("gemma2", "gemma"),
-        ("phi3", "sentencepiece"),
+        ("llama", "llama3", {}),
+        ("llama", "llama3", LLAMA31_ROPE),  # written as llama.cpp's rope_freqs tensor
+        ("mistral", "sentencepiece", {}),
+        ("qwen2", "qwen2", {}),
+        ("gemma2", "gemma", {}),
+        ("phi3", "sentencepiece", {}),
     ],
 )
-def test_llama_cpp_runs_the_export_like_the_merged_model(tmp_path, data, arch, kind):
+def test_llama_cpp_runs_the_export_like_the_merged_model(tmp_path, data, arch, kind, extra):
     # weights large enough for decisive next-token choices, so greedy decoding is a real comparison
-    run = family_run(tmp_path, arch, kind, data, init={"initializer_range": 0.1})
+    run = family_run(tmp_path, arch, kind, data, init={"initializer_range": 0.1, **extra})
     out = tmp_path / "m.f32.gguf"
     result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems
