@@ -182,8 +182,12 @@ def export(
         str, typer.Option("--format", help="gguf (the merged model) or gguf-lora (the adapter, for llama.cpp --lora).")
     ] = "gguf",
     quant: Annotated[
-        str, typer.Option("--quant", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (gguf only).")
-    ] = "q8_0",
+        str | None,
+        typer.Option(
+            "--quant",
+            help="gguf: f32, f16, bf16, q8_0 (default), q4_0, q4_1, q5_0, q5_1; gguf-lora: f32 (default), f16.",
+        ),
+    ] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model folder or hub id; default: the run's.")] = None,
     base_weights: Annotated[
         str, typer.Option("--base-weights", help="dequantized (the NF4 weights the adapter trained on) or original.")

@@ -155,7 +155,9 @@ def test_gguf_lora_adds_up_to_the_merged_weights(tmp_path, data):
     export_run(run, merged, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
     export_run(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
     result = export_run(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
-    assert result.format == "gguf-lora"
+    assert result.format == "gguf-lora" and result.types == {"F32": 28}
+    half = export_run(run, tmp_path / "lora16.gguf", fmt="gguf-lora", quant="f16", device="cpu", console=QUIET)
+    assert half.types == {"F16": 28} and half.nbytes < 0.6 * result.nbytes
     assert field(lora, "general.type") == "adapter" and field(lora, "adapter.type") == "lora"
     alpha = field(lora, "adapter.lora.alpha")
     m, b, t = read_gguf(merged), read_gguf(base), read_gguf(lora)
@@ -199,7 +201,11 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, data):
     out_dir.mkdir()
     before = set(out_dir.iterdir())
     out = str(out_dir / "m.gguf")
-    assert_refused(run_cli(str(run), "-o", out, "--quant", "q3_k"), "--quant must be one of", out_dir, before)
+    assert_refused(
+        run_cli(str(run), "-o", out, "--quant", "q3_k"), "--quant for --format gguf must be one of", out_dir, before
+    )
+    lora_quant = run_cli(str(run), "-o", out, "--format", "gguf-lora", "--quant", "q8_0")
+    assert_refused(lora_quant, "--quant for --format gguf-lora must be one of f32, f16", out_dir, before)
     assert_refused(run_cli(str(run), "-o", out, "--format", "onnx"), "--format must be one of", out_dir, before)
     assert_refused(run_cli(str(tmp_path / "nope"), "-o", out), "nope", out_dir, before)
     # an architecture llama.cpp's layout is not written for

@@ -38,10 +38,19 @@ from qlora_cli.export.gguf_arch import (
     to_gguf_layout,
 )
 from qlora_cli.export.gguf_vocab import source_gguf_file, vocab_metadata
-from qlora_cli.merge import BASE_WEIGHTS, MergeSource, merged_tensors, prepare_source, usual_mode
+from qlora_cli.merge import (
+    BASE_WEIGHTS,
+    MergeSource,
+    available_memory,
+    check_memory_need,
+    merged_tensors,
+    prepare_source,
+    usual_mode,
+)
 from qlora_cli.model import quiet_libraries, resolve_device
 
 FORMATS = ("gguf", "gguf-lora")
+LORA_QUANTS = ("f32", "f16")  # a GGUF LoRA's A and B matrices: small, and llama.cpp adds them in float
 GGUF_WRITE_MIN_VERSION = "0.13.0"
 
 
@@ -64,7 +73,7 @@ def export_run(
     output: str | Path,
     *,
     fmt: str = "gguf",
-    quant: str = DEFAULT_QUANT,
+    quant: str | None = None,
     base: str | None = None,
     base_weights: str = "dequantized",
     force: bool = False,
@@ -77,8 +86,10 @@ def export_run(
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if quant not in QUANTS:
-        raise ConfigError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    allowed = QUANTS if fmt == "gguf" else LORA_QUANTS
+    quant = quant or (DEFAULT_QUANT if fmt == "gguf" else "f32")
+    if quant not in allowed:
+        raise ConfigError(f"--quant for --format {fmt} must be one of {', '.join(allowed)}, got {quant!r}")
     if base_weights not in BASE_WEIGHTS:
         raise ConfigError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     _require_gguf()
@@ -99,7 +110,7 @@ def export_run(
     if source_gguf is not None and out.resolve() == Path(source_gguf).expanduser().resolve():
         raise ModelError(f"output {out} is the run's base model; choose another file")
     if fmt == "gguf-lora":
-        return _export_lora(source, spec, names, out, started, console)
+        return _export_lora(source, spec, names, out, quant, started, console)
 
     vocab_size = int(source.config["vocab_size"])
     kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf)}
@@ -141,7 +152,11 @@ def export_run(
         for p in plan.values():
             result.types[p.type_name] = result.types.get(p.type_name, 0) + 1
         console.print(f"[green]wrote[/green] {tmp.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s")
-        if verify:
+        need, have = check_memory_need(source.infos), available_memory(torch_device)
+        if verify and have is not None and need > have:
+            result.check_skipped = f"the self-check needs about {_gb(need)} of memory, {_gb(have)} is available"
+            console.print(f"[yellow]self-check skipped: {result.check_skipped}[/yellow]")
+        elif verify:
             from qlora_cli.export.check import check_export
 
             result.check = check_export(source, tmp, quant, base_weights, torch_device, console)
@@ -240,10 +255,10 @@ def add_value(writer: Any, key: str, value: Any) -> None:
 
 
 def _export_lora(
-    source: MergeSource, spec: ArchSpec, names: TensorNames, out: Path, started: float, console: Console
+    source: MergeSource, spec: ArchSpec, names: TensorNames, out: Path, quant: str, started: float, console: Console
 ) -> ExportResult:
     """The adapter as a GGUF LoRA: per targeted weight, ``<name>.lora_a`` (r, in) and ``<name>.lora_b`` (out, r)
-    in float32, B's rows permuted like the weight's; ``adapter.lora.alpha`` = scaling · r, so llama.cpp's
+    in float32 or float16 (``quant``), B's rows permuted like the weight's; ``adapter.lora.alpha`` = scaling · r, so llama.cpp's
     alpha / r is the run's scaling (rsLoRA included)."""
     import gguf
 
@@ -264,7 +279,11 @@ def _export_lora(
         b = target.lora_B.float().numpy()
         if spec.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             b = permute_rotary(b, spec.n_heads if ".attn_q." in name else spec.n_kv_heads)
-        tensors += [(f"{name}.lora_a", np.ascontiguousarray(a)), (f"{name}.lora_b", np.ascontiguousarray(b))]
+        dtype = np.float16 if quant == "f16" else np.float32
+        tensors += [
+            (f"{name}.lora_a", np.ascontiguousarray(a, dtype)),
+            (f"{name}.lora_b", np.ascontiguousarray(b, dtype)),
+        ]
     total = sum(t.nbytes for _, t in tensors)
     _check_disk(out, total)
     console.print(f"exporting the adapter of {source.run.path} ({len(source.targets)} layers, r={r}) -> {out}")
@@ -289,7 +308,8 @@ def _export_lora(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    result = ExportResult(out, "gguf-lora", "f32", len(tensors), out.stat().st_size, types={"F32": len(tensors)})
+    kind = quant.upper()
+    result = ExportResult(out, "gguf-lora", quant, len(tensors), out.stat().st_size, types={kind: len(tensors)})
     result.seconds = time.perf_counter() - started
     return result
 

@@ -175,8 +175,8 @@ def merge_run(
 
     # -- prove it
     if verify:
-        need = _check_memory_need(infos)
-        have = _available_memory(torch_device)
+        need = check_memory_need(infos)
+        have = available_memory(torch_device)
         if have is not None and need > have:
             result.check_skipped = f"the self-check needs about {_gb(need)} of memory, {_gb(have)} is available"
         else:
@@ -441,13 +441,13 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _check_memory_need(infos: list[TensorInfo]) -> int:
+def check_memory_need(infos: list[TensorInfo]) -> int:
     """Bytes the self-check holds at once: the merged model in float32 (loaded after the reference is freed)."""
     params = sum(t.numel for t in infos if t.dtype in FLOAT_CODES)
     return int(params * 4 * 1.2)
 
 
-def _available_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
