@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # On a machine without a GPU a CPU build of torch is enough; override TORCH for your CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-oldest demo demo-tiny lint bench clean
+.PHONY: install test test-oldest test-llama-cpp demo demo-tiny lint bench clean
 
 $(BIN)/qlora: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,20 @@ test-oldest: $(VENV_OLDEST)/bin/qlora
 	$(VENV_OLDEST)/bin/python -c "import transformers, accelerate, bitsandbytes, peft, torch; print('oldest:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, bitsandbytes, peft, torch)))"
 	$(VENV_OLDEST)/bin/python -m pytest -m oldest
 
+# llama.cpp itself on qlora export's GGUF files (tests marked `llama_cpp`; `make test` skips them): llama-cpp-python
+# builds llama.cpp from source into its own venv (about 8 minutes on 2 cores, once). Not part of CI.
+VENV_LLAMA_CPP ?= .venv-llama-cpp
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+
+$(VENV_LLAMA_CPP)/bin/llama-cpp-ok:
+	test -x $(VENV_LLAMA_CPP)/bin/python || $(PYTHON) -m venv $(VENV_LLAMA_CPP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+		$(VENV_LLAMA_CPP)/bin/python -m pip install -q "$(LLAMA_CPP_PYTHON)" numpy
+	touch $@
+
+test-llama-cpp: install $(VENV_LLAMA_CPP)/bin/llama-cpp-ok
+	QLORA_LLAMA_CPP_PYTHON=$(VENV_LLAMA_CPP)/bin/python $(BIN)/python -m pytest -m llama_cpp
+
 # SmolLM2-135M-Instruct (GGUF from PyPI) learns a small extraction task on CPU: a few minutes
 demo: install
 	$(BIN)/python scripts/demo.py
@@ -52,7 +66,7 @@ lint: install
 	$(BIN)/ruff format --check qlora_cli tests scripts
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) models/tiny-demo models/SmolLM2-135M-Instruct.Q4_1.gguf runs/demo runs/demo-smollm2 .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_LLAMA_CPP) models/tiny-demo models/SmolLM2-135M-Instruct.Q4_1.gguf runs/demo runs/demo-smollm2 .pytest_cache
 
 bench: install
 	$(BIN)/python scripts/bench.py --preset cpu-tiny --data full --json bench-cpu-tiny-full.json

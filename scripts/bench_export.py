@@ -20,6 +20,7 @@ Time is the work in the process (imports excluded); memory is its peak RSS (VmHW
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -54,7 +55,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every worker")
     args = parser.parse_args()
 
-    import gguf
     import torch
     import transformers
     from rich.console import Console
@@ -68,7 +68,7 @@ def main() -> None:
     console.print(
         f"base: {n_params / 1e9:.2f}B parameters bf16; adapter r=16 all-linear; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, gguf {gguf.__version__ if hasattr(gguf, '__version__') else '?'}; "
+        f"transformers {transformers.__version__}, gguf {importlib.metadata.version('gguf')}; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     bench_merge.WORKERS.clear()
