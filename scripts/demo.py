@@ -86,18 +86,34 @@ def main() -> int:
         console.print(f"  base:         {before.predictions[i]!r}")
         console.print(f"  base + LoRA:  {after.predictions[i]!r}")
         console.print(f"  expected:     {cases[i].reference!r}")
+    del tuned
+
+    # ship it: one GGUF file for llama.cpp / Ollama / LM Studio, read back and scored like the adapter
+    gguf_out = ROOT / f"{cfg.output_dir}.Q8_0.gguf"
+    console.print(f"\n$ qlora export {cfg.output_dir} -o {gguf_out.relative_to(ROOT)} --force")
+    t0 = time.perf_counter()
+    export = [sys.executable, "-m", "qlora_cli", "export", cfg.output_dir, "-o", str(gguf_out), "--force"]
+    subprocess.run([*export, "--device", "cpu"], cwd=ROOT, check=True)
+    export_secs = time.perf_counter() - t0
+    from qlora_cli.export.check import load_gguf_model
+
+    exported = load_gguf_model(gguf_out, torch.device("cpu"))
+    shipped = score_generations(exported, tokenizer, cases, max_new_tokens=MAX_NEW, batch_size=N_EVAL)
+
     table = Table(title=f"SmolLM2-135M-Instruct: fields as JSON, {before.n} held-out sentences, greedy decoding")
     table.add_column("model")
     table.add_column("exact match", justify="right")
     table.add_row("base (NF4 from GGUF)", f"{before.exact_match:.1%}")
     table.add_row("base + LoRA adapter", f"{after.exact_match:.1%}")
+    table.add_row("exported GGUF, q8_0 (read back by transformers)", f"{shipped.exact_match:.1%}")
     console.print()
     console.print(table)
     console.print(
-        f"training took {train_secs:.0f}s, scoring {base_secs:.0f}s per model; whole demo "
-        f"{time.perf_counter() - started:.0f}s; adapter in {cfg.output_dir}/ (PEFT format)"
+        f"training took {train_secs:.0f}s, export {export_secs:.0f}s, scoring {base_secs:.0f}s per model; whole demo "
+        f"{time.perf_counter() - started:.0f}s; adapter in {cfg.output_dir}/ (PEFT format), GGUF in "
+        f"{gguf_out.relative_to(ROOT)} (+ .Modelfile for Ollama)"
     )
-    return 0 if after.exact_match > before.exact_match else 1
+    return 0 if after.exact_match > before.exact_match and shipped.exact_match >= after.exact_match - 0.05 else 1
 
 
 if __name__ == "__main__":

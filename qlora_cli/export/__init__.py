@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from qlora_cli.export.gguf_arch import (
     ArchSpec,
     TensorNames,
     arch_spec,
+    changes_layout,
     llama3_rope_factors,
     metadata,
     permute_rotary,
@@ -137,12 +139,12 @@ def export_run(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         if rope_factors is not None:
-            writer.write_tensor_data(rope_factors)
+            _write_tensor(writer, [rope_factors], rope_factors.nbytes)
         for info, tensor, _stat in merged_tensors(source, base_weights, torch_device):
             p = plan.get(info.name)
             if p is None:
                 continue
-            writer.write_tensor_data(_encode(spec, p, tensor))
+            _write_tensor(writer, _encoded_chunks(spec, p, tensor), p.nbytes)
             del tensor
         writer.fout[0].flush()
         os.fsync(writer.fout[0].fileno())
@@ -209,8 +211,38 @@ def _plan(source: MergeSource, spec: ArchSpec, names: TensorNames, quant: str) -
     return plan
 
 
+CHUNK_BYTES = 64 << 20  # float32 rows converted at a time: a 128k-token embedding is never whole in float32
+
+
+def _encoded_chunks(spec: ArchSpec, p: PlannedTensor, tensor: torch.Tensor) -> Iterator[np.ndarray]:
+    """The tensor as the bytes of its GGML type in llama.cpp's layout, a block of rows at a time (rows are
+    quantized independently). A tensor whose layout change mixes rows (q/k's rotary permutation) or that is
+    small goes whole."""
+    rows = tensor.shape[0] if tensor.ndim == 2 else 1
+    step = max(1, CHUNK_BYTES // max(1, tensor[0].numel() * 4)) if tensor.ndim == 2 else rows
+    if rows <= step or changes_layout(spec, p.name):
+        yield _encode(spec, p, tensor)
+        return
+    for start in range(0, rows, step):
+        yield _encode(spec, p, tensor[start : start + step])
+
+
+def _write_tensor(writer: Any, chunks: Iterable[np.ndarray], nbytes: int) -> None:
+    """Append one tensor's data (the next one in the header's order) chunk by chunk, aligned as
+    ``GGUFWriter.write_tensor_data`` aligns it; that call takes the whole array at once."""
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        written += chunk.nbytes
+    if written != nbytes:
+        raise AssertionError(f"GGUF export wrote {written} bytes for a tensor planned at {nbytes}")  # a bug
+    writer.write_padding(fout, nbytes)
+
+
 def _encode(spec: ArchSpec, p: PlannedTensor, tensor: torch.Tensor) -> np.ndarray:
-    """One tensor as the bytes of its GGML type (in llama.cpp's layout)."""
+    """A tensor (or a block of its rows) as the bytes of its GGML type, in llama.cpp's layout."""
     import gguf
 
     w = to_gguf_layout(spec, p.name, tensor.float().numpy())

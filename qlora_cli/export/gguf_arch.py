@@ -183,14 +183,19 @@ class TensorNames:
         return name
 
 
+def changes_layout(spec: ArchSpec, gguf_name: str) -> bool:
+    """Whether llama.cpp stores this tensor otherwise than transformers does (see ``to_gguf_layout``)."""
+    rotary = spec.arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name)
+    return rotary or (spec.model_type == "gemma2" and gguf_name.endswith("norm.weight"))
+
+
 def to_gguf_layout(spec: ArchSpec, gguf_name: str, w: np.ndarray) -> np.ndarray:
     """``w`` (float32, HF layout) as llama.cpp's converter stores it."""
-    if spec.arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-        heads = spec.n_heads if ".attn_q." in gguf_name else spec.n_kv_heads
-        return permute_rotary(w, heads)
-    if spec.model_type == "gemma2" and gguf_name.endswith("norm.weight"):
-        return w + 1.0
-    return w
+    if not changes_layout(spec, gguf_name):
+        return w
+    if spec.model_type == "gemma2":
+        return w + 1.0  # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by the stored weight
+    return permute_rotary(w, spec.n_heads if ".attn_q." in gguf_name else spec.n_kv_heads)
 
 
 def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
