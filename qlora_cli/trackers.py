@@ -105,9 +105,6 @@ def start_trackers(
     earlier run logged to metrics.jsonl. A new run stores the config as hyperparameters."""
     if not cfg.report_to:
         return None
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
-
-    run_name = cfg.run_name or out.resolve().name
     ids_file = out / TRACKERS_FILE
     ids: dict[str, str] = {}
     if resumed_step is not None and ids_file.exists():
@@ -116,6 +113,45 @@ def start_trackers(
         except (OSError, ValueError):
             ids = {}
     trackers: list[Any] = []
+    try:
+        skip = _start(accelerator, cfg, out, resumed_step, logged_through, ids, trackers)
+    except Exception as e:
+        if not _from_tracker(e):
+            raise  # a bug in qlora keeps its traceback
+        for tracker in trackers:
+            try:
+                tracker.finish()  # the ones that did start (W&B's run, TensorBoard's writer)
+            except Exception:  # one that did not start has nothing to finish
+                pass
+        accelerator.trackers = []
+        kind = f"{type(e).__module__}.{type(e).__qualname__}"
+        lines = str(e).strip().splitlines()
+        raise ConfigError(f"report_to: a tracker did not start: {kind}: {lines[0] if lines else ''}") from e
+    if accelerator.is_main_process:
+        ids_file.write_text(json.dumps(ids) + "\n")
+    return Reporter(accelerator, skip)
+
+
+def _from_tracker(e: Exception) -> bool:
+    """An exception of a tracker's own package, or of what it reaches (files, network, a module it needs):
+    the tracker refused to start with the user's setup (its store, login or network), not a bug in qlora."""
+    package = type(e).__module__.split(".")[0]
+    return package in ("wandb", "mlflow", "tensorboard", "requests", "urllib3") or isinstance(e, (OSError, ImportError))
+
+
+def _start(
+    accelerator: Any,
+    cfg: RunConfig,
+    out: Path,
+    resumed_step: int | None,
+    logged_through: int | None,
+    ids: dict[str, str],
+    trackers: list[Any],
+) -> dict[str, int]:
+    """Build the trackers into ``trackers``, start them, fill ``ids``; the steps each already holds (resume)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    run_name = cfg.run_name or out.resolve().name
     if "tensorboard" in cfg.report_to:
         # purge_step: TensorBoard hides the events a crashed run wrote after its last checkpoint
         kwargs = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
@@ -145,8 +181,7 @@ def start_trackers(
                 held = max(wandb_logged or -1, getattr(tracker.run, "starting_step", 0) - 1)
                 if held > resumed_step:
                     skip["wandb"] = held
-        ids_file.write_text(json.dumps(ids) + "\n")
-    return Reporter(accelerator, skip)
+    return skip
 
 
 def _mlflow_last_step(run_id: str) -> int:

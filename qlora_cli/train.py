@@ -9,6 +9,7 @@ before the output folder is touched, so a mistake leaves nothing half-written.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -299,12 +300,18 @@ def start(run: Run) -> None:
     """From here on we write (the main process only): the output folder, the config, the metrics log."""
     run.accelerator.wait_for_everyone()  # every process has validated before anything is created
     main = run.accelerator.is_main_process
+    created = main and not run.out.exists()
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
     keep = run.state.step if run.resumed_from is not None else None
     run.metrics = MetricsLog(run.out / METRICS_FILE, keep, enabled=main)
-    run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep, run.metrics.logged_through)
+    try:
+        run.reporter = start_trackers(run.accelerator, run.cfg, run.out, keep, run.metrics.logged_through)
+    except ConfigError:  # a tracker refused to start (its store, login, network): a new run leaves nothing
+        if created:
+            shutil.rmtree(run.out, ignore_errors=True)
+        raise
     if run.reporter is not None:
         run.metrics.report = run.reporter.report
     run.started = time.perf_counter()

@@ -95,6 +95,21 @@ def test_a_tracker_that_is_not_installed_is_a_user_error(tmp_path, llama_dir, mo
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tracker_that_does_not_start_is_a_user_error(tmp_path, llama_dir, monkeypatch):
+    """MLflow refuses a tracking URI it has no store for: after the start summary, one error line naming the
+    exception, exit 2, no traceback, and the new run folder is gone again."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data, report_to=["tensorboard", "mlflow"])
+    result = run_cli("train", str(cfg))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("error: report_to: a tracker did not start: mlflow.") and "bogus://nowhere" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_report_to_forms_and_hyperparameters(tmp_path):
     base = {"base_model": "org/m", "datasets": [{"path": "d.jsonl"}]}
     assert load_config(None, **base).report_to == []
