@@ -23,8 +23,8 @@ test: install
 	$(BIN)/python -m pytest
 
 # The lowest versions pyproject.toml allows, in their own venv, on a fast subset (tests marked `oldest`: train on
-# every architecture, checkpointing modes, resume, merge, eval, PEFT loading): proves the lower bounds. torch stays
-# at $(TORCH) (2.13 CPU, from local disk): torch 2.4 from PyPI would pull a multi-GB CUDA build.
+# every architecture, checkpointing modes, resume, merge, eval, PEFT loading, experiment trackers): proves the lower
+# bounds. torch stays at $(TORCH) (2.13 CPU, from local disk): torch 2.4 from PyPI would pull a multi-GB CUDA build.
 VENV_OLDEST ?= .venv-oldest
 OLDEST := transformers==5.0.0 accelerate==1.2.0 bitsandbytes==0.50.0 peft==0.18.0
 
