@@ -205,8 +205,9 @@ def test_wandb_resume_continues_the_run_without_repeated_steps(
 ):
     """Train 4 steps with a checkpoint at 2, resume to step 6: the second offline session is the same run
     (same id), and it sends only steps 5 and 6 (W&B cannot take a step back; steps 3 and 4 keep the first
-    session's values). WANDB_PROJECT gives the project when wandb_project is unset."""
+    session's values). WANDB_PROJECT and WANDB_ENTITY give the project and entity when the keys are unset."""
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=4))
     cfg = make_config(
         llama_dir, data, tmp_path / "run", max_steps=4, micro_batch_size=4, save_steps=2, eval_steps=2,
@@ -219,7 +220,7 @@ def test_wandb_resume_continues_the_run_without_repeated_steps(
     assert len(sessions) == 2
     runs = [the_run(s) for s in sessions]
     assert runs[0]["run_id"] == runs[1]["run_id"] == json.loads((out / "trackers.json").read_text())["wandb_id"]
-    assert [r["project"] for r in runs] == ["from-env", "from-env"]
+    assert [(r["project"], r["entity"]) for r in runs] == [("from-env", "env-team")] * 2
     assert [r["display_name"] for r in runs] == ["run", "run"]  # the output_dir's name
     assert [s for s, _ in wandb_history(sessions[0], "train/loss")] == [1, 2, 3, 4]
     assert [s for s, _ in wandb_history(sessions[1], "train/loss")] == [5, 6]
