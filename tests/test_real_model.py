@@ -193,3 +193,28 @@ def test_export_to_q8_0_gguf_keeps_the_adapters_answers(real_run, tmp_path):
             return model(input_ids=ids, labels=ids).loss.item()
 
     assert abs(loss(exported) - loss(adapter)) < 0.02 * loss(adapter)
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_answers_like_the_adapter_from_the_exported_gguf(real_run, tmp_path):
+    """llama.cpp itself (llama-cpp-python; skipped where absent) greedy-decodes the q8_0 export of the SmolLM2
+    run: the same answers as the adapter on its training-time base for most held-out prompts."""
+    from .test_export_llama_cpp import llama_cpp, llama_cpp_python
+
+    if llama_cpp_python() is None:
+        pytest.skip("llama-cpp-python is not installed (or set QLORA_LLAMA_CPP_PYTHON)")
+    from qlora_cli.export import export_run
+    from qlora_cli.scoring import generate_ids
+
+    out = tmp_path / "extract.Q8_0.gguf"
+    export_run(real_run, out, verify=False, device="cpu", console=Console(quiet=True))
+    adapter, tokenizer = load_adapted_model(open_run(real_run), CPU)
+    cases = [generation_case(Row(f"r{i}", r), "chat", tokenizer) for i, r in enumerate(rows("eval", 8))]
+    prompts = [c.prompt_ids for c in cases]
+    ours = generate_ids(adapter, tokenizer, prompts, max_new_tokens=40)
+    theirs = llama_cpp(out, prompts, [], n_gen=40)["greedy"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = [t[: t.index(end)] if end in t else t for t in theirs]
+    ours = [o[: o.index(end)] if end in o else o for o in ours]
+    same = sum(a == b for a, b in zip(ours, cut))
+    assert same >= 6, [(tokenizer.decode(a), tokenizer.decode(b)) for a, b in zip(ours, cut)]
