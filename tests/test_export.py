@@ -111,7 +111,8 @@ def test_round_trip_through_transformers_gguf_loader(tmp_path, data, arch, kind,
     # special tokens, ids and the chat template travel with the file
     assert field(out, "tokenizer.chat_template") == tok.chat_template
     assert field(out, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
-    assert file_tok.convert_tokens_to_ids("<|im_end|>") == tok.convert_tokens_to_ids("<|im_end|>")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.unk_token_id and file_tok.convert_tokens_to_ids("<|im_end|>") == im_end
     types = gguf.GGUFReader(out).tensors
     norm = next(t for t in types if t.name == "output_norm.weight")
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32  # 1-D tensors stay f32, as llama.cpp keeps them
@@ -236,6 +237,8 @@ def test_unsupported_rope_and_gemma_scaling_are_refused():
     gemma = {**llama, "model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 256}
     with pytest.raises(ModelError, match="query_pre_attn_scalar"):
         arch_mod.arch_spec(gemma)
+    with pytest.raises(ModelError, match="without final_logit_softcapping"):  # llama.cpp would cap at 30
+        arch_mod.arch_spec({**gemma, "query_pre_attn_scalar": 16, "final_logit_softcapping": None})
 
 
 def test_llama3_rope_factors_follow_the_scaling_rule():
@@ -254,35 +257,53 @@ def test_llama3_rope_factors_follow_the_scaling_rule():
     assert ours[0] == 1.0 and ours[-1] == 8.0 and ((ours > 1) & (ours < 8)).any()
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "mistral", "phi3", "qwen2.5"])
-def test_modelfile_translates_each_named_template(name):
+@pytest.mark.parametrize(
+    "name,family",
+    [("chatml", "chatml"), ("qwen2.5", "qwen2.5"), ("llama3", "llama3"), ("gemma", "gemma")]
+    + [("mistral", "mistral"), ("phi3", "phi3"), ("llama2", None), ("alpaca", None)],
+)
+def test_modelfile_template_only_where_it_renders_what_the_run_renders(name, family):
+    """The Go template's Python twin must render the run's Jinja template's text on every probe conversation;
+    Llama 2's <<SYS>> template and alpaca have no Ollama twin here and get no TEMPLATE."""
     from qlora_cli.chat_templates import TEMPLATES
+    from qlora_cli.export.ollama import matching_family
+    from qlora_cli.testing.tiny import build_char_tokenizer
 
-    text = modelfile_text(Path("x.gguf"), TEMPLATES[name][0])
-    assert text.startswith("FROM ./x.gguf\nTEMPLATE ")
+    found = matching_family(build_char_tokenizer(chat_template=TEMPLATES[name][0]))
+    assert (found and found.name) == family
+    text = modelfile_text(Path("x.gguf"), found)
+    assert text.startswith("FROM ./x.gguf\n")
+    assert ("TEMPLATE" in text.replace("no TEMPLATE", "")) == (family is not None)
     stops = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
     stops |= {"mistral": "[INST]", "phi3": "<|end|>"}
-    assert f'PARAMETER stop "{stops[name]}"' in text
+    if family:
+        assert f'PARAMETER stop "{stops[name]}"' in text
     assert ("SYSTEM" in text) == (name == "qwen2.5")  # Qwen's default system prompt
 
 
-def test_modelfile_without_a_known_template_leaves_it_to_the_file():
-    text = modelfile_text(Path("x.gguf"), "{{ messages[0]['content'] }}")
-    assert "TEMPLATE" not in text.replace("no TEMPLATE", "")
+def test_a_twin_that_renders_differently_is_not_used():
+    """One character off (a space after [/INST]) and the Mistral template no longer matches."""
+    from qlora_cli.chat_templates import TEMPLATES
+    from qlora_cli.export.ollama import matching_family
+    from qlora_cli.testing.tiny import build_char_tokenizer
+
+    changed = TEMPLATES["mistral"][0].replace("' [/INST]'", "' [/INST] '")
+    assert changed != TEMPLATES["mistral"][0]
+    assert matching_family(build_char_tokenizer(chat_template=changed)) is None
+
+
+def test_modelfile_names_and_an_existing_modelfile(tmp_path):
+    from qlora_cli.errors import ModelError
+    from qlora_cli.export.ollama import check_modelfile
+
     assert modelfile_path(Path("/a/bot.Q4_0.gguf"), "q4_0") == Path("/a/bot.Modelfile")
     assert modelfile_path(Path("/a/bot-f16.gguf"), "q8_0") == Path("/a/bot-f16.Modelfile")
-
-
-def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    rope |= {"original_max_position_embeddings": 64, "rope_theta": 10000.0}
-    run = family_run(tmp_path, "llama", "llama3", data, init={"rope_parameters": rope})
-    out = tmp_path / "m.gguf"
-    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
-    assert result.check.passed, result.check.problems  # read with the base's config: see check.py
-    freqs = read_gguf(out)["rope_freqs.weight"]
-    assert freqs.tolist() == arch_mod.llama3_rope_factors({"rope_parameters": rope}, 16).tolist()
-    assert freqs[0] == 1.0 and freqs[-1] == 8.0  # short wavelengths kept, long ones scaled by the factor
+    mine = tmp_path / "bot.Modelfile"
+    mine.write_text("FROM ./bot.Q8_0.gguf\nPARAMETER temperature 0.2\n")
+    check_modelfile(mine, tmp_path / "bot.Q8_0.gguf", force=False)  # this file's own: replaced on re-export
+    with pytest.raises(ModelError, match="not this file's Modelfile"):
+        check_modelfile(mine, tmp_path / "bot.Q4_0.gguf", force=False)  # another quant's, or hand-written
+    check_modelfile(mine, tmp_path / "bot.Q4_0.gguf", force=True)
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
@@ -301,3 +322,15 @@ def test_tensors_converted_in_row_blocks_are_byte_identical(tmp_path, data, monk
     export_run(run, blocks, quant=quant, verify=False, device="cpu", console=QUIET)
     assert 7 in calls and len(calls) > 40  # the embedding and MLP weights went in blocks
     assert whole.read_bytes() == blocks.read_bytes()
+
+
+def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    rope |= {"original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    run = family_run(tmp_path, "llama", "llama3", data, init={"rope_parameters": rope})
+    out = tmp_path / "m.gguf"
+    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    assert result.check.passed, result.check.problems  # read with the base's config: see check.py
+    freqs = read_gguf(out)["rope_freqs.weight"]
+    assert freqs.tolist() == arch_mod.llama3_rope_factors({"rope_parameters": rope}, 16).tolist()
+    assert freqs[0] == 1.0 and freqs[-1] == 8.0  # short wavelengths kept, long ones scaled by the factor

@@ -40,6 +40,7 @@ from qlora_cli.export.gguf_arch import (
     to_gguf_layout,
 )
 from qlora_cli.export.gguf_vocab import source_gguf_file, vocab_metadata
+from qlora_cli.export.ollama import check_modelfile, matching_family, modelfile_path, modelfile_text, run_commands
 from qlora_cli.merge import (
     BASE_WEIGHTS,
     MergeSource,
@@ -114,8 +115,12 @@ def export_run(
     if fmt == "gguf-lora":
         return _export_lora(source, spec, names, out, quant, started, console)
 
+    modelfile = modelfile_path(out, quant)
+    check_modelfile(modelfile, out, force)
+    family = matching_family(source.tokenizer)
+    modelfile_tmp: str | None = None
     vocab_size = int(source.config["vocab_size"])
-    kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf)}
+    kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf, source.config)}
     plan = _plan(source, spec, names, quant)
     rope_factors = llama3_rope_factors(source.config, spec.head_dim)
     total = sum(p.nbytes for p in plan.values()) + (0 if rope_factors is None else rope_factors.nbytes)
@@ -166,13 +171,21 @@ def export_run(
                 tmp.unlink(missing_ok=True)
                 result.seconds = time.perf_counter() - started
                 return result
+        fd, modelfile_tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{modelfile.name}.tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(modelfile_text(out, family))
+        usual_mode(Path(modelfile_tmp))
         os.replace(tmp, out)
+        os.replace(modelfile_tmp, modelfile)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if modelfile_tmp:
+            Path(modelfile_tmp).unlink(missing_ok=True)
         raise
-    from qlora_cli.export.ollama import write_modelfile
-
-    result.modelfile = write_modelfile(out, quant, source.tokenizer, console)
+    result.modelfile = modelfile
+    console.print(
+        f"[green]wrote[/green] {out} ({QUANTS[quant][0]}) and {modelfile}\n{run_commands(out, modelfile, family)}"
+    )
     result.seconds = time.perf_counter() - started
     return result
 

@@ -86,6 +86,10 @@ def arch_spec(config: dict[str, Any]) -> ArchSpec:
     if model_type == "phi3" and config.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelError("GGUF export: phi3 with a partial rotary factor is not supported")
     if model_type == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key in config and config[key] is None:
+                # llama.cpp always caps Gemma 2's logits (50 and 30 when the file does not say)
+                raise ModelError(f"GGUF export: gemma2 without {key} would be capped in llama.cpp")
         scalar = config.get("query_pre_attn_scalar", head_dim)
         if scalar != head_dim:
             # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B model)

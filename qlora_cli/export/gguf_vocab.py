@@ -33,7 +33,9 @@ KNOWN_SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
-def vocab_metadata(tokenizer: Any, vocab_size: int, source_gguf: str | None = None) -> dict[str, Any]:
+def vocab_metadata(
+    tokenizer: Any, vocab_size: int, source_gguf: str | None = None, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """{GGUF key: value} for the tokenizer: tokens, types, merges or scores, special ids, flags and the
     chat template. ``vocab_size``: the model's embedding rows (unused rows are padded as UNUSED tokens).
     Raises ``ModelError`` for a tokenizer llama.cpp cannot reproduce."""
@@ -46,6 +48,11 @@ def vocab_metadata(tokenizer: Any, vocab_size: int, source_gguf: str | None = No
         md["tokenizer.chat_template"] = template
     else:
         md.pop("tokenizer.chat_template", None)
+    for key in ("bos", "eos"):  # a tokenizer without one (Qwen2 has no BOS token): the model config's id, as
+        # llama.cpp's converter writes it (else llama.cpp falls back to a default id of its own)
+        value = (config or {}).get(f"{key}_token_id")
+        if f"tokenizer.ggml.{key}_token_id" not in md and isinstance(value, int):
+            md[f"tokenizer.ggml.{key}_token_id"] = value
     tokens = md["tokenizer.ggml.tokens"]
     if len(tokens) != vocab_size:
         raise ModelError(
