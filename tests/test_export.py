@@ -334,3 +334,23 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
     freqs = read_gguf(out)["rope_freqs.weight"]
     assert freqs.tolist() == arch_mod.llama3_rope_factors({"rope_parameters": rope}, 16).tolist()
     assert freqs[0] == 1.0 and freqs[-1] == 8.0  # short wavelengths kept, long ones scaled by the factor
+
+
+def test_a_chatml_template_with_its_own_default_system_message_gets_ollamas_system():
+    """SmolLM2's template adds "You are a helpful AI assistant named SmolLM..." when there is no system
+    message: the Modelfile's SYSTEM carries it, so Ollama renders the same text."""
+    from qlora_cli.chat_templates import CHATML_TEMPLATE
+    from qlora_cli.export.ollama import matching_family
+    from qlora_cli.testing.tiny import build_char_tokenizer
+
+    default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    template = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\n" + default + "<|im_end|>\\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    found = matching_family(build_char_tokenizer(chat_template=template))
+    assert found is not None and found.name == "chatml" and found.system == default
+    assert f'SYSTEM """{default}"""' in modelfile_text(Path("x.gguf"), found)
+    assert matching_family(build_char_tokenizer(chat_template=CHATML_TEMPLATE)).system is None

@@ -138,11 +138,16 @@ PROBES: tuple[Messages, ...] = (
 
 
 def matching_family(tokenizer: Any) -> Family | None:
-    """The family whose Go template renders what the tokenizer's chat template renders on every probe
-    (the BOS text the template writes is left out: llama.cpp and Ollama add BOS by token); None if none."""
+    """The family whose Go template renders what the tokenizer's chat template renders on every probe; None
+    if none does."""
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
+    # a template that writes BOS as text (Llama 3, Mistral, Gemma) for a tokenizer that adds BOS itself: llama.cpp
+    # and Ollama add BOS by token, so the Go template leaves it out
     bos = getattr(tokenizer, "bos_token", None) or ""
+    ids = tokenizer("a")["input_ids"]
+    if not (bos and ids and ids[0] == tokenizer.bos_token_id):
+        bos = ""
     rendered = []
     for messages in PROBES:
         try:
@@ -150,7 +155,12 @@ def matching_family(tokenizer: Any) -> Family | None:
         except Exception:  # noqa: BLE001 - a template that refuses a probe (e.g. system messages) matches nothing
             return None
         rendered.append(text[len(bos) :] if bos and text.startswith(bos) else text)
-    for family in FAMILIES:
+    candidates = list(FAMILIES)
+    default = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n", rendered[0], re.DOTALL)
+    if default:  # a ChatML template that adds its own system message when there is none (SmolLM2, Qwen 2)
+        chatml = FAMILIES[0]
+        candidates.append(Family("chatml", chatml.template, chatml.render, chatml.stops, default.group(1)))
+    for family in candidates:
         twin = [family.render(_with_default_system(m, family.system)) for m in PROBES]
         if twin == rendered:
             return family
