@@ -46,8 +46,9 @@ def run_command(fn: Callable[[], Any], debug: bool) -> Any:
         raise typer.Exit(code=130) from None
 
 
-# a full disk, a quota, a read-only file system: the machine's state, fixable by the user, not a bug
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# a full disk, a quota, a read-only file system, a folder the user may not write: the machine's state,
+# fixable by the user, not a bug
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @app.callback()

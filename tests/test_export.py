@@ -354,3 +354,28 @@ def test_a_chatml_template_with_its_own_default_system_message_gets_ollamas_syst
     assert found is not None and found.name == "chatml" and found.system == default
     assert f'SYSTEM """{default}"""' in modelfile_text(Path("x.gguf"), found)
     assert matching_family(build_char_tokenizer(chat_template=CHATML_TEMPLATE)).system is None
+
+
+@pytest.mark.parametrize("error", [(28, "No space left on device"), (13, "Permission denied")])
+def test_a_write_that_fails_midway_leaves_nothing(tmp_path, data, monkeypatch, error):
+    """The disk fills up (or a permission is missing) after some tensors are written: one error: line, exit 2,
+    and neither the GGUF, its temporary file nor a Modelfile is left."""
+    import qlora_cli.export as export_mod
+
+    run = family_run(tmp_path / "r", "llama", "llama3", data)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real, calls = export_mod._write_tensor, []
+
+    def failing(writer, chunks, nbytes):
+        calls.append(nbytes)
+        if len(calls) == 5:
+            raise OSError(error[0], error[1], str(out_dir / ".m.tmp"))
+        return real(writer, chunks, nbytes)
+
+    monkeypatch.setattr(export_mod, "_write_tensor", failing)
+    result = run_cli(str(run), "-o", str(out_dir / "m.gguf"), "--device", "cpu")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert lines[-1].startswith("error:") and error[1] in lines[-1]
+    assert len(calls) == 5 and list(out_dir.iterdir()) == []
