@@ -120,6 +120,7 @@ def test_round_trip_through_transformers_gguf_loader(tmp_path, data, arch, kind,
     assert modelfile.name == "model.Modelfile" and f"FROM ./{out.name}" in modelfile.read_text()
 
 
+@pytest.mark.oldest
 def test_4bit_run_exports_the_weights_it_trained_on(tmp_path, data):
     """The default base weights are the dequantized NF4 ones training saw: the file equals qlora merge's."""
     run = family_run(tmp_path, "llama", "llama3", data, load_in_4bit=True)
@@ -147,6 +148,7 @@ def _config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+@pytest.mark.oldest
 def test_gguf_lora_adds_up_to_the_merged_weights(tmp_path, data):
     """base.gguf + alpha/r · B @ A (llama.cpp's LoRA rule) == the merged file, tensor by tensor, with the
     rotary permutation applied to B."""
@@ -379,3 +381,20 @@ def test_a_write_that_fails_midway_leaves_nothing(tmp_path, data, monkeypatch, e
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert lines[-1].startswith("error:") and error[1] in lines[-1]
     assert len(calls) == 5 and list(out_dir.iterdir()) == []
+
+
+def test_a_reader_that_ignores_the_pre_tokenizer_is_not_taken_for_a_wrong_file(tmp_path, data, monkeypatch):
+    """transformers 5.0's GGUF reader splits every byte-level file with GPT-2's pattern; a Llama 3-style file
+    then reads back with other ids on newlines, through no fault of the file. The check says so and passes."""
+    import qlora_cli.export.check as check_mod
+
+    run = family_run(tmp_path, "llama", "llama3", data)
+    monkeypatch.setattr(check_mod, "reader_splits_like", lambda pre: False)
+    result = export_run(run, tmp_path / "m.gguf", quant="f32", device="cpu", console=QUIET)
+    assert result.check.passed, result.check.problems
+    problems, note = check_mod.tokenizer_problems(build_bpe_tokenizer("llama3"), tmp_path / "m.gguf")
+    assert problems == [] and "ignores the 'llama-bpe' pre-tokenizer" in note
+
+    monkeypatch.setattr(check_mod, "modern_tokenizer_reader", lambda: False)  # transformers 5.0's reader
+    problems, note = check_mod.tokenizer_problems(build_bpe_tokenizer("sentencepiece"), tmp_path / "m.gguf")
+    assert problems == [] and "GGUF tokenizer reader is too old" in note

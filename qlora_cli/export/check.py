@@ -71,14 +71,26 @@ def check_texts(tokenizer: Any) -> list[str]:
     return texts
 
 
-def tokenizer_problems(tokenizer: Any, path: Path) -> list[str]:
-    """Where the file's tokenizer (as transformers reads it) gives other ids than the run's tokenizer."""
+def tokenizer_problems(tokenizer: Any, path: Path) -> tuple[list[str], str | None]:
+    """(where the file's tokenizer, as transformers reads it, gives other ids than the run's tokenizer; a note
+    when the reader cannot judge)."""
     from transformers import AutoTokenizer
 
     quiet_libraries()
+    if not modern_tokenizer_reader():
+        # transformers 5.0's GGUF tokenizer reader splits every byte-level file with GPT-2's pattern, adds no
+        # BOS to Gemma's and rebuilds sentencepiece merges its own way: its ids differ from the run's (and from
+        # llama.cpp's, which reads the metadata itself) through no fault of the file. It cannot judge.
+        import transformers
+
+        return [], f"token ids not compared: transformers {transformers.__version__}'s GGUF tokenizer reader is too old"
     theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     texts = check_texts(tokenizer)
-    if _file_tokenizer_model(path) == "llama":
+    model, pre = _file_field(path, "tokenizer.ggml.model"), _file_field(path, "tokenizer.ggml.pre")
+    if model == "gpt2" and pre not in ("gpt-2", "smollm", "default", None) and not reader_splits_like(pre):
+        # a reader without this pre-tokenizer in its table splits with GPT-2's pattern instead
+        return [], f"token ids not compared: this transformers' GGUF reader ignores the {pre!r} pre-tokenizer"
+    if model == "llama":
         # sentencepiece: the run's tokenizer and llama.cpp prefix "▁" to the text after a special token too
         # (Llama 2's "legacy" behaviour); transformers' reader does not, so only texts without one compare
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
@@ -95,7 +107,27 @@ def tokenizer_problems(tokenizer: Any, path: Path) -> list[str]:
     template = getattr(tokenizer, "chat_template", None)
     if template and getattr(theirs, "chat_template", None) != template:
         problems.append("the file's chat template is not the run's")
-    return problems
+    return problems, None
+
+
+def modern_tokenizer_reader() -> bool:
+    """Whether transformers has the GGUF tokenizer reader that rebuilds llama.cpp's tokenizers faithfully
+    (``integrations.gguf.gguf_tokenizer_mapping``; 5.24 has it, 5.0 does not)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("transformers.integrations.gguf.gguf_tokenizer_mapping") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def reader_splits_like(pre: str) -> bool:
+    """Whether the installed transformers' GGUF reader applies llama.cpp's pre-tokenizer ``pre``."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        return False
+    return pre in GGUF_PRE_TOKENIZER_SPLITS
 
 
 def check_export(
@@ -117,15 +149,17 @@ def check_export(
         load_candidate=lambda: load_gguf_model(path, device, config_folder),
         limits=limits,
     )
-    result.problems.extend(tokenizer_problems(source.tokenizer, path))
+    problems, tokenizer_note = tokenizer_problems(source.tokenizer, path)
+    result.problems.extend(problems)
     lim = CHECK_LIMITS[limits]
+    tokenizer_verdict = tokenizer_note or ("DIFFERS" if problems else "same ids")
     verdict = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
     console.print(
         f"self-check {verdict} (read back by transformers' GGUF loader, {result.n_prompts} prompts from "
         f"{result.prompts_from}, {result.n_positions} positions): mean KL {result.mean_kl:.3g} (limit "
         f"{lim.max_kl:g}), top-1 agreement {result.top1_agreement:.1%} ({result.top1_decisive:.1%} where the "
         f"adapter's choice is clear, limit {lim.min_top1:.0%}); the adapter itself moves the base by KL "
-        f"{result.adapter_kl:.3g}; tokenizer: {'same ids' if not any('tokenizer' in p for p in result.problems) else 'DIFFERS'}"
+        f"{result.adapter_kl:.3g}; tokenizer: {tokenizer_verdict}"
     )
     for problem in result.problems:
         console.print(f"[red]  {problem}[/red]")
@@ -137,10 +171,10 @@ def check_export(
     return result
 
 
-def _file_tokenizer_model(path: Path) -> str | None:
+def _file_field(path: Path, key: str) -> Any:
     from gguf import GGUFReader
 
     from qlora_cli.export.gguf_vocab import field_value
 
-    field = GGUFReader(path).fields.get("tokenizer.ggml.model")
+    field = GGUFReader(path).fields.get(key)
     return None if field is None else field_value(field)
