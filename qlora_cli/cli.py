@@ -186,7 +186,7 @@ def export(
         str | None,
         typer.Option(
             "--quant",
-            help="gguf: f32, f16, bf16, q8_0 (default), q4_0, q4_1, q5_0, q5_1; gguf-lora: f32 (default), f16.",
+            help="gguf: f32, f16, bf16, q8_0 (default), q6_k, q4_k_m, q4_0, q4_1, q5_0, q5_1; gguf-lora: f32 (default), f16.",
         ),
     ] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model folder or hub id; default: the run's.")] = None,

@@ -398,3 +398,47 @@ def test_a_reader_that_ignores_the_pre_tokenizer_is_not_taken_for_a_wrong_file(t
     monkeypatch.setattr(check_mod, "modern_tokenizer_reader", lambda: False)  # transformers 5.0's reader
     problems, note = check_mod.tokenizer_problems(build_bpe_tokenizer("sentencepiece"), tmp_path / "m.gguf")
     assert problems == [] and "GGUF tokenizer reader is too old" in note
+
+
+@pytest.mark.parametrize("kind,max_err", [("Q4_K", 0.085), ("Q6_K", 0.022)])
+def test_k_quant_blocks_read_back_by_the_gguf_package(kind, max_err):
+    """qlora writes Q4_K and Q6_K itself (the gguf package only reads them): its dequantizer recovers the
+    weights to 4- and 6-bit accuracy (a wrong bit layout gives errors near 100%), and an all-zero row stays 0."""
+    from qlora_cli.export.kquants import QUANTIZERS
+
+    x = np.random.default_rng(0).standard_normal((6, 768)).astype(np.float32) * 0.02
+    x[3] = 0.0
+    x[4, :256] *= 50  # blocks of very different ranges in one row
+    blocks = QUANTIZERS[kind](x)
+    assert blocks.dtype == np.uint8 and blocks.shape == (6, 3 * {"Q4_K": 144, "Q6_K": 210}[kind])
+    y = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind])
+    for row in (0, 1, 2, 4, 5):
+        err = np.sqrt(((y[row] - x[row]) ** 2).mean() / (x[row] ** 2).mean())
+        assert err < max_err, (row, err)  # measured: Q4_K 0.077, Q6_K 0.019 on normal weights
+    assert not y[3].any()
+
+
+def test_q4_k_m_recipe():
+    """llama-quantize's Q4_K_M: Q6_K for the output head and for attn_v / ffn_down in the first and last
+    eighth of the layers and every third layer between; Q4_K elsewhere; rows that 256 does not divide: q8_0."""
+    t = arch_mod.tensor_type
+    assert t("q4_k_m", "output.weight", (32000, 4096), 32) == "Q6_K"
+    assert t("q4_k_m", "token_embd.weight", (32000, 4096), 32) == "Q4_K"
+    six = [i for i in range(32) if t("q4_k_m", f"blk.{i}.attn_v.weight", (1024, 4096), 32) == "Q6_K"]
+    assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert {t("q4_k_m", f"blk.{i}.attn_q.weight", (4096, 4096), 32) for i in range(32)} == {"Q4_K"}
+    assert t("q4_k_m", "blk.0.attn_q.weight", (576, 576), 30) == "Q8_0"  # SmolLM2's rows: 576 = 2.25 x 256
+    assert t("q6_k", "blk.5.ffn_up.weight", (1536, 576), 30) == "Q8_0" and t("q6_k", "x.weight", (8, 512)) == "Q6_K"
+    assert t("q4_k_m", "blk.0.attn_norm.weight", (4096,), 32) == "F32"
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k"])
+def test_k_quant_exports_pass_the_self_check(tmp_path, data, quant):
+    run = family_run(tmp_path, "llama", "llama3", data, init={"hidden": 256, "intermediate": 512})
+    out = tmp_path / f"m.{quant}.gguf"
+    result = export_run(run, out, quant=quant, device="cpu", console=QUIET)
+    assert result.check.passed, result.check.problems
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == ("Q4_K" if quant == "q4_k_m" else "Q6_K")
+    assert types["output.weight"] == "Q6_K" and types["output_norm.weight"] == "F32"
+    assert field(out, "general.file_type") == arch_mod.QUANTS[quant][1]

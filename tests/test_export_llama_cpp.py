@@ -171,13 +171,14 @@ def test_llama_cpp_applies_the_gguf_lora_to_the_base_gguf(tmp_path, data):
     assert with_lora["greedy"] == greedy
 
 
-@pytest.mark.parametrize("quant,max_diff", [("q8_0", 0.1), ("q4_0", 0.3)])
+@pytest.mark.parametrize("quant,max_diff", [("q8_0", 0.1), ("q4_0", 0.3), ("q6_k", 0.1), ("q4_k_m", 0.3)])
 def test_llama_cpp_and_transformers_read_the_quantized_file_alike(tmp_path, data, quant, max_diff):
-    """Both readers dequantize the same blocks: their logits differ only by llama.cpp quantizing activations
-    for its integer dot products."""
+    """Both readers dequantize the same blocks (the K-quants written by qlora itself): their logits differ only
+    by llama.cpp quantizing activations for its integer dot products."""
     from .test_export import load_gguf_model
 
-    run = family_run(tmp_path, "llama", "llama3", data, init={"initializer_range": 0.1})
+    k_quant = {"hidden": 256, "intermediate": 512} if "_k" in quant else {}  # K-quant rows: 256 values
+    run = family_run(tmp_path, "llama", "llama3", data, init={"initializer_range": 0.1, **k_quant})
     out = tmp_path / f"m.{quant}.gguf"
     export_run(run, out, quant=quant, verify=False, device="cpu", console=QUIET)
     from transformers import AutoTokenizer

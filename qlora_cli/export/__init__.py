@@ -40,6 +40,7 @@ from qlora_cli.export.gguf_arch import (
     to_gguf_layout,
 )
 from qlora_cli.export.gguf_vocab import source_gguf_file, vocab_metadata
+from qlora_cli.export.kquants import QUANTIZERS
 from qlora_cli.export.ollama import check_modelfile, matching_family, modelfile_path, modelfile_text, run_commands
 from qlora_cli.merge import (
     BASE_WEIGHTS,
@@ -214,7 +215,7 @@ def _plan(source: MergeSource, spec: ArchSpec, names: TensorNames, quant: str) -
         if name is None:
             continue
         shape = tuple(info.shape)
-        kind = tensor_type(quant, name, shape)
+        kind = tensor_type(quant, name, shape, spec.n_layers)
         qtype = gguf.GGMLQuantizationType[kind]
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
@@ -263,6 +264,8 @@ def _encode(spec: ArchSpec, p: PlannedTensor, tensor: torch.Tensor) -> np.ndarra
         return np.ascontiguousarray(w, dtype=np.float32)
     if p.type_name == "F16":
         return np.ascontiguousarray(w, dtype=np.float16)
+    if p.type_name in QUANTIZERS:
+        return QUANTIZERS[p.type_name](w)
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), p.ggml_type)
 
 

@@ -18,7 +18,7 @@ from qlora_cli.model import quiet_libraries
 
 # --quant -> which CHECK_LIMITS judge the file (f32 is "exact" only when the run computed in float32)
 LIMITS = {"f16": "16-bit", "bf16": "16-bit", "q8_0": "q8_0", "q4_0": "4/5-bit", "q4_1": "4/5-bit", "q5_0": "4/5-bit"}
-LIMITS["q5_1"] = "4/5-bit"
+LIMITS |= {"q5_1": "4/5-bit", "q6_k": "q8_0", "q4_k_m": "4/5-bit"}
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one word."},

@@ -36,6 +36,8 @@ QUANTS = {
     "q4_1": ("Q4_1", 3),
     "q5_0": ("Q5_0", 8),
     "q5_1": ("Q5_1", 9),
+    "q6_k": ("Q6_K", 18),
+    "q4_k_m": ("Q4_K", 15),  # Q4_K, with Q6_K for the output head and some layers' attn_v and ffn_down
 }
 DEFAULT_QUANT = "q8_0"
 
@@ -208,15 +210,28 @@ def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...]) -> str:
-    """The GGML type of one tensor: 1-D tensors (norms, biases) stay f32 as llama.cpp keeps them; a row length
-    the block size does not divide falls back to f16; with 4/5-bit weights, the embeddings and the output head
-    are kept at q8_0 (llama.cpp's own quantizer keeps them at 6+ bits)."""
+def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], n_layers: int = 0) -> str:
+    """The GGML type of one tensor: 1-D tensors (norms, biases) stay f32 as llama.cpp keeps them. With 4/5-bit
+    block types the embeddings and the output head are kept at q8_0; ``q4_k_m`` follows llama-quantize's
+    Q4_K_M recipe (Q6_K for the output head, for fused qkv, and for attn_v and ffn_down in the first and last
+    eighth of the layers and every third layer between). A row length the blocks (32 values, 256 for
+    K-quants) do not divide falls back to q8_0, or f16."""
     kind = QUANTS[quant][0]
     if len(shape) == 1 or kind == "F32":
         return "F32"
     if kind in ("F16", "BF16"):
         return kind
-    if kind != "Q8_0" and gguf_name.split(".")[0] in ("token_embd", "output"):
+    role = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
+    if quant == "q4_k_m":
+        layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
+        if role in ("output", "attn_qkv") or (role in ("attn_v", "ffn_down") and _more_bits(layer, n_layers)):
+            kind = "Q6_K"
+    elif kind not in ("Q8_0", "Q6_K") and role in ("token_embd", "output"):
+        kind = "Q8_0"
+    if kind in ("Q4_K", "Q6_K") and shape[-1] % 256:
         kind = "Q8_0"
     return kind if shape[-1] % 32 == 0 else "F16"
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
