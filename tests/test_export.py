@@ -442,3 +442,19 @@ def test_k_quant_exports_pass_the_self_check(tmp_path, data, quant):
     assert types["blk.0.attn_q.weight"] == ("Q4_K" if quant == "q4_k_m" else "Q6_K")
     assert types["output.weight"] == "Q6_K" and types["output_norm.weight"] == "F32"
     assert field(out, "general.file_type") == arch_mod.QUANTS[quant][1]
+
+
+def test_an_export_killed_midway_leaves_temp_files_the_next_one_removes(tmp_path, data):
+    """A temporary file names its export's pid: the next export into the same output deletes the files of
+    exports that are gone (kill -9) and keeps those of one still running."""
+    import os
+
+    run = family_run(tmp_path / "r", "llama", "llama3", data)
+    out = tmp_path / "m.gguf"
+    dead = tmp_path / ".m.gguf.qlora-export-4194999-abc.gguf"  # above Linux's pid_max default: no such process
+    alive = tmp_path / f".m.gguf.qlora-export-{os.getppid()}-def.gguf"
+    other = tmp_path / ".n.gguf.qlora-export-4194999-ghi.gguf"  # another output's
+    for f in (dead, alive, other):
+        f.write_bytes(b"GGUF partial")
+    export_run(run, out, quant="f16", verify=False, device="cpu", console=QUIET)
+    assert out.exists() and not dead.exists() and alive.exists() and other.exists()

@@ -119,7 +119,7 @@ def export_run(
     modelfile = modelfile_path(out, quant)
     check_modelfile(modelfile, out, force)
     family = matching_family(source.tokenizer)
-    modelfile_tmp: str | None = None
+    modelfile_tmp: Path | None = None
     vocab_size = int(source.config["vocab_size"])
     kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf, source.config)}
     plan = _plan(source, spec, names, quant)
@@ -132,29 +132,10 @@ def export_run(
         f"weights) -> {out} (GGUF {quant}, {_gb(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=".gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_temps(out)
+    tmp = _temp_file(out, ".gguf")
     try:
-        writer = _open_writer(tmp, spec, source, quant, kv)
-        if rope_factors is not None:
-            writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, np.float32, rope_factors.nbytes)
-        for p in plan.values():
-            writer.add_tensor_info(p.name, p.shape, np.float32, p.nbytes, raw_dtype=p.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        if rope_factors is not None:
-            _write_tensor(writer, [rope_factors], rope_factors.nbytes)
-        for info, tensor, _stat in merged_tensors(source, base_weights, torch_device):
-            p = plan.get(info.name)
-            if p is None:
-                continue
-            _write_tensor(writer, _encoded_chunks(spec, p, tensor), p.nbytes)
-            del tensor
-        writer.fout[0].flush()
-        os.fsync(writer.fout[0].fileno())
-        writer.close()
+        _write_gguf(tmp, spec, source, quant, kv, plan, rope_factors, base_weights, torch_device)
         usual_mode(tmp)
         result = ExportResult(out, fmt, quant, len(plan), tmp.stat().st_size)
         for p in plan.values():
@@ -172,16 +153,15 @@ def export_run(
                 tmp.unlink(missing_ok=True)
                 result.seconds = time.perf_counter() - started
                 return result
-        fd, modelfile_tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{modelfile.name}.tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(modelfile_text(out, family))
-        usual_mode(Path(modelfile_tmp))
+        modelfile_tmp = _temp_file(out, ".Modelfile")
+        modelfile_tmp.write_text(modelfile_text(out, family))
+        usual_mode(modelfile_tmp)
         os.replace(tmp, out)
         os.replace(modelfile_tmp, modelfile)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        if modelfile_tmp:
-            Path(modelfile_tmp).unlink(missing_ok=True)
+        if modelfile_tmp is not None:
+            modelfile_tmp.unlink(missing_ok=True)
         raise
     result.modelfile = modelfile
     console.print(
@@ -189,6 +169,63 @@ def export_run(
     )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _write_gguf(
+    path: Path,
+    spec: ArchSpec,
+    source: MergeSource,
+    quant: str,
+    kv: dict[str, Any],
+    plan: dict[str, PlannedTensor],
+    rope_factors: np.ndarray | None,
+    base_weights: str,
+    device: torch.device,
+) -> None:
+    """Header, metadata and tensor infos first (every size is planned), then each merged tensor as it comes."""
+    writer = _open_writer(path, spec, source, quant, kv)
+    try:
+        if rope_factors is not None:
+            writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, np.float32, rope_factors.nbytes)
+        for p in plan.values():
+            writer.add_tensor_info(p.name, p.shape, np.float32, p.nbytes, raw_dtype=p.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        if rope_factors is not None:
+            _write_tensor(writer, [rope_factors], rope_factors.nbytes)
+        for info, tensor, _stat in merged_tensors(source, base_weights, device):
+            p = plan.get(info.name)
+            if p is None:
+                continue
+            _write_tensor(writer, _encoded_chunks(spec, p, tensor), p.nbytes)
+            del tensor
+        writer.fout[0].flush()
+        os.fsync(writer.fout[0].fileno())
+    finally:
+        writer.close()
+
+
+TEMP_MARK = ".qlora-export-"  # in a temporary file's name, with the pid of the export writing it
+
+
+def _temp_file(out: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Delete temporary files left beside ``out`` by exports that died (``kill -9``, power loss): those whose
+    process is gone. An export still running keeps its files."""
+    for tmp in out.parent.glob(f".{out.name}{TEMP_MARK}*"):
+        try:
+            pid = int(tmp.name[len(f".{out.name}{TEMP_MARK}") :].split("-")[0])
+            os.kill(pid, 0)
+            continue  # its export is still running
+        except (OSError, ValueError):
+            pass
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -336,9 +373,8 @@ def _export_lora(
     _check_disk(out, total)
     console.print(f"exporting the adapter of {source.run.path} ({len(source.targets)} layers, r={r}) -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=".gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_temps(out)
+    tmp = _temp_file(out, ".gguf")
     try:
         writer = gguf.GGUFWriter(tmp, spec.arch)
         writer.add_name(source.run.path.resolve().name)
