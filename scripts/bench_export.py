@@ -11,6 +11,7 @@ model twice and would dominate both):
     qlora export f16    qlora export --quant f16 --no-verify (one GGUF file)
     qlora export q8_0   ... --quant q8_0                     (the default)
     qlora export q4_0   ... --quant q4_0
+    qlora export q4_k_m ... --quant q4_k_m               (K-quants, written by qlora's own numpy quantizer)
 
 All four compute the same merged weights (the delta added to dequant(NF4(W)), streamed tensor by tensor).
 Time is the work in the process (imports excluded); memory is its peak RSS (VmHWM, imports included; the
@@ -39,12 +40,12 @@ import bitsandbytes.functional, gguf
 from rich.console import Console
 from qlora_cli.export import export_run
 t = time.perf_counter()
-export_run(run, out + ".gguf", quant="{quant}", verify=False, device="cpu", console=Console(quiet=True))
+export_run(run, out + ".gguf", quant="{quant}", verify=False, force=True, device="cpu", console=Console(quiet=True))
 """
 WORKERS = {
     "imports only": bench_merge.WORKERS["imports only"],
     "qlora merge": bench_merge.WORKERS["qlora dequantized"],
-    **{f"qlora export {q}": EXPORT.replace("{quant}", q) for q in ("f16", "q8_0", "q4_0")},
+    **{f"qlora export {q}": EXPORT.replace("{quant}", q) for q in ("f16", "q8_0", "q4_0", "q4_k_m")},
 }
 
 

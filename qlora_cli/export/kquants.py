@@ -9,8 +9,8 @@ dequantizes them, which the tests use to read them back):
     Q6_K  210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, sixteen int8 scales (one per 16
           weights), d (f16). weight = d * scale_b * (q - 32)
 
-The scales are chosen as ggml's reference quantizers start (a sub-block's range mapped onto the grid),
-without their iterative refinement: valid blocks, slightly more rounding error than llama-quantize's.
+Q4_K's scales and mins are searched as ggml's reference quantizer searches them (``_fit_scale_min``); Q6_K's
+scale maps each sub-block's largest weight onto the grid, without ggml's refinement.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """``x`` (..., n·256) as Q4_K blocks: uint8 of shape (..., n·144)."""
     shape = x.shape
     b = _blocks(x).reshape(-1, 8, 32)  # (blocks, sub-blocks, 32)
-    lo = np.minimum(b.min(-1), 0.0)
-    hi = b.max(-1)
-    scale = (hi - lo) / 15.0  # (blocks, 8)
-    mins = -lo
+    scale, mins = _fit_scale_min(b, 15)  # (blocks, 8) each; weight ~ scale * q - mins
     max_scale, max_min = scale.max(-1, keepdims=True), mins.max(-1, keepdims=True)
     ls = np.minimum(63, np.rint(_safe_div(63.0 * scale, max_scale))).astype(np.uint8)
     lm = np.minimum(63, np.rint(_safe_div(63.0 * mins, max_min))).astype(np.uint8)
@@ -59,6 +56,42 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
     out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, qs], axis=1)
     return out.reshape(*shape[:-1], shape[-1] // QK_K * 144)
+
+
+def _fit_scale_min(b: np.ndarray, nmax: int, steps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block (last axis), the (scale, min) of ``scale * q - min`` with q in 0..nmax that minimises the
+    squared error weighted by (rms + |x|), as ggml's make_qkx2_quants searches it: the range mapped onto the
+    grid, then grids stretched by -1 to +1 levels, each refitted by weighted least squares, the best kept.
+    ggml tries 21 stretches; ``steps + 1`` = 5 get most of the gain (relative RMS error on normal weights:
+    7.57% with none, 7.27% with 5, 7.20% with 21) at a quarter of the time."""
+    w = np.sqrt((b * b).mean(-1, keepdims=True)) + np.abs(b)
+    lo = np.minimum(b.min(-1, keepdims=True), 0.0)
+    span = b.max(-1, keepdims=True) - lo
+    sw, sx = w.sum(-1, keepdims=True), (w * b).sum(-1, keepdims=True)
+    scale = span / nmax
+    q = np.clip(np.rint(_safe_div(b - lo, scale)), 0, nmax)
+    best = (w * (scale * q + lo - b) ** 2).sum(-1, keepdims=True)
+    offset = lo.copy()
+    for step in range(steps + 1):
+        iscale = _safe_div(np.full_like(span, -1.0 + 2.0 * step / steps + nmax), span)
+        q = np.clip(np.rint(iscale * (b - lo)), 0, nmax)
+        sl, sl2, sxl = (
+            (w * q).sum(-1, keepdims=True),
+            (w * q * q).sum(-1, keepdims=True),
+            (w * q * b).sum(-1, keepdims=True),
+        )
+        det = sw * sl2 - sl * sl
+        this_scale = _safe_div(sw * sxl - sx * sl, det)
+        this_min = _safe_div(sl2 * sx - sl * sxl, det)
+        positive = this_min > 0  # the offset may only lower the weights (min <= 0), as ggml's
+        this_min = np.where(positive, 0.0, this_min)
+        this_scale = np.where(positive, _safe_div(sxl, sl2), this_scale)
+        err = (w * (this_scale * q + this_min - b) ** 2).sum(-1, keepdims=True)
+        better = (det > 0) & (err < best)
+        best = np.where(better, err, best)
+        scale = np.where(better, this_scale, scale)
+        offset = np.where(better, this_min, offset)
+    return scale[..., 0], -offset[..., 0]
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
