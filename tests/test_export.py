@@ -416,6 +416,10 @@ def test_k_quant_blocks_read_back_by_the_gguf_package(kind, max_err):
         err = np.sqrt(((y[row] - x[row]) ** 2).mean() / (x[row] ** 2).mean())
         assert err < max_err, (row, err)  # measured: Q4_K 0.077, Q6_K 0.019 on normal weights
     assert not y[3].any()
+    from qlora_cli.export import kquants
+
+    one_call = {"Q4_K": kquants.quantize_q4_k, "Q6_K": kquants.quantize_q6_k}[kind](x)
+    assert np.array_equal(blocks, one_call)  # the row blocks quantized in threads: the same bytes
 
 
 def test_q4_k_m_recipe():

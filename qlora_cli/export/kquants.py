@@ -15,6 +15,10 @@ scale maps each sub-block's largest weight onto the grid, without ggml's refinem
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK_K = 256
@@ -67,26 +71,30 @@ def _fit_scale_min(b: np.ndarray, nmax: int, steps: int = 4) -> tuple[np.ndarray
     w = np.sqrt((b * b).mean(-1, keepdims=True)) + np.abs(b)
     lo = np.minimum(b.min(-1, keepdims=True), 0.0)
     span = b.max(-1, keepdims=True) - lo
-    sw, sx = w.sum(-1, keepdims=True), (w * b).sum(-1, keepdims=True)
+    shifted = b - lo
+    sw, sx, sx2 = w.sum(-1, keepdims=True), (w * b).sum(-1, keepdims=True), (w * b * b).sum(-1, keepdims=True)
+
+    def error(s: np.ndarray, m: np.ndarray, sl: np.ndarray, sl2: np.ndarray, sxl: np.ndarray) -> np.ndarray:
+        # sum of w * (s*q + m - x)^2, expanded into the sums already taken (no pass over the weights)
+        return s * s * sl2 + 2 * s * m * sl - 2 * s * sxl + m * m * sw - 2 * m * sx + sx2
+
     scale = span / nmax
-    q = np.clip(np.rint(_safe_div(b - lo, scale)), 0, nmax)
-    best = (w * (scale * q + lo - b) ** 2).sum(-1, keepdims=True)
+    q = np.clip(np.rint(_safe_div(shifted, scale)), 0, nmax)
+    wq = w * q
+    best = error(scale, lo, wq.sum(-1, keepdims=True), (wq * q).sum(-1, keepdims=True), (wq * b).sum(-1, keepdims=True))
     offset = lo.copy()
     for step in range(steps + 1):
         iscale = _safe_div(np.full_like(span, -1.0 + 2.0 * step / steps + nmax), span)
-        q = np.clip(np.rint(iscale * (b - lo)), 0, nmax)
-        sl, sl2, sxl = (
-            (w * q).sum(-1, keepdims=True),
-            (w * q * q).sum(-1, keepdims=True),
-            (w * q * b).sum(-1, keepdims=True),
-        )
+        q = np.clip(np.rint(iscale * shifted), 0, nmax)
+        wq = w * q
+        sl, sl2, sxl = wq.sum(-1, keepdims=True), (wq * q).sum(-1, keepdims=True), (wq * b).sum(-1, keepdims=True)
         det = sw * sl2 - sl * sl
         this_scale = _safe_div(sw * sxl - sx * sl, det)
         this_min = _safe_div(sl2 * sx - sl * sxl, det)
         positive = this_min > 0  # the offset may only lower the weights (min <= 0), as ggml's
         this_min = np.where(positive, 0.0, this_min)
         this_scale = np.where(positive, _safe_div(sxl, sl2), this_scale)
-        err = (w * (this_scale * q + this_min - b) ** 2).sum(-1, keepdims=True)
+        err = error(this_scale, this_min, sl, sl2, sxl)
         better = (det > 0) & (err < best)
         best = np.where(better, err, best)
         scale = np.where(better, this_scale, scale)
@@ -119,4 +127,18 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*shape[:-1], shape[-1] // QK_K * 210)
 
 
-QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+def in_threads(quantize: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``quantize`` over blocks of rows in one thread per CPU (numpy leaves the GIL in its loops); rows are
+    quantized independently, so the bytes are the same as in one call."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        workers = min(os.cpu_count() or 1, 8)
+        if x.ndim != 2 or workers == 1 or x.shape[0] < 2 * workers:
+            return quantize(x)
+        with ThreadPoolExecutor(workers, thread_name_prefix="qlora-kquant") as pool:
+            return np.concatenate(list(pool.map(quantize, np.array_split(x, workers))))
+
+    return run
+
+
+QUANTIZERS = {"Q4_K": in_threads(quantize_q4_k), "Q6_K": in_threads(quantize_q6_k)}
