@@ -20,19 +20,11 @@ from qlora_cli.export.ollama import modelfile_path, modelfile_text
 from qlora_cli.testing.tiny import build_bpe_tokenizer, build_tiny_model
 
 from .conftest import upper_rows, write_jsonl
-from .test_merge import make_run, quiet_merge
+from .test_merge import _one_thread, make_run, quiet_merge  # noqa: F401  (_one_thread: autouse, one torch thread)
 
 gguf = pytest.importorskip("gguf")
 CPU = torch.device("cpu")
 QUIET = Console(quiet=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
