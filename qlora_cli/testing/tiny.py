@@ -22,22 +22,31 @@ def build_char_tokenizer(pad_is_eos: bool = False, add_bos: bool = True, chat_te
 
     ``pad_is_eos`` makes pad == eos (as in Llama and GPT-2 setups), to test that EOS stays a target.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens(SPECIAL_TOKENS)
+    return _fast_tokenizer(tk, add_bos, "</s>" if pad_is_eos else "<pad>", chat_template)
+
+
+def _fast_tokenizer(tk: Any, add_bos: bool, pad_token: str, chat_template: str | None) -> Any:
+    """``tk`` (a ``tokenizers.Tokenizer`` holding ``SPECIAL_TOKENS``) as a transformers tokenizer: <s> added
+    in front of every text when ``add_bos``, ChatML's markers as special tokens, ``chat_template`` set."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     if add_bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+        bos = [("<s>", tk.get_vocab()["<s>"])]
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        pad_token="</s>" if pad_is_eos else "<pad>",
+        pad_token=pad_token,
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     if chat_template:
@@ -63,8 +72,7 @@ def build_bpe_tokenizer(kind: str = "llama3", vocab_size: int = 400, chat_templa
                      added, "▁" prefixed to the text (Llama 2, Mistral, Phi-3)
     ``gemma``        the same without the "▁" prefix (Gemma)
     Special tokens are ``SPECIAL_TOKENS`` (ChatML's turn markers among them)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from qlora_cli.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 
@@ -106,20 +114,7 @@ def build_bpe_tokenizer(kind: str = "llama3", vocab_size: int = 400, chat_templa
         tk.add_special_tokens(SPECIAL_TOKENS)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    vocab = tk.get_vocab()
-    if kind != "qwen2":
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    return tokenizer
+    return _fast_tokenizer(tk, kind != "qwen2", "<pad>", chat_template)
 
 
 def _merges(tk: Any) -> list[Any]:
