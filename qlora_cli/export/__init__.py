@@ -13,7 +13,6 @@ place; a failed check exits 1 and leaves nothing. Bad input is refused before an
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -46,9 +45,11 @@ from qlora_cli.merge import (
     BASE_WEIGHTS,
     MergeSource,
     available_memory,
+    check_disk,
     check_memory_need,
     merged_tensors,
     prepare_source,
+    size_text,
     usual_mode,
 )
 from qlora_cli.model import quiet_libraries, resolve_device
@@ -125,11 +126,11 @@ def export_run(
     plan = _plan(source, spec, names, quant)
     rope_factors = llama3_rope_factors(source.config, spec.head_dim)
     total = sum(p.nbytes for p in plan.values()) + (0 if rope_factors is None else rope_factors.nbytes)
-    _check_disk(out, total)
+    check_disk(out, total, "the file")
 
     console.print(
         f"exporting {source.run.path} ({spec.model_type}, {len(source.targets)} merged layers, {base_weights} base "
-        f"weights) -> {out} (GGUF {quant}, {_gb(total)})"
+        f"weights) -> {out} (GGUF {quant}, {size_text(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -143,7 +144,9 @@ def export_run(
         console.print(f"[green]wrote[/green] {tmp.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s")
         need, have = check_memory_need(source.infos), available_memory(torch_device)
         if verify and have is not None and need > have:
-            result.check_skipped = f"the self-check needs about {_gb(need)} of memory, {_gb(have)} is available"
+            result.check_skipped = (
+                f"the self-check needs about {size_text(need)} of memory, {size_text(have)} is available"
+            )
             console.print(f"[yellow]self-check skipped: {result.check_skipped}[/yellow]")
         elif verify:
             from qlora_cli.export.check import check_export
@@ -370,7 +373,7 @@ def _export_lora(
             (f"{name}.lora_b", np.ascontiguousarray(b, dtype)),
         ]
     total = sum(t.nbytes for _, t in tensors)
-    _check_disk(out, total)
+    check_disk(out, total, "the file")
     console.print(f"exporting the adapter of {source.run.path} ({len(source.targets)} layers, r={r}) -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -398,19 +401,8 @@ def _export_lora(
     return result
 
 
-def _check_disk(out: Path, total: int) -> None:
-    existing = next(p for p in [out.parent, *out.parent.absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if total > free:
-        raise ModelError(f"not enough disk space for {out}: the file needs {_gb(total)}, {_gb(free)} free")
-
-
 def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise ModelError(f"GGUF export needs the gguf package: pip install 'gguf>={GGUF_WRITE_MIN_VERSION}'") from None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -139,15 +139,12 @@ def merge_run(
     entries = [planned(t) for t in infos]
     shards = plan_shards(entries, max_bytes)
     total = sum(t.nbytes for t in entries)
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if total > free:
-        raise ModelError(f"not enough disk space for {out}: the merged model needs {_gb(total)}, {_gb(free)} free")
+    check_disk(out, total, "the merged model")
 
     # -- write into a temporary folder beside the output
     console.print(
         f"merging {len(targets)} layers of {run.path} into {folder} ({base_weights} base weights, "
-        f"scaling {scaling:g}) -> {out} ({NAME_OF_CODE[out_code]}, {len(shards)} shard(s), {_gb(total)})"
+        f"scaling {scaling:g}) -> {out} ({NAME_OF_CODE[out_code]}, {len(shards)} shard(s), {size_text(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -178,7 +175,9 @@ def merge_run(
         need = check_memory_need(infos)
         have = available_memory(torch_device)
         if have is not None and need > have:
-            result.check_skipped = f"the self-check needs about {_gb(need)} of memory, {_gb(have)} is available"
+            result.check_skipped = (
+                f"the self-check needs about {size_text(need)} of memory, {size_text(have)} is available"
+            )
         else:
             result.check = self_check(run, out, base_weights, torch_device, tokenizer=tokenizer)
     result.seconds = time.perf_counter() - started
@@ -437,7 +436,15 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _gb(n: float) -> str:
+def check_disk(out: Path, total: int, what: str) -> None:
+    """``ModelError`` when the file system that will hold ``out`` has less than ``total`` bytes free."""
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise ModelError(f"not enough disk space for {out}: {what} needs {size_text(total)}, {size_text(free)} free")
+
+
+def size_text(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
