@@ -104,6 +104,29 @@ def _gguf_field(reader: Any, key: str) -> Any:
     return bytes(value).decode("utf-8", "replace") if field.types and field.types[0].name == "STRING" else value
 
 
+def field_value(field: Any) -> Any:
+    """A GGUF metadata field as a Python value: str, bool, int, float or a list of them. (``ReaderField.contents``
+    does this in gguf 0.16+; qlora supports 0.13.) Raises ``ModelError`` for text that is not UTF-8."""
+    from gguf import GGUFValueType
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def one(part: Any, kind: Any) -> Any:
+        if kind == GGUFValueType.STRING:
+            try:
+                return bytes(part).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ModelError(f"GGUF field {field.name} holds text that is not UTF-8") from None
+        value = part[0].item()
+        return bool(value) if kind == GGUFValueType.BOOL else value
+
+    if types[0] == GGUFValueType.ARRAY:
+        return [one(field.parts[i], types[-1]) for i in field.data]
+    return one(field.parts[field.data[0]], types[0])
+
+
 def check_gguf(name: str, need_tokenizer: bool = True) -> None:
     """Everything that can be wrong with a GGUF base, checked without writing anything (``ModelError``):
     not there, not GGUF, cut short, an architecture transformers cannot read from GGUF, no tokenizer."""

@@ -50,7 +50,7 @@ def read_gguf(path: Path) -> dict[str, np.ndarray]:
 
 
 def field(path: Path, key: str):
-    from qlora_cli.export.gguf_vocab import field_value
+    from qlora_cli.gguf import field_value
 
     f = gguf.GGUFReader(path).fields.get(key)
     return None if f is None else field_value(f)

@@ -174,7 +174,7 @@ def check_export(
 def _file_field(path: Path, key: str) -> Any:
     from gguf import GGUFReader
 
-    from qlora_cli.export.gguf_vocab import field_value
+    from qlora_cli.gguf import field_value
 
     field = GGUFReader(path).fields.get(key)
     return None if field is None else field_value(field)

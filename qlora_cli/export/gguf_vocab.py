@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import ModelError
+from qlora_cli.gguf import field_value
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -71,29 +72,6 @@ def _from_gguf(path: str) -> dict[str, Any]:
         if key.startswith("tokenizer."):
             md[key] = field_value(field)
     return md
-
-
-def field_value(field: Any) -> Any:
-    """A GGUF metadata field as a Python value: str, bool, int, float or a list of them. (``ReaderField.contents``
-    does this in gguf 0.16+; qlora supports 0.13.) Raises ``ModelError`` for text that is not UTF-8."""
-    from gguf import GGUFValueType
-
-    types = list(field.types)
-    if not types:
-        return None
-
-    def one(part: Any, kind: Any) -> Any:
-        if kind == GGUFValueType.STRING:
-            try:
-                return bytes(part).decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelError(f"GGUF field {field.name} holds text that is not UTF-8") from None
-        value = part[0].item()
-        return bool(value) if kind == GGUFValueType.BOOL else value
-
-    if types[0] == GGUFValueType.ARRAY:
-        return [one(field.parts[i], types[-1]) for i in field.data]
-    return one(field.parts[field.data[0]], types[0])
 
 
 def _from_tokenizer_json(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
