@@ -47,6 +47,7 @@ RESUMABLE_KEYS = frozenset(
         "resume_from_checkpoint",
         "output_dir",
         "max_bad_steps",
+        "max_bad_fraction",
         "early_stopping_patience",
         "early_stopping_threshold",
         "save_best",

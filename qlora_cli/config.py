@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
     # logging, eval, output
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # None: eval only at the end
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # NumPy's seed range; set_seed seeds Python, NumPy and torch with it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     output_dir: str = "runs/my-run"
     # reliability
@@ -109,6 +109,8 @@ class RunConfig(BaseModel):
     save_total_limit: int | None = Field(None, ge=1)  # keep only the newest K checkpoints
     resume_from_checkpoint: str | None = None  # "auto" (newest complete checkpoint) or a checkpoint folder
     max_bad_steps: int = Field(10, ge=1)  # stop after this many consecutive non-finite steps
+    # stop when more than this fraction of the steps so far were non-finite (counted from the 3rd such step)
+    max_bad_fraction: float = Field(0.25, ge=0, le=1)
     # early stopping (on eval_loss; needs eval data and eval_steps)
     early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evals without eval_loss improving
     early_stopping_threshold: float = Field(0.0, ge=0)  # an eval improves only when it beats the best by more

@@ -29,7 +29,9 @@ import torch
 
 from qlora_cli.errors import DataError
 
-TOKENS_VERSION = 1  # bump when data.tokenize_row/tokenize_rows would produce different tokens for the same inputs
+# bump when data.tokenize_row/tokenize_rows would produce different tokens for the same inputs, or the entry's
+# format changes (2: the checksum covers the stats too)
+TOKENS_VERSION = 2
 
 
 def tokenized_dir() -> Path:
@@ -74,8 +76,8 @@ def entry_path(key: str) -> Path:
     return tokenized_dir() / f"{key[:32]}.safetensors"
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(tensors: dict[str, torch.Tensor], stats: str) -> str:
+    h = hashlib.sha256(stats.encode())
     for name in sorted(tensors):
         h.update(name.encode())
         h.update(tensors[name].contiguous().numpy().tobytes())
@@ -93,7 +95,8 @@ def save(key: str, examples: list[Any], row_index: list[int], n_rows: int, stats
         "lengths": torch.tensor(lengths, dtype=torch.int64),
         "row_index": torch.tensor(row_index, dtype=torch.int64),
     }
-    meta = {"key": key, "rows": str(n_rows), "stats": json.dumps(asdict(stats)), "checksum": _checksum(tensors)}
+    stats_text = json.dumps(asdict(stats))
+    meta = {"key": key, "rows": str(n_rows), "stats": stats_text, "checksum": _checksum(tensors, stats_text)}
     path = entry_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
@@ -125,14 +128,18 @@ def load(key: str, n_rows: int) -> tuple[list[tuple[list[int], list[int], int]],
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         if set(tensors) != {"input_ids", "labels", "lengths", "row_index"}:
             raise Corrupt("unexpected tensors")
-        if meta.get("key") != key or meta.get("rows") != str(n_rows) or meta.get("checksum") != _checksum(tensors):
+        stats_text = meta.get("stats", "")
+        checksum = _checksum(tensors, stats_text)
+        if meta.get("key") != key or meta.get("rows") != str(n_rows) or meta.get("checksum") != checksum:
             raise Corrupt("checksum or key mismatch")
         ids, labels, lengths, row_index = (tensors[k] for k in ("input_ids", "labels", "lengths", "row_index"))
         if ids.shape != labels.shape or int(lengths.sum()) != ids.numel() or lengths.shape != row_index.shape:
             raise Corrupt("shapes disagree")
         if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= n_rows):
             raise Corrupt("row index out of range")
-        stats = json.loads(meta["stats"])
+        stats = json.loads(stats_text)
+        if not isinstance(stats, dict):
+            raise Corrupt("stats are not a JSON object")
     except Corrupt:
         raise
     except Exception as e:  # a truncated file, a bad header, bad JSON: all mean the same
@@ -167,8 +174,11 @@ def cached_tokenize(
         warn(f"tokenization cache entry {entry_path(key)} is damaged ({e}); rebuilding it")
         hit = None
     if hit is not None:
-        examples, stats = rebuild(*hit)
-        return examples, stats, True
+        try:
+            examples, stats = rebuild(*hit)
+            return examples, stats, True
+        except (TypeError, ValueError, KeyError) as e:  # stats that no longer fit DataStats: rebuild the entry
+            warn(f"tokenization cache entry {entry_path(key)} does not fit this version of qlora ({e}); rebuilding it")
     examples, stats = tokenize(rows, fmt, tokenizer, settings)
     position = {id(row): i for i, row in enumerate(rows)}
     row_index = [position[id(ex.row)] for ex in examples]

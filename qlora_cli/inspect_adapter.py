@@ -111,15 +111,11 @@ def _architecture(base: str | None) -> str | None:
 
 def training_summary(metrics_path: Path) -> dict[str, Any] | None:
     """Steps, losses, tokens and wall time from a run's metrics.jsonl (None for a bare adapter)."""
+    from qlora_cli.run_folder import read_metrics
+
     if not metrics_path.exists():
         return None
-    records = []
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
+    records = read_metrics(metrics_path)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval" and r.get("eval_loss") is not None]
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)

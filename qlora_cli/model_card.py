@@ -22,24 +22,10 @@ from typing import Any
 import yaml
 
 from qlora_cli.config import DATA_EXTENSIONS, RunConfig, load_config
+from qlora_cli.run_folder import read_metrics
 
 CARD_FILE = "README.md"
 PLOT_FILE = "loss.png"
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` (a line cut by a crash is skipped); [] when there is none."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
 
 
 def is_hub_name(name: str) -> bool:

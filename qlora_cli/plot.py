@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import ConfigError
-from qlora_cli.model_card import PLOT_FILE, read_metrics
+from qlora_cli.model_card import PLOT_FILE
+from qlora_cli.run_folder import METRICS_FILE, finite, read_metrics
 
 SMOOTHING = 0.6  # TensorBoard's default: each point is 0.6 * the previous smoothed value + 0.4 * this one
 FIGSIZE, DPI = (12, 8), 100  # a 1200 x 800 pixel image
+PLOTTABLE = 1e100  # larger magnitudes (a log edited by hand, 1e308) overflow the axes' range arithmetic
 MATPLOTLIB_MISSING = "qlora plot needs matplotlib: pip install matplotlib (or pip install 'qlora-cli[plot]')"
 
 
@@ -44,8 +46,8 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     over) keeps its last value, so a resumed run is one line. Raises ``ConfigError`` for a folder without
     ``metrics.jsonl``."""
     folder = Path(run_dir).expanduser()
-    if not (folder / "metrics.jsonl").is_file():
-        raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a run folder written by qlora train?)")
+    if not (folder / METRICS_FILE).is_file():
+        raise ConfigError(f"{run_dir}: no {METRICS_FILE} (is it a run folder written by qlora train?)")
     series: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "grad_norm": {}, "eval_loss": {}}
     for r in read_metrics(folder):
         step = r.get("step")
@@ -56,7 +58,7 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
             continue
         for key in keys:
             value = r.get(key)
-            if isinstance(value, (int, float)) and value == value:  # finite numbers only (NaN != NaN)
+            if finite(value) and abs(value) <= PLOTTABLE:
                 series[key][step] = float(value)
     curves = Curves(name or folder.resolve().name)
     for key, points in series.items():

@@ -7,6 +7,8 @@ quantized during training, so the adapter is applied to the weights it learned a
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,65 @@ METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+RUN_CONFIG_KEYS = frozenset({"base_model", "datasets", "output_dir", "lora_r", "learning_rate"})
+# metrics.jsonl fields that are numbers when qlora wrote them; a record where one is anything else is not ours
+_COUNT_KEYS = ("step", "steps", "epoch", "bad_steps", "best_step", "eval_tokens", "train_examples", "processes")
+_NUMBER_KEYS = ("loss", "train_loss", "eval_loss", "best_eval_loss", "eval_ppl", "lr", "grad_norm", "elapsed_sec")
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder ``qlora train`` wrote: its metrics log and the resolved config it writes first, every key at the
+    start of a line. Only such a folder may be replaced (``--force``) or resumed; a folder that merely holds
+    files of the same names (a project folder, ``/``) is not one."""
+    p = Path(path)
+    config = p / CONFIG_FILE
+    if not (p / METRICS_FILE).is_file() or not config.is_file() or config.stat().st_size > 1 << 20:
+        return False
+    try:
+        keys = {line.split(":", 1)[0] for line in config.read_text(encoding="utf-8").splitlines()}
+    except (OSError, UnicodeDecodeError):
+        return False
+    return RUN_CONFIG_KEYS <= keys
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (or of the run folder holding it) as qlora wrote them; [] when there is
+    none. A line that is not one (cut by a crash, not UTF-8, not a JSON object, nested past the parser's depth,
+    a step that is not an integer, a loss that is not a number) is skipped: a damaged or crafted log never
+    stops a command."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / METRICS_FILE
+    if not file.is_file():
+        return []
+    records = []
+    for raw in file.read_bytes().splitlines():
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("type"), str) and _well_typed(record):
+            records.append(record)
+    return records
+
+
+def _well_typed(record: dict[str, Any]) -> bool:
+    for key in _COUNT_KEYS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return False
+    for key in _NUMBER_KEYS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return False
+    return True
+
+
+def finite(value: Any) -> bool:
+    """A real, finite number (not a bool): what a plot or a summary can use."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -36,23 +97,29 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
 
 
-def open_run(path: str | Path, base: str | None = None) -> RunFolder:
-    """Read a run or adapter folder. ``base`` overrides the base model it names. Raises ``ModelError``."""
+def open_run(path: str | Path, base: str | None = None, check: Any = None) -> RunFolder:
+    """Read a run or adapter folder. ``base`` overrides the base model it names. Raises ``ModelError``.
+
+    ``check(file) -> bool``: whether a file is there to be read, called on every file before it is looked at
+    (serve passes one that raises for a file outside its --lora-root folders); default ``Path.exists``."""
+    there = check or (lambda p: p.exists())
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelError(f"run folder not found: {path}")
     if not folder.is_dir():
         raise ModelError(f"expected a run folder, got a file: {path}")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        there(folder / name)
     adapter_config, _ = read_adapter(folder)  # checks both adapter files are there and readable
     config: RunConfig | None = None
     # a checkpoint (<run>/checkpoints/step-N) carries no config of its own: it trained as its run did
     # nor does the best adapter (<run>/best, save_best)
     resolved = folder.resolve()
     run_dir = resolved.parent.parent if resolved.parent.name == "checkpoints" else None
-    if resolved.name == BEST_DIR and (resolved.parent / CONFIG_FILE).exists():
+    if resolved.name == BEST_DIR and there(resolved.parent / CONFIG_FILE):
         run_dir = resolved.parent
-    config_dir = folder if (folder / CONFIG_FILE).exists() else run_dir
-    if config_dir is not None and (config_dir / CONFIG_FILE).exists():
+    config_dir = folder if there(folder / CONFIG_FILE) else run_dir
+    if config_dir is not None and there(config_dir / CONFIG_FILE):
         try:
             config = load_config(config_dir / CONFIG_FILE)
         except ConfigError as e:
@@ -71,7 +138,7 @@ def open_run(path: str | Path, base: str | None = None) -> RunFolder:
             "pass its new location with --base PATH"
         )
     for candidate in (folder, run_dir):  # the run's tokenizer: its pad token and chat template
-        if candidate is not None and any((candidate / f).exists() for f in TOKENIZER_FILES):
+        if candidate is not None and any(there(candidate / f) for f in TOKENIZER_FILES):
             settings = replace(settings, tokenizer=str(candidate))
             break
     return RunFolder(folder, adapter_config, config, settings)

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from qlora_cli.adapter_io import save_adapter
+from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from qlora_cli.checkpoint import (
+    BEST_DIR,
+    CHECKPOINTS_DIR,
     TrainerState,
     find_checkpoint,
     load_checkpoint,
@@ -43,9 +45,9 @@ from qlora_cli.model import (
 )
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
-from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
+from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE, is_run_folder, read_metrics
 from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
-from qlora_cli.trackers import Reporter, check_trackers, start_trackers
+from qlora_cli.trackers import TRACKERS_FILE, Reporter, check_trackers, start_trackers
 from qlora_cli.train_log import MetricsLog, ProgressDisplay, StopSignals, report_start
 
 
@@ -63,14 +65,66 @@ class TrainResult:
 # setup helpers
 
 
-def check_output_dir(path: str, force: bool) -> Path:
-    """Refuse to mix a new run into an old one; nothing is created here."""
+def check_output_dir(path: str, force: bool = False, resume: str | None = None) -> Path:
+    """Refuse to mix a new run into an old one, or to write into a folder that is not a run's; nothing is created.
+
+    A non-empty folder is written into only when it is a qlora run folder (``is_run_folder``): replaced with
+    ``force``, or continued with ``resume`` (``auto``: the folder must be a run; a named checkpoint may also start
+    a new, empty folder). Any other folder, ``/`` or a project folder, is never written into.
+    """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {path} is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
+    empty = not out.exists() or not any(out.iterdir())
+    run = is_run_folder(out)
+    if resume == "auto" and not run:
+        if empty:
+            raise ConfigError(
+                f"--resume: nothing to resume, output_dir {path} {'is empty' if out.exists() else 'does not exist'}; "
+                "start the run without --resume"
+            )
+        raise ConfigError(
+            f"--resume: output_dir {path} is not a qlora run folder (no {CONFIG_FILE} and {METRICS_FILE}); "
+            "nothing to resume there"
+        )
+    if empty or (run and (force or resume)):
+        return out
+    if not force and not resume:
         raise ConfigError(f"output_dir {path} exists and is not empty (use --force to overwrite)")
-    return out
+    raise ConfigError(
+        f"output_dir {path} is not empty and is not a qlora run folder (no {CONFIG_FILE} and {METRICS_FILE}); "
+        f"{'--force replaces' if force else 'resume_from_checkpoint continues'} only a run folder: "
+        "choose another output_dir"
+    )
+
+
+def nothing_to_resume(out: Path) -> ConfigError:
+    """The error for ``--resume`` on a run folder without a usable checkpoint: a finished run says so."""
+    summary = next((r for r in reversed(read_metrics(out)) if r["type"] == "summary"), None)
+    if summary is not None:
+        return ConfigError(
+            f"--resume: {out} is a run that finished at step {summary.get('steps')} and has no checkpoint to resume "
+            "from; its adapter is left as it is (train into a new output_dir, or replace the run with --force)"
+        )
+    return ConfigError(
+        f"--resume: {out} has no complete checkpoint to resume from (save_steps writes them); "
+        "start it again with --force, or train into a new output_dir"
+    )
+
+
+def clear_previous_run(out: Path) -> None:
+    """``--force`` over a run folder: remove what the earlier run left that a new one would not overwrite and a
+    later command would read as this run's (its checkpoints, ``best/``, adapter, trackers' ids). Only called on a
+    folder ``is_run_folder`` accepted; files qlora does not write are left alone."""
+    for name in (CHECKPOINTS_DIR, BEST_DIR):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRACKERS_FILE, f".{BEST_DIR}.tmp", f".{BEST_DIR}.old"):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -222,6 +276,7 @@ def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         track_best(run, last_eval)
     else:
         run.console.print(f"step {state.step}: stopping early: {stopped}")
+    check_trained(run, last_eval)
     return save(run, last_eval, window_log.last_loss, stopped)
 
 
@@ -238,10 +293,12 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     device = accelerator.device
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
-    out = check_output_dir(cfg.output_dir, force or cfg.resume_from_checkpoint is not None)
+    out = check_output_dir(cfg.output_dir, force, cfg.resume_from_checkpoint)
     resume_from = (
         find_checkpoint(out, cfg.resume_from_checkpoint, console.print) if cfg.resume_from_checkpoint else None
     )
+    if cfg.resume_from_checkpoint and resume_from is None:
+        raise nothing_to_resume(out)
     check_base_model(cfg)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
@@ -301,6 +358,8 @@ def start(run: Run) -> None:
     run.accelerator.wait_for_everyone()  # every process has validated before anything is created
     main = run.accelerator.is_main_process
     created = main and not run.out.exists()
+    if main and run.resumed_from is None and is_run_folder(run.out):  # --force: the new run replaces the old
+        clear_previous_run(run.out)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / CONFIG_FILE).write_text(dump_config(run.cfg))
@@ -329,7 +388,7 @@ def epoch_windows(run: Run) -> list[list[list[list[Example]]]]:
 def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]:
     """One optimizer step over ``window``; this process takes its consecutive share of the micro-batches.
     A non-finite loss or gradient norm skips the update (the data position and schedule still move) and
-    ``max_bad_steps`` of them in a row stop the run. Returns (gradient norm, real tokens on every process)."""
+    too many of them stop the run (``diverged``). Returns (gradient norm, real tokens on every process)."""
     cfg, state, precision = run.cfg, run.state, run.precision
     accumulation = cfg.gradient_accumulation_steps
     n_targets = sum(e.n_targets for mb in window for row in mb for e in row)
@@ -366,6 +425,11 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
         state.consecutive_bad = 0
         state.log_loss += step_loss
         state.log_targets += n_targets
+    elif precision.scaler is not None and math.isfinite(step_loss):
+        # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers the scale, as
+        # loss scaling is meant to (its first steps often do); not a sign of divergence
+        precision.step(run.optimizer)
+        run.console.print(f"step {state.step + 1}: fp16 gradients overflowed, loss scale lowered, update skipped")
     else:  # skip the update, keep the data position and schedule moving
         state.bad_steps += 1
         state.consecutive_bad += 1
@@ -374,14 +438,32 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.window += 1
-    if state.consecutive_bad >= cfg.max_bad_steps:
+    stop = diverged(state.step, state.bad_steps, state.consecutive_bad, cfg.max_bad_steps, cfg.max_bad_fraction)
+    if stop:
         run.metrics.log({"type": "error", "step": state.step, "bad_steps": state.bad_steps})
         raise TrainingDiverged(
-            f"stopped at step {state.step}: {state.consecutive_bad} consecutive steps had a non-finite "
-            f"loss or gradient norm (max_bad_steps={cfg.max_bad_steps}); lower learning_rate or check the "
-            "data; the last checkpoint is intact"
+            f"stopped at step {state.step}: {stop}; lower learning_rate or check the data; no adapter was written "
+            f"and the last checkpoint is intact"
         )
     return grad_norm, n_tokens
+
+
+def diverged(step: int, bad: int, consecutive: int, max_consecutive: int, max_fraction: float) -> str | None:
+    """Why the run must stop, or None: ``max_consecutive`` non-finite steps in a row, or more than ``max_fraction``
+    of the steps so far (judged from the third bad step on, so one early spike does not end a short run)."""
+    if consecutive >= max_consecutive:
+        return (
+            f"{consecutive} consecutive steps had a non-finite loss or gradient norm (max_bad_steps={max_consecutive})"
+        )
+    if bad >= MIN_BAD_FOR_FRACTION and bad > max_fraction * step:
+        return (
+            f"{bad} of {step} steps had a non-finite loss or gradient norm and were skipped "
+            f"(more than max_bad_fraction={max_fraction:g} of them)"
+        )
+    return None
+
+
+MIN_BAD_FOR_FRACTION = 3
 
 
 def evaluate(run: Run) -> EvalResult | None:
@@ -445,6 +527,24 @@ def checkpoint(run: Run) -> Path:
     path = save_checkpoint(run.out, run.cfg, run.model, run.optimizer, run.scheduler, run.state, run.accelerator)
     run.console.print(f"step {run.state.step}: checkpoint saved to {path}")
     return path
+
+
+def check_trained(run: Run, eval_result: EvalResult | None) -> None:
+    """Refuse to write an adapter that is not finite, or whose final eval loss is not: a run that trained on
+    nonsense must not end "done"."""
+    # each process checks what it holds (under FSDP its shards); any one finding a bad value stops them all
+    bad = [n for n, p in run.trained.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    problem = None
+    if _any_process(run.accelerator, bool(bad)):
+        where = f" ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})" if bad else ""
+        problem = f"the adapter has non-finite values{where}"
+    elif eval_result is not None and not math.isfinite(eval_result.loss):
+        problem = f"the final eval loss is {eval_result.loss}"
+    if problem:
+        run.metrics.log({"type": "error", "step": run.state.step, "bad_steps": run.state.bad_steps})
+        raise TrainingDiverged(
+            f"stopped at step {run.state.step}: {problem}; no adapter was written and the last checkpoint is intact"
+        )
 
 
 def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: str | None = None) -> TrainResult:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from qlora_cli.config import RunConfig
 from qlora_cli.data import Example, TrainData
+from qlora_cli.run_folder import read_metrics
 
 
 class MetricsLog:
@@ -27,15 +28,11 @@ class MetricsLog:
         self.report: Any = None  # also send each record to the experiment trackers
         self.logged_through: int | None = None  # on resume: the last step the earlier run logged (dropped or not)
         kept = []
-        if keep_through_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
+        if keep_through_step is not None:
+            for record in read_metrics(path):
+                if record["type"] not in ("train", "eval") or record.get("step") is None:
                     continue
-                if record.get("type") not in ("train", "eval"):
-                    continue
-                step = record.get("step", 0)
+                step = record["step"]
                 self.logged_through = max(self.logged_through or 0, step)
                 if step <= keep_through_step:
                     kept.append(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -98,7 +99,24 @@ CHAT_B = (
 )
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def edit_stats(entry, edit) -> None:
+    """Rewrite the entry with its ``stats`` metadata changed by ``edit`` (a consistent safetensors file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(entry), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(entry), metadata={**meta, "stats": edit(meta["stats"])})
+
+
+STATS_EDITS = {
+    "stats-numbers": lambda text: json.dumps({k: 12345 for k in json.loads(text)}),  # silently wrong counts
+    "stats-keys": lambda text: json.dumps({"bogus": 1}),  # was a TypeError traceback in DataStats(**stats)
+    "stats-list": lambda text: "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", *STATS_EDITS])
 def test_a_damaged_entry_is_rebuilt_never_trusted(tmp_path, monkeypatch, capsys, damage):
     spy = Spy(monkeypatch)
     tok = build_char_tokenizer()
@@ -107,7 +125,10 @@ def test_a_damaged_entry_is_rebuilt_never_trusted(tmp_path, monkeypatch, capsys,
     first = build_datasets(s, tok)
     (entry,) = tokenized_dir().iterdir()
     raw = bytearray(entry.read_bytes())
-    if damage == "truncate":
+    if damage in STATS_EDITS:
+        edit_stats(entry, STATS_EDITS[damage])
+        raw = bytearray(entry.read_bytes())
+    elif damage == "truncate":
         raw = raw[: len(raw) - 9]
     elif damage == "flip":
         raw[-5] ^= 0x01  # a token id in the data section, header intact
@@ -116,7 +137,7 @@ def test_a_damaged_entry_is_rebuilt_never_trusted(tmp_path, monkeypatch, capsys,
     entry.write_bytes(bytes(raw))
     again = build_datasets(s, tok)
     assert spy.calls == 2 and "damaged" in capsys.readouterr().err
-    assert tokens(again) == tokens(first)
+    assert tokens(again) == tokens(first) and again.train_stats == first.train_stats
     build_datasets(s, tok)  # the rebuilt entry is good
     assert spy.calls == 2
 

@@ -209,3 +209,12 @@ def test_a_truncated_final_adapter_is_one_line_in_every_command(checkpointed_run
         assert result.exit_code == 2, (args, result.output)
         assert "adapter_model.safetensors cannot be read" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, llama_dir, seed):
+    """set_seed seeds NumPy, whose seeds are 0 .. 2**32-1: -1 was a traceback after the checks had passed."""
+    from .test_cli import assert_user_error, run_cli, write_config
+
+    cfg = write_config(tmp_path, llama_dir, write_jsonl(tmp_path / "d.jsonl", upper_rows(4, seed=1)))
+    assert_user_error(run_cli("train", str(cfg), "--set", f"seed={seed}"), "'seed'", tmp_path / "run")

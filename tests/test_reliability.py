@@ -236,3 +236,59 @@ def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, ll
         train(cfg, console=quiet_console)
     assert e.value.exit_code == 1 and "3 consecutive steps" in str(e.value)
     assert [s for s, _, ok in list_checkpoints(tmp_path / "run") if ok] == [4]
+
+
+def test_mostly_non_finite_steps_stop_the_run_and_write_no_adapter(tmp_path, llama_dir, monkeypatch):
+    """Steps 2-4 non-finite (never 10 in a row): once 3 of 4 steps were skipped the run stops, exit 1, with no
+    adapter written; it used to finish "done" with exit 0 on an adapter that learned nothing."""
+    from .test_cli import run_cli, write_config
+
+    real = step_mod.loss_sum
+    calls = {"n": 0}
+
+    def nan_on_steps_2_to_4(model, batch, *args):
+        calls["n"] += 1
+        s, n = real(model, batch, *args)
+        return (s * float("nan"), n) if calls["n"] in (2, 3, 4) else (s, n)
+
+    monkeypatch.setattr(step_mod, "loss_sum", nan_on_steps_2_to_4)
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data, max_steps=9, micro_batch_size=8, save_steps=1)
+    result = run_cli("train", str(cfg))
+    assert result.exit_code == 1, result.output
+    assert "3 of 4 steps had a non-finite loss" in result.output and "max_bad_fraction=0.25" in result.output
+    run = tmp_path / "run"
+    assert not (run / "adapter_model.safetensors").exists()
+    assert [s for s, _, ok in list_checkpoints(run) if ok] == [1, 2, 3]
+    # the skipped steps changed nothing: every checkpoint holds step 1's adapter, finite
+    from safetensors.torch import load_file
+
+    first, last = (load_file(run / "checkpoints" / f"step-{s}" / "adapter_model.safetensors") for s in (1, 3))
+    assert all(torch.equal(first[k], last[k]) and torch.isfinite(last[k]).all() for k in first)
+
+
+def test_a_non_finite_final_eval_or_adapter_is_not_written(tmp_path, llama_dir, monkeypatch):
+    from qlora_cli.lora import lora_layers
+    from qlora_cli.loss import EvalResult
+
+    from .test_cli import run_cli, write_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data, eval_datasets=[{"path": str(data), "type": "completion"}])
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: EvalResult(float("nan"), 10))
+    result = run_cli("train", str(cfg))
+    assert result.exit_code == 1 and "the final eval loss is nan" in result.output, result.output
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    monkeypatch.undo()
+    real_evaluate = train_mod.evaluate
+
+    def poison_then_evaluate(run):
+        name, layer = next(iter(lora_layers(run.model)))
+        with torch.no_grad():
+            layer.lora_B.weight[0, 0] = float("inf")
+        return real_evaluate(run)
+
+    monkeypatch.setattr(train_mod, "evaluate", poison_then_evaluate)
+    result = run_cli("train", str(cfg), "--force")
+    assert result.exit_code == 1 and "the adapter has non-finite values" in result.output, result.output
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -276,3 +276,39 @@ def test_train_without_matplotlib_notes_and_goes_on(tmp_path, monkeypatch):
     assert write_loss_plot(fake_run(tmp_path / "r", 5, 1.0), console) is None
     assert console.export_text().strip() == "no loss.png: matplotlib is not installed (pip install matplotlib)"
     assert not (tmp_path / "r" / "loss.png").exists()
+
+
+CRAFTED_LINES = [
+    b'{"type": "train", "step": 1, "loss": 2.5, "lr": 0.001, "grad_norm": 1.0}\xff\xfe',  # not UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's recursion limit
+    b'{"type": "train", "step": "5", "loss": 1.0}',  # a step that is a string
+    b'{"type": "train", "step": true, "loss": 1.0}',
+    b'{"type": "eval", "step": 6, "eval_loss": "low"}',
+    b'{"type": "train", "step": 7, "loss": 1e308, "lr": -1e308, "grad_norm": 1e999}',  # huge, and inf
+    b'{"type": "summary", "steps": {"a": 1}}',
+    b'["type", "train"]',
+]
+
+
+def test_a_crafted_metrics_log_never_stops_plot_inspect_or_resume(tmp_path, llama_dir):
+    pytest.importorskip("matplotlib")
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    cfg = write_config(tmp_path, llama_dir, data, max_steps=2, save_steps=1)
+    assert run_cli("train", str(cfg)).exit_code == 0
+    run = tmp_path / "run"
+    good = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(good + b"\n".join(CRAFTED_LINES) + b"\n")
+    result = run_cli("plot", str(run), "-o", str(tmp_path / "p.png"))
+    assert result.exit_code == 0, result.output
+    from qlora_cli.plot import read_curves
+
+    curves = read_curves(run)
+    assert [s for s, _ in curves.loss] == [1, 2]  # only the real steps: none of the crafted ones
+    result = run_cli("inspect", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["training"]["steps"] == 2
+    # resume from step 1: the log keeps the real step-1 records and drops every crafted line
+    result = run_cli("train", str(cfg), "--set", "resume_from_checkpoint=" + str(run / "checkpoints" / "step-1"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r.get("step")) for r in records if r["type"] == "train"] == [("train", 1), ("train", 2)]

@@ -169,8 +169,12 @@ def test_refuses_a_non_empty_output_dir_and_a_file(tmp_path, llama_dir, quiet_co
     with pytest.raises(ConfigError, match="exists and is not empty"):
         train(cfg, console=quiet_console)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    train(cfg, force=True, console=quiet_console)
-    assert (out / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="is not a qlora run folder"):  # --force replaces only a run folder
+        train(cfg, force=True, console=quiet_console)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), console=quiet_console)
+    train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), force=True, console=quiet_console)
+    assert (tmp_path / "new" / "adapter_model.safetensors").exists()
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
         train(make_config(llama_dir, data, tmp_path / "f", max_steps=1), console=quiet_console)
