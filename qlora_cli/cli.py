@@ -4,6 +4,7 @@ into one line on stderr with exit code 2 (``--debug`` shows the traceback instea
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -292,12 +293,14 @@ def serve(
         from qlora_cli.serving.app import serve as run_serve
         from qlora_cli.serving.policy import ServePolicy, resolve_roots
 
+        # click reads an empty variable as unset, which would turn authentication off
+        key = os.environ["QLORA_API_KEY"] if api_key is None and "QLORA_API_KEY" in os.environ else api_key
         try:
             policy = ServePolicy(
                 trust_remote_code=trust_remote_code,
                 allow_runtime_lora=allow_runtime_lora,
                 lora_roots=resolve_roots(lora_root or []),
-                api_key=api_key,
+                api_key=key,
                 max_lora_rank=max_lora_rank,
                 max_loras=max_loras,
             )

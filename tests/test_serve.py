@@ -530,6 +530,28 @@ def test_operator_flags_are_checked_at_startup(runs, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "env, flag, says",
+    [
+        ({"QLORA_API_KEY": ""}, [], "must not be empty"),  # click reads it as unset: authentication was off
+        ({"QLORA_API_KEY": "  "}, [], "must not be empty"),
+        ({"QLORA_API_KEY": " sk-key\n"}, [], "leading or trailing whitespace"),  # could never match a header
+        ({}, ["--api-key", "sk-key "], "leading or trailing whitespace"),
+    ],
+)
+def test_an_empty_or_padded_api_key_is_a_startup_error(monkeypatch, env, flag, says):
+    import qlora_cli.serving.app as app_mod
+
+    started = []  # a server that would have started (without authentication) is recorded, not run
+    monkeypatch.setattr(app_mod, "serve", lambda *a, **k: started.append(k["policy"]))
+    result = CliRunner(env=env).invoke(app, ["serve", "--adapter", "a=/nowhere", "--port", "0", *flag])
+    assert result.exit_code == 2 and not started, (result.output, started)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], result.output
+    result = CliRunner(env={"QLORA_API_KEY": "sk-key"}).invoke(app, ["serve", "--adapter", "a=/nowhere"])
+    assert result.exit_code == 0 and started[0].api_key == "sk-key", result.output
+
+
 # ---------------------------------------------------------------------------------------------
 # denial of service: one request never takes the server or other clients down
 
@@ -651,5 +673,84 @@ def test_a_plain_peft_folder_joins_a_float32_server(runs, tmp_path):
     try:
         assert server.settings.quant.compute_dtype == "float32"
         assert "plain" in server.served
+    finally:
+        server.close()
+
+
+def test_runtime_loading_reads_no_file_outside_the_roots(tmp_path, llama_dir):
+    """Every file read for a runtime-loaded adapter resolves under a --lora-root: the run folder's config and
+    tokenizer above a checkpoint, the parent of a root named best, a tokenizer_config.json naming another file,
+    a named pipe in place of a file (it used to block the loading lock for good)."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from qlora_cli.serving.policy import ServePolicy
+    from qlora_cli.serving.server import RequestError
+
+    from .test_merge import make_run
+
+    def copy_adapter(src: Path, dst: Path, tokenizer: bool = False) -> Path:
+        dst.mkdir(parents=True)
+        names = ["adapter_model.safetensors", "adapter_config.json"]
+        names += ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] if tokenizer else []
+        for name in names:
+            shutil.copy(src / name, dst / name)
+        return dst
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(4, seed=1))
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    run = make_run(llama_dir, root / "run", data)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(llama_dir / name, run / name)
+    step = copy_adapter(run, run / "checkpoints" / "step-1")
+    outside.mkdir()
+    # an outside tokenizer that says so: one more token
+    theirs = AutoTokenizer.from_pretrained(llama_dir)
+    theirs.add_special_tokens({"additional_special_tokens": ["<|outside|>"]})
+    theirs.save_pretrained(outside / "tok")
+    policy = ServePolicy(allow_runtime_lora=True, lora_roots=(root.resolve(),))
+    server = ModelServer(adapters=[("a", str(run))], device="cpu", policy=policy)
+    try:
+        server.load_adapter("ok", str(step))  # inside the roots: loads
+        assert "<|outside|>" not in server.served["ok"].tokenizer.get_vocab()
+
+        def refused(name: str, path: Path) -> None:
+            with pytest.raises(RequestError) as e:
+                server.load_adapter(name, str(path))
+            assert str(tmp_path) not in str(e.value), e.value
+            assert name not in server.served
+
+        # the run folder's files above the checkpoint, linked outside
+        for linked in ("qlora_config.yaml", "tokenizer.json"):
+            shutil.move(run / linked, outside / linked)
+            (run / linked).symlink_to(outside / linked)
+            refused(f"link-{linked}", step)
+            (run / linked).unlink()
+            shutil.move(outside / linked, run / linked)
+        # a tokenizer_config.json that names a tokenizer file outside ("../" is not refused by transformers)
+        fast = copy_adapter(run, root / "fast", tokenizer=True)
+        config = json.loads((fast / "tokenizer_config.json").read_text())
+        config["fast_tokenizer_files"] = ["../../outside/tok/tokenizer.1.json"]
+        shutil.copy(outside / "tok" / "tokenizer.json", outside / "tok" / "tokenizer.1.json")
+        (fast / "tokenizer_config.json").write_text(json.dumps(config))
+        server.load_adapter("fast", str(fast))
+        assert "<|outside|>" not in server.served["fast"].tokenizer.get_vocab()
+        # a root named best: its parent's qlora_config.yaml is outside the roots
+        best = copy_adapter(run, tmp_path / "best")
+        shutil.copy(run / "qlora_config.yaml", tmp_path / "qlora_config.yaml")
+        server.policy = replace(policy, lora_roots=(best.resolve(),))
+        refused("best", best)
+        server.policy = policy
+        # a named pipe where adapter_config.json should be: refused at once, the lock left free
+        pipe = copy_adapter(run, root / "pipe")
+        (pipe / "adapter_config.json").unlink()
+        os.mkfifo(pipe / "adapter_config.json")
+        worker = threading.Thread(target=lambda: pytest.raises(RequestError, server.load_adapter, "pipe", str(pipe)))
+        worker.daemon = True
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "loading a named pipe blocked"
+        server.unload_adapter("ok")
     finally:
         server.close()

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,10 @@ class ServePolicy:
         if self.allow_runtime_lora and not self.lora_roots:
             raise ValueError("--allow-runtime-lora needs at least one --lora-root DIR to load adapters from")
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key must not be empty")
+            raise ValueError("--api-key (or QLORA_API_KEY) must not be empty")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            # a client's header is stripped by HTTP itself, so such a key could never match
+            raise ValueError("--api-key (or QLORA_API_KEY) has leading or trailing whitespace; remove it")
 
 
 def resolve_roots(roots: list[str] | tuple[str, ...]) -> tuple[Path, ...]:
@@ -158,3 +164,67 @@ class ApiKeyMiddleware:
         scheme, _, token = header.partition(b" ")
         ok = hmac.compare_digest(_digest(token.strip()), self.want)
         return ok and scheme.lower() == b"bearer"
+
+
+# every file transformers' AutoTokenizer may read from a local tokenizer folder (5.x)
+TOKENIZER_READS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "config.json",
+)
+TEMPLATE_DIR = "additional_chat_templates"
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
+def confined_file(path: Path, roots: tuple[Path, ...], max_bytes: int | None = None) -> Path | None:
+    """None when ``path`` is absent; else the regular file it resolves to, which must lie under a root (and hold
+    at most ``max_bytes``). Raises ``PolicyError`` for a file outside the roots, a FIFO or device, a loop."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        real = None
+    if real is None or not _under(real, roots) or not real.is_file():
+        log.warning("refused %s: not a regular file under the allowed roots", path)
+        raise PolicyError(REFUSED)
+    if max_bytes is not None and real.stat().st_size > max_bytes:
+        log.warning("refused %s: %d bytes", path, real.stat().st_size)
+        raise PolicyError(f"the adapter's {path.name} is larger than {max_bytes >> 20} MB")
+    return real
+
+
+def private_tokenizer(folder: Path, roots: tuple[Path, ...], into: Path) -> bool:
+    """Copy ``folder``'s tokenizer files, each checked by ``confined_file``, into ``into``, a private folder the
+    tokenizer is then loaded from: transformers reads nothing else. ``fast_tokenizer_files`` (names of other
+    tokenizer files, "../" allowed) is dropped from tokenizer_config.json. Whether any file was copied."""
+    copied = False
+    names = list(TOKENIZER_READS)
+    if (folder / TEMPLATE_DIR).is_dir():
+        (into / TEMPLATE_DIR).mkdir()
+        names += [f"{TEMPLATE_DIR}/{p.name}" for p in (folder / TEMPLATE_DIR).glob("*.jinja")]
+    for name in names:
+        real = confined_file(folder / name, roots, MAX_TOKENIZER_BYTES)
+        if real is None:
+            continue
+        if name == "tokenizer_config.json":
+            try:
+                config = json.loads(real.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise PolicyError("the adapter's tokenizer_config.json is not a JSON object") from None
+            if not isinstance(config, dict):
+                raise PolicyError("the adapter's tokenizer_config.json is not a JSON object")
+            config.pop("fast_tokenizer_files", None)
+            (into / name).write_text(json.dumps(config), encoding="utf-8")
+        else:
+            shutil.copyfile(real, into / name)
+        copied = True
+    return copied

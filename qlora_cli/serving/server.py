@@ -18,6 +18,7 @@ one engine thread (``EngineLoop``) decodes every running request together: rows 
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -29,11 +30,14 @@ from qlora_cli.errors import ModelError, QLoRAError
 from qlora_cli.serving.engine import Engine, EngineLoop, Generation, SamplingParams, end_of_turn_ids, eos_ids
 from qlora_cli.serving.multi_lora import BASE_ONLY, MultiLoRA
 from qlora_cli.serving.policy import (
+    MAX_CONFIG_BYTES,
     PolicyError,
     ServePolicy,
     check_file_sizes,
     confine_lora_path,
+    confined_file,
     log,
+    private_tokenizer,
 )
 
 BASE_ALIAS = "base"
@@ -210,6 +214,7 @@ class ModelServer:
 
         if not self.policy.allow_runtime_lora:
             raise RequestError(RUNTIME_LORA_OFF, 403, None, "runtime_lora_disabled")
+        roots = self.policy.lora_roots
         if not name or not name.strip():
             raise RequestError("lora_name must not be empty", param="lora_name")
         try:
@@ -227,7 +232,11 @@ class ModelServer:
                 )
             run = self._runtime_run(folder)
             try:
-                tokenizer = load_tokenizer(run.model)
+                with tempfile.TemporaryDirectory(prefix="qlora-tokenizer-") as private:
+                    own = run.model.tokenizer and private_tokenizer(Path(run.model.tokenizer), roots, Path(private))
+                    tokenizer = load_tokenizer(replace(run.model, tokenizer=private if own else None))
+            except PolicyError as e:
+                raise RequestError(str(e), e.status, "lora_path", "invalid_adapter") from None
             except Exception as e:  # noqa: BLE001 - any failure reading a client's tokenizer files is a refusal
                 log.warning("runtime adapter %s: tokenizer: %s", folder, e)
                 raise RequestError("the adapter folder's tokenizer cannot be loaded", param="lora_path") from None
@@ -247,8 +256,15 @@ class ModelServer:
         if in_checkpoints and not _under(folder.parent.parent, self.policy.lora_roots):
             log.warning("runtime adapter %s: its run folder is outside the roots", folder)
             raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter")
+        roots = self.policy.lora_roots
+
+        def confined(file: Path) -> bool:  # every file open_run looks at resolves under a root, or PolicyError
+            return confined_file(file, roots, MAX_CONFIG_BYTES if file.name == CONFIG_FILE else None) is not None
+
         try:
-            run = open_run(folder, base=self.base_model)
+            run = open_run(folder, base=self.base_model, check=confined)
+        except PolicyError:
+            raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter") from None
         except Exception as e:  # noqa: BLE001 - malformed JSON/YAML/safetensors, a pickle in disguise, ...
             log.warning("runtime adapter %s: %s", folder, e)
             raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter") from None
