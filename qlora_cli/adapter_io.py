@@ -94,6 +94,13 @@ def check_fit(
     wrong base is reported by module name first). ``where`` names the adapter, ``misfit`` the model.
     Returns the targeted module names."""
     for module, (lora_A, lora_B) in modules.items():
+        for which, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelError(
+                    f"{where}: {module}.{which} holds {bad} NaN/inf value(s); the training that saved it diverged "
+                    "(use an earlier checkpoint: checkpoints/step-N)"
+                )
         if module not in linear:
             raise ModelError(f"{where} {misfit}: no linear module named {module!r}")
         n_in, n_out, _ = linear_shape(linear[module])

@@ -4,6 +4,7 @@ merged weights; the self-check catches a wrong layout; bad input is refused with
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,57 @@ def test_an_export_killed_midway_leaves_temp_files_the_next_one_removes(tmp_path
         f.write_bytes(b"GGUF partial")
     export_run(run, out, quant="f16", verify=False, device="cpu", console=QUIET)
     assert out.exists() and not dead.exists() and alive.exists() and other.exists()
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_force(tmp_path, data):
+    """--force replaced the run's adapter, the base's weights or its tokenizer with the GGUF file."""
+    import os
+
+    run = family_run(tmp_path / "llama", "llama", "llama3", data)
+    base = tmp_path / "llama" / "base"
+    os.link(run / "adapter_model.safetensors", tmp_path / "hard-link.gguf")
+    targets = [
+        run / "adapter_model.safetensors", run / "qlora_config.yaml", base / "model.safetensors",
+        base / "tokenizer.json", tmp_path / "hard-link.gguf",
+    ]  # fmt: skip
+    for fmt in ("gguf", "gguf-lora"):
+        for target in targets:
+            before = target.read_bytes()
+            result = run_cli(str(run), "-o", str(target), "--force", "--format", fmt, "--device", "cpu")
+            assert result.exit_code == 2, (fmt, target, result.output)
+            assert "which this export reads" in result.output and "Traceback" not in result.output
+            assert target.read_bytes() == before, (fmt, target)
+
+
+@pytest.mark.parametrize("where", ["run", "base"])
+def test_an_output_beside_a_run_or_a_model_is_checked_on_the_file_alone(tmp_path, data, where):
+    """The self-check used to load the output's whole folder: inside a run folder transformers followed its
+    adapter_config.json (a traceback); beside a model, that model's tokenizer files replaced the file's own."""
+    run = family_run(tmp_path / "llama", "llama", "llama3", data)
+    folder = run
+    if where == "base":  # another model's folder, with a chat template the file does not carry
+        folder = tmp_path / "other-model"
+        shutil.copytree(tmp_path / "llama" / "base", folder)
+        (folder / "chat_template.jinja").write_text(
+            "{{ 'other' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        )
+    result = run_cli(str(run), "-o", str(folder / "m.gguf"), "--quant", "f32", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "DIFFERS" not in result.output and "Traceback" not in result.output
+    assert (folder / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gguf-lora"])
+def test_a_non_finite_adapter_is_refused_before_export(tmp_path, data, fmt):
+    from safetensors.torch import load_file, save_file
+
+    run = family_run(tmp_path / "llama", "llama", "llama3", data)
+    tensors = load_file(run / "adapter_model.safetensors")
+    name = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, run / "adapter_model.safetensors")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_cli(str(run), "-o", str(out_dir / "m.gguf"), "--format", fmt, "--device", "cpu")
+    assert_refused(result, "NaN/inf", out_dir, set())
+    assert "q8_0" not in result.output  # not blamed on rounding

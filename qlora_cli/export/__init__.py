@@ -108,12 +108,14 @@ def export_run(
 
     from qlora_cli.run_folder import open_run
 
-    source_gguf = source_gguf_file(open_run(run_path, base=base).model.base_model)
+    run = open_run(run_path, base=base)
+    source_gguf = source_gguf_file(run.model.base_model)
+    # the vocabulary is copied from the GGUF base only where the run trained with that base's own tokenizer
+    vocab_gguf = source_gguf if source_gguf and not (run.config and run.config.base.tokenizer) else None
     source = prepare_source(run_path, base, base_weights)
     spec = arch_spec(source.config)
     names = TensorNames(spec)
-    if source_gguf is not None and out.resolve() == Path(source_gguf).expanduser().resolve():
-        raise ModelError(f"output {out} is the run's base model; choose another file")
+    check_not_an_input(out, input_files(source, source_gguf))
     if fmt == "gguf-lora":
         return _export_lora(source, spec, names, out, quant, started, console)
 
@@ -122,7 +124,7 @@ def export_run(
     family = matching_family(source.tokenizer)
     modelfile_tmp: Path | None = None
     vocab_size = int(source.config["vocab_size"])
-    kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, source_gguf, source.config)}
+    kv = {**metadata(spec, source.config), **vocab_metadata(source.tokenizer, vocab_size, vocab_gguf, source.config)}
     plan = _plan(source, spec, names, quant)
     rope_factors = llama3_rope_factors(source.config, spec.head_dim)
     total = sum(p.nbytes for p in plan.values()) + (0 if rope_factors is None else rope_factors.nbytes)
@@ -172,6 +174,34 @@ def export_run(
     )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def input_files(source: MergeSource, source_gguf: str | None) -> list[Path]:
+    """Every file the export reads: the adapter and run config, the base's config, index and shards (a GGUF
+    base's converted folder and the .gguf itself), and the tokenizer's files."""
+    from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from qlora_cli.merge.safetensors_stream import INDEX_FILE, base_shard_files
+    from qlora_cli.run_folder import CONFIG_FILE
+
+    run = source.run.path
+    files = [run / ADAPTER_WEIGHTS, run / ADAPTER_CONFIG, run / CONFIG_FILE]
+    files += [source.folder / "config.json", source.folder / INDEX_FILE, *base_shard_files(source.folder)]
+    tokenizer = Path(source.run.model.tokenizer or source.folder)
+    files += [p for p in tokenizer.iterdir() if p.is_file()] if tokenizer.is_dir() else []
+    if source_gguf is not None:
+        files.append(Path(source_gguf).expanduser())
+    return files
+
+
+def check_not_an_input(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is (names, resolves to, or is a hard link of) a file the export reads."""
+    target = out.resolve()
+    for f in inputs:
+        same = target == f.resolve()
+        if not same and out.exists() and f.exists():
+            same = os.path.samefile(out, f)
+        if same:
+            raise ModelError(f"output {out} is {f}, which this export reads; choose another file")
 
 
 def _write_gguf(

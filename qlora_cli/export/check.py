@@ -5,6 +5,11 @@ of the file's precision) and token ids on texts that exercise the special tokens
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,20 @@ def limits_for(quant: str, compute_dtype: str) -> str:
     return LIMITS[quant]
 
 
+@contextmanager
+def alone(path: Path) -> Iterator[Path]:
+    """``path`` as the only file of a private folder: transformers given a folder and ``gguf_file`` also reads
+    the folder's other files (adapter_config.json redirects it through PEFT; a tokenizer_config.json or
+    chat_template.jinja replaces the file's own)."""
+    with tempfile.TemporaryDirectory(prefix="qlora-gguf-check-") as folder:
+        link = Path(folder) / "model.gguf"
+        try:
+            os.link(path, link)  # same inode; no copy
+        except OSError:  # another file system
+            link.symlink_to(path.resolve())
+        yield link
+
+
 def load_gguf_model(path: Path, device: torch.device, config_folder: Path | None = None) -> Any:
     """The GGUF file as a transformers model in float32. ``config_folder``: take the config from there instead
     of the file's metadata (for what transformers does not read back, e.g. Llama 3.1's rope scaling)."""
@@ -49,9 +68,10 @@ def load_gguf_model(path: Path, device: torch.device, config_folder: Path | None
     if bar is not None:  # its per-tensor bar (tqdm.auto, not transformers' switch) would interleave with qlora's
         gguf_utils.tqdm = lambda items, **_: items
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32, device_map={"": device}, **kwargs
-        )
+        with alone(path) as file:
+            return AutoModelForCausalLM.from_pretrained(
+                file.parent, gguf_file=file.name, dtype=torch.float32, device_map={"": device}, **kwargs
+            )
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
@@ -84,7 +104,8 @@ def tokenizer_problems(tokenizer: Any, path: Path) -> tuple[list[str], str | Non
         import transformers
 
         return [], f"token ids not compared: transformers {transformers.__version__}'s GGUF tokenizer reader is too old"
-    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with alone(path) as file:
+        theirs = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     texts = check_texts(tokenizer)
     model, pre = _file_field(path, "tokenizer.ggml.model"), _file_field(path, "tokenizer.ggml.pre")
     if model == "gpt2" and pre not in ("gpt-2", "smollm", "default", None) and not reader_splits_like(pre):
@@ -163,7 +184,8 @@ def check_export(
     )
     for problem in result.problems:
         console.print(f"[red]  {problem}[/red]")
-    if not result.passed and limits in ("q8_0", "4/5-bit"):
+    rounding = math.isfinite(result.mean_kl) and not problems  # NaN logits or a wrong tokenizer: not rounding
+    if not result.passed and limits in ("q8_0", "4/5-bit") and rounding:
         console.print(
             f"  {quant} rounds this model's weights enough to change its answers beyond the limits (small models "
             "suffer most); try a wider type (q8_0, f16), or keep the file anyway with --no-verify"

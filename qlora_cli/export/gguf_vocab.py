@@ -40,9 +40,8 @@ def vocab_metadata(
     """{GGUF key: value} for the tokenizer: tokens, types, merges or scores, special ids, flags and the
     chat template. ``vocab_size``: the model's embedding rows (unused rows are padded as UNUSED tokens).
     Raises ``ModelError`` for a tokenizer llama.cpp cannot reproduce."""
-    if source_gguf is not None:
-        md = _from_gguf(source_gguf)
-    else:
+    md = _from_gguf(source_gguf) if source_gguf is not None else {}
+    if "tokenizer.ggml.tokens" not in md:  # no GGUF base, or one without a tokenizer (the run named its own)
         md = _from_tokenizer_json(tokenizer, vocab_size)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
