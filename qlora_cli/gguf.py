@@ -24,7 +24,8 @@ from qlora_cli.config import ModelSettings
 from qlora_cli.errors import ModelError
 
 GGUF_MIN_VERSION = "0.13.0"  # 0.11 and older fail under numpy 2 (memmap.newbyteorder); tested 0.13-0.19
-GGUF_FORMAT_VERSION = 1  # bump when the converted folder's layout changes: old cache entries are not reused
+GGUF_FORMAT_VERSION = 2  # bump when the converted folder's layout changes: old cache entries are not reused
+# (2: manifest.json with sizes and checksums, written last)
 
 
 def is_gguf(name: str) -> bool:
@@ -143,9 +144,11 @@ def _check_gguf(name: str, need_tokenizer: bool) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     reader = _gguf_reader(name)
+    _check_metadata_sizes(reader, name)  # before transformers parses the header
     architecture = _gguf_field(reader, "general.architecture")
     if architecture is None:
         raise ModelError(f"GGUF file {name} names no architecture (general.architecture)")
+    _check_tensors(reader, name)
     try:
         config = _gguf_config(name)
     except ValueError as e:
@@ -161,6 +164,107 @@ def _check_gguf(name: str, need_tokenizer: bool) -> None:
         raise ModelError(
             f"GGUF file {name} has no tokenizer (no tokenizer.ggml.* metadata); set tokenizer: to a tokenizer folder"
         )
+    if need_tokenizer:
+        _check_tokenizer(reader, name)
+
+
+MAX_METADATA_STRING = 1 << 20  # one text value (description, license, chat template); real ones are < 100 KB
+TOKENIZER_MODELS = ("gpt2", "llama", "t5", "gemma4")  # what transformers builds a tokenizer from, 5.x
+SPECIAL_TOKEN_IDS = ("bos", "eos", "unknown", "separator", "padding", "cls", "mask")
+
+
+def _check_metadata_sizes(reader: Any, name: str) -> None:
+    """Refuse a text field over ``MAX_METADATA_STRING`` before transformers parses the header: it decodes text
+    one byte at a time (a 64 MB description cost minutes and gigabytes) and copies templates into every run."""
+    from gguf import GGUFValueType
+
+    for key, field in reader.fields.items():
+        types = list(field.types)
+        if not types or types[-1] != GGUFValueType.STRING:
+            continue
+        longest = max((len(field.parts[i]) for i in field.data), default=0)  # views of the map: nothing copied
+        if longest > MAX_METADATA_STRING:
+            raise ModelError(
+                f"GGUF file {name}: metadata field {key} holds {longest / 2**20:.1f} MiB of text (limit "
+                f"{MAX_METADATA_STRING >> 20} MiB); remove it (python -m gguf.scripts.gguf_new_metadata IN OUT "
+                f"--remove-metadata {key})"
+            )
+
+
+def _check_tensors(reader: Any, name: str) -> None:
+    """Every tensor has a size and a type the gguf package can dequantize (I8/I16/I32/I64/F64 and a few quant types
+    cannot be); found before anything is converted and cached."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    readable: dict[Any, bool] = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in t.shape]
+        if 0 in shape:
+            raise ModelError(f"GGUF file {name}: tensor {t.name} has a zero-sized dimension (shape {shape})")
+        kind = t.tensor_type
+        if kind not in readable:
+            try:
+                dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
+                readable[kind] = True
+            except (NotImplementedError, KeyError, ValueError):
+                readable[kind] = False
+        if not readable[kind]:
+            raise ModelError(
+                f"GGUF file {name}: tensor {t.name} is stored as {kind.name}, which cannot be dequantized "
+                "(qlora reads F32, F16, BF16 and llama.cpp's quantized types)"
+            )
+
+
+def _check_tokenizer(reader: Any, name: str) -> None:
+    """The tokenizer metadata transformers builds a tokenizer from, checked so that a broken one is one line
+    (transformers raises IndexError, KeyError or a bare Exception) and a duplicate token never shifts ids."""
+
+    def value(key: str) -> Any:
+        return field_value(reader.fields[key]) if key in reader.fields else None
+
+    fix = "; set tokenizer: to a tokenizer folder"
+    tokens = value("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ModelError(f"GGUF file {name}: tokenizer.ggml.tokens is empty{fix}")
+    model = value("tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise ModelError(
+            f"GGUF file {name}: tokenizer.ggml.model {model!r} is not one transformers builds a tokenizer from "
+            f"({', '.join(TOKENIZER_MODELS)}){fix}"
+        )
+    ids: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token in ids:
+            raise ModelError(
+                f"GGUF file {name}: tokenizer.ggml.tokens holds {token!r} twice (ids {ids[token]} and {i}){fix}"
+            )
+        ids[token] = i
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in reader.fields and len(reader.fields[key].data) != len(tokens):
+            raise ModelError(
+                f"GGUF file {name}: {key} has {len(reader.fields[key].data)} entries for {len(tokens)} tokens{fix}"
+            )
+    for special in SPECIAL_TOKEN_IDS:
+        key = f"tokenizer.ggml.{special}_token_id"
+        i = value(key)
+        if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+            raise ModelError(f"GGUF file {name}: {key} is {i}, not one of its {len(tokens)} tokens{fix}")
+    merges = value("tokenizer.ggml.merges")
+    if model == "gpt2" and not merges:
+        raise ModelError(f"GGUF file {name}: a gpt2 (BPE) tokenizer needs tokenizer.ggml.merges{fix}")
+    for n, merge in enumerate(merges or []):
+        parts = merge.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise ModelError(
+                f"GGUF file {name}: tokenizer.ggml.merges[{n}] {merge!r} is not two tokens and a space{fix}"
+            )
+        unknown = next((t for t in (*parts, "".join(parts)) if t not in ids), None)
+        if unknown is not None:
+            raise ModelError(
+                f"GGUF file {name}: tokenizer.ggml.merges[{n}] {merge!r} names {unknown!r}, which is not in "
+                f"tokenizer.ggml.tokens{fix}"
+            )
 
 
 def _gguf_config(name: str) -> Any:
@@ -197,18 +301,26 @@ def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
     if not Path(name).expanduser().is_file():
         check_gguf(name)  # raises the one-line error
     folder = gguf_cache_folder(name, dtype)
-    if (folder / "config.json").exists():  # a folder appears only once complete
-        return folder
+    if folder.exists():  # a folder appears only once complete, with its manifest; one that no longer matches it
+        problem = cache_problem(folder)  # (cut, overwritten) is moved aside and converted anew
+        if problem is None:
+            if need_tokenizer and not (folder / "tokenizer_config.json").exists():  # converted for a run that
+                check_gguf(name, need_tokenizer=True)  # named its own tokenizer: why this file's cannot serve
+                raise ModelError(f"GGUF file {name}: its tokenizer could not be converted; set tokenizer: to a folder")
+            return folder
+        _warn(f"GGUF conversion cache {folder} is damaged ({problem}); rebuilding it")
+        _discard(folder)
     with gguf_session():
         check_gguf(name, need_tokenizer=need_tokenizer)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
         try:
-            convert_gguf(Path(name).expanduser().resolve(), tmp, getattr(torch, dtype))
+            convert_gguf(Path(name).expanduser().resolve(), tmp, getattr(torch, dtype), need_tokenizer)
+            write_manifest(tmp)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same conversion first
-                if not (folder / "config.json").exists():
+                if cache_problem(folder) is not None:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
@@ -217,10 +329,13 @@ def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
     return folder
 
 
-def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
+def convert_gguf(path: Path, out: Path, dtype: torch.dtype, need_tokenizer: bool = True) -> None:
     """Write ``path`` (GGUF) into the empty folder ``out`` as a transformers model folder, one tensor in memory
     at a time. Names, the q/k un-permutation and other per-architecture fixes are transformers' own
-    (``modeling_gguf_pytorch_utils``), applied as ``from_pretrained(gguf_file=...)`` applies them."""
+    (``modeling_gguf_pytorch_utils``), applied as ``from_pretrained(gguf_file=...)`` applies them. The file's
+    tokenizer is converted too; one that cannot be read is a ``ModelError`` when ``need_tokenizer`` (the run names
+    no tokenizer folder of its own), else a warning. A tensor whose shape is not the model's, or that holds NaN or
+    infinity, is a ``ModelError``."""
     import numpy as np
     from gguf import dequantize
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -235,14 +350,22 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
     config = _gguf_config(str(path))
     config.dtype = dtype
     if "tokenizer.ggml.tokens" in reader.fields:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer.save_pretrained(out)
+        try:
+            _check_tokenizer(reader, str(path))
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer.save_pretrained(out)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception, TypeError, KeyError, IndexError
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if need_tokenizer:
+                raise ModelError(f"GGUF file {path}: its tokenizer metadata cannot be read ({reason})") from None
+            _warn(f"GGUF file {path}: its own tokenizer is left out of the conversion ({reason})")
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata as transformers parses it
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     architecture = _gguf_field(reader, "general.architecture")
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
     names = get_gguf_hf_weights_map(skeleton, processor)
+    shapes = {n: list(p.shape) for n, p in [*skeleton.named_parameters(), *skeleton.named_buffers()]}
     parsed["tensors"] = {}
     code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -253,6 +376,13 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
         def append(hf_name: str, weights: Any) -> None:
             nonlocal offset
             t = torch.from_numpy(np.array(weights, copy=True)).to(dtype)  # (out, in), as transformers holds it
+            if hf_name in shapes and list(t.shape) != shapes[hf_name]:
+                raise ModelError(
+                    f"GGUF file {path}: the tensor for {hf_name} has shape {list(t.shape)}, its config needs "
+                    f"{shapes[hf_name]}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelError(f"GGUF file {path}: the tensor for {hf_name} holds NaN or infinite values")
             raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
             data.write(raw)
             header[hf_name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -283,6 +413,85 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
     stat = path.stat()
     source = {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": str(dtype)}
     (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+MANIFEST = "manifest.json"  # written last into a converted folder: its files' sizes and checksums
+CHUNK = 64 << 20  # model.safetensors is hashed in chunks of this size
+FULL_CHECK_BYTES = 2 << 30  # files up to this size are checked whole on every use; larger ones a sample of chunks
+SAMPLED_CHUNKS = 4
+
+
+def _chunk_hashes(path: Path) -> list[str]:
+    out = []
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            out.append(hashlib.sha256(chunk).hexdigest())
+    return out
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a converted folder (size and per-chunk sha256); written last, so a folder without
+    it is incomplete."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _chunk_hashes(p)} for p in sorted(folder.iterdir()) if p.is_file()
+    }
+    (folder / MANIFEST).write_text(json.dumps({"format": GGUF_FORMAT_VERSION, "chunk": CHUNK, "files": files}) + "\n")
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a converted folder, or None. Every file's size, and every chunk of files up to
+    ``FULL_CHECK_BYTES`` (past that: the first, the last and random ones, ``SAMPLED_CHUNKS`` each use), must match
+    the manifest: a truncated or overwritten cache entry is rebuilt, never trained on."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != GGUF_FORMAT_VERSION or "model.safetensors" not in manifest["files"]:
+            return f"its {MANIFEST} is not this version's"
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()))
+        if _verified.get(folder) == stamp:  # checked already in this process (train resolves the base twice)
+            return None
+        for name, entry in manifest["files"].items():
+            problem = _file_problem(folder / name, int(entry["size"]), list(entry["sha256"]), int(manifest["chunk"]))
+            if problem:
+                return problem
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"its {MANIFEST} cannot be read ({type(e).__name__})"
+    _verified[folder] = stamp
+    return None
+
+
+_verified: dict[Path, tuple[Any, ...]] = {}
+
+
+def _file_problem(path: Path, size: int, hashes: list[str], chunk: int) -> str | None:
+    import random
+
+    if not path.is_file() or path.stat().st_size != size:
+        return f"{path.name} has {path.stat().st_size if path.is_file() else 'no'} bytes, {size} were written"
+    picks: Any = range(len(hashes))
+    if size > FULL_CHECK_BYTES:
+        picks = sorted({0, len(hashes) - 1, *random.sample(range(len(hashes)), min(SAMPLED_CHUNKS, len(hashes)))})
+    with open(path, "rb") as f:
+        for i in picks:
+            f.seek(i * chunk)
+            if hashlib.sha256(f.read(chunk)).hexdigest() != hashes[i]:
+                return f"{path.name} differs from what was written (bytes {i * chunk:,} to {(i + 1) * chunk:,})"
+    return None
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache folder aside (a rename: the conversion's own rename then finds the name free),
+    then delete it."""
+    aside = folder.parent / f".{folder.name}.damaged-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _tied(model: Any, name: str) -> bool:

@@ -19,7 +19,7 @@ import torch
 from qlora_cli.chat_templates import resolve_chat_template
 from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.gguf import check_gguf, gguf_cache_folder, is_gguf, resolve_gguf
+from qlora_cli.gguf import MANIFEST, check_gguf, gguf_cache_folder, is_gguf, resolve_gguf
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config names
 
@@ -130,8 +130,10 @@ def check_base_model(cfg: RunConfig | ModelSettings) -> None:
     cfg = _settings(cfg)
     if is_gguf(cfg.base_model):
         path = Path(cfg.base_model).expanduser()
-        if path.is_file() and (gguf_cache_folder(str(path), cfg.quant.compute_dtype) / "config.json").exists():
-            return  # converted before: it passed these checks then (parsing a large header again takes seconds)
+        folder = gguf_cache_folder(str(path), cfg.quant.compute_dtype) if path.is_file() else None
+        if folder is not None and (folder / MANIFEST).exists():
+            return  # converted before: it passed these checks then (parsing a large header again takes seconds);
+            # gguf_folder checks the conversion itself when it is used
         check_gguf(cfg.base_model, need_tokenizer=cfg.tokenizer is None)
         return
     check_model_folder(cfg.base_model)

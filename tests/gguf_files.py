@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +25,17 @@ def byte_level_tokens() -> list[str]:
 
 
 def write_tiny_gguf(
-    path: Path, arch: str = "llama", tokenizer: bool = True, hidden: int = 64, layers: int = 2, seed: int = 0
+    path: Path,
+    arch: str = "llama",
+    tokenizer: bool = True,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    **broken: Any,
 ) -> Path:
-    """A random-init Llama-shaped GGUF (F32 tensors) with a byte-level BPE tokenizer and a ChatML template."""
+    """A random-init Llama-shaped GGUF (F32 tensors) with a byte-level BPE tokenizer and a ChatML template.
+    ``broken`` spoils it: ``rows`` (of the embedding), ``tokens``, ``merges``, ``bos``, ``tokenizer_model``, ``description`` replace those
+    fields; ``extra_tensor=(name, array, raw_dtype)`` adds one tensor (raw_dtype: a GGMLQuantizationType name or None)."""
     import gguf
 
     heads, kv_heads, ff = 4, 2, 128
@@ -41,16 +50,20 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(hidden // heads)
+    if "description" in broken:
+        w.add_description(broken["description"])
     tokens = [*byte_level_tokens(), "he", "<|im_start|>", "<|im_end|>"]
-    vocab = len(tokens)
+    vocab = broken.get("rows", len(tokens))  # the embedding's rows
     w.add_vocab_size(vocab)
     if tokenizer:
-        w.add_tokenizer_model("gpt2")
+        tokens = broken.get("tokens", tokens)
+        w.add_tokenizer_model(broken.get("tokenizer_model", "gpt2"))
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
-        w.add_token_types([1] * (vocab - 2) + [3, 3])
-        w.add_token_merges(["h e"])
-        w.add_bos_token_id(vocab - 2)
+        w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+        if broken.get("merges", ["h e"]):
+            w.add_token_merges(broken.get("merges", ["h e"]))
+        w.add_bos_token_id(broken.get("bos", vocab - 2))
         w.add_eos_token_id(vocab - 1)
         w.add_chat_template(CHAT_TEMPLATE)
     rng = np.random.default_rng(seed)
@@ -71,6 +84,9 @@ def write_tiny_gguf(
         normal(f"blk.{i}.ffn_gate.weight", ff, hidden)
         normal(f"blk.{i}.ffn_up.weight", ff, hidden)
         normal(f"blk.{i}.ffn_down.weight", hidden, ff)
+    if "extra_tensor" in broken:
+        name, array, raw_dtype = broken["extra_tensor"]
+        w.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType[raw_dtype] if raw_dtype else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,9 +24,9 @@ from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.train import train
 
 from .conftest import make_config, write_jsonl
-from .gguf_files import write_tiny_gguf
+from .gguf_files import byte_level_tokens, write_tiny_gguf
 
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 CPU = torch.device("cpu")
 
 
@@ -143,6 +144,10 @@ def _bad_header_only(d: Path) -> Path:
     return d / "cut.gguf"
 
 
+DUPLICATE = [*byte_level_tokens(), "he", "he", "<|im_end|>"]  # the merges still check out: ids would shift
+I8_TENSOR = ("output.weight", np.ones((259, 64), np.int8), "I8")
+EMPTY_TENSOR = ("output.weight", np.zeros((0, 64), np.float32), None)
+
 BAD = [
     ("not-gguf", _bad_not_gguf, "is not a GGUF file"),
     ("truncated", _bad_truncated, "is truncated"),
@@ -150,7 +155,32 @@ BAD = [
     ("architecture", lambda d: write_tiny_gguf(d / "x.gguf", arch="mamba9"), "architecture 'mamba9' cannot be read"),
     ("no-tokenizer", lambda d: write_tiny_gguf(d / "x.gguf", tokenizer=False), "has no tokenizer"),
     ("missing", lambda d: d / "nope.gguf", "GGUF file not found"),
+    # broken tokenizer metadata: transformers' tokenizer builder raised IndexError, KeyError, a bare Exception
+    ("merge-unknown", lambda d: write_tiny_gguf(d / "x.gguf", merges=["h zz"]), "names 'zz', which is not in"),
+    ("merge-no-space", lambda d: write_tiny_gguf(d / "x.gguf", merges=["he"]), "is not two tokens and a space"),
+    ("no-merges", lambda d: write_tiny_gguf(d / "x.gguf", merges=[]), "needs tokenizer.ggml.merges"),
+    ("bos-out-of-range", lambda d: write_tiny_gguf(d / "x.gguf", bos=100000), "bos_token_id is 100000, not one of"),
+    ("tokenizer-model", lambda d: write_tiny_gguf(d / "x.gguf", tokenizer_model="foo"), "tokenizer.ggml.model 'foo'"),
+    (
+        "duplicate-token",
+        lambda d: write_tiny_gguf(d / "x.gguf", tokens=DUPLICATE),
+        "holds 'he' twice (ids 256 and 257)",
+    ),
+    ("empty-tokens", lambda d: write_tiny_gguf(d / "x.gguf", tokens=[]), "has no tokenizer"),
+    # tensors: a type the gguf package cannot dequantize; a zero-sized one (it was cached, then failed every run)
+    ("i8-tensor", lambda d: write_tiny_gguf(d / "x.gguf", extra_tensor=I8_TENSOR), "output.weight is stored as I8"),
+    ("zero-sized", lambda d: write_tiny_gguf(d / "x.gguf", extra_tensor=EMPTY_TENSOR), "has a zero-sized dimension"),
+    # a 2 MiB description: transformers decodes text byte by byte (64 MiB took minutes and gigabytes)
+    (
+        "huge-text",
+        lambda d: write_tiny_gguf(d / "x.gguf", description="x" * (2 << 20)),
+        "general.description holds 2.0 MiB",
+    ),
 ]
+
+
+TENSOR_OR_HEADER = {"not-gguf", "truncated", "header-only", "architecture", "missing", "i8-tensor", "zero-sized",
+                    "huge-text"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case,make,fragment", BAD, ids=[b[0] for b in BAD])
@@ -167,7 +197,7 @@ def test_bad_gguf_is_one_line_and_writes_nothing(case, make, fragment, tmp_path,
     }  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     commands = [["train", str(tmp_path / "c.yaml")]]
-    if case != "no-tokenizer":  # the memory plan needs no tokenizer
+    if case in TENSOR_OR_HEADER:  # the memory plan needs no tokenizer
         commands.append(["inspect", str(tmp_path / "c.yaml")])
     for command in commands:
         result = CliRunner().invoke(app, command)
@@ -195,3 +225,61 @@ def test_the_cache_follows_the_file(gguf_file, tmp_path):
     first = gguf_cache_folder(str(copy), "float32")
     write_tiny_gguf(copy, seed=1)
     assert gguf_cache_folder(str(copy), "float32") != first
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "manifest"])
+def test_a_damaged_conversion_in_the_cache_is_rebuilt_not_trained_on(gguf_file, tmp_path, monkeypatch, damage):
+    """A cut model.safetensors was a traceback on every run, never rebuilt; bytes overwritten with NaN trained
+    silently. The cache entry's files are checked against the sizes and checksums written with it."""
+    import hashlib
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    folder = gguf_folder(str(gguf_file), "float32")
+    weights = folder / "model.safetensors"
+    good = hashlib.sha256(weights.read_bytes()).hexdigest()
+    raw = bytearray(weights.read_bytes())
+    if damage == "truncated":
+        weights.write_bytes(raw[: len(raw) * 2 // 3])
+    elif damage == "overwritten":
+        raw[-4096:] = b"\xff" * 4096  # NaN float32s, same size
+        weights.write_bytes(bytes(raw))
+    else:
+        (folder / "manifest.json").write_text("{")
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4, seed=0))
+    cfg = make_config(gguf_file, data, tmp_path / "out", max_steps=1, datasets=[{"path": str(data), "type": "chat"}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "is damaged" in result.stderr and "rebuilding it" in result.stderr, result.stderr
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == good
+    assert not list(folder.parent.glob(".*"))  # the damaged copy is gone, no temporary folder left
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--force"])
+    assert result.exit_code == 0 and "rebuilding" not in result.stderr, result.output
+
+
+def test_a_gguf_without_a_tokenizer_trains_and_exports_with_the_runs_own(gguf_file, tmp_path, monkeypatch):
+    """export read tokenizer.ggml.tokens from the GGUF base whatever the run trained with: a KeyError traceback
+    for a base without a tokenizer, a silently different vocabulary for one whose tokenizer the run replaced."""
+    from .test_export import read_gguf
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    tokenizer = gguf_folder(str(gguf_file), "float32")  # as a tokenizer folder: 260 tokens (transformers adds one)
+    bare = write_tiny_gguf(tmp_path / "bare.gguf", tokenizer=False, rows=260)
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8, seed=0))
+    cfg = make_config(
+        bare, data, tmp_path / "run", max_steps=1, tokenizer=str(tokenizer),
+        datasets=[{"path": str(data), "type": "chat"}], lora_target_modules="all-linear",
+    )  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")]).exit_code == 0
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "run"), "-o", str(out), "--quant", "f32", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and out.read_bytes()[:4] == b"GGUF"
+    assert read_gguf(out)["token_embd.weight"].shape[0] == 260
+    from qlora_cli.gguf import field_value
+
+    tokens = field_value(gguf.GGUFReader(out).fields["tokenizer.ggml.tokens"])
+    assert len(tokens) == 260 and tokens[-1] == "<|endoftext|>"  # the run's tokenizer, as it trained
