@@ -73,7 +73,7 @@ def train(
 
     def go() -> None:
         from qlora_cli.config import load_config
-        from qlora_cli.train import train as run_train
+        from qlora_cli.train.loop import train as run_train
 
         cfg = load_config(config, (set_ or []) + (["resume_from_checkpoint=auto"] if resume else []))
         run_train(cfg, force=force, console=err)
@@ -93,7 +93,7 @@ def preprocess(
 
     def go() -> None:
         from qlora_cli.config import load_config
-        from qlora_cli.preprocess import preprocess as run_preprocess
+        from qlora_cli.data.preprocess import preprocess as run_preprocess
 
         cfg = load_config(config, set_ or [])
         run_preprocess(cfg, lambda line: err.print(line, highlight=False, soft_wrap=True))
@@ -289,7 +289,7 @@ def serve(
     """Serve many adapters from one base over an OpenAI-compatible HTTP API."""
 
     def go() -> None:
-        from qlora_cli.model import quiet_libraries
+        from qlora_cli.model.loading import quiet_libraries
         from qlora_cli.serving.app import serve as run_serve
         from qlora_cli.serving.policy import ServePolicy, resolve_roots
 
@@ -333,7 +333,7 @@ def inspect(
         from rich.console import Console
 
         from qlora_cli.errors import ConfigError
-        from qlora_cli.inspect_cmd import run_inspect
+        from qlora_cli.inspect.report import run_inspect
 
         if device not in (None, "cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora_cli.chat_templates import check_chat_template
+from qlora_cli.data.chat_templates import check_chat_template
 from qlora_cli.errors import ConfigError
 
 DatasetType = Literal["completion", "alpaca", "chat", "text"]
@@ -173,11 +173,20 @@ class RunConfig(BaseModel):
         v = [v] if isinstance(v, str) else v
         return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
+    @property
+    def has_eval(self) -> bool:
+        """Whether the run has eval data (its own files, or a share of the training data)."""
+        return bool(self.eval_datasets) or self.val_set_size > 0
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        """The eval batch: ``eval_batch_size``, else the training micro-batch."""
+        return self.eval_batch_size or self.micro_batch_size
+
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> RunConfig:
-        has_eval = bool(self.eval_datasets) or self.val_set_size > 0
         for key in ("early_stopping_patience", "save_best"):
-            if getattr(self, key) and not has_eval:
+            if getattr(self, key) and not self.has_eval:
                 raise ValueError(f"__key__{key}: needs eval data (eval_datasets or val_set_size > 0)")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("__key__early_stopping_patience: needs eval_steps (evals during training)")
@@ -250,7 +259,12 @@ class LoRASettings:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor on B @ A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _default(key: str) -> Any:

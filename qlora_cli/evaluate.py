@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qlora_cli.config import DatasetSpec, DataSettings, ModelSettings, QuantSettings, RunConfig
-from qlora_cli.data import (
+from qlora_cli.data.pipeline import (
     DataStats,
     Example,
     Row,
@@ -35,8 +35,10 @@ from qlora_cli.data import (
     tokenize_rows,
 )
 from qlora_cli.errors import ConfigError, DataError, ModelError
-from qlora_cli.model import autocast as training_autocast
-from qlora_cli.model import context_length, stop_token_ids
+from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG
+from qlora_cli.model.loading import autocast as training_autocast
+from qlora_cli.model.loading import context_length, stop_token_ids
+from qlora_cli.run_folder import RunFolder
 from qlora_cli.scoring import GenerationCase, generation_case, score_generations
 
 FORMATS = ("completion", "alpaca", "chat", "text")
@@ -56,14 +58,16 @@ class Candidate:
     settings: ModelSettings  # how to load the base (adapters) or the model itself (plain folders)
     config: RunConfig | None  # the training config saved beside it, when there is one
     is_adapter: bool
+    run: RunFolder | None = None  # an adapter's folder as read (its tensors: read once)
 
 
 def open_candidate(
     path: str | Path, base: str | None = None, dtype: str | None = None, load_in_4bit: bool = False
 ) -> Candidate:
     """Classify one input folder. Raises ``ModelError`` for a missing folder or one holding neither kind."""
-    from qlora_cli.model import check_base_model
-    from qlora_cli.run_folder import CONFIG_FILE, open_run
+    from qlora_cli.layout import CONFIG_FILE
+    from qlora_cli.model.loading import check_base_model
+    from qlora_cli.run_folder import folder_kind, open_run
 
     folder = Path(path).expanduser()
     name = folder.resolve().name or str(path)
@@ -71,18 +75,19 @@ def open_candidate(
         raise ModelError(f"run folder not found: {path}")
     if not folder.is_dir():
         raise ModelError(f"expected a run, adapter or model folder, got a file: {path}")
-    if (folder / "adapter_config.json").exists() or not (folder / "config.json").exists():
-        if not (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists():
-            raise ModelError(
-                f"{path} is neither a run/adapter folder (adapter_config.json, adapter_model.safetensors) "
-                "nor a model folder (config.json)"
-            )
+    kind = folder_kind(folder)
+    if kind == "other":
+        raise ModelError(
+            f"{path} is neither a run/adapter folder ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}) nor a model folder "
+            f"({MODEL_CONFIG})"
+        )
+    if kind != "model":
         run = open_run(folder, base=base)  # a checkpoint inside a run loads the base as that run trained
         settings, config = run.model, run.config
         if dtype is not None:
             settings = replace(settings, quant=replace(settings.quant, compute_dtype=dtype))
         check_base_model(settings)
-        return Candidate(folder, name, settings, config, is_adapter=True)
+        return Candidate(folder, name, settings, config, is_adapter=True, run=run)
     # A plain (e.g. merged) model folder: 16-bit as saved unless --load-in-4bit.
     config = None
     if (folder / CONFIG_FILE).exists():  # a merge may keep the run's config: its eval data and sequence_len
@@ -101,15 +106,15 @@ def open_candidate(
 def _checkpoint_dtype(folder: Path) -> str:
     """The dtype a model folder was saved in (float32 when it does not say)."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads((folder / MODEL_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{folder / 'config.json'}: cannot read ({e})") from None
+        raise ModelError(f"{folder / MODEL_CONFIG}: cannot read ({e})") from None
     saved = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return saved if saved in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _base_identity(settings: ModelSettings) -> tuple:
-    from qlora_cli.model import is_local
+    from qlora_cli.model.loading import is_local
 
     name = settings.base_model
     if is_local(name):
@@ -305,7 +310,7 @@ def score_model(
     autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> ModelScore:
     """Loss and perplexity over every example; exact match and contains over those with a reference."""
-    from qlora_cli.loss import evaluate_loss
+    from qlora_cli.train.loss import evaluate_loss
 
     result = evaluate_loss(model, data.examples, batch_size, tokenizer.pad_token_id, device, autocast)
     with_answer = [i for i, c in enumerate(data.cases) if c is not None]
@@ -356,7 +361,7 @@ class EvalReport:
 
 def _remove_lora(model: torch.nn.Module) -> None:
     """Put every wrapped layer back: the model is the untouched base again (the base weights never changed)."""
-    from qlora_cli.lora import lora_layers
+    from qlora_cli.model.lora import lora_layers
 
     for name, layer in list(lora_layers(model)):
         parent_name, _, child = name.rpartition(".")
@@ -376,7 +381,7 @@ def _free_memory() -> None:
 def _same_forward_as_training(model: torch.nn.Module, config: RunConfig | None) -> None:
     """Run the LoRA layers through the code path training used (``fused_lora``), so the loss equals the
     eval_loss training logged to the last bit also under bf16 (the paths differ only by rounding)."""
-    from qlora_cli.lora import set_fused
+    from qlora_cli.model.lora import set_fused
 
     set_fused(model, config.fused_lora if config is not None else False)
 
@@ -388,8 +393,8 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
     """
     from rich.markup import escape
 
-    from qlora_cli.adapter_io import load_adapter
-    from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries, resolve_device
+    from qlora_cli.model.adapter_io import load_adapter
+    from qlora_cli.model.loading import load_base_model, load_tokenizer, quiet_libraries, resolve_device
 
     say = log.print if log is not None else (lambda *a, **k: None)
     quiet_libraries()
@@ -426,7 +431,7 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             names = ", ".join(c.name for c in candidates)
             raise DataError(f"no eval data: {names} has no eval_datasets or val_set_size; pass --data PATH")
     config = next((c.config for c in candidates if c.config is not None), None)
-    batch_size = options.batch_size or ((config.eval_batch_size or config.micro_batch_size) if config else 8)
+    batch_size = options.batch_size or (config.eval_micro_batch_size if config else 8)
 
     def settings_for(model: Any) -> DataSettings:
         return data_settings(config, context_length(model))
@@ -443,14 +448,14 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
         model.eval()
         prepared = prepare(rows.items, tokenizer, settings_for(model), options.limit)
         for c in adapters:  # every adapter must fit before anything is scored
-            load_adapter(model, c.path)
+            load_adapter(model, c.path, c.run.adapter if c.run else None)
             _remove_lora(model)
         autocast = autocast_for(settings.quant.compute_dtype, device)
         if include_base:
             scores.append(score_model("base", model, tokenizer, prepared, autocast=autocast, **kw))
             say(_one_line(scores[-1]))
         for c in adapters:
-            load_adapter(model, c.path)
+            load_adapter(model, c.path, c.run.adapter if c.run else None)
             _same_forward_as_training(model, c.config)
             model.eval()
             scores.append(score_model(c.name, model, tokenizer, prepared, autocast=autocast, **kw))
@@ -604,8 +609,8 @@ def run_eval(
 
 def refresh_model_cards(report: EvalReport) -> None:
     """Rewrite the model card of each run folder scored (not checkpoints or bare adapters) with these scores."""
+    from qlora_cli.layout import CONFIG_FILE, METRICS_FILE
     from qlora_cli.model_card import write_model_card
-    from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 
     base = [m.to_json() for m in report.models if m.name == "base" and m.path is None]
     for m in report.models:

@@ -26,13 +26,13 @@ def generate_text(
 
     from qlora_cli.config import ModelSettings, QuantSettings
     from qlora_cli.errors import ModelError
-    from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, quiet_libraries, resolve_device
-    from qlora_cli.run_folder import is_adapter_folder, load_adapted_model, open_run
+    from qlora_cli.model.loading import DTYPES, load_base_model, load_tokenizer, quiet_libraries, resolve_device
+    from qlora_cli.run_folder import folder_kind, load_adapted_model, open_run
 
     quiet_libraries()
     torch_device = resolve_device(device)
     path = Path(folder).expanduser()
-    if is_adapter_folder(path) or not (path / "config.json").exists():
+    if folder_kind(path) != "model":  # a run, checkpoint or adapter (open_run says what is wrong with any other)
         run = open_run(path, base=base)
         settings = run.model
         model, tokenizer = load_adapted_model(run, torch_device)

@@ -22,10 +22,8 @@ from typing import Any
 import yaml
 
 from qlora_cli.config import DATA_EXTENSIONS, RunConfig, load_config
+from qlora_cli.layout import BEST_DIR, BEST_FILE, CARD_FILE, CONFIG_FILE, PLOT_FILE
 from qlora_cli.run_folder import read_metrics
-
-CARD_FILE = "README.md"
-PLOT_FILE = "loss.png"
 
 
 def is_hub_name(name: str) -> bool:
@@ -47,7 +45,7 @@ def base_license(base_model: str) -> str | None:
             license_ = meta.get("license")
             return str(license_) if license_ else None
         if path.is_file() and path.suffix == ".gguf":
-            from qlora_cli.gguf import _gguf_field, _gguf_reader
+            from qlora_cli.model.gguf import _gguf_field, _gguf_reader
 
             value = _gguf_field(_gguf_reader(str(path)), "general.license")
             return value if isinstance(value, str) and value else None
@@ -154,7 +152,7 @@ def _result_lines(run_dir: Path, records: list[dict[str, Any]], evaluation: dict
         lines.append(f"- best eval loss: {_fmt(best['eval_loss'])} at step {best['step']}")
     if summary.get("stopped_early"):
         lines.append(f"- stopped early: {summary['stopped_early']}")
-    best_file = run_dir / "best" / "best_eval.json"
+    best_file = run_dir / BEST_DIR / BEST_FILE
     if best_file.exists():
         try:
             best_saved = json.loads(best_file.read_text())
@@ -180,7 +178,7 @@ def _result_lines(run_dir: Path, records: list[dict[str, Any]], evaluation: dict
 
 def _usage_lines(cfg: RunConfig, name: str) -> list[str]:
     base = cfg.base_model
-    from qlora_cli.adapter_io import VLLM_MAX_LORA_RANKS
+    from qlora_cli.model.adapter_io import VLLM_MAX_LORA_RANKS
 
     vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= cfg.lora_r), cfg.lora_r)
     load_base = f'"{base}"'
@@ -247,7 +245,7 @@ def write_model_card(
     ``qlora_config.yaml``; ``evaluation`` is ``qlora eval``'s JSON for this adapter (and its base)."""
     run_dir = Path(run_dir)
     if cfg is None:
-        cfg = load_config(run_dir / "qlora_config.yaml")
+        cfg = load_config(run_dir / CONFIG_FILE)
     text = render_card(run_dir, cfg, evaluation)
     out = run_dir / CARD_FILE
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CARD_FILE}.", suffix=".tmp")

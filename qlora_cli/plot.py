@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import ConfigError
-from qlora_cli.model_card import PLOT_FILE
-from qlora_cli.run_folder import METRICS_FILE, finite, read_metrics
+from qlora_cli.layout import METRICS_FILE, PLOT_FILE
+from qlora_cli.run_folder import finite, read_metrics
 
 SMOOTHING = 0.6  # TensorBoard's default: each point is 0.6 * the previous smoothed value + 0.4 * this one
 FIGSIZE, DPI = (12, 8), 100  # a 1200 x 800 pixel image

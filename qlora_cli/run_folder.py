@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter
-from qlora_cli.checkpoint import BEST_DIR
 from qlora_cli.config import ModelSettings, RunConfig, load_config
 from qlora_cli.errors import ConfigError, ModelError
-
-CONFIG_FILE = "qlora_config.yaml"
-METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
+from qlora_cli.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_CONFIG,
+    TOKENIZER_FILES,
+)
+from qlora_cli.model.adapter_io import load_adapter, read_adapter
 
 RUN_CONFIG_KEYS = frozenset({"base_model", "datasets", "output_dir", "lora_r", "learning_rate"})
 # metrics.jsonl fields that are numbers when qlora wrote them; a record where one is anything else is not ours
@@ -90,11 +94,46 @@ class RunFolder:
     adapter_config: dict[str, Any]
     config: RunConfig | None  # the training config, when the folder came from `qlora train`
     model: ModelSettings  # how to load the base (and tokenizer) the adapter was trained on
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the adapter, read once: our keys
+
+    @property
+    def adapter(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(adapter config, tensors) as ``adapter_io.read_adapter`` gives them, without reading the files again."""
+        return self.adapter_config, self.tensors
 
 
-def is_adapter_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / ADAPTER_CONFIG).exists() and (p / ADAPTER_WEIGHTS).exists()
+FolderKind = Literal["run", "checkpoint", "best", "adapter", "model", "gguf", "missing", "file", "other"]
+
+
+def folder_kind(path: str | Path) -> FolderKind:
+    """What ``path`` is, for the commands that take "a run, an adapter or a model": a run folder (``qlora train``'s),
+    a checkpoint in one (``checkpoints/step-N``), its ``best/``, any other PEFT adapter folder (also one with a
+    file missing: reading it says which), a transformers model folder (a merge's), a ``.gguf`` file, or none."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return "missing"
+    if not p.is_dir():
+        return "gguf" if p.name.lower().endswith(".gguf") else "file"
+    if (p / ADAPTER_CONFIG).exists() or (p / ADAPTER_WEIGHTS).exists():
+        if is_run_folder(p):
+            return "run"
+        parent = parent_run(p)
+        if parent is not None:
+            return "checkpoint" if parent != p.resolve().parent else "best"
+        return "adapter"
+    return "model" if (p / MODEL_CONFIG).exists() else "other"
+
+
+def parent_run(path: Path, there: Any = None) -> Path | None:
+    """The run folder an adapter folder belongs to without being it: ``<run>/checkpoints/step-N`` or ``<run>/best``
+    (neither carries a config: they trained as their run did). ``there(file)`` tests a file, as in ``open_run``."""
+    there = there or (lambda f: f.exists())
+    resolved = Path(path).expanduser().resolve()
+    if resolved.parent.name == CHECKPOINTS_DIR:
+        return resolved.parent.parent
+    if resolved.name == BEST_DIR and there(resolved.parent / CONFIG_FILE):
+        return resolved.parent
+    return None
 
 
 def open_run(path: str | Path, base: str | None = None, check: Any = None) -> RunFolder:
@@ -110,14 +149,11 @@ def open_run(path: str | Path, base: str | None = None, check: Any = None) -> Ru
         raise ModelError(f"expected a run folder, got a file: {path}")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         there(folder / name)
-    adapter_config, _ = read_adapter(folder)  # checks both adapter files are there and readable
+    adapter_config, tensors = read_adapter(folder)  # checks both adapter files are there and readable
     config: RunConfig | None = None
     # a checkpoint (<run>/checkpoints/step-N) carries no config of its own: it trained as its run did
     # nor does the best adapter (<run>/best, save_best)
-    resolved = folder.resolve()
-    run_dir = resolved.parent.parent if resolved.parent.name == "checkpoints" else None
-    if resolved.name == BEST_DIR and there(resolved.parent / CONFIG_FILE):
-        run_dir = resolved.parent
+    run_dir = parent_run(folder, there)
     config_dir = folder if there(folder / CONFIG_FILE) else run_dir
     if config_dir is not None and there(config_dir / CONFIG_FILE):
         try:
@@ -141,16 +177,16 @@ def open_run(path: str | Path, base: str | None = None, check: Any = None) -> Ru
         if candidate is not None and any(there(candidate / f) for f in TOKENIZER_FILES):
             settings = replace(settings, tokenizer=str(candidate))
             break
-    return RunFolder(folder, adapter_config, config, settings)
+    return RunFolder(folder, adapter_config, config, settings, tensors)
 
 
 def load_adapted_model(run: RunFolder, device: torch.device, model: ModelSettings | None = None) -> tuple[Any, Any]:
     """(base + adapter in eval mode, tokenizer). ``model`` overrides how the base is loaded."""
-    from qlora_cli.model import load_base_model, load_tokenizer
+    from qlora_cli.model.loading import load_base_model, load_tokenizer
 
     settings = model or run.model
     tokenizer = load_tokenizer(settings)
     base = load_base_model(settings, device)
-    load_adapter(base, run.path)
+    load_adapter(base, run.path, run.adapter)
     base.eval()
     return base, tokenizer

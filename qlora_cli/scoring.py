@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from qlora_cli.data import (
+from qlora_cli.data.pipeline import (
     Row,
     chat_messages,
     prompt_and_target,
 )
-from qlora_cli.model import model_autocast, module_device
+from qlora_cli.model.loading import model_autocast, module_device
 
 # ---------------------------------------------------------------------------------------------
 # generation and task metrics

@@ -109,7 +109,7 @@ def build_base(shape: Shape, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qlora_cli.model import quiet_libraries
+    from qlora_cli.model.loading import quiet_libraries
     from qlora_cli.testing.tiny import build_char_tokenizer
 
     quiet_libraries()
@@ -161,11 +161,11 @@ def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, tor
 def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     from qlora_cli.config import load_config
     from qlora_cli.kernels.liger import apply_liger
-    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-    from qlora_cli.loss import loss_sum
-    from qlora_cli.model import enable_gradient_checkpointing, load_base_model
-    from qlora_cli.step import Precision, clip_gradients
-    from qlora_cli.train import build_optimizer
+    from qlora_cli.model.loading import enable_gradient_checkpointing, load_base_model
+    from qlora_cli.model.lora import inject_lora, lora_parameters, set_fused
+    from qlora_cli.train.loop import build_optimizer
+    from qlora_cli.train.loss import loss_sum
+    from qlora_cli.train.step import Precision, clip_gradients
 
     recompute = "offload" if (mode == "memory-saving" and preset.device == "cuda") else mode == "memory-saving"
     cfg = load_config(
@@ -215,7 +215,7 @@ def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_cli.model import enable_gradient_checkpointing
+    from qlora_cli.model.loading import enable_gradient_checkpointing
 
     dtype = getattr(torch, preset.dtype)
     quant = BitsAndBytesConfig(
@@ -487,7 +487,7 @@ def _search(fits: Any, start: int, grain: int = 512, cap: int = 262_144) -> int:
 
 def real_model_folder(name: str) -> Path:
     """A model folder both stacks can load: the folder itself, or a GGUF file converted (once) to float32."""
-    from qlora_cli.gguf import gguf_folder, is_gguf
+    from qlora_cli.model.gguf import gguf_folder, is_gguf
 
     return gguf_folder(name, "float32") if is_gguf(name) else Path(name).expanduser()
 
@@ -558,11 +558,11 @@ def run_packing(folder: Path, preset: Preset) -> dict:
     import random
 
     from qlora_cli.config import load_config
-    from qlora_cli.data import Example, collate, collate_packed, pack_examples
-    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-    from qlora_cli.loss import loss_sum
-    from qlora_cli.model import load_base_model
-    from qlora_cli.train import build_optimizer
+    from qlora_cli.data.pipeline import Example, collate, collate_packed, pack_examples
+    from qlora_cli.model.loading import load_base_model
+    from qlora_cli.model.lora import inject_lora, lora_parameters, set_fused
+    from qlora_cli.train.loop import build_optimizer
+    from qlora_cli.train.loss import loss_sum
 
     rng = random.Random(0)
     # Alpaca's tokenized lengths are roughly log-normal around ~150 tokens with a long tail
@@ -635,7 +635,7 @@ def main() -> int:
     if args.steps:
         preset.steps = args.steps
     torch.set_num_threads(torch.get_num_threads())
-    from qlora_cli.model import quiet_libraries
+    from qlora_cli.model.loading import quiet_libraries
 
     quiet_libraries()
     if preset.shape is None and not args.model:

@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from qlora_cli.config import DatasetSpec, DataSettings
-    from qlora_cli.data import build_datasets
+    from qlora_cli.data.pipeline import build_datasets
 
     if args.tokenizer:
         from transformers import AutoTokenizer

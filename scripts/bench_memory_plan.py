@@ -8,7 +8,7 @@ Each case builds a small random model in code (nothing is downloaded), writes fu
 micro-batch is exactly sequence_len tokens, the case the plan describes), predicts the peak with
 ``memory_plan.plan_memory`` and then runs the real ``train.train`` for 3 steps and measures it:
 
-- CPU: ``memory_plan.measure_training_peak``: the model's resident tensor bytes when training starts plus the
+- CPU: ``testing.measure.measure_training_peak``: the model's resident tensor bytes when training starts plus the
   peak of torch's CPU allocator (``torch.profiler`` memory events) over the rest of the run.
 - CUDA: ``torch.cuda.max_memory_allocated()`` over the whole run (weights included, as they load to the GPU);
   the cases use unpaged optimizers there, whose state is in torch's allocator (paged state is not counted by
@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_cli.config import load_config  # noqa: E402
 from qlora_cli.memory_plan import plan_memory  # noqa: E402
-from qlora_cli.memory_plan.sizes import format_bytes, measure_training_peak  # noqa: E402
-from qlora_cli.model import quiet_libraries  # noqa: E402
+from qlora_cli.memory_plan.sizes import format_bytes  # noqa: E402
+from qlora_cli.model.loading import quiet_libraries  # noqa: E402
+from qlora_cli.testing.measure import measure_training_peak  # noqa: E402
 from qlora_cli.testing.tiny import build_char_tokenizer, save_llama_8b_shapes  # noqa: E402
 
 PLAIN = dict(fused_lora=False, fused_cross_entropy=False)  # the reference paths; the default is fused
@@ -134,7 +135,7 @@ def case_config(model: Path, data: Path, out: Path, device: str, settings: dict,
 def measure_cuda(cfg) -> dict[str, int]:
     from rich.console import Console
 
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

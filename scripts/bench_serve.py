@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qlora_cli.adapter_io import save_adapter  # noqa: E402
 from qlora_cli.config import LoRASettings, ModelSettings, QuantSettings  # noqa: E402
-from qlora_cli.lora import inject_lora, lora_layers  # noqa: E402
-from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
+from qlora_cli.model.adapter_io import save_adapter  # noqa: E402
+from qlora_cli.model.loading import DTYPES, load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
+from qlora_cli.model.lora import inject_lora, lora_layers  # noqa: E402
 from qlora_cli.serving.engine import Engine, Generation, SamplingParams  # noqa: E402
 from qlora_cli.serving.multi_lora import MultiLoRA  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402

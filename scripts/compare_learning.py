@@ -4,7 +4,7 @@ For each architecture, a tiny random model (2 layers, hidden 128, character toke
 (`{"prompt": "Q:abc?A:", "completion": "abc"}`) on an NF4 base with both stacks, for several seeds, and the
 greedy exact match on held-out words is reported side by side (mean and spread over seeds).
 
-- qlora: `qlora_cli.train.train` on a RunConfig, exactly what `qlora train` runs.
+- qlora: `qlora_cli.train.loop.train` on a RunConfig, exactly what `qlora train` runs.
 - PEFT: transformers + BitsAndBytesConfig, `prepare_model_for_kbit_training`, `get_peft_model`, a plain loop
   (the model's own loss, backward, clip, bitsandbytes' paged 8-bit AdamW), over the same tokenized examples
   in the same order (qlora's `epoch_batches` for the seed), with the same hyperparameters.
@@ -85,9 +85,9 @@ def qlora_config(args: argparse.Namespace, base: Path, data: Path, out: Path, se
 
 
 def score(model: Any, tokenizer: Any, eval_path: Path, dtype: str) -> float:
-    from qlora_cli.data import read_rows
+    from qlora_cli.data.pipeline import read_rows
     from qlora_cli.scoring import generation_case, score_generations
-    from qlora_cli.step import Precision
+    from qlora_cli.train.step import Precision
 
     cases = [generation_case(r, "completion", tokenizer) for r in read_rows(_spec(eval_path))]
     autocast = Precision.for_run(dtype, torch.device("cpu")).autocast
@@ -103,10 +103,10 @@ def _spec(path: Path) -> Any:
 def run_qlora(args: argparse.Namespace, base: Path, data: Path, eval_path: Path, out: Path, seed: int) -> dict:
     from rich.console import Console
 
-    from qlora_cli.adapter_io import load_adapter
-    from qlora_cli.lora import lora_layers
-    from qlora_cli.model import load_base_model, load_tokenizer
-    from qlora_cli.train import train
+    from qlora_cli.model.adapter_io import load_adapter
+    from qlora_cli.model.loading import load_base_model, load_tokenizer
+    from qlora_cli.model.lora import lora_layers
+    from qlora_cli.train.loop import train
 
     cfg = qlora_config(args, base, data, out, seed)
     t0 = time.perf_counter()
@@ -126,8 +126,8 @@ def run_peft(args: argparse.Namespace, base: Path, data: Path, eval_path: Path, 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_cli.data import build_datasets, collate, epoch_batches
-    from qlora_cli.model import DTYPES, disable_cpu_weight_repacking, load_tokenizer
+    from qlora_cli.data.pipeline import build_datasets, collate, epoch_batches
+    from qlora_cli.model.loading import DTYPES, disable_cpu_weight_repacking, load_tokenizer
 
     cfg = qlora_config(args, base, data, out, seed)  # the same data settings and tokenizer
     torch.manual_seed(seed)
@@ -198,7 +198,7 @@ def main() -> int:
     args = parser.parse_args()
     archs = list(ARCHITECTURES) if args.arch == ["all"] else args.arch
 
-    from qlora_cli.model import quiet_libraries
+    from qlora_cli.model.loading import quiet_libraries
     from qlora_cli.testing.tiny import build_tiny_model
 
     quiet_libraries()

@@ -49,10 +49,10 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from qlora_cli.adapter_io import load_adapter
     from qlora_cli.config import load_config
-    from qlora_cli.data import read_rows
-    from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries
+    from qlora_cli.data.pipeline import read_rows
+    from qlora_cli.model.adapter_io import load_adapter
+    from qlora_cli.model.loading import load_base_model, load_tokenizer, quiet_libraries
     from qlora_cli.scoring import generation_case, score_generations
 
     console = Console(soft_wrap=True)

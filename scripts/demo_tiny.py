@@ -20,10 +20,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlora_cli.adapter_io import load_adapter  # noqa: E402
 from qlora_cli.config import load_config  # noqa: E402
-from qlora_cli.data import read_rows  # noqa: E402
-from qlora_cli.model import load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
+from qlora_cli.data.pipeline import read_rows  # noqa: E402
+from qlora_cli.model.adapter_io import load_adapter  # noqa: E402
+from qlora_cli.model.loading import load_base_model, load_tokenizer, quiet_libraries  # noqa: E402
 from qlora_cli.scoring import generation_case, score_generations  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 

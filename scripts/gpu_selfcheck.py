@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qlora_cli.config import load_config  # noqa: E402
-from qlora_cli.lora import LoRALinear, inject_lora, lora_layers  # noqa: E402
-from qlora_cli.loss import loss_sum  # noqa: E402
-from qlora_cli.model import DTYPES, disable_cpu_weight_repacking, load_base_model, quiet_libraries  # noqa: E402
-from qlora_cli.step import Precision  # noqa: E402
+from qlora_cli.model.loading import DTYPES, disable_cpu_weight_repacking, load_base_model, quiet_libraries  # noqa: E402
+from qlora_cli.model.lora import LoRALinear, inject_lora, lora_layers  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
+from qlora_cli.train.loss import loss_sum  # noqa: E402
+from qlora_cli.train.step import Precision  # noqa: E402
 
 RESULTS: list[dict[str, Any]] = []
 REPORT: dict[str, Any] = {}  # written to --json after every check: a run cut short keeps what it measured
@@ -170,7 +170,7 @@ def compare_with_peft(ours: Any, peft_model: Any, device: torch.device, dtype: s
     """qlora's adapted model and PEFT's on the same prompts (8 x 64 positions), both under the run's autocast:
     relative logit error, and top-1 agreement where PEFT's top token is decisive (``TOP1_MARGIN``)."""
     from qlora_cli.merge.self_check import TOP1_MARGIN, compare_logits
-    from qlora_cli.step import Precision
+    from qlora_cli.train.step import Precision
 
     ids = torch.randint(5, 90, (8, 64), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad(), Precision.for_run(dtype, device).autocast():

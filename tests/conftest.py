@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qlora_cli.config import RunConfig, load_config
-from qlora_cli.model import quiet_libraries
+from qlora_cli.model.loading import quiet_libraries
 from qlora_cli.testing.tiny import build_char_tokenizer, build_tiny_model
 
 quiet_libraries()

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_cli.adapter_io import from_peft_key, load_adapter, read_adapter, save_adapter, to_peft_key
 from qlora_cli.config import LoRASettings, load_config
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import inject_lora, lora_layers
-from qlora_cli.model import load_base_model
+from qlora_cli.model.adapter_io import from_peft_key, load_adapter, read_adapter, save_adapter, to_peft_key
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.model.lora import inject_lora, lora_layers
 
 
 def base_config(folder, four_bit: bool):

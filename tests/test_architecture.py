@@ -55,8 +55,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "qlora_cli.lora" in graph["qlora_cli.adapter_io"]
-    assert "qlora_cli.train" in graph["qlora_cli.cli"]  # cli imports each command's module when it runs
+    assert "qlora_cli.model.lora" in graph["qlora_cli.model.adapter_io"]
+    assert "qlora_cli.train.loop" in graph["qlora_cli.cli"]  # cli imports each command's module when it runs
 
 
 def test_no_import_cycles():
@@ -74,7 +74,7 @@ def test_kernels_import_nothing_from_the_layers_above():
 
 
 def test_the_labels_ignore_value_is_the_same_in_data_and_the_fused_loss():
-    from qlora_cli.data import IGNORE_INDEX
+    from qlora_cli.data.pipeline import IGNORE_INDEX
     from qlora_cli.kernels import cross_entropy
 
     assert cross_entropy.IGNORE_INDEX == IGNORE_INDEX == -100
@@ -96,6 +96,55 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_training_never_reaches_the_serving_package():
     """train, merge and eval stand without the server: serving depends on them, never the other way."""
     graph = import_graph()
-    for root in ("qlora_cli.train", "qlora_cli.merge", "qlora_cli.evaluate"):
+    for root in ("qlora_cli.train.loop", "qlora_cli.merge", "qlora_cli.evaluate"):
         assert sorted(m for m in reachable(graph, root) if m.startswith("qlora_cli.serving")) == [], root
-    assert "qlora_cli.model" in reachable(graph, "qlora_cli.serving.server")  # the walk does see real imports
+    assert "qlora_cli.model.loading" in reachable(graph, "qlora_cli.serving.server")  # the walk does see real imports
+
+
+COMMANDS = ("merge", "export", "serving", "evaluate", "inspect", "generate", "memory_plan", "cli")
+
+
+def _imports_of(prefix: str, graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    return {name: sorted(deps) for name, deps in graph.items() if name == prefix or name.startswith(prefix + ".")}
+
+
+def _stage(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_the_stages_import_only_downwards():
+    """data -> model -> train -> the commands: a stage imports nothing from a later one. Two named exceptions:
+    the model's tokenizer loading takes chat templates from data (a leaf: it imports only errors), and
+    ``data.preprocess`` is a command of its own that loads the tokenizer."""
+    graph = import_graph()
+    later = {"data": {"model", "train", *COMMANDS}, "model": {"train", *COMMANDS}, "train": set(COMMANDS)}
+    wrong = []
+    for stage, forbidden in later.items():
+        for name, deps in _imports_of(f"qlora_cli.{stage}", graph).items():
+            if name == "qlora_cli.data.preprocess":
+                continue
+            wrong += [(name, d) for d in deps if _stage(d) in forbidden]
+    assert wrong == []
+    model_from_data = {
+        d for name, deps in _imports_of("qlora_cli.model", graph).items() for d in deps if _stage(d) == "data"
+    }
+    assert model_from_data == {"qlora_cli.data.chat_templates"}
+    assert graph["qlora_cli.data.chat_templates"] <= {"qlora_cli.errors"}
+
+
+def test_file_names_are_spelled_only_in_the_layout_module():
+    """Every name of a file or folder qlora writes lives in ``layout``; other modules import it."""
+    import re
+
+    names = ["qlora_config.yaml", "metrics.jsonl", "adapter_model.safetensors", "adapter_config.json",
+             "trainer_state.json", "best_eval.json", "trackers.json", "optimizer.pt", "scheduler.pt"]  # fmt: skip
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "layout.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            for name in names:
+                if re.search(rf"[\"']{re.escape(name)}[\"']", code):
+                    found.append(f"{path.relative_to(PACKAGE)}:{number}: {name}")
+    assert found == []

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cli.chat_templates import NAMES, TEMPLATES, canonical_name, check_chat_template, resolve_chat_template
 from qlora_cli.config import DatasetSpec, DataSettings
-from qlora_cli.data import ALPACA_PROMPT, IGNORE_INDEX, Row, build_datasets, tokenize_row
+from qlora_cli.data.chat_templates import NAMES, TEMPLATES, canonical_name, check_chat_template, resolve_chat_template
+from qlora_cli.data.pipeline import ALPACA_PROMPT, IGNORE_INDEX, Row, build_datasets, tokenize_row
 from qlora_cli.errors import ConfigError
-from qlora_cli.model import load_tokenizer
+from qlora_cli.model.loading import load_tokenizer
 from qlora_cli.testing.tiny import build_char_tokenizer
 
 from .conftest import make_config, write_jsonl

@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qlora_cli.config import load_config
-from qlora_cli.model import _checkpoint_options, enable_gradient_checkpointing, load_base_model
+from qlora_cli.model.loading import _checkpoint_options, enable_gradient_checkpointing, load_base_model
 
 pytestmark = pytest.mark.oldest  # make test-oldest: the whole file, on the lowest versions
 

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.data import Row
+from qlora_cli.data.pipeline import Row
 from qlora_cli.scoring import generation_case, score_generations
 
 from .conftest import upper_rows, write_jsonl

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qlora_cli.config import DatasetSpec, DataSettings
-from qlora_cli.data import (
+from qlora_cli.data.pipeline import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
     IGNORE_INDEX,

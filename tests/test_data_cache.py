@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-import qlora_cli.data as data_mod
+import qlora_cli.data.pipeline as data_mod
 from qlora_cli.config import DatasetSpec, DataSettings
-from qlora_cli.data import build_datasets, tokenize_many
-from qlora_cli.data_cache import entry_path, tokenized_dir
+from qlora_cli.data.cache import entry_path, tokenized_dir
+from qlora_cli.data.pipeline import build_datasets, tokenize_many
 from qlora_cli.errors import DataError
 from qlora_cli.testing.tiny import build_char_tokenizer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qlora_cli.config import DatasetSpec
-from qlora_cli.data_sources import load_dataset_kwargs, read_rows
+from qlora_cli.data.sources import load_dataset_kwargs, read_rows
 from qlora_cli.errors import DataError
 
 from .conftest import upper_rows, write_jsonl
@@ -84,8 +84,8 @@ def test_save_to_disk_folder_and_max_samples_of_a_file(tmp_path):
 
 def test_mixed_datasets_each_with_its_type_and_a_missing_subset_is_one_line(tmp_path, llama_dir):
     from qlora_cli.config import load_config
-    from qlora_cli.data import build_datasets
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.data.pipeline import build_datasets
+    from qlora_cli.model.loading import load_tokenizer
 
     folder = subset_folder(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(4, seed=1))

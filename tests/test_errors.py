@@ -22,7 +22,7 @@ def world(tmp_path_factory, llama_dir):
     """A good config, data files of every kind of badness, and a finished run with a checkpoint."""
     from rich.console import Console
 
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     from .conftest import make_config
 

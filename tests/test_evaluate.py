@@ -18,16 +18,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qlora_cli.adapter_io import load_adapter
 from qlora_cli.cli import app
-from qlora_cli.data import IGNORE_INDEX, Row
+from qlora_cli.data.pipeline import IGNORE_INDEX, Row
 from qlora_cli.errors import ModelError
 from qlora_cli.evaluate import EvalOptions, data_settings, evaluate, prepare, score_model
-from qlora_cli.lora import lora_disabled, lora_layers, set_fused
-from qlora_cli.model import load_base_model, load_tokenizer
-from qlora_cli.run_folder import METRICS_FILE, open_run
+from qlora_cli.layout import METRICS_FILE
+from qlora_cli.model.adapter_io import load_adapter
+from qlora_cli.model.loading import load_base_model, load_tokenizer
+from qlora_cli.model.lora import lora_disabled, lora_layers, set_fused
+from qlora_cli.run_folder import open_run
 from qlora_cli.scoring import generate_ids, generation_case
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -350,7 +351,7 @@ def test_qlora_eval_agrees_with_an_independent_judge(task, tmp_path):
 
 
 def test_two_adapters_on_one_base_load_it_once(task, short, monkeypatch):
-    import qlora_cli.model as model_module
+    import qlora_cli.model.loading as model_module
 
     calls = []
     real = model_module.load_base_model
@@ -405,7 +406,7 @@ def test_qlora_merge_output_scores_like_the_adapter(task, tmp_path):
 
 
 def test_chat_generation_stops_at_the_end_of_turn(task, tokenizer):
-    from qlora_cli.model import stop_token_ids
+    from qlora_cli.model.loading import stop_token_ids
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 77]))

@@ -51,7 +51,7 @@ def read_gguf(path: Path) -> dict[str, np.ndarray]:
 
 
 def field(path: Path, key: str):
-    from qlora_cli.gguf import field_value
+    from qlora_cli.model.gguf import field_value
 
     f = gguf.GGUFReader(path).fields.get(key)
     return None if f is None else field_value(f)
@@ -260,7 +260,7 @@ def test_llama3_rope_factors_follow_the_scaling_rule():
 def test_modelfile_template_only_where_it_renders_what_the_run_renders(name, family):
     """The Go template's Python twin must render the run's Jinja template's text on every probe conversation;
     Llama 2's <<SYS>> template and alpaca have no Ollama twin here and get no TEMPLATE."""
-    from qlora_cli.chat_templates import TEMPLATES
+    from qlora_cli.data.chat_templates import TEMPLATES
     from qlora_cli.export.ollama import matching_family
     from qlora_cli.testing.tiny import build_char_tokenizer
 
@@ -278,7 +278,7 @@ def test_modelfile_template_only_where_it_renders_what_the_run_renders(name, fam
 
 def test_a_twin_that_renders_differently_is_not_used():
     """One character off (a space after [/INST]) and the Mistral template no longer matches."""
-    from qlora_cli.chat_templates import TEMPLATES
+    from qlora_cli.data.chat_templates import TEMPLATES
     from qlora_cli.export.ollama import matching_family
     from qlora_cli.testing.tiny import build_char_tokenizer
 
@@ -334,7 +334,7 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
 def test_a_chatml_template_with_its_own_default_system_message_gets_ollamas_system():
     """SmolLM2's template adds "You are a helpful AI assistant named SmolLM..." when there is no system
     message: the Modelfile's SYSTEM carries it, so Ollama renders the same text."""
-    from qlora_cli.chat_templates import CHATML_TEMPLATE
+    from qlora_cli.data.chat_templates import CHATML_TEMPLATE
     from qlora_cli.export.ollama import matching_family
     from qlora_cli.testing.tiny import build_char_tokenizer
 

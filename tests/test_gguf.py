@@ -17,11 +17,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.gguf import gguf_cache_folder, gguf_folder
 from qlora_cli.merge import merge_run
-from qlora_cli.model import load_base_model, load_tokenizer
+from qlora_cli.model.gguf import gguf_cache_folder, gguf_folder
+from qlora_cli.model.loading import load_base_model, load_tokenizer
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
 
 from .conftest import make_config, write_jsonl
 from .gguf_files import byte_level_tokens, write_tiny_gguf
@@ -279,7 +279,7 @@ def test_a_gguf_without_a_tokenizer_trains_and_exports_with_the_runs_own(gguf_fi
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and out.read_bytes()[:4] == b"GGUF"
     assert read_gguf(out)["token_embd.weight"].shape[0] == 260
-    from qlora_cli.gguf import field_value
+    from qlora_cli.model.gguf import field_value
 
     tokens = field_value(gguf.GGUFReader(out).fields["tokenizer.ggml.tokens"])
     assert len(tokens) == 260 and tokens[-1] == "<|endoftext|>"  # the run's tokenizer, as it trained

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.config import load_config, parse_override
-from qlora_cli.data import read_rows
+from qlora_cli.data.pipeline import read_rows
 from qlora_cli.errors import ConfigError
 
 from .conftest import upper_rows, write_jsonl
@@ -97,7 +97,7 @@ def test_a_run_folder_works_from_any_directory(tmp_path, monkeypatch, llama_dir)
     from rich.console import Console
 
     from qlora_cli.run_folder import open_run
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     from .conftest import make_config
 
@@ -139,7 +139,7 @@ def checkpointed_run(tmp_path_factory, llama_dir):
     from rich.console import Console
 
     from qlora_cli.config import dump_config
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     from .conftest import make_config
 

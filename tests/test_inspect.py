@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
-from qlora_cli.data import IGNORE_INDEX, read_rows, tokenize_rows
-from qlora_cli.inspect_adapter import adapter_report, delta_norm, vllm_check
-from qlora_cli.inspect_cmd import (
+from qlora_cli.data.pipeline import IGNORE_INDEX, read_rows, tokenize_rows
+from qlora_cli.inspect.adapter import adapter_report, delta_norm, vllm_check
+from qlora_cli.inspect.report import (
     TARGET_STYLE,
     config_report,
     data_report,
@@ -26,13 +26,10 @@ from qlora_cli.inspect_cmd import (
     render_tokens,
     target_table,
 )
-from qlora_cli.lora import Conv1D, inject_lora, lora_delta, lora_parameters
 from qlora_cli.memory_plan import plan_memory
 from qlora_cli.memory_plan.sizes import (
     adapter_shapes,
     load_model_config,
-    measure_training_peak,
-    measured_optimizer_bytes,
     meta_model,
     nf4_bytes,
     optimizer_state_bytes,
@@ -41,7 +38,9 @@ from qlora_cli.memory_plan.sizes import (
     weight_bytes,
 )
 from qlora_cli.memory_plan.tracer import trace_step, traced_peak
-from qlora_cli.model import load_base_model
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.model.lora import Conv1D, inject_lora, lora_delta, lora_parameters
+from qlora_cli.testing.measure import measure_training_peak, measured_optimizer_bytes
 from qlora_cli.testing.tiny import build_char_tokenizer, save_llama_8b_shapes
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -154,7 +153,7 @@ def test_nf4_constants_per_parameter():
 
 
 def test_optimizer_state_bytes_equal_the_state_after_one_step(llama_dir, tmp_path):
-    from qlora_cli.train import build_optimizer
+    from qlora_cli.train.loop import build_optimizer
 
     # r=64 on a 64-wide model: some adapter tensors have >= 4096 elements (8-bit state), others fewer (float32)
     cfg = cfg_for(llama_dir, tmp_path, lora_r=64, lora_target_modules="all-linear")
@@ -325,7 +324,7 @@ def test_data_report_marks_exactly_the_target_positions(llama_dir, tmp_path):
         }
     )
     report = data_report(cfg, n_examples=6)
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     expected = []
@@ -401,7 +400,7 @@ def test_data_report_warnings(tmp_path, model_factory):
 def trained_run(tmp_path_factory, llama_dir):
     from rich.console import Console
 
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     tmp = tmp_path_factory.mktemp("inspect-run")
     data = write_jsonl(tmp / "d.jsonl", upper_rows(24, seed=1))
@@ -422,7 +421,7 @@ def trained_run(tmp_path_factory, llama_dir):
 
 
 def test_adapter_report(trained_run):
-    from qlora_cli.adapter_io import read_adapter
+    from qlora_cli.model.adapter_io import read_adapter
 
     out = Path(trained_run.output_dir)
     report = adapter_report(out)

@@ -12,12 +12,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qlora_cli.config import LoRASettings, load_config
-from qlora_cli.data import IGNORE_INDEX
+from qlora_cli.data.pipeline import IGNORE_INDEX
 from qlora_cli.kernels.cross_entropy import fused_linear_cross_entropy
-from qlora_cli.lora import LoRALinear, inject_lora, lora_layers, lora_parameters, set_fused
-from qlora_cli.loss import loss_sum, supports_fused_cross_entropy
-from qlora_cli.model import load_base_model
-from qlora_cli.train import train
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.model.lora import LoRALinear, inject_lora, lora_layers, lora_parameters, set_fused
+from qlora_cli.train.loop import train
+from qlora_cli.train.loss import loss_sum, supports_fused_cross_entropy
 
 from .conftest import make_config, upper_rows, write_jsonl
 

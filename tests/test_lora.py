@@ -8,7 +8,8 @@ from transformers.pytorch_utils import Conv1D
 from qlora_cli.config import LoRASettings, load_config
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask
-from qlora_cli.lora import (
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.model.lora import (
     LoRALinear,
     inject_lora,
     lora_delta,
@@ -18,7 +19,6 @@ from qlora_cli.lora import (
     match_targets,
     merge_weight,
 )
-from qlora_cli.model import load_base_model
 
 
 def settings(targets, r=4, alpha=8.0, dropout=0.0, rslora=False) -> LoRASettings:

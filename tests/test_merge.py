@@ -18,11 +18,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from qlora_cli import merge as merge_mod
-from qlora_cli.adapter_io import save_adapter
 from qlora_cli.cli import app
 from qlora_cli.config import dump_config
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import inject_lora, lora_layers
 from qlora_cli.merge import (
     OutTensor,
     SafetensorsWriter,
@@ -33,7 +31,9 @@ from qlora_cli.merge import (
 from qlora_cli.merge import plan as merge_plan
 from qlora_cli.merge import weights as merge_weights
 from qlora_cli.merge.weights import nf4_roundtrip
-from qlora_cli.model import load_base_model
+from qlora_cli.model.adapter_io import save_adapter
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.model.lora import inject_lora, lora_layers
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.testing.tiny import build_tiny_model
 

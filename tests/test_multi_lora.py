@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qlora_cli.adapter_io import save_adapter, to_peft_key
 from qlora_cli.config import LoRASettings, ModelSettings, QuantSettings
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import inject_lora, lora_layers
-from qlora_cli.model import load_base_model, load_tokenizer
+from qlora_cli.model.adapter_io import save_adapter, to_peft_key
+from qlora_cli.model.loading import load_base_model, load_tokenizer
+from qlora_cli.model.lora import inject_lora, lora_layers
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.serving.engine import (
     Engine,

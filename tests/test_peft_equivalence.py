@@ -22,9 +22,15 @@ import pytest
 import torch
 
 from qlora_cli.config import load_config
-from qlora_cli.data import Row, collate, tokenize_row
-from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
-from qlora_cli.model import DTYPES, bnb_config, disable_cpu_weight_repacking, load_base_model, upcast_small_parameters
+from qlora_cli.data.pipeline import Row, collate, tokenize_row
+from qlora_cli.model.loading import (
+    DTYPES,
+    bnb_config,
+    disable_cpu_weight_repacking,
+    load_base_model,
+    upcast_small_parameters,
+)
+from qlora_cli.model.lora import inject_lora, lora_layers, lora_parameters
 from tests.conftest import ARCHS
 
 STEPS = 20
@@ -97,8 +103,8 @@ def _peft_model(folder, cfg, lora_init: dict[str, tuple[torch.Tensor, torch.Tens
 def test_training_equals_peft_step_for_step(model_factory, tokenizer, arch, compute):
     import bitsandbytes as bnb
 
-    from qlora_cli.step import Precision, accumulate_gradients, clip_gradients
-    from qlora_cli.train import build_optimizer
+    from qlora_cli.train.loop import build_optimizer
+    from qlora_cli.train.step import Precision, accumulate_gradients, clip_gradients
 
     folder = model_factory(arch, initializer_range=0.1, layers=1, hidden=32, **NO_DROPOUT.get(arch, {}))
     device = torch.device("cpu")

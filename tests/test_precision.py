@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qlora_cli.config import load_config
-from qlora_cli.model import load_base_model
+from qlora_cli.model.loading import load_base_model
 from tests.conftest import make_config, upper_rows, write_jsonl
 
 
@@ -45,7 +45,7 @@ def bf16_base(model_factory):
 def test_packing_check_and_train_time_eval_run_under_bf16(tmp_path, bf16_base, quiet_console, monkeypatch):
     """sample_packing with the default bf16 compute dtype trains (it crashed in the packing check before the
     first step); the check, the steps and the eval each ran their forwards under bf16 autocast."""
-    from qlora_cli import train as train_mod
+    from qlora_cli.train import loop as train_mod
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=3))
     cfg = make_config(
@@ -77,8 +77,8 @@ def test_packing_check_and_train_time_eval_run_under_bf16(tmp_path, bf16_base, q
 
 def test_packing_check_under_bf16_still_refuses_leaking_attention(model_factory):
     from qlora_cli.errors import ConfigError
-    from qlora_cli.step import Precision
-    from qlora_cli.train import check_packing_isolation
+    from qlora_cli.train.loop import check_packing_isolation
+    from qlora_cli.train.step import Precision
 
     cfg = load_config(None, base_model=str(model_factory("opt")), datasets=[{"path": "x"}])  # bf16: the default
     assert cfg.bnb_4bit_compute_dtype == "bfloat16"
@@ -90,9 +90,9 @@ def test_packing_check_under_bf16_still_refuses_leaking_attention(model_factory)
 
 def test_scoring_and_loss_default_to_the_models_compute_dtype(bf16_base, tokenizer):
     """A caller that passes no autocast (the demo, scripts) scores a bf16 model as it was trained."""
-    from qlora_cli.data import Row, tokenize_row
-    from qlora_cli.loss import evaluate_loss
+    from qlora_cli.data.pipeline import Row, tokenize_row
     from qlora_cli.scoring import generate_ids
+    from qlora_cli.train.loss import evaluate_loss
 
     cfg = load_config(None, base_model=str(bf16_base), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="bfloat16")
     model = load_base_model(cfg, torch.device("cpu"))
@@ -110,7 +110,7 @@ def test_scoring_and_loss_default_to_the_models_compute_dtype(bf16_base, tokeniz
 
 def test_qlora_eval_scores_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
     from qlora_cli.evaluate import EvalOptions, evaluate
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
     train(
@@ -137,7 +137,7 @@ def test_memory_plan_traces_under_the_runs_precision(bf16_base):
 
 def test_merge_self_check_runs_the_adapter_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
     from qlora_cli.merge import merge_run
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
     train(
@@ -167,8 +167,8 @@ def test_hidden_states_between_decoder_layers_stay_bf16(model_factory, arch, fus
     and Unsloth's bf16 norms do: the residual stream, each layer's input and output, and the projections'
     outputs are bf16 (before, the stream was float32 after layer 0: twice the activation memory)."""
     from qlora_cli.config import LoRASettings
-    from qlora_cli.lora import inject_lora, lora_layers, set_fused
-    from qlora_cli.step import Precision
+    from qlora_cli.model.lora import inject_lora, lora_layers, set_fused
+    from qlora_cli.train.step import Precision
 
     cfg = load_config(None, base_model=str(model_factory(arch)), datasets=[{"path": "x"}])  # bf16: the default
     model = load_base_model(cfg, torch.device("cpu"))
@@ -210,9 +210,9 @@ def test_gpu_selfcheck_compares_qlora_and_peft_under_the_same_autocast(tmp_path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.model import DTYPES, bnb_config, disable_cpu_weight_repacking
+    from qlora_cli.model.loading import DTYPES, bnb_config, disable_cpu_weight_repacking
     from qlora_cli.run_folder import load_adapted_model, open_run
-    from qlora_cli.train import train
+    from qlora_cli.train.loop import train
 
     spec = importlib.util.spec_from_file_location(
         "gpu_selfcheck", Path(__file__).parent.parent / "scripts" / "gpu_selfcheck.py"

@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
-from qlora_cli.data import Row
-from qlora_cli.gguf import gguf_folder
+from qlora_cli.data.pipeline import Row
 from qlora_cli.merge import merge_run
-from qlora_cli.model import disable_cpu_weight_repacking
+from qlora_cli.model.gguf import gguf_folder
+from qlora_cli.model.loading import disable_cpu_weight_repacking
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
 
 from .conftest import serve_process, write_jsonl
 
@@ -90,7 +90,7 @@ def test_training_on_smollm2_lowers_held_out_loss(real_run):
     """The base's own chat template frames the data (from the GGUF file), and 6 steps lower the held-out
     loss a lot: the base answers in its own way, the adapter has started to answer in the task's JSON."""
     tok = open_run(real_run).model
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tok)
     text = tokenizer.apply_chat_template(rows("eval", 1)[0]["messages"][:2], tokenize=False)

@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 
-import qlora_cli.step as step_mod
-import qlora_cli.train as train_mod
-from qlora_cli.checkpoint import COMPLETE, list_checkpoints
+import qlora_cli.train.loop as train_mod
+import qlora_cli.train.step as step_mod
 from qlora_cli.errors import ConfigError
-from qlora_cli.train import TrainingDiverged, TrainingInterrupted, train
+from qlora_cli.layout import COMPLETE
+from qlora_cli.train.checkpoint import list_checkpoints
+from qlora_cli.train.loop import TrainingDiverged, TrainingInterrupted, train
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -129,7 +130,7 @@ def test_kill_9_at_a_random_moment_then_resume(tmp_path, reference_run, llama_di
     # save_steps differs from the reference (2 vs 4): it may change on resume and does not change the numbers
     # the real CLI, with each step stretched by a sleep so that the kill lands mid-run
     slow_cli = (
-        "import sys, time; import qlora_cli.train as t; real = t.accumulate_gradients\n"
+        "import sys, time; import qlora_cli.train.loop as t; real = t.accumulate_gradients\n"
         "def slow(*a, **k):\n    time.sleep(0.15)\n    return real(*a, **k)\n"
         "t.accumulate_gradients = slow\n"
         "from qlora_cli.cli import main; sys.argv = ['qlora', 'train', sys.argv[1]]; main()"
@@ -268,8 +269,8 @@ def test_mostly_non_finite_steps_stop_the_run_and_write_no_adapter(tmp_path, lla
 
 
 def test_a_non_finite_final_eval_or_adapter_is_not_written(tmp_path, llama_dir, monkeypatch):
-    from qlora_cli.lora import lora_layers
-    from qlora_cli.loss import EvalResult
+    from qlora_cli.model.lora import lora_layers
+    from qlora_cli.train.loss import EvalResult
 
     from .test_cli import run_cli, write_config
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import qlora_cli.train as train_mod
-from qlora_cli.checkpoint import BEST_DIR, BEST_FILE
+import qlora_cli.train.loop as train_mod
 from qlora_cli.config import load_config
-from qlora_cli.loss import EvalResult
+from qlora_cli.layout import BEST_DIR, BEST_FILE
 from qlora_cli.model_card import base_license, card_metadata, front_matter
 from qlora_cli.run_folder import open_run
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
+from qlora_cli.train.loss import EvalResult
 
 from .conftest import make_config, upper_rows, write_jsonl
 from .test_cli import assert_user_error, run_cli, write_config

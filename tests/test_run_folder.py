@@ -8,7 +8,7 @@ import torch
 
 from qlora_cli.errors import ModelError
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
 
 from .conftest import make_config, upper_rows, write_jsonl
 

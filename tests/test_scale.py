@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import load_file
 
 from qlora_cli.config import load_config
-from qlora_cli.data import IGNORE_INDEX, Row, collate_packed, pack_examples, packing_efficiency, tokenize_row
+from qlora_cli.data.pipeline import IGNORE_INDEX, Row, collate_packed, pack_examples, packing_efficiency, tokenize_row
 from qlora_cli.errors import ConfigError
-from qlora_cli.model import load_base_model
-from qlora_cli.step import Precision
-from qlora_cli.train import check_packing_isolation, train
+from qlora_cli.model.loading import load_base_model
+from qlora_cli.train.loop import check_packing_isolation, train
+from qlora_cli.train.step import Precision
 
 from .conftest import make_config, upper_rows, write_jsonl
 

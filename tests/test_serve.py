@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.data import Row
+from qlora_cli.data.pipeline import Row
 from qlora_cli.errors import ModelError, QLoRAError
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
 from qlora_cli.serving.app import describe_validation_error, require_web_stack
 from qlora_cli.serving.server import ModelServer, parse_adapter_arg
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
 
 from .conftest import make_config, serve_process, upper_rows, write_jsonl
 

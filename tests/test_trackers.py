@@ -16,8 +16,8 @@ import pytest
 
 from qlora_cli.config import load_config
 from qlora_cli.errors import ConfigError
-from qlora_cli.trackers import hyperparameters, tracker_values
-from qlora_cli.train import train
+from qlora_cli.train.loop import train
+from qlora_cli.train.trackers import hyperparameters, tracker_values
 
 from .conftest import make_config, upper_rows, write_jsonl
 from .test_cli import assert_user_error, run_cli, write_config

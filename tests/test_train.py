@@ -7,14 +7,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qlora_cli.adapter_io import load_adapter
 from qlora_cli.config import RunConfig
-from qlora_cli.data import build_datasets
+from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.errors import ConfigError
-from qlora_cli.lora import lora_disabled, match_targets, suffixes
-from qlora_cli.loss import evaluate_loss
-from qlora_cli.model import load_base_model, load_tokenizer
-from qlora_cli.train import train
+from qlora_cli.model.adapter_io import load_adapter
+from qlora_cli.model.loading import load_base_model, load_tokenizer
+from qlora_cli.model.lora import lora_disabled, match_targets, suffixes
+from qlora_cli.train.loop import train
+from qlora_cli.train.loss import evaluate_loss
 
 from .conftest import ARCHS, EXPECTED_LINEAR, make_config, upper_rows, write_jsonl
 
@@ -90,9 +90,9 @@ def test_accumulation_normalises_by_target_tokens(llama_dir, tokenizer):
     """Gradients of one step over 4 examples of different lengths are the same however the window is cut
     into micro-batches, and equal the gradient of the mean loss over all target tokens of the window."""
     from qlora_cli.config import LoRASettings, load_config
-    from qlora_cli.data import Row, collate, tokenize_row
-    from qlora_cli.lora import inject_lora, lora_layers, lora_parameters
-    from qlora_cli.step import Precision, accumulate_gradients
+    from qlora_cli.data.pipeline import Row, collate, tokenize_row
+    from qlora_cli.model.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.train.step import Precision, accumulate_gradients
 
     cfg = load_config(None, base_model=str(llama_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32")
     model = load_base_model(cfg, torch.device("cpu"))

@@ -41,18 +41,10 @@ from qlora_cli.export.gguf_arch import (
 from qlora_cli.export.gguf_vocab import source_gguf_file, vocab_metadata
 from qlora_cli.export.kquants import QUANTIZERS
 from qlora_cli.export.ollama import check_modelfile, matching_family, modelfile_path, modelfile_text, run_commands
-from qlora_cli.merge import (
-    BASE_WEIGHTS,
-    MergeSource,
-    available_memory,
-    check_disk,
-    check_memory_need,
-    merged_tensors,
-    prepare_source,
-    size_text,
-    usual_mode,
-)
-from qlora_cli.model import quiet_libraries, resolve_device
+from qlora_cli.layout import MODEL_CONFIG
+from qlora_cli.merge import BASE_WEIGHTS, MergeSource, check_memory_need, merged_tensors, prepare_source
+from qlora_cli.model.loading import quiet_libraries, resolve_device
+from qlora_cli.outputs import available_memory, check_disk, remove_stale_temp_files, size_text, usual_mode
 
 FORMATS = ("gguf", "gguf-lora")
 LORA_QUANTS = ("f32", "f16")  # a GGUF LoRA's A and B matrices: small, and llama.cpp adds them in float
@@ -135,7 +127,7 @@ def export_run(
         f"weights) -> {out} (GGUF {quant}, {size_text(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
+    remove_stale_temp_files(out, TEMP_MARK)
     tmp = _temp_file(out, ".gguf")
     try:
         _write_gguf(tmp, spec, source, quant, kv, plan, rope_factors, base_weights, torch_device)
@@ -179,13 +171,12 @@ def export_run(
 def input_files(source: MergeSource, source_gguf: str | None) -> list[Path]:
     """Every file the export reads: the adapter and run config, the base's config, index and shards (a GGUF
     base's converted folder and the .gguf itself), and the tokenizer's files."""
-    from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE
     from qlora_cli.merge.safetensors_stream import INDEX_FILE, base_shard_files
-    from qlora_cli.run_folder import CONFIG_FILE
 
     run = source.run.path
     files = [run / ADAPTER_WEIGHTS, run / ADAPTER_CONFIG, run / CONFIG_FILE]
-    files += [source.folder / "config.json", source.folder / INDEX_FILE, *base_shard_files(source.folder)]
+    files += [source.folder / MODEL_CONFIG, source.folder / INDEX_FILE, *base_shard_files(source.folder)]
     tokenizer = Path(source.run.model.tokenizer or source.folder)
     files += [p for p in tokenizer.iterdir() if p.is_file()] if tokenizer.is_dir() else []
     if source_gguf is not None:
@@ -246,19 +237,6 @@ def _temp_file(out: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", suffix=suffix)
     os.close(fd)
     return Path(name)
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Delete temporary files left beside ``out`` by exports that died (``kill -9``, power loss): those whose
-    process is gone. An export still running keeps its files."""
-    for tmp in out.parent.glob(f".{out.name}{TEMP_MARK}*"):
-        try:
-            pid = int(tmp.name[len(f".{out.name}{TEMP_MARK}") :].split("-")[0])
-            os.kill(pid, 0)
-            continue  # its export is still running
-        except (OSError, ValueError):
-            pass
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -406,7 +384,7 @@ def _export_lora(
     check_disk(out, total, "the file")
     console.print(f"exporting the adapter of {source.run.path} ({len(source.targets)} layers, r={r}) -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
+    remove_stale_temp_files(out, TEMP_MARK)
     tmp = _temp_file(out, ".gguf")
     try:
         writer = gguf.GGUFWriter(tmp, spec.arch)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import ModelError
-from qlora_cli.gguf import field_value
+from qlora_cli.model.gguf import field_value
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

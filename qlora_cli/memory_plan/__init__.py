@@ -153,12 +153,11 @@ def plan_memory(
             train=train,
         )
 
-    has_eval = bool(cfg.eval_datasets) or cfg.val_set_size > 0
     trace_error = None
     try:
         main = step(cfg.micro_batch_size, bool(cfg.gradient_checkpointing))
         other = step(cfg.micro_batch_size, not cfg.gradient_checkpointing)
-        eval_trace = step(cfg.eval_batch_size or cfg.micro_batch_size, False, train=False) if has_eval else None
+        eval_trace = step(cfg.eval_micro_batch_size, False, train=False) if cfg.has_eval else None
     except QLoRAError:
         raise
     except Exception as e:  # an architecture fake tensors cannot run (e.g. data-dependent expert routing)

@@ -13,7 +13,7 @@ from torch import nn
 
 from qlora_cli.config import RunConfig
 from qlora_cli.errors import ModelError
-from qlora_cli.model import DTYPES
+from qlora_cli.model.loading import DTYPES
 
 # -- bitsandbytes storage layout ----------------------------------------------------------------------
 NF4_BLOCKSIZE = 64  # values per absmax block (bitsandbytes' 4-bit default)
@@ -29,8 +29,8 @@ def load_model_config(cfg: RunConfig) -> Any:
     """The transformers config of ``cfg.base_model`` from local files only (a folder, a GGUF file, or the HF cache)."""
     from transformers import AutoConfig
 
-    from qlora_cli.gguf import is_gguf, load_gguf_config
-    from qlora_cli.model import check_model_folder, is_local, quiet_libraries
+    from qlora_cli.model.gguf import is_gguf, load_gguf_config
+    from qlora_cli.model.loading import check_model_folder, is_local, quiet_libraries
 
     quiet_libraries()
     name = cfg.base_model
@@ -98,7 +98,7 @@ def quantized_module_names(model: nn.Module) -> list[str]:
     """The linear layers transformers replaces with bitsandbytes ``Linear4bit`` when loading in 4 bits: every
     ``nn.Linear``/``Conv1D`` except the output head, tied weights and the module of the last parameter
     (the rule of ``transformers.quantizers.base.get_keys_to_not_convert``)."""
-    from qlora_cli.lora import Conv1D, output_head
+    from qlora_cli.model.lora import Conv1D, output_head
 
     head = output_head(model)
     params = list(model.named_parameters())
@@ -153,7 +153,7 @@ class TargetInfo:
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
-    from qlora_cli.lora import linear_shape
+    from qlora_cli.model.lora import linear_shape
 
     n_in, n_out, _ = linear_shape(module)
     return n_in, n_out
@@ -264,63 +264,13 @@ def resident_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def measured_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in ``optimizer.state`` (shared tensors once)."""
-    storages: dict[int, int] = {}
-    for state in optimizer.state.values():
-        for t in state.values():
-            if isinstance(t, torch.Tensor):
-                storages[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
-    return sum(storages.values())
-
-
-def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
-    """Run ``train.train(cfg)`` (on CPU) and measure its peak tensor memory, to compare with ``plan_memory``.
-
-    What "measured" means on CPU: the bytes of every tensor the model holds (parameters incl. the adapter,
-    buffers, quant state: ``resident_bytes``), plus the peak, from the model's first forward to the end of the
-    run, of the bytes torch's CPU allocator has handed out beyond what it had at that moment
-    (``torch.profiler`` memory events, recorded from that moment: every allocation and free through c10's
-    allocator, kernel temporaries included). Loading is excluded: on a GPU it is host memory, and profiling it
-    is slow. Returns resident, step_peak and tensor_peak in bytes.
-    """
-    from rich.console import Console
-    from torch.profiler import ProfilerActivity, profile
-
-    from qlora_cli.train import train
-
-    model: list[nn.Module] = []
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    def first_forward(module: nn.Module, args: Any) -> None:
-        if not model:  # pre-hooks run outermost first: this is the whole model
-            model.append(module)
-            prof.start()  # only what is allocated from here on is reported, frees of older blocks are not
-
-    handle = nn.modules.module.register_module_forward_pre_hook(first_forward)
-    try:
-        train(cfg, force=True, console=Console(quiet=True))
-    finally:
-        handle.remove()
-        if model:
-            prof.stop()
-    # counted after the run: during a forward the fused loss has the head taken off the model
-    resident = resident_bytes(model[0])
-    memory = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = step = 0
-    for _, n in memory:
-        running += n
-        step = max(step, running)
-    return {"resident": resident, "step_peak": step, "tensor_peak": resident + step}
-
-
 # ---------------------------------------------------------------------------------------------
 # targets
 
 
 def target_infos(model: nn.Module, cfg: RunConfig) -> list[TargetInfo]:
     """The modules LoRA will wrap, with their (in, out) features. Raises ``ModelError`` like ``inject_lora``."""
-    from qlora_cli.lora import match_targets
+    from qlora_cli.model.lora import match_targets
 
     return [TargetInfo(n, *linear_dims(model.get_submodule(n))) for n in match_targets(model, cfg.lora_target_modules)]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from qlora_cli.config import RunConfig
 from qlora_cli.memory_plan.sizes import layer_period, linear_dims, meta_model, num_layers_of, quantized_module_names
-from qlora_cli.model import DTYPES, norms_output_compute_dtype
+from qlora_cli.model.loading import DTYPES, norms_output_compute_dtype
 
 # ---------------------------------------------------------------------------------------------
 # the traced step
@@ -415,10 +415,10 @@ def trace_step(
     global _TRACER
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qlora_cli.data import Example
-    from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-    from qlora_cli.loss import evaluate_loss
-    from qlora_cli.step import Precision, micro_batch_step
+    from qlora_cli.data.pipeline import Example
+    from qlora_cli.model.lora import inject_lora, lora_parameters, set_fused
+    from qlora_cli.train.loss import evaluate_loss
+    from qlora_cli.train.step import Precision, micro_batch_step
 
     device = torch.device("cpu")  # CUDA's behaviour is modelled on fake CPU tensors (_cuda_behaviour)
     if cfg.bnb_4bit_compute_dtype == "float16":  # same bytes as bfloat16, which CPU autocast handles everywhere
@@ -485,7 +485,7 @@ def _enter_loss_region(tracer: _StepTracer) -> Any:
 
 def _enable_checkpointing(model: Any, every_n_layers: int) -> None:
     """As ``model.enable_gradient_checkpointing`` (offloading is accounted for in ``traced_peak``)."""
-    from qlora_cli.model import enable_gradient_checkpointing
+    from qlora_cli.model.loading import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model, False, every_n_layers)
 

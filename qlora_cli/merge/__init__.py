@@ -41,7 +41,7 @@ from rich.console import Console
 
 from qlora_cli.config import QuantSettings, parse_size
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.gguf import resolve_gguf
+from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.merge.plan import Target, model_skeleton, plan_targets, read_base_config, resolve_base_folder
 from qlora_cli.merge.report import LayerStat, MergeResult, print_report
 from qlora_cli.merge.safetensors_stream import (
@@ -63,7 +63,17 @@ from qlora_cli.merge.safetensors_stream import (
 )
 from qlora_cli.merge.self_check import self_check
 from qlora_cli.merge.weights import merged_weight
-from qlora_cli.model import DTYPES, quiet_libraries, resolve_device
+from qlora_cli.model.gguf import resolve_gguf
+from qlora_cli.model.loading import DTYPES, quiet_libraries, resolve_device
+from qlora_cli.outputs import (
+    OWNER_FILE,
+    available_memory,
+    check_disk,
+    publish,
+    release_memory,
+    remove_stale_temp_folders,
+    size_text,
+)
 from qlora_cli.run_folder import RunFolder, open_run
 
 BASE_WEIGHTS = ("dequantized", "original")
@@ -147,7 +157,7 @@ def merge_run(
         f"scaling {scaling:g}) -> {out} ({NAME_OF_CODE[out_code]}, {len(shards)} shard(s), {size_text(total)})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
+    remove_stale_temp_folders(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     (tmp / OWNER_FILE).write_text(str(os.getpid()))
     try:
@@ -161,7 +171,7 @@ def merge_run(
             for py in folder.glob("*.py"):
                 shutil.copy2(py, tmp / py.name)
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -203,9 +213,7 @@ class MergeSource:
 def prepare_source(run_path: str | Path, base: str | None, base_weights: str) -> MergeSource:
     """Open the run and its base and check the adapter fits; nothing is written. Raises ``QLoRAError``."""
     run = open_run(run_path, base=base)
-    from qlora_cli.adapter_io import read_adapter
-
-    adapter_config, state = read_adapter(run.path)
+    adapter_config, state = run.adapter
     run = replace(run, model=resolve_gguf(run.model))  # a GGUF base: its dequantized folder holds the originals
     folder = resolve_base_folder(run.model.base_model)
     run = replace(run, model=replace(run.model, base_model=str(folder)))
@@ -224,7 +232,7 @@ def prepare_source(run_path: str | Path, base: str | None, base_weights: str) ->
     skeleton = model_skeleton(folder, run.model.trust_remote_code)
     targets, scaling = plan_targets(run.path, adapter_config, state, skeleton, tensors, quant)
     del skeleton, state
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.model.loading import load_tokenizer
 
     return MergeSource(run, folder, config, infos, targets, scaling, quant, load_tokenizer(run.model))
 
@@ -369,24 +377,6 @@ def _write_weights(
     return layers
 
 
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks of a few MB in its heap, so a loop
-    over hundreds of large tensors would otherwise creep up in RSS well past what it holds at any time."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
-
-
 def _write_config(folder: Path, config: dict[str, Any], dtype: str) -> None:
     """The base's config.json as it is, minus any quantization_config, with the output dtype."""
     config = dict(config)
@@ -394,73 +384,10 @@ def _write_config(folder: Path, config: dict[str, Any], dtype: str) -> None:
     config["dtype"] = dtype
     if "torch_dtype" in config:  # older transformers' name for the same key
         config["torch_dtype"] = dtype
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-OWNER_FILE = ".qlora-merge-pid"  # in a temporary folder while its merge runs; gone before it is published
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Delete temporary folders left beside ``out`` by merges that died (``kill -9``, power loss): those whose
-    owner process is gone. A merge still running keeps its folder."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int((tmp / OWNER_FILE).read_text())
-            os.kill(pid, 0)
-            continue  # its merge is still running
-        except (OSError, ValueError):
-            pass  # no owner file, or no such process
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in out.parent.glob(f".{out.name}.old-*"):
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def usual_mode(path: Path) -> None:
-    """The modes ``mkdir``/``open`` would give under the process umask (0755/0644 for umask 022), instead of
-    ``mkdtemp``'s and ``mkstemp``'s 0700/0600, which would make a shared model folder unreadable to others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an existing output (allowed by --force) goes only after."""
-    (tmp / OWNER_FILE).unlink(missing_ok=True)
-    usual_mode(tmp)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def check_disk(out: Path, total: int, what: str) -> None:
-    """``ModelError`` when the file system that will hold ``out`` has less than ``total`` bytes free."""
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if total > free:
-        raise ModelError(f"not enough disk space for {out}: {what} needs {size_text(total)}, {size_text(free)} free")
-
-
-def size_text(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    (folder / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_memory_need(infos: list[TensorInfo]) -> int:
     """Bytes the self-check holds at once: the merged model in float32 (loaded after the reference is freed)."""
     params = sum(t.numel for t in infos if t.dtype in FLOAT_CODES)
     return int(params * 4 * 1.2)
-
-
-def available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

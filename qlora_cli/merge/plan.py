@@ -10,12 +10,19 @@ from typing import Any
 
 import torch
 
-from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, settings_from_peft_config, targeted_modules
 from qlora_cli.config import QuantSettings
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import linear_shape, output_head
+from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.merge.safetensors_stream import FLOAT_CODES, TensorInfo
-from qlora_cli.model import is_local
+from qlora_cli.model.adapter_io import (
+    adapter_modules,
+    check_fit,
+    linear_modules,
+    settings_from_peft_config,
+    targeted_modules,
+)
+from qlora_cli.model.loading import is_local
+from qlora_cli.model.lora import linear_shape, output_head
 
 # ---------------------------------------------------------------------------------------------
 # which base tensors the adapter changes
@@ -50,7 +57,7 @@ def resolve_base_folder(name: str) -> Path:
 
 
 def read_base_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
+    path = folder / MODEL_CONFIG
     if not path.exists():
         raise ModelError(f"base model folder {folder} has no config.json")
     try:

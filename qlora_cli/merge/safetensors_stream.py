@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 import torch
 
 from qlora_cli.errors import ModelError
+from qlora_cli.layout import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 
 INDEX_FILE = "model.safetensors.index.json"  # which shard holds which tensor
 COPY_CHUNK = 64 * 2**20  # bytes per read when copying an untargeted tensor
@@ -102,9 +103,9 @@ def base_shard_files(folder: Path) -> list[Path]:
         if missing:
             raise ModelError(f"base model folder {folder} is missing shard {missing[0]} named in {INDEX_FILE}")
         return [folder / f for f in files]
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+    if (folder / MODEL_WEIGHTS).exists():
+        return [folder / MODEL_WEIGHTS]
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS)
     if not files:
         pickles = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
         if pickles:

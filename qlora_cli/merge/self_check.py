@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from qlora_cli.adapter_io import adapter_modules
+from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.merge.plan import is_quantized_in_training, model_skeleton, not_quantized_modules
-from qlora_cli.model import autocast
+from qlora_cli.model.adapter_io import adapter_modules
+from qlora_cli.model.loading import autocast
 from qlora_cli.run_folder import RunFolder
 
 # Self-check thresholds. The merged model (loaded in float32) is compared with the adapter on its base, run
@@ -89,7 +90,7 @@ def check_prompts(
 ) -> tuple[list[list[int]], str]:
     """(token ids of up to ``n`` prompts, where they came from): the run's eval data, else its training data
     (local files only), else a built-in set. Whole examples (prompt + answer), so the adapter's effect shows."""
-    from qlora_cli.data import read_rows, tokenize_row
+    from qlora_cli.data.pipeline import read_rows, tokenize_row
     from qlora_cli.errors import QLoRAError
 
     cfg = run.config
@@ -150,14 +151,12 @@ def reference_skip_modules(run: RunFolder) -> list[str] | None:
     other tensor bit for bit, so where the run also held untargeted linear layers in 4 bits, the model the
     merge claims to equal is the training-time base with those layers at their base weights.
     """
-    from qlora_cli.adapter_io import read_adapter
-    from qlora_cli.lora import linear_module_names
+    from qlora_cli.model.lora import linear_module_names
 
     if not run.model.quant.load_in_4bit:
         return None
     skeleton = model_skeleton(Path(run.model.base_model), run.model.trust_remote_code)
-    _, state = read_adapter(run.path)
-    targeted = set(adapter_modules(state, f"adapter {run.path}"))
+    targeted = set(adapter_modules(run.tensors, f"adapter {run.path}"))
     skip = not_quantized_modules(skeleton)
     untargeted = [
         n
@@ -187,11 +186,11 @@ def load_reference(run: RunFolder, device: torch.device, base_weights: str) -> t
 
 def _load_partly_quantized(run: RunFolder, device: torch.device, skip: list[str]) -> Any:
     """``load_adapted_model`` with the modules matching ``skip`` left unquantized (in the compute dtype)."""
-    from qlora_cli.adapter_io import load_adapter
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.adapter_io import load_adapter
+    from qlora_cli.model.loading import load_base_model
 
     model = load_base_model(run.model, device, keep_16bit=skip)
-    load_adapter(model, run.path)
+    load_adapter(model, run.path, run.adapter)
     return model.eval()
 
 
@@ -213,8 +212,8 @@ def self_check(
 
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.lora import lora_disabled
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.model.loading import load_tokenizer
+    from qlora_cli.model.lora import lora_disabled
     from qlora_cli.run_folder import load_adapted_model
 
     tokenizer = tokenizer or load_tokenizer(run.model)
@@ -240,7 +239,7 @@ def self_check(
     gc.collect()
 
     if limits is None:
-        merged_dtype = json.loads((Path(merged_dir) / "config.json").read_text()).get("dtype")
+        merged_dtype = json.loads((Path(merged_dir) / MODEL_CONFIG).read_text()).get("dtype")
         exact = run.model.quant.compute_dtype == "float32" and merged_dtype == "float32"
         limits = "exact" if exact else "16-bit"
     max_diff, kl, top1, top1_decisive = compare_logits(ref, merged)

@@ -10,7 +10,7 @@ import torch
 from qlora_cli.config import QuantSettings
 from qlora_cli.merge.plan import Target
 from qlora_cli.merge.report import LayerStat
-from qlora_cli.model import DTYPES
+from qlora_cli.model.loading import DTYPES
 
 BNB_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig always quantizes with bitsandbytes' default block size
 # ---------------------------------------------------------------------------------------------

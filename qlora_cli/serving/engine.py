@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_cli.model import autocast, context_length, end_of_turn_id, eos_token_ids, module_device
+from qlora_cli.model.loading import autocast, context_length, end_of_turn_id, eos_token_ids, module_device
 from qlora_cli.serving.multi_lora import BASE_ONLY, MultiLoRA
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete multi-byte character

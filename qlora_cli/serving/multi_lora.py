@@ -31,10 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_cli.adapter_io import adapter_modules, check_fit, linear_modules, read_adapter, settings_from_peft_config
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import AroundLinear, LoRALinear, linear_shape, matches_target, output_head
-from qlora_cli.model import module_device
+from qlora_cli.model.adapter_io import (
+    adapter_modules,
+    check_fit,
+    linear_modules,
+    read_adapter,
+    settings_from_peft_config,
+)
+from qlora_cli.model.loading import module_device
+from qlora_cli.model.lora import AroundLinear, LoRALinear, linear_shape, matches_target, output_head
 
 BASE_ONLY = -1  # the slot of a row that uses no adapter
 

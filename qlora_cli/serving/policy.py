@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, TOKENIZER_CONFIG
+
 log = logging.getLogger("qlora.serve")
 
 # files a runtime adapter folder may hold that the server reads, and the most bytes it reads of each
@@ -104,12 +106,12 @@ def confine_lora_path(lora_path: str, roots: tuple[Path, ...]) -> Path:
 def check_file_sizes(folder: Path) -> None:
     """Refuse, before reading them, config files over ``MAX_CONFIG_BYTES`` and a safetensors file whose header
     claims more than ``MAX_SAFETENSORS_HEADER`` bytes (or more than the file holds). Raises ``PolicyError``."""
-    for name in ("adapter_config.json", "qlora_config.yaml", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in (ADAPTER_CONFIG, CONFIG_FILE, TOKENIZER_CONFIG, "special_tokens_map.json"):
         f = folder / name
         if f.is_file() and f.stat().st_size > MAX_CONFIG_BYTES:
             log.warning("refused %s: %d bytes", f, f.stat().st_size)
             raise PolicyError(f"the adapter's {name} is larger than {MAX_CONFIG_BYTES >> 20} MB")
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS
     if weights.is_file():
         size = weights.stat().st_size
         with open(weights, "rb") as fh:
@@ -215,7 +217,7 @@ def private_tokenizer(folder: Path, roots: tuple[Path, ...], into: Path) -> bool
         real = confined_file(folder / name, roots, MAX_TOKENIZER_BYTES)
         if real is None:
             continue
-        if name == "tokenizer_config.json":
+        if name == TOKENIZER_CONFIG:
             try:
                 config = json.loads(real.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError):

@@ -108,7 +108,7 @@ class ModelServer:
         base_name: str | None = None,
         policy: ServePolicy | None = None,
     ):
-        from qlora_cli.model import DTYPES, load_base_model, load_tokenizer, resolve_device
+        from qlora_cli.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_device
         from qlora_cli.run_folder import open_run
 
         self.policy = policy = policy or ServePolicy()
@@ -210,7 +210,7 @@ class ModelServer:
         its run recorded and its own tokenizer files (read with no remote code) are used: the base model, the
         tokenizer path and every loading policy stay the server's. Raises ``RequestError`` with a message that
         names no server path and echoes nothing from the folder's files; details go to the server's log."""
-        from qlora_cli.model import load_tokenizer
+        from qlora_cli.model.loading import load_tokenizer
 
         if not self.policy.allow_runtime_lora:
             raise RequestError(RUNTIME_LORA_OFF, 403, None, "runtime_lora_disabled")
@@ -249,10 +249,11 @@ class ModelServer:
 
     def _runtime_run(self, folder: Path) -> Any:
         """``open_run`` on a confined folder, keeping from it only what cannot run code or point elsewhere."""
-        from qlora_cli.run_folder import CONFIG_FILE, open_run
+        from qlora_cli.layout import CONFIG_FILE
+        from qlora_cli.run_folder import folder_kind, open_run
         from qlora_cli.serving.policy import _under
 
-        in_checkpoints = folder.parent.name == "checkpoints" and not (folder / CONFIG_FILE).exists()
+        in_checkpoints = folder_kind(folder) == "checkpoint"
         if in_checkpoints and not _under(folder.parent.parent, self.policy.lora_roots):
             log.warning("runtime adapter %s: its run folder is outside the roots", folder)
             raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.chat_templates import CHATML_TEMPLATE as CHATML
+from qlora_cli.data.chat_templates import CHATML_TEMPLATE as CHATML
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n\t"
@@ -207,7 +207,7 @@ def build_tiny_model(
     """Save a random-init ``arch`` model and its tokenizer to ``folder`` (safetensors). Returns the folder."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.model import quiet_libraries
+    from qlora_cli.model.loading import quiet_libraries
 
     quiet_libraries()
     folder = Path(folder)

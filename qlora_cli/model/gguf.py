@@ -22,6 +22,7 @@ import torch
 from qlora_cli.cache import cache_dir
 from qlora_cli.config import ModelSettings
 from qlora_cli.errors import ModelError
+from qlora_cli.layout import MANIFEST, MODEL_WEIGHTS, TOKENIZER_CONFIG
 
 GGUF_MIN_VERSION = "0.13.0"  # 0.11 and older fail under numpy 2 (memmap.newbyteorder); tested 0.13-0.19
 GGUF_FORMAT_VERSION = 2  # bump when the converted folder's layout changes: old cache entries are not reused
@@ -304,7 +305,7 @@ def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
     if folder.exists():  # a folder appears only once complete, with its manifest; one that no longer matches it
         problem = cache_problem(folder)  # (cut, overwritten) is moved aside and converted anew
         if problem is None:
-            if need_tokenizer and not (folder / "tokenizer_config.json").exists():  # converted for a run that
+            if need_tokenizer and not (folder / TOKENIZER_CONFIG).exists():  # converted for a run that
                 check_gguf(name, need_tokenizer=True)  # named its own tokenizer: why this file's cannot serve
                 raise ModelError(f"GGUF file {name}: its tokenizer could not be converted; set tokenizer: to a folder")
             return folder
@@ -404,7 +405,7 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype, need_tokenizer: bool
         raise ModelError(f"GGUF file {path}: no tensor for {missing[0]} ({len(missing)} missing); cannot convert it")
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(out / "model.safetensors", "wb") as f, open(data_path, "rb") as data:
+    with open(out / MODEL_WEIGHTS, "wb") as f, open(data_path, "rb") as data:
         f.write(struct.pack("<Q", len(raw)) + raw)
         shutil.copyfileobj(data, f, 16 << 20)
     data_path.unlink()
@@ -415,7 +416,6 @@ def convert_gguf(path: Path, out: Path, dtype: torch.dtype, need_tokenizer: bool
     (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
 
 
-MANIFEST = "manifest.json"  # written last into a converted folder: its files' sizes and checksums
 CHUNK = 64 << 20  # model.safetensors is hashed in chunks of this size
 FULL_CHECK_BYTES = 2 << 30  # files up to this size are checked whole on every use; larger ones a sample of chunks
 SAMPLED_CHUNKS = 4
@@ -444,7 +444,7 @@ def cache_problem(folder: Path) -> str | None:
     the manifest: a truncated or overwritten cache entry is rebuilt, never trained on."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("format") != GGUF_FORMAT_VERSION or "model.safetensors" not in manifest["files"]:
+        if manifest.get("format") != GGUF_FORMAT_VERSION or MODEL_WEIGHTS not in manifest["files"]:
             return f"its {MANIFEST} is not this version's"
         stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()))
         if _verified.get(folder) == stamp:  # checked already in this process (train resolves the base twice)

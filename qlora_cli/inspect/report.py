@@ -25,7 +25,7 @@ from rich.text import Text
 
 from qlora_cli.config import RunConfig, load_config, parse_size
 from qlora_cli.errors import ConfigError, DataError
-from qlora_cli.inspect_adapter import adapter_report, render_adapter
+from qlora_cli.inspect.adapter import adapter_report, render_adapter
 from qlora_cli.memory_plan import MemoryPlan, plan_memory
 from qlora_cli.memory_plan.sizes import (
     TargetInfo,
@@ -111,7 +111,7 @@ def target_table(targets: list[TargetInfo], r: int) -> list[dict[str, Any]]:
 
 def left_out_table(model: torch.nn.Module, targets: list[TargetInfo]) -> list[dict[str, Any]]:
     """Linear layers LoRA does not wrap, by suffix; the output head is listed as never targeted."""
-    from qlora_cli.lora import linear_module_names, output_head
+    from qlora_cli.model.lora import linear_module_names, output_head
 
     chosen = {t.name for t in targets}
     rows: dict[str, dict[str, Any]] = {}
@@ -219,9 +219,9 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
 def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     """What the model will be trained on: counts as ``data.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
-    from qlora_cli.chat_templates import describe_chat_template
-    from qlora_cli.data import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
-    from qlora_cli.model import load_tokenizer, quiet_libraries
+    from qlora_cli.data.chat_templates import describe_chat_template
+    from qlora_cli.data.pipeline import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
+    from qlora_cli.model.loading import load_tokenizer, quiet_libraries
 
     quiet_libraries()
     tokenizer = load_tokenizer(cfg)
@@ -413,11 +413,13 @@ def run_inspect(
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Dispatch ``qlora inspect TARGET [CONFIG]`` and print the report (JSON or rich). Returns the report."""
-    from qlora_cli.run_folder import is_adapter_folder
+    from qlora_cli.run_folder import folder_kind
 
     budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None
     path = Path(target).expanduser()
-    if target == "data" and (config is not None or not is_adapter_folder(path)):  # ./data may be a data folder
+    if target == "data" and (
+        config is not None or folder_kind(path) not in ("run", "checkpoint", "best", "adapter")
+    ):  # ./data may be a data folder
         if config is None:
             raise ConfigError("usage: qlora inspect data CONFIG.yaml")
         report = data_report(load_config(config, overrides), examples)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_cli.data_cache import tokenized_dir
+from qlora_cli.data.cache import tokenized_dir
 
 
 def preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
@@ -13,8 +13,8 @@ def preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
     import time
     from dataclasses import replace
 
-    from qlora_cli.data import CACHE_EVENTS, build_datasets
-    from qlora_cli.model import load_tokenizer
+    from qlora_cli.data.pipeline import CACHE_EVENTS, build_datasets
+    from qlora_cli.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base)
     settings = replace(cfg.data, cache=True, cache_required=True)

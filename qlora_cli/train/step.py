@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from qlora_cli.data import Example, collate, collate_packed
+from qlora_cli.data.pipeline import Example, collate, collate_packed
 from qlora_cli.errors import ConfigError
-from qlora_cli.loss import loss_sum
-from qlora_cli.model import DTYPES, autocast
+from qlora_cli.model.loading import DTYPES, autocast
+from qlora_cli.train.loss import loss_sum
 
 
 @dataclass

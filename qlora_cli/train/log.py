@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from qlora_cli.config import RunConfig
-from qlora_cli.data import Example, TrainData
+from qlora_cli.data.pipeline import Example, TrainData
 from qlora_cli.run_folder import read_metrics
 
 

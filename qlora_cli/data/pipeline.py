@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from qlora_cli.config import DatasetSpec, DataSettings
-from qlora_cli.data_sources import Row, read_rows
+from qlora_cli.data.sources import Row, read_rows
 from qlora_cli.errors import DataError
 
 IGNORE_INDEX = -100
@@ -227,7 +227,7 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
         )
     if not settings.cache:
         return tokenize_rows(rows, spec.type, tokenizer, settings)
-    from qlora_cli.data_cache import cached_tokenize
+    from qlora_cli.data.cache import cached_tokenize
 
     def rebuild(items: list[tuple[list[int], list[int], int]], stats: dict) -> tuple[list[Example], DataStats]:
         examples = []

@@ -26,15 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_cli.adapter_io import save_adapter
 from qlora_cli.config import RunConfig
 from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BEST_DIR,
+    BEST_FILE,
+    CHECKPOINTS_DIR,
+    COMPLETE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    rng_file,
+)
+from qlora_cli.model.adapter_io import save_adapter
 
-CHECKPOINTS_DIR = "checkpoints"
-BEST_DIR = "best"  # save_best: the adapter of the best eval, and best_eval.json saying which it was
-BEST_FILE = "best_eval.json"
-COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes from it.
 RESUMABLE_KEYS = frozenset(
     {
@@ -117,10 +124,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _rng_file(rank: int) -> str:
-    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
-
-
 def save_checkpoint(
     output_dir: Path,
     cfg: RunConfig,
@@ -153,13 +156,13 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     try:
-        torch.save(rng, tmp / _rng_file(rank))
-        _fsync(tmp / _rng_file(rank))
+        torch.save(rng, tmp / rng_file(rank))
+        _fsync(tmp / rng_file(rank))
         barrier()
         if main:
             save_adapter(model, tmp, cfg.lora, cfg.base_model)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
             for f in tmp.iterdir():
                 _fsync(f)
@@ -232,7 +235,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
     from safetensors import safe_open
 
-    for name in (STATE_FILE, "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"):
+    for name in (STATE_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, SCHEDULER_FILE):
         if not (path / name).is_file():
             return f"is missing {name}"
     try:
@@ -242,11 +245,11 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"has an unreadable {STATE_FILE} ({e})"
     try:
-        with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
+        with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as f:
             list(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         return f"has an unreadable adapter_model.safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    for name in ["optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pt"))]:
+    for name in [OPTIMIZER_FILE, SCHEDULER_FILE, *sorted(p.name for p in path.glob("rng_state*.pt"))]:
         try:
             with zipfile.ZipFile(path / name) as z:
                 if not z.namelist():
@@ -300,10 +303,10 @@ def load_checkpoint(
     rank: int = 0,
 ) -> TrainerState:
     """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
-    from qlora_cli.adapter_io import adapter_modules, check_fit, read_adapter
-    from qlora_cli.lora import lora_layers
+    from qlora_cli.model.adapter_io import adapter_modules, check_fit, read_adapter
+    from qlora_cli.model.lora import lora_layers
 
-    for name in (STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pt"):
+    for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, rng_file(0)):
         if not (path / name).exists():
             raise ModelError(f"checkpoint {path} is missing {name}")
     state = _load_file(path / STATE_FILE, lambda p: TrainerState(**json.loads(p.read_text())))
@@ -322,20 +325,20 @@ def load_checkpoint(
         for name, (lora_A, lora_B) in saved.items():
             layers[name].lora_A.weight.copy_(lora_A)
             layers[name].lora_B.weight.copy_(lora_B)
-    optimizer_state = _load_file(path / "optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+    optimizer_state = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"checkpoint file {path / 'optimizer.pt'} does not fit this optimizer ({e})") from None
-    scheduler_state = _load_file(path / "scheduler.pt", lambda p: torch.load(p, weights_only=True))
+        raise ModelError(f"checkpoint file {path / OPTIMIZER_FILE} does not fit this optimizer ({e})") from None
+    scheduler_state = _load_file(path / SCHEDULER_FILE, lambda p: torch.load(p, weights_only=True))
     try:
         scheduler.load_state_dict(scheduler_state)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise ModelError(f"checkpoint file {path / 'scheduler.pt'} does not fit this schedule ({e})") from None
-    rng_file = path / _rng_file(rank)
-    if not rng_file.exists():
+        raise ModelError(f"checkpoint file {path / SCHEDULER_FILE} does not fit this schedule ({e})") from None
+    rng_path = path / rng_file(rank)
+    if not rng_path.exists():
         raise ModelError(
             f"checkpoint {path} has no RNG state for process {rank}; resume with the same number of processes"
         )
-    _restore_rng(state, _load_file(rng_file, lambda p: torch.load(p, weights_only=True)))
+    _restore_rng(state, _load_file(rng_path, lambda p: torch.load(p, weights_only=True)))
     return state

@@ -14,12 +14,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from qlora_cli.adapter_io import VLLM_MAX_LORA_RANKS
 from qlora_cli.config import load_config
 from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.memory_plan.sizes import (
     format_bytes,
 )
+from qlora_cli.model.adapter_io import VLLM_MAX_LORA_RANKS
 
 # Modules vLLM serves LoRA on only with extra flags or not at all: qlora's adapters never target them.
 VLLM_SPECIAL_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "embed_in")
@@ -31,17 +32,15 @@ VLLM_SPECIAL_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "e
 def adapter_report(path: str | Path) -> dict[str, Any]:
     """Rank, scaling, size, per-module delta norms, training summary and the vLLM serving check of a run or
     adapter folder."""
-    from qlora_cli.adapter_io import (
-        ADAPTER_CONFIG,
-        ADAPTER_WEIGHTS,
+    from qlora_cli.config import lora_scaling
+    from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, METRICS_FILE
+    from qlora_cli.model.adapter_io import (
         PEFT_PREFIX,
         adapter_modules,
         from_peft_key,
         read_adapter_config,
         read_adapter_weights,
     )
-    from qlora_cli.lora import lora_scaling
-    from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE
 
     folder = Path(path).expanduser()
     if not folder.exists():
@@ -99,7 +98,7 @@ def delta_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> fl
 def _architecture(base: str | None) -> str | None:
     if not base:
         return None
-    config = Path(base).expanduser() / "config.json"
+    config = Path(base).expanduser() / MODEL_CONFIG
     if not config.is_file():
         return None
     try:

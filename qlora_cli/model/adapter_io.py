@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from qlora_cli.config import LoRASettings
 from qlora_cli.errors import ModelError
-from qlora_cli.lora import (
+from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from qlora_cli.model.lora import (
     LoRALinear,
     adapter_state_dict,
     inject_lora,
@@ -37,8 +38,6 @@ from qlora_cli.lora import (
 # vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -249,12 +248,17 @@ def settings_from_peft_config(config: dict[str, Any]) -> LoRASettings:
     )
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> list[str]:
-    """Inject LoRA layers matching the saved adapter into ``model`` and load its weights.
+def load_adapter(
+    model: torch.nn.Module,
+    adapter_dir: str | Path,
+    adapter: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+) -> list[str]:
+    """Inject LoRA layers matching the saved adapter into ``model`` and load its weights. ``adapter``: the folder's
+    (config, tensors) as ``read_adapter`` gave them (``RunFolder.adapter``), so the files are not read again.
 
     The adapter must fit the base exactly (``check_fit``). Returns the wrapped module names.
     """
-    config, state = read_adapter(adapter_dir)
+    config, state = adapter if adapter is not None else read_adapter(adapter_dir)
     settings = settings_from_peft_config(config)
     where = f"adapter {adapter_dir}"
     modules = adapter_modules(state, where)

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from qlora_cli.chat_templates import resolve_chat_template
 from qlora_cli.config import ModelSettings, QuantSettings, RunConfig
+from qlora_cli.data.chat_templates import resolve_chat_template
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.gguf import MANIFEST, check_gguf, gguf_cache_folder, is_gguf, resolve_gguf
+from qlora_cli.layout import MANIFEST, MODEL_CONFIG, TOKENIZER_FILES
+from qlora_cli.model.gguf import check_gguf, gguf_cache_folder, is_gguf, resolve_gguf
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config names
 
@@ -99,9 +100,9 @@ def check_model_folder(name: str, what: str = "base_model") -> None:
     if not path.is_dir():
         raise ModelError(f"{what} must be a model folder, got a file: {name}")
     if what == "tokenizer":
-        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if not any((path / f).exists() for f in TOKENIZER_FILES):
             raise ModelError(f"tokenizer folder {name} has no tokenizer files (tokenizer.json, tokenizer_config.json)")
-    elif not (path / "config.json").exists():
+    elif not (path / MODEL_CONFIG).exists():
         raise ModelError(f"{what} folder {name} has no config.json (is it a transformers model folder?)")
 
 

@@ -19,23 +19,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from qlora_cli.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
-from qlora_cli.checkpoint import (
-    BEST_DIR,
-    CHECKPOINTS_DIR,
-    TrainerState,
-    find_checkpoint,
-    load_checkpoint,
-    save_best_adapter,
-    save_checkpoint,
-)
 from qlora_cli.config import RunConfig, dump_config
-from qlora_cli.data import Example, TrainData, build_datasets, epoch_batches, pack_examples
+from qlora_cli.data.pipeline import Example, TrainData, build_datasets, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
-from qlora_cli.lora import inject_lora, lora_parameters, set_fused
-from qlora_cli.loss import EvalResult, evaluate_loss
-from qlora_cli.model import (
+from qlora_cli.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TRACKERS_FILE,
+)
+from qlora_cli.model.adapter_io import save_adapter
+from qlora_cli.model.loading import (
     check_base_model,
     enable_gradient_checkpointing,
     load_base_model,
@@ -43,12 +41,21 @@ from qlora_cli.model import (
     quiet_libraries,
     resolve_device,
 )
+from qlora_cli.model.lora import inject_lora, lora_parameters, set_fused
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
-from qlora_cli.run_folder import CONFIG_FILE, METRICS_FILE, is_run_folder, read_metrics
-from qlora_cli.step import Precision, accumulate_gradients, clip_gradients, idle_backward
-from qlora_cli.trackers import TRACKERS_FILE, Reporter, check_trackers, start_trackers
-from qlora_cli.train_log import MetricsLog, ProgressDisplay, StopSignals, report_start
+from qlora_cli.run_folder import is_run_folder, read_metrics
+from qlora_cli.train.checkpoint import (
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_best_adapter,
+    save_checkpoint,
+)
+from qlora_cli.train.log import MetricsLog, ProgressDisplay, StopSignals, report_start
+from qlora_cli.train.loss import EvalResult, evaluate_loss
+from qlora_cli.train.step import Precision, accumulate_gradients, clip_gradients, idle_backward
+from qlora_cli.train.trackers import Reporter, check_trackers, start_trackers
 
 
 @dataclass
@@ -472,7 +479,7 @@ def evaluate(run: Run) -> EvalResult | None:
         return None
     cfg, step = run.cfg, run.state.step
     mine = run.data.eval[run.rank :: run.world]
-    batch_size = cfg.eval_batch_size or cfg.micro_batch_size
+    batch_size = cfg.eval_micro_batch_size
     pad_id = run.tokenizer.pad_token_id
     local = (
         evaluate_loss(

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_cli.data import IGNORE_INDEX, Example, collate, epoch_batches
-from qlora_cli.model import model_autocast
+from qlora_cli.data.pipeline import IGNORE_INDEX, Example, collate, epoch_batches
+from qlora_cli.model.loading import model_autocast
 
 # Architectures whose causal-LM head is exactly `logits = head(final hidden state)` (Gemma-2 adds soft-capping,
 # handled). Others (e.g. logit scaling in Cohere or Granite) use the plain loss.

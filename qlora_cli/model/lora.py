@@ -17,11 +17,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlora_cli.config import LoRASettings
+from qlora_cli.config import LoRASettings, lora_scaling
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
 from qlora_cli.kernels.lora_linear import fused_lora_linear
-from qlora_cli.model import module_device
+from qlora_cli.model.loading import module_device
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -46,10 +46,6 @@ def merge_weight(
 ) -> torch.Tensor:
     """W + scaling · B @ A, computed in float32 and returned in float32 (the caller picks the output dtype)."""
     return weight.float() + lora_delta(lora_A, lora_B, scaling, fan_in_fan_out)
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 # ---------------------------------------------------------------------------------------------
