@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 CARD_FILE = "README.md"
 PLOT_FILE = "loss.png"
 TRACKERS_FILE = "trackers.json"
+TENSORBOARD_DIR = "tensorboard"  # `tensorboard --logdir runs/` finds every run
 BEST_DIR = "best"
 BEST_FILE = "best_eval.json"
 CHECKPOINTS_DIR = "checkpoints"

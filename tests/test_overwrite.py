@@ -70,12 +70,32 @@ def test_output_dir_slash_is_refused(tmp_path, llama_dir, data, flag):
     assert not Path("/qlora_config.yaml").exists() and not Path("/adapter_model.safetensors").exists()
 
 
-def test_resume_with_no_folder_is_refused_and_creates_nothing(tmp_path, llama_dir, data):
+def test_resume_with_nothing_there_yet_starts_a_new_run(tmp_path, llama_dir, data):
+    """A job script that always passes --resume: the first launch has nothing to lose and starts the run."""
     cfg = write_config(tmp_path, llama_dir, data)
-    assert_user_error(run_cli("train", str(cfg), "--resume"), "nothing to resume", tmp_path / "run")
-    (tmp_path / "run").mkdir()
-    assert_user_error(run_cli("train", str(cfg), "--resume"), "is empty")
-    assert not any((tmp_path / "run").iterdir())
+    result = run_cli("train", str(cfg), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "nothing to resume" in result.stderr and "starting a new run" in result.stderr
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path, llama_dir, data):
+    """resume_from_checkpoint naming run a's checkpoint with output_dir a finished run b replaced b's adapter and
+    mixed a's continuation into b's log."""
+    a = write_config(tmp_path, llama_dir, data, save_steps=1, output_dir=str(tmp_path / "a"))
+    assert run_cli("train", str(a)).exit_code == 0
+    b = write_config(tmp_path, llama_dir, data, output_dir=str(tmp_path / "b"))
+    assert run_cli("train", str(b)).exit_code == 0
+    before = snapshot(tmp_path / "b")
+    step = tmp_path / "a" / "checkpoints" / "step-1"
+    result = run_cli("train", str(b), "--set", f"resume_from_checkpoint={step}")
+    assert_user_error(result, "is not a checkpoint of the run in output_dir")
+    assert snapshot(tmp_path / "b") == before
+    # into a new, empty folder it continues run a
+    result = run_cli(
+        "train", str(b), "--set", f"resume_from_checkpoint={step}", "--set", f"output_dir={tmp_path / 'c'}"
+    )
+    assert result.exit_code == 0 and "resuming from" in result.stderr, result.output
 
 
 def test_force_replaces_a_run_and_leaves_no_old_checkpoint_or_best(tmp_path, llama_dir, data):

@@ -293,3 +293,31 @@ def test_a_non_finite_final_eval_or_adapter_is_not_written(tmp_path, llama_dir, 
     result = run_cli("train", str(cfg), "--force")
     assert result.exit_code == 1 and "the adapter has non-finite values" in result.output, result.output
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_fp16_loss_scaling_survives_a_nan_loss_and_counts_it(tmp_path, llama_dir, monkeypatch, quiet_console):
+    """With a GradScaler (fp16 on a GPU; a CPU scaler here) a non-finite loss skipped the scaler's update, and the
+    next step's unscale_ raised "unscale_() has already been called": a traceback instead of a counted bad step."""
+    from qlora_cli.train.step import Precision
+
+    monkeypatch.setattr(
+        Precision,
+        "for_run",
+        classmethod(lambda cls, dtype, device: cls("cpu", torch.float32, torch.amp.GradScaler("cpu"))),
+    )
+    real = step_mod.loss_sum
+    calls = {"n": 0}
+
+    def nan_on_2nd(model, batch, *args):
+        calls["n"] += 1
+        s, n = real(model, batch, *args)
+        return (s * float("nan"), n) if calls["n"] == 2 else (s, n)
+
+    monkeypatch.setattr(step_mod, "loss_sum", nan_on_2nd)
+    cfg = run_config(
+        tmp_path, llama_dir, "run", max_steps=4, save_steps=None, eval_steps=None, logging_steps=1, lora_dropout=0.0
+    )
+    result = train(cfg, console=quiet_console)
+    records = [r for r in result.history if r["type"] == "train"]
+    assert [r["bad_steps"] for r in records] == [0, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in records if r["step"] != 2)

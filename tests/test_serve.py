@@ -746,11 +746,20 @@ def test_runtime_loading_reads_no_file_outside_the_roots(tmp_path, llama_dir):
         pipe = copy_adapter(run, root / "pipe")
         (pipe / "adapter_config.json").unlink()
         os.mkfifo(pipe / "adapter_config.json")
-        worker = threading.Thread(target=lambda: pytest.raises(RequestError, server.load_adapter, "pipe", str(pipe)))
-        worker.daemon = True
+        outcome: list[BaseException | None] = []
+
+        def load_pipe() -> None:
+            try:
+                server.load_adapter("pipe", str(pipe))
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - judged below, on the test's thread
+                outcome.append(e)
+
+        worker = threading.Thread(target=load_pipe, daemon=True)
         worker.start()
         worker.join(timeout=30)
         assert not worker.is_alive(), "loading a named pipe blocked"
+        assert isinstance(outcome[0], RequestError) and "pipe" not in server.served, outcome
         server.unload_adapter("ok")
     finally:
         server.close()

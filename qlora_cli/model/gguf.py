@@ -171,7 +171,7 @@ def _check_gguf(name: str, need_tokenizer: bool) -> None:
 
 MAX_METADATA_STRING = 1 << 20  # one text value (description, license, chat template); real ones are < 100 KB
 TOKENIZER_MODELS = ("gpt2", "llama", "t5", "gemma4")  # what transformers builds a tokenizer from, 5.x
-SPECIAL_TOKEN_IDS = ("bos", "eos", "unknown", "separator", "padding", "cls", "mask")
+SPECIAL_TOKEN_IDS = ("bos", "eos", "unknown", "padding")  # the ids transformers' GGUF tokenizer reader uses
 
 
 def _check_metadata_sizes(reader: Any, name: str) -> None:
@@ -234,23 +234,36 @@ def _check_tokenizer(reader: Any, name: str) -> None:
             f"GGUF file {name}: tokenizer.ggml.model {model!r} is not one transformers builds a tokenizer from "
             f"({', '.join(TOKENIZER_MODELS)}){fix}"
         )
-    ids: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        if token in ids:
-            raise ModelError(
-                f"GGUF file {name}: tokenizer.ggml.tokens holds {token!r} twice (ids {ids[token]} and {i}){fix}"
-            )
-        ids[token] = i
     for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         if key in reader.fields and len(reader.fields[key].data) != len(tokens):
             raise ModelError(
                 f"GGUF file {name}: {key} has {len(reader.fields[key].data)} entries for {len(tokens)} tokens{fix}"
             )
-    for special in SPECIAL_TOKEN_IDS:
-        key = f"tokenizer.ggml.{special}_token_id"
+    special: dict[int, str] = {}
+    for which in SPECIAL_TOKEN_IDS:
+        key = f"tokenizer.ggml.{which}_token_id"
         i = value(key)
         if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
             raise ModelError(f"GGUF file {name}: {key} is {i}, not one of its {len(tokens)} tokens{fix}")
+        if i is not None:
+            special[i] = which
+    ids: dict[str, int] = {}
+    twice: list[tuple[str, int, int]] = []
+    for i, token in enumerate(tokens):
+        if token in ids:
+            if i in special or ids[token] in special:  # the special id would name another token than the model's
+                raise ModelError(
+                    f"GGUF file {name}: tokenizer.ggml.tokens holds {token!r} twice (ids {ids[token]} and {i}), "
+                    f"one of them the {special.get(i) or special.get(ids[token])} token{fix}"
+                )
+            twice.append((token, ids[token], i))
+        ids[token] = i
+    if twice:  # some published files have them (Gemma 4's QAT GGUFs); the tokenizer keeps the later id
+        token, first, second = twice[0]
+        _warn(
+            f"GGUF file {name}: {len(twice)} token(s) appear twice in tokenizer.ggml.tokens ({token!r}: ids {first} "
+            f"and {second}); text is tokenized to the later id"
+        )
     merges = value("tokenizer.ggml.merges")
     if model == "gpt2" and not merges:
         raise ModelError(f"GGUF file {name}: a gpt2 (BPE) tokenizer needs tokenizer.ggml.merges{fix}")
@@ -302,32 +315,51 @@ def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
     if not Path(name).expanduser().is_file():
         check_gguf(name)  # raises the one-line error
     folder = gguf_cache_folder(name, dtype)
-    if folder.exists():  # a folder appears only once complete, with its manifest; one that no longer matches it
-        problem = cache_problem(folder)  # (cut, overwritten) is moved aside and converted anew
-        if problem is None:
-            if need_tokenizer and not (folder / TOKENIZER_CONFIG).exists():  # converted for a run that
-                check_gguf(name, need_tokenizer=True)  # named its own tokenizer: why this file's cannot serve
-                raise ModelError(f"GGUF file {name}: its tokenizer could not be converted; set tokenizer: to a folder")
-            return folder
-        _warn(f"GGUF conversion cache {folder} is damaged ({problem}); rebuilding it")
-        _discard(folder)
+    if _unusable(folder, need_tokenizer) is None:
+        return folder
     with gguf_session():
-        check_gguf(name, need_tokenizer=need_tokenizer)
+        check_gguf(name, need_tokenizer=need_tokenizer)  # nothing is written before the file passes
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
-            convert_gguf(Path(name).expanduser().resolve(), tmp, getattr(torch, dtype), need_tokenizer)
-            write_manifest(tmp)
+        with _cache_lock(folder):  # one process converts; the others wait for it, then use its folder
+            problem = _unusable(folder, need_tokenizer)
+            if problem is None:
+                return folder
+            if folder.exists():  # cut, overwritten, or converted without the tokenizer this run needs
+                _warn(f"GGUF conversion cache {folder} is damaged or incomplete ({problem}); rebuilding it")
+                _discard(folder)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
             try:
+                convert_gguf(Path(name).expanduser().resolve(), tmp, getattr(torch, dtype), need_tokenizer)
+                write_manifest(tmp)
                 os.replace(tmp, folder)
-            except OSError:  # another process finished the same conversion first
-                if cache_problem(folder) is not None:
-                    raise
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                raise
     return folder
+
+
+def _unusable(folder: Path, need_tokenizer: bool) -> str | None:
+    """Why the converted folder cannot be used as it is (None: it can)."""
+    if not folder.exists():
+        return "not converted yet"
+    problem = cache_problem(folder)
+    if problem is None and need_tokenizer and not (folder / TOKENIZER_CONFIG).exists():
+        problem = "it holds no tokenizer: it was converted for a run that named its own"
+    return problem
+
+
+@contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) on the conversion of ``folder``, shared by every process on this machine (the
+    ranks of one job, runs sharing ``$QLORA_CACHE``). Its small lock file stays: removing it would race."""
+    import fcntl
+
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def convert_gguf(path: Path, out: Path, dtype: torch.dtype, need_tokenizer: bool = True) -> None:
@@ -479,10 +511,16 @@ def _file_problem(path: Path, size: int, hashes: list[str], chunk: int) -> str |
 
 
 def _warn(message: str) -> None:
+    """One line on stderr, once per process (the checks run more than once in a run)."""
     import sys
 
-    sys.stderr.write(f"warning: {message}\n")
-    sys.stderr.flush()
+    if message not in _warned:
+        _warned.add(message)
+        sys.stderr.write(f"warning: {message}\n")
+        sys.stderr.flush()
+
+
+_warned: set[str] = set()
 
 
 def _discard(folder: Path) -> None:
@@ -490,7 +528,10 @@ def _discard(folder: Path) -> None:
     then delete it."""
     aside = folder.parent / f".{folder.name}.damaged-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
-    os.replace(folder, aside)
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:  # gone already
+        return
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ import hmac
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,6 +203,25 @@ def confined_file(path: Path, roots: tuple[Path, ...], max_bytes: int | None = N
     return real
 
 
+def _read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, opened without blocking and checked to be a regular file on the open descriptor (a
+    file swapped for a named pipe after ``confined_file`` looked at it is refused, never waited on)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("refused %s: not a regular file", path)
+            raise PolicyError(REFUSED)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise PolicyError(f"the adapter's {path.name} is larger than {max_bytes >> 20} MB")
+    return data
+
+
 def private_tokenizer(folder: Path, roots: tuple[Path, ...], into: Path) -> bool:
     """Copy ``folder``'s tokenizer files, each checked by ``confined_file``, into ``into``, a private folder the
     tokenizer is then loaded from: transformers reads nothing else. ``fast_tokenizer_files`` (names of other
@@ -217,9 +235,10 @@ def private_tokenizer(folder: Path, roots: tuple[Path, ...], into: Path) -> bool
         real = confined_file(folder / name, roots, MAX_TOKENIZER_BYTES)
         if real is None:
             continue
+        data = _read_regular(real, MAX_TOKENIZER_BYTES)
         if name == TOKENIZER_CONFIG:
             try:
-                config = json.loads(real.read_text(encoding="utf-8"))
+                config = json.loads(data.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
                 raise PolicyError("the adapter's tokenizer_config.json is not a JSON object") from None
             if not isinstance(config, dict):
@@ -227,6 +246,6 @@ def private_tokenizer(folder: Path, roots: tuple[Path, ...], into: Path) -> bool
             config.pop("fast_tokenizer_files", None)
             (into / name).write_text(json.dumps(config), encoding="utf-8")
         else:
-            shutil.copyfile(real, into / name)
+            (into / name).write_bytes(data)
         copied = True
     return copied

@@ -27,9 +27,12 @@ from qlora_cli.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     BEST_DIR,
+    CARD_FILE,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    PLOT_FILE,
+    TENSORBOARD_DIR,
     TRACKERS_FILE,
 )
 from qlora_cli.model.adapter_io import save_adapter
@@ -48,6 +51,7 @@ from qlora_cli.run_folder import is_run_folder, read_metrics
 from qlora_cli.train.checkpoint import (
     TrainerState,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_best_adapter,
     save_checkpoint,
@@ -75,34 +79,35 @@ class TrainResult:
 def check_output_dir(path: str, force: bool = False, resume: str | None = None) -> Path:
     """Refuse to mix a new run into an old one, or to write into a folder that is not a run's; nothing is created.
 
-    A non-empty folder is written into only when it is a qlora run folder (``is_run_folder``): replaced with
-    ``force``, or continued with ``resume`` (``auto``: the folder must be a run; a named checkpoint may also start
-    a new, empty folder). Any other folder, ``/`` or a project folder, is never written into.
+    A missing or empty folder is always fine (``--resume`` then starts a new run, saying so). A non-empty folder is
+    written into only when it is a qlora run folder (``is_run_folder``): replaced with ``force``, or continued with
+    ``resume`` (``auto``, or a checkpoint of that same run). Any other folder, ``/`` or a project folder, never.
     """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {path} is a file, not a folder")
-    empty = not out.exists() or not any(out.iterdir())
-    run = is_run_folder(out)
-    if resume == "auto" and not run:
-        if empty:
-            raise ConfigError(
-                f"--resume: nothing to resume, output_dir {path} {'is empty' if out.exists() else 'does not exist'}; "
-                "start the run without --resume"
-            )
-        raise ConfigError(
-            f"--resume: output_dir {path} is not a qlora run folder (no {CONFIG_FILE} and {METRICS_FILE}); "
-            "nothing to resume there"
-        )
-    if empty or (run and (force or resume)):
+    if not out.exists() or not any(out.iterdir()):
         return out
+    if not is_run_folder(out):
+        what = "--force replaces" if force else "resuming continues" if resume else None
+        if what is None:
+            raise ConfigError(f"output_dir {path} exists and is not empty (use --force to overwrite)")
+        raise ConfigError(
+            f"output_dir {path} is not empty and is not a qlora run folder (qlora train did not write it: no "
+            f"{CONFIG_FILE} and {METRICS_FILE} of a run); {what} only a run folder: choose another output_dir"
+        )
+    if resume not in (None, "auto") and not _inside(Path(resume).expanduser(), out / CHECKPOINTS_DIR):
+        raise ConfigError(
+            f"resume_from_checkpoint {resume} is not a checkpoint of the run in output_dir {path}; resume another "
+            "run's checkpoint into a new, empty output_dir"
+        )
     if not force and not resume:
         raise ConfigError(f"output_dir {path} exists and is not empty (use --force to overwrite)")
-    raise ConfigError(
-        f"output_dir {path} is not empty and is not a qlora run folder (no {CONFIG_FILE} and {METRICS_FILE}); "
-        f"{'--force replaces' if force else 'resume_from_checkpoint continues'} only a run folder: "
-        "choose another output_dir"
-    )
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def nothing_to_resume(out: Path) -> ConfigError:
@@ -121,12 +126,20 @@ def nothing_to_resume(out: Path) -> ConfigError:
 
 def clear_previous_run(out: Path) -> None:
     """``--force`` over a run folder: remove what the earlier run left that a new one would not overwrite and a
-    later command would read as this run's (its checkpoints, ``best/``, adapter, trackers' ids). Only called on a
-    folder ``is_run_folder`` accepted; files qlora does not write are left alone."""
-    for name in (CHECKPOINTS_DIR, BEST_DIR):
+    later command would read as this run's (its checkpoints, ``best/``, adapter, card, plot, trackers' ids and
+    TensorBoard logs). Only called on a folder ``is_run_folder`` accepted; files qlora does not write stay."""
+    for name in (CHECKPOINTS_DIR, BEST_DIR, TENSORBOARD_DIR):
         if (out / name).is_dir() and not (out / name).is_symlink():
             shutil.rmtree(out / name)
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRACKERS_FILE, f".{BEST_DIR}.tmp", f".{BEST_DIR}.old"):
+    for name in (
+        ADAPTER_WEIGHTS,
+        ADAPTER_CONFIG,
+        TRACKERS_FILE,
+        CARD_FILE,
+        PLOT_FILE,
+        f".{BEST_DIR}.tmp",
+        f".{BEST_DIR}.old",
+    ):
         target = out / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
@@ -221,6 +234,7 @@ class Run:
     steps: int
     state: TrainerState
     resumed_from: Path | None
+    replace_run: bool = False  # --force over a run folder: start() clears what the old run left
     metrics: MetricsLog | None = None  # once ``start`` has created the output folder
     reporter: Reporter | None = None  # the experiment trackers, when report_to names any
     started: float = field(default_factory=time.perf_counter)
@@ -301,11 +315,15 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
     out = check_output_dir(cfg.output_dir, force, cfg.resume_from_checkpoint)
-    resume_from = (
-        find_checkpoint(out, cfg.resume_from_checkpoint, console.print) if cfg.resume_from_checkpoint else None
-    )
-    if cfg.resume_from_checkpoint and resume_from is None:
-        raise nothing_to_resume(out)
+    fresh = not out.exists() or not any(out.iterdir())
+    resume_from = None
+    if cfg.resume_from_checkpoint == "auto" and fresh:
+        console.print(f"--resume: nothing to resume in {out} yet; starting a new run")
+    elif cfg.resume_from_checkpoint:
+        resume_from = find_checkpoint(out, cfg.resume_from_checkpoint, console.print)
+        if resume_from is None:
+            raise nothing_to_resume(out)
+    replace_run = force and resume_from is None and not fresh  # check_output_dir found a run folder there
     check_base_model(cfg)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
@@ -357,6 +375,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         steps=steps,
         state=state,
         resumed_from=resume_from,
+        replace_run=replace_run,
     )
 
 
@@ -365,7 +384,7 @@ def start(run: Run) -> None:
     run.accelerator.wait_for_everyone()  # every process has validated before anything is created
     main = run.accelerator.is_main_process
     created = main and not run.out.exists()
-    if main and run.resumed_from is None and is_run_folder(run.out):  # --force: the new run replaces the old
+    if main and run.replace_run:  # --force over a run folder, as check_output_dir found it: the new run replaces it
         clear_previous_run(run.out)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -432,12 +451,14 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
         state.consecutive_bad = 0
         state.log_loss += step_loss
         state.log_targets += n_targets
-    elif precision.scaler is not None and math.isfinite(step_loss):
+    elif precision.scaler is not None and math.isfinite(step_loss) and precision.scaler.get_scale() > 1.0:
         # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers the scale, as
-        # loss scaling is meant to (its first steps often do); not a sign of divergence
+        # loss scaling is meant to (its first steps often do); not a sign of divergence until the scale is spent
         precision.step(run.optimizer)
         run.console.print(f"step {state.step + 1}: fp16 gradients overflowed, loss scale lowered, update skipped")
     else:  # skip the update, keep the data position and schedule moving
+        if precision.scaler is not None:  # unscale_ ran: the scaler must see this step's end (it skips the update)
+            precision.step(run.optimizer)
         state.bad_steps += 1
         state.consecutive_bad += 1
         run.console.print(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")
@@ -449,8 +470,8 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
     if stop:
         run.metrics.log({"type": "error", "step": state.step, "bad_steps": state.bad_steps})
         raise TrainingDiverged(
-            f"stopped at step {state.step}: {stop}; lower learning_rate or check the data; no adapter was written "
-            f"and the last checkpoint is intact"
+            f"stopped at step {state.step}: {stop}; lower learning_rate or check the data; no adapter was written"
+            f"{_checkpoint_note(run)}"
         )
     return grad_norm, n_tokens
 
@@ -550,8 +571,13 @@ def check_trained(run: Run, eval_result: EvalResult | None) -> None:
     if problem:
         run.metrics.log({"type": "error", "step": run.state.step, "bad_steps": run.state.bad_steps})
         raise TrainingDiverged(
-            f"stopped at step {run.state.step}: {problem}; no adapter was written and the last checkpoint is intact"
+            f"stopped at step {run.state.step}: {problem}; no adapter was written{_checkpoint_note(run)}"
         )
+
+
+def _checkpoint_note(run: Run) -> str:
+    steps = [s for s, _, ok in list_checkpoints(run.out) if ok]
+    return f" and the last checkpoint (step {steps[-1]}) is intact" if steps else ""
 
 
 def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: str | None = None) -> TrainResult:

@@ -28,9 +28,8 @@ from typing import Any
 
 from qlora_cli.config import RunConfig
 from qlora_cli.errors import ConfigError
-from qlora_cli.layout import TRACKERS_FILE
+from qlora_cli.layout import TENSORBOARD_DIR, TRACKERS_FILE
 
-TENSORBOARD_DIR = "tensorboard"  # output_dir/tensorboard/: `tensorboard --logdir runs/` finds every run
 PROJECT = "qlora"  # W&B project / MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> pip package
 # metrics.jsonl key -> tracker metric name, per record type
