@@ -60,7 +60,7 @@ if not env["gpu"]:
     print("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU run `make test`")
     sys.exit(2)
 try:
-    import qlora_cli.train, qlora_cli.kernels.lora_linear, bitsandbytes.functional  # noqa: F401
+    import qlora_cli.train.loop, qlora_cli.kernels.lora_linear, bitsandbytes.functional  # noqa: F401
 except Exception as e:  # noqa: BLE001
     print(f"import check failed: qlora_cli ({type(e).__name__}: {e})")
     sys.exit(3)
