@@ -96,7 +96,8 @@ def check_output_dir(path: str, force: bool = False, resume: str | None = None) 
             f"output_dir {path} is not empty and is not a qlora run folder (qlora train did not write it: no "
             f"{CONFIG_FILE} and {METRICS_FILE} of a run); {what} only a run folder: choose another output_dir"
         )
-    if resume not in (None, "auto") and not _inside(Path(resume).expanduser(), out / CHECKPOINTS_DIR):
+    named = Path(resume).expanduser() if resume not in (None, "auto") else None
+    if named is not None and named.exists() and not _inside(named, out / CHECKPOINTS_DIR):  # (missing: said later)
         raise ConfigError(
             f"resume_from_checkpoint {resume} is not a checkpoint of the run in output_dir {path}; resume another "
             "run's checkpoint into a new, empty output_dir"
