@@ -73,7 +73,7 @@ def train(
 
     def go() -> None:
         from qlora_cli.config import load_config
-        from qlora_cli.train.loop import train as run_train
+        from qlora_cli.train.loop import run_train
 
         cfg = load_config(config, (set_ or []) + (["resume_from_checkpoint=auto"] if resume else []))
         run_train(cfg, force=force, console=err)
@@ -93,7 +93,7 @@ def preprocess(
 
     def go() -> None:
         from qlora_cli.config import load_config
-        from qlora_cli.data.preprocess import preprocess as run_preprocess
+        from qlora_cli.data.preprocess import run_preprocess
 
         cfg = load_config(config, set_ or [])
         run_preprocess(cfg, lambda line: err.print(line, highlight=False, soft_wrap=True))
@@ -164,9 +164,9 @@ def merge(
     """Merge a run's adapter into its base: full weights that plain transformers and vLLM load."""
 
     def go() -> Any:
-        from qlora_cli.merge import merge_run
+        from qlora_cli.merge import run_merge
 
-        return merge_run(
+        return run_merge(
             run, output, base=base, base_weights=base_weights, dtype=dtype, max_shard_size=max_shard_size,
             force=force, verify=verify, device=device, console=err,
         )  # fmt: skip
@@ -204,9 +204,9 @@ def export(
     """Export a run as GGUF for llama.cpp, Ollama and LM Studio (merged and quantized), or its adapter as a GGUF LoRA."""
 
     def go() -> Any:
-        from qlora_cli.export import export_run
+        from qlora_cli.export import run_export
 
-        return export_run(
+        return run_export(
             run, output, fmt=fmt, quant=quant, base=base, base_weights=base_weights, force=force, verify=verify,
             device=device, console=err,
         )  # fmt: skip
@@ -234,12 +234,12 @@ def generate(
     """Generate from one prompt with a trained adapter, streaming the text to the terminal."""
 
     def go() -> None:
-        from qlora_cli.generate import generate_text
+        from qlora_cli.generate import run_generate
         from qlora_cli.serving.engine import SamplingParams
 
         text = sys.stdin.read() if prompt == "-" else prompt
         params = SamplingParams(max_tokens, temperature, top_p, list(stop or []), seed)
-        generate_text(str(run), text, params, chat, base, device, write=_write_now)
+        run_generate(str(run), text, params, chat, base, device, write=_write_now)
         sys.stdout.write("\n")
 
     run_command(go, debug)
@@ -290,7 +290,7 @@ def serve(
 
     def go() -> None:
         from qlora_cli.model.loading import quiet_libraries
-        from qlora_cli.serving.app import serve as run_serve
+        from qlora_cli.serving.app import run_serve
         from qlora_cli.serving.policy import ServePolicy, resolve_roots
 
         # click reads an empty variable as unset, which would turn authentication off
@@ -363,9 +363,9 @@ def plot(
     """Draw train loss (raw and smoothed), eval loss, learning rate and gradient norm of one or more runs."""
 
     def go() -> None:
-        from qlora_cli.plot import default_output, plot_runs
+        from qlora_cli.plot import default_output, run_plot
 
-        path = plot_runs(list(runs), output or default_output(list(runs)))
+        path = run_plot(list(runs), output or default_output(list(runs)))
         err.print(f"wrote {path}", highlight=False)
 
     run_command(go, debug)

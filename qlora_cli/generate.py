@@ -11,7 +11,7 @@ from collections.abc import Callable
 from qlora_cli.serving.engine import Engine, Generation, SamplingParams, end_of_turn_ids, eos_ids
 
 
-def generate_text(
+def run_generate(
     folder: str,
     prompt: str,
     params: SamplingParams,

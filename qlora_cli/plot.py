@@ -122,7 +122,7 @@ def make_figure(runs: list[Curves]) -> Any:
     return fig
 
 
-def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
+def run_plot(run_dirs: list[str | Path], output: str | Path) -> Path:
     """Draw ``run_dirs`` into one PNG at ``output`` (written atomically). Raises ``ConfigError``."""
     import os
     import tempfile
@@ -163,7 +163,7 @@ def default_output(run_dirs: list[str | Path]) -> Path:
 def write_loss_plot(run_dir: Path, console: Any) -> Path | None:
     """``train``'s ``loss.png``; without matplotlib, one line saying so and nothing written."""
     try:
-        return plot_runs([run_dir], run_dir / PLOT_FILE)
+        return run_plot([run_dir], run_dir / PLOT_FILE)
     except PlottingUnavailable:
         console.print(f"no {PLOT_FILE}: matplotlib is not installed (pip install matplotlib)")
     except ConfigError:  # nothing logged yet (a run shorter than logging_steps without eval)

@@ -38,9 +38,9 @@ import bench_merge  # noqa: E402
 EXPORT = """
 import bitsandbytes.functional, gguf
 from rich.console import Console
-from qlora_cli.export import export_run
+from qlora_cli.export import run_export
 t = time.perf_counter()
-export_run(run, out + ".gguf", quant="{quant}", verify=False, force=True, device="cpu", console=Console(quiet=True))
+run_export(run, out + ".gguf", quant="{quant}", verify=False, force=True, device="cpu", console=Console(quiet=True))
 """
 WORKERS = {
     "imports only": bench_merge.WORKERS["imports only"],

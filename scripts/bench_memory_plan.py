@@ -1,6 +1,6 @@
 """How close is `qlora inspect`'s memory plan to what training really allocates?
 
-    python scripts/bench_memory_plan.py                 # CPU: plan vs measured train() runs, + an 8B-shaped plan
+    python scripts/bench_memory_plan.py                 # CPU: plan vs measured run_train() runs, + an 8B-shaped plan
     python scripts/bench_memory_plan.py --device cuda   # GPU: plan vs torch.cuda.max_memory_allocated
     python scripts/bench_memory_plan.py --json out.json
 
@@ -135,11 +135,11 @@ def case_config(model: Path, data: Path, out: Path, device: str, settings: dict,
 def measure_cuda(cfg) -> dict[str, int]:
     from rich.console import Console
 
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    train(cfg, force=True, console=Console(quiet=True))
+    run_train(cfg, force=True, console=Console(quiet=True))
     return {"tensor_peak": torch.cuda.max_memory_allocated(), "reserved_peak": torch.cuda.max_memory_reserved()}
 
 

@@ -57,17 +57,17 @@ model.save_pretrained(out, max_shard_size=shard)
 import bitsandbytes.functional
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rich.console import Console
-from qlora_cli.merge import merge_run
+from qlora_cli.merge import run_merge
 t = time.perf_counter()
-merge_run(run, out, base_weights="original", max_shard_size=shard, verify=False, device="cpu", console=Console(quiet=True))
+run_merge(run, out, base_weights="original", max_shard_size=shard, verify=False, device="cpu", console=Console(quiet=True))
 """,
     "qlora dequantized": """
 import bitsandbytes.functional
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rich.console import Console
-from qlora_cli.merge import merge_run
+from qlora_cli.merge import run_merge
 t = time.perf_counter()
-merge_run(run, out, max_shard_size=shard, verify=False, device="cpu", console=Console(quiet=True))
+run_merge(run, out, max_shard_size=shard, verify=False, device="cpu", console=Console(quiet=True))
 """,
 }
 PRELUDE = "import json, sys, time\nbase, run, out, shard = sys.argv[1:5]\n"

@@ -4,7 +4,7 @@ For each architecture, a tiny random model (2 layers, hidden 128, character toke
 (`{"prompt": "Q:abc?A:", "completion": "abc"}`) on an NF4 base with both stacks, for several seeds, and the
 greedy exact match on held-out words is reported side by side (mean and spread over seeds).
 
-- qlora: `qlora_cli.train.loop.train` on a RunConfig, exactly what `qlora train` runs.
+- qlora: `qlora_cli.train.loop.run_train` on a RunConfig, exactly what `qlora train` runs.
 - PEFT: transformers + BitsAndBytesConfig, `prepare_model_for_kbit_training`, `get_peft_model`, a plain loop
   (the model's own loss, backward, clip, bitsandbytes' paged 8-bit AdamW), over the same tokenized examples
   in the same order (qlora's `epoch_batches` for the seed), with the same hyperparameters.
@@ -106,11 +106,11 @@ def run_qlora(args: argparse.Namespace, base: Path, data: Path, eval_path: Path,
     from qlora_cli.model.adapter_io import load_adapter
     from qlora_cli.model.loading import load_base_model, load_tokenizer
     from qlora_cli.model.lora import lora_layers
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     cfg = qlora_config(args, base, data, out, seed)
     t0 = time.perf_counter()
-    result = train(cfg, force=True, console=Console(quiet=True))
+    result = run_train(cfg, force=True, console=Console(quiet=True))
     secs = time.perf_counter() - t0
     model = load_base_model(cfg, torch.device("cpu"))
     load_adapter(model, out)

@@ -22,7 +22,7 @@ def world(tmp_path_factory, llama_dir):
     """A good config, data files of every kind of badness, and a finished run with a checkpoint."""
     from rich.console import Console
 
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     from .conftest import make_config
 
@@ -46,7 +46,7 @@ def world(tmp_path_factory, llama_dir):
     nonempty.mkdir()
     (nonempty / "keep.txt").write_text("mine")
     run_cfg = make_config(llama_dir, good, root / "run", max_steps=3, save_steps=2, micro_batch_size=4)
-    train(run_cfg, console=Console(quiet=True))
+    run_train(run_cfg, console=Console(quiet=True))
     ckpt = root / "run" / "checkpoints" / "step-2"
     no_adapter = root / "ckpt-no-adapter"
     shutil.copytree(ckpt, no_adapter)

@@ -28,7 +28,7 @@ from qlora_cli.model.loading import load_base_model, load_tokenizer
 from qlora_cli.model.lora import lora_disabled, lora_layers, set_fused
 from qlora_cli.run_folder import open_run
 from qlora_cli.scoring import generate_ids, generation_case
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -89,7 +89,7 @@ def task(tmp_path_factory, base_dir):
         logging_steps=100,
         save_steps=150,  # a mid-training checkpoint: an adapter that is right only part of the time
     )
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return SimpleNamespace(run=Path(cfg.output_dir), held=held, rows=held_out, tmp=tmp, cfg=cfg)
 
 
@@ -101,7 +101,7 @@ def short(tmp_path_factory, base_dir):
     tmp = tmp_path_factory.mktemp("eval-short")
     data = write_jsonl(tmp / "d.jsonl", upper_rows(40, seed=3))
     cfg = make_config(base_dir, data, tmp / "upper-run", max_steps=4, learning_rate=1e-2, val_set_size=0.25)
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return SimpleNamespace(run=Path(cfg.output_dir), cfg=cfg, tmp=tmp)
 
 
@@ -185,7 +185,7 @@ def test_bf16_run_matches_its_train_time_eval_loss(tmp_path, base_dir, quiet_con
         base_dir, data, tmp_path / "bf16", max_steps=3, learning_rate=1e-2, bnb_4bit_compute_dtype="bfloat16",
         eval_datasets=[{"path": str(data)}],
     )  # fmt: skip
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     report = evaluate([tmp_path / "bf16"], EvalOptions(include_base=False, max_new_tokens=2))
     assert abs(report.models[0].loss - summary(tmp_path / "bf16")["eval_loss"]) < 1e-5
 
@@ -193,7 +193,7 @@ def test_bf16_run_matches_its_train_time_eval_loss(tmp_path, base_dir, quiet_con
 def test_adapters_on_differently_loaded_bases_are_refused(task, tmp_path, base_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
     cfg = make_config(base_dir, data, tmp_path / "bf16", max_steps=1, bnb_4bit_compute_dtype="bfloat16")
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     with pytest.raises(ModelError, match="load their base differently"):
         evaluate([task.run, tmp_path / "bf16"], EvalOptions(data=str(data)))
 
@@ -374,7 +374,7 @@ def test_a_merged_model_folder_scores_like_its_adapter(tmp_path, base_dir, quiet
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(32, seed=6))
     cfg = make_config(base_dir, data, tmp_path / "run16", max_steps=4, learning_rate=2e-2, load_in_4bit=False)
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     load_adapter(model, tmp_path / "run16")
     for name, layer in list(lora_layers(model)):

@@ -14,8 +14,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.export import export_run
 from qlora_cli.export import gguf_arch as arch_mod
+from qlora_cli.export import run_export
 from qlora_cli.export.check import load_gguf_model
 from qlora_cli.export.ollama import modelfile_path, modelfile_text
 from qlora_cli.testing.tiny import build_bpe_tokenizer, build_tiny_model
@@ -82,7 +82,7 @@ TEXTS = [
 def test_round_trip_through_transformers_gguf_loader(tmp_path, data, arch, kind, quant, max_diff):
     run = family_run(tmp_path, arch, kind, data)
     out = tmp_path / f"model.{quant}.gguf"
-    result = export_run(run, out, quant=quant, device="cpu", console=QUIET)
+    result = run_export(run, out, quant=quant, device="cpu", console=QUIET)
     assert result.check is not None and result.check.passed, result.check.problems
     assert result.check.adapter_kl > 3 * result.check.mean_kl  # the adapter shows through the quantization
 
@@ -118,7 +118,7 @@ def test_4bit_run_exports_the_weights_it_trained_on(tmp_path, data):
     """The default base weights are the dequantized NF4 ones training saw: the file equals qlora merge's."""
     run = family_run(tmp_path, "llama", "llama3", data, load_in_4bit=True)
     out = tmp_path / "m.gguf"
-    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    result = run_export(run, out, quant="f32", device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems
     merged = quiet_merge(run, tmp_path / "merged", dtype="float32")
     from safetensors.torch import load_file
@@ -148,11 +148,11 @@ def test_gguf_lora_adds_up_to_the_merged_weights(tmp_path, data):
     run = family_run(tmp_path / "a", "llama", "llama3", data)
     zero = family_run(tmp_path / "z", "llama", "llama3", data, b_std=0.0)  # same base (same seed), no change
     merged, base, lora = tmp_path / "merged.gguf", tmp_path / "base.gguf", tmp_path / "lora.gguf"
-    export_run(run, merged, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
-    export_run(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
-    result = export_run(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
+    run_export(run, merged, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
+    run_export(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
+    result = run_export(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
     assert result.format == "gguf-lora" and result.types == {"F32": 28}
-    half = export_run(run, tmp_path / "lora16.gguf", fmt="gguf-lora", quant="f16", device="cpu", console=QUIET)
+    half = run_export(run, tmp_path / "lora16.gguf", fmt="gguf-lora", quant="f16", device="cpu", console=QUIET)
     assert half.types == {"F16": 28} and half.nbytes < 0.6 * result.nbytes
     assert field(lora, "general.type") == "adapter" and field(lora, "adapter.type") == "lora"
     alpha = field(lora, "adapter.lora.alpha")
@@ -309,12 +309,12 @@ def test_tensors_converted_in_row_blocks_are_byte_identical(tmp_path, data, monk
 
     run = family_run(tmp_path, "qwen2", "qwen2", data)
     whole, blocks = tmp_path / "whole.gguf", tmp_path / "blocks.gguf"
-    export_run(run, whole, quant=quant, verify=False, device="cpu", console=QUIET)
+    run_export(run, whole, quant=quant, verify=False, device="cpu", console=QUIET)
     monkeypatch.setattr(export_mod, "CHUNK_BYTES", 7 * 64 * 4)  # 7 rows of a 64-wide tensor: uneven blocks
     calls = []
     real = export_mod._encode
     monkeypatch.setattr(export_mod, "_encode", lambda spec, p, t: calls.append(t.shape[0]) or real(spec, p, t))
-    export_run(run, blocks, quant=quant, verify=False, device="cpu", console=QUIET)
+    run_export(run, blocks, quant=quant, verify=False, device="cpu", console=QUIET)
     assert 7 in calls and len(calls) > 40  # the embedding and MLP weights went in blocks
     assert whole.read_bytes() == blocks.read_bytes()
 
@@ -324,7 +324,7 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(tmp_path, data):
     rope |= {"original_max_position_embeddings": 64, "rope_theta": 10000.0}
     run = family_run(tmp_path, "llama", "llama3", data, init={"rope_parameters": rope})
     out = tmp_path / "m.gguf"
-    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    result = run_export(run, out, quant="f32", device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems  # read with the base's config: see check.py
     freqs = read_gguf(out)["rope_freqs.weight"]
     assert freqs.tolist() == arch_mod.llama3_rope_factors({"rope_parameters": rope}, 16).tolist()
@@ -383,7 +383,7 @@ def test_a_reader_that_ignores_the_pre_tokenizer_is_not_taken_for_a_wrong_file(t
 
     run = family_run(tmp_path, "llama", "llama3", data)
     monkeypatch.setattr(check_mod, "reader_splits_like", lambda pre: False)
-    result = export_run(run, tmp_path / "m.gguf", quant="f32", device="cpu", console=QUIET)
+    result = run_export(run, tmp_path / "m.gguf", quant="f32", device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems
     problems, note = check_mod.tokenizer_problems(build_bpe_tokenizer("llama3"), tmp_path / "m.gguf")
     assert problems == [] and "ignores the 'llama-bpe' pre-tokenizer" in note
@@ -433,7 +433,7 @@ def test_q4_k_m_recipe():
 def test_k_quant_exports_pass_the_self_check(tmp_path, data, quant):
     run = family_run(tmp_path, "llama", "llama3", data, init={"hidden": 256, "intermediate": 512})
     out = tmp_path / f"m.{quant}.gguf"
-    result = export_run(run, out, quant=quant, device="cpu", console=QUIET)
+    result = run_export(run, out, quant=quant, device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == ("Q4_K" if quant == "q4_k_m" else "Q6_K")
@@ -453,7 +453,7 @@ def test_an_export_killed_midway_leaves_temp_files_the_next_one_removes(tmp_path
     other = tmp_path / ".n.gguf.qlora-export-4194999-ghi.gguf"  # another output's
     for f in (dead, alive, other):
         f.write_bytes(b"GGUF partial")
-    export_run(run, out, quant="f16", verify=False, device="cpu", console=QUIET)
+    run_export(run, out, quant="f16", verify=False, device="cpu", console=QUIET)
     assert out.exists() and not dead.exists() and alive.exists() and other.exists()
 
 

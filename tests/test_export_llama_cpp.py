@@ -20,7 +20,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_cli.export import export_run
+from qlora_cli.export import run_export
 
 from .test_export import TEXTS, family_run
 from .test_merge import quiet_merge
@@ -133,7 +133,7 @@ def test_llama_cpp_runs_the_export_like_the_merged_model(tmp_path, data, arch, k
     # weights large enough for decisive next-token choices, so greedy decoding is a real comparison
     run = family_run(tmp_path, arch, kind, data, init={"initializer_range": 0.1, **extra})
     out = tmp_path / "m.f32.gguf"
-    result = export_run(run, out, quant="f32", device="cpu", console=QUIET)
+    result = run_export(run, out, quant="f32", device="cpu", console=QUIET)
     assert result.check.passed, result.check.problems
     merged = quiet_merge(run, tmp_path / "merged", dtype="float32").output
     from transformers import AutoTokenizer
@@ -156,8 +156,8 @@ def test_llama_cpp_applies_the_gguf_lora_to_the_base_gguf(tmp_path, data):
     run = family_run(tmp_path / "a", "llama", "llama3", data, init={"initializer_range": 0.1})
     zero = family_run(tmp_path / "z", "llama", "llama3", data, b_std=0.0, init={"initializer_range": 0.1})
     base, lora = tmp_path / "base.gguf", tmp_path / "lora.gguf"
-    export_run(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
-    export_run(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
+    run_export(zero, base, quant="f32", base_weights="original", verify=False, device="cpu", console=QUIET)
+    run_export(run, lora, fmt="gguf-lora", device="cpu", console=QUIET)
     merged = quiet_merge(run, tmp_path / "merged", dtype="float32", base_weights="original").output
     from transformers import AutoTokenizer
 
@@ -180,7 +180,7 @@ def test_llama_cpp_and_transformers_read_the_quantized_file_alike(tmp_path, data
     k_quant = {"hidden": 256, "intermediate": 512} if "_k" in quant else {}  # K-quant rows: 256 values
     run = family_run(tmp_path, "llama", "llama3", data, init={"initializer_range": 0.1, **k_quant})
     out = tmp_path / f"m.{quant}.gguf"
-    export_run(run, out, quant=quant, verify=False, device="cpu", console=QUIET)
+    run_export(run, out, quant=quant, verify=False, device="cpu", console=QUIET)
     from transformers import AutoTokenizer
 
     prompts = [AutoTokenizer.from_pretrained(run.parent / "base")(t)["input_ids"] for t in TEXTS[:2]]

@@ -17,11 +17,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.merge import merge_run
+from qlora_cli.merge import run_merge
 from qlora_cli.model.gguf import gguf_cache_folder, gguf_folder
 from qlora_cli.model.loading import load_base_model, load_tokenizer
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 
 from .conftest import make_config, write_jsonl
 from .gguf_files import byte_level_tokens, write_tiny_gguf
@@ -56,7 +56,7 @@ def gguf_run(gguf_file, tmp_path_factory) -> Path:
         gguf_file, data, root / "run", max_steps=6, learning_rate=1e-2, lora_target_modules="all-linear",
         datasets=[{"path": str(data), "type": "chat"}],
     )  # fmt: skip
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return root / "run"
 
 
@@ -95,7 +95,7 @@ def test_train_records_the_gguf_and_merge_writes_a_plain_folder(gguf_run, gguf_f
     assert json.loads((gguf_run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf_file)
     assert "<|im_start|>" in load_tokenizer(open_run(gguf_run).model).chat_template
     for mode in ("dequantized", "original"):
-        result = merge_run(gguf_run, tmp_path / mode, base_weights=mode, dtype="float32", console=Console(quiet=True))
+        result = run_merge(gguf_run, tmp_path / mode, base_weights=mode, dtype="float32", console=Console(quiet=True))
         assert result.check.passed, result.check
         assert (tmp_path / mode / "config.json").exists() and not list((tmp_path / mode).glob("*.gguf"))
     # dequantized: the merged folder is the training-time model (adapter on the NF4 base) to float32 rounding

@@ -97,7 +97,7 @@ def test_a_run_folder_works_from_any_directory(tmp_path, monkeypatch, llama_dir)
     from rich.console import Console
 
     from qlora_cli.run_folder import open_run
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     from .conftest import make_config
 
@@ -106,7 +106,7 @@ def test_a_run_folder_works_from_any_directory(tmp_path, monkeypatch, llama_dir)
     shutil.copytree(llama_dir, work / "models" / "tiny")
     write_jsonl(work / "train.jsonl", upper_rows(16, seed=3))
     monkeypatch.chdir(work)
-    train(
+    run_train(
         make_config(Path("models/tiny"), Path("train.jsonl"), Path("runs/x"), max_steps=2), console=Console(quiet=True)
     )
     saved = (work / "runs/x/qlora_config.yaml").read_text()
@@ -139,14 +139,14 @@ def checkpointed_run(tmp_path_factory, llama_dir):
     from rich.console import Console
 
     from qlora_cli.config import dump_config
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     from .conftest import make_config
 
     tmp = tmp_path_factory.mktemp("ckpt")
     data = write_jsonl(tmp / "d.jsonl", upper_rows(32, seed=4))
     cfg = make_config(llama_dir, data, tmp / "run", max_steps=4, save_steps=1, micro_batch_size=4)
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     cfg_path = tmp / "cfg.yaml"
     cfg_path.write_text(dump_config(cfg))
     return tmp / "run", cfg_path

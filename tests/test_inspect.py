@@ -400,7 +400,7 @@ def test_data_report_warnings(tmp_path, model_factory):
 def trained_run(tmp_path_factory, llama_dir):
     from rich.console import Console
 
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     tmp = tmp_path_factory.mktemp("inspect-run")
     data = write_jsonl(tmp / "d.jsonl", upper_rows(24, seed=1))
@@ -416,7 +416,7 @@ def trained_run(tmp_path_factory, llama_dir):
         lora_r=12,
         lora_alpha=24,
     )
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return cfg
 
 

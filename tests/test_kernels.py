@@ -16,7 +16,7 @@ from qlora_cli.data.pipeline import IGNORE_INDEX
 from qlora_cli.kernels.cross_entropy import fused_linear_cross_entropy
 from qlora_cli.model.loading import load_base_model
 from qlora_cli.model.lora import LoRALinear, inject_lora, lora_layers, lora_parameters, set_fused
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 from qlora_cli.train.loss import loss_sum, supports_fused_cross_entropy
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -159,7 +159,7 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             fused_cross_entropy=fast,
             gradient_checkpointing=True,
         )
-        runs[fast] = train(cfg, console=quiet_console)
+        runs[fast] = run_train(cfg, console=quiet_console)
     plain = [r["loss"] for r in runs[False].history if r["type"] == "train"]
     fast = [r["loss"] for r in runs[True].history if r["type"] == "train"]
     assert len(plain) == len(fast) == 20 and plain[-1] < plain[0]
@@ -189,7 +189,7 @@ def test_offloaded_and_selective_checkpointing_give_the_same_step(tmp_path, llam
             optimizer="adamw_torch",
             lora_target_modules="all-linear",
         )
-        train(cfg, console=quiet_console)
+        run_train(cfg, console=quiet_console)
         adapters.append(load_file(tmp_path / f"run-{mode}-{every}" / "adapter_model.safetensors"))
     for other in adapters[1:]:
         for k in adapters[0]:

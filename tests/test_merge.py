@@ -24,8 +24,8 @@ from qlora_cli.errors import ModelError
 from qlora_cli.merge import (
     OutTensor,
     SafetensorsWriter,
-    merge_run,
     read_header,
+    run_merge,
     self_check,
 )
 from qlora_cli.merge import plan as merge_plan
@@ -62,7 +62,7 @@ def quiet_merge(run: Path, out: Path, **kw):
 
     kw.setdefault("device", "cpu")
     kw.setdefault("verify", False)
-    return merge_run(run, out, console=Console(quiet=True), **kw)
+    return run_merge(run, out, console=Console(quiet=True), **kw)
 
 
 @torch.no_grad()
@@ -300,7 +300,7 @@ MEMORY_PROBE = textwrap.dedent(
     """
     import sys
     from rich.console import Console
-    from qlora_cli.merge import merge_run
+    from qlora_cli.merge import run_merge
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -308,10 +308,10 @@ MEMORY_PROBE = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     warm_run, run, out = sys.argv[1:4]
-    merge_run(warm_run, out + "-warm", verify=False, device="cpu", console=Console(quiet=True))  # imports, caches
+    run_merge(warm_run, out + "-warm", verify=False, device="cpu", console=Console(quiet=True))  # imports, caches
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     before = status("VmRSS:")
-    merge_run(run, out, verify=False, device="cpu", max_shard_size="8MB", console=Console(quiet=True))
+    run_merge(run, out, verify=False, device="cpu", max_shard_size="8MB", console=Console(quiet=True))
     print(status("VmHWM:") - before)
     """
 )

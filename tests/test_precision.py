@@ -68,7 +68,7 @@ def test_packing_check_and_train_time_eval_run_under_bf16(tmp_path, bf16_base, q
 
     monkeypatch.setattr(train_mod, "check_packing_isolation", check)
     monkeypatch.setattr(train_mod, "evaluate_loss", evaluate_loss)
-    result = train_mod.train(cfg, console=quiet_console)
+    result = train_mod.run_train(cfg, console=quiet_console)
     assert calls["packing check"] == [torch.bfloat16] * 2  # packed, then the second example alone
     assert calls["eval"] and set(calls["eval"]) == {torch.bfloat16}
     evals = [r for r in result.history if r["type"] == "eval"]
@@ -110,10 +110,10 @@ def test_scoring_and_loss_default_to_the_models_compute_dtype(bf16_base, tokeniz
 
 def test_qlora_eval_scores_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
     from qlora_cli.evaluate import EvalOptions, evaluate
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
-    train(
+    run_train(
         make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=1),
         console=quiet_console,
     )
@@ -136,16 +136,16 @@ def test_memory_plan_traces_under_the_runs_precision(bf16_base):
 
 
 def test_merge_self_check_runs_the_adapter_under_the_runs_precision(tmp_path, bf16_base, quiet_console):
-    from qlora_cli.merge import merge_run
-    from qlora_cli.train.loop import train
+    from qlora_cli.merge import run_merge
+    from qlora_cli.train.loop import run_train
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
-    train(
+    run_train(
         make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=1),
         console=quiet_console,
     )
     with forwards_of_the_model() as seen:
-        merge_run(tmp_path / "run", tmp_path / "merged", device="cpu", console=quiet_console)
+        run_merge(tmp_path / "run", tmp_path / "merged", device="cpu", console=quiet_console)
     # the adapter on its base (and with the adapter off) under bf16; the merged model plainly, in float32
     assert seen.count(torch.bfloat16) >= 2 and seen[-1] is None
 
@@ -212,7 +212,7 @@ def test_gpu_selfcheck_compares_qlora_and_peft_under_the_same_autocast(tmp_path,
 
     from qlora_cli.model.loading import DTYPES, bnb_config, disable_cpu_weight_repacking
     from qlora_cli.run_folder import load_adapted_model, open_run
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     spec = importlib.util.spec_from_file_location(
         "gpu_selfcheck", Path(__file__).parent.parent / "scripts" / "gpu_selfcheck.py"
@@ -222,7 +222,7 @@ def test_gpu_selfcheck_compares_qlora_and_peft_under_the_same_autocast(tmp_path,
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=5))
     cfg = make_config(bf16_base, data, tmp_path / "run", bnb_4bit_compute_dtype="bfloat16", max_steps=3,
                       learning_rate=2e-2, lora_target_modules="all-linear")  # fmt: skip
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     cpu = torch.device("cpu")
     ours, _ = load_adapted_model(open_run(tmp_path / "run"), cpu)
     reference = AutoModelForCausalLM.from_pretrained(

@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
 from qlora_cli.data.pipeline import Row
-from qlora_cli.merge import merge_run
+from qlora_cli.merge import run_merge
 from qlora_cli.model.gguf import gguf_folder
 from qlora_cli.model.loading import disable_cpu_weight_repacking
 from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 
 from .conftest import serve_process, write_jsonl
 
@@ -82,7 +82,7 @@ def real_run(tmp_path_factory) -> Path:
         device="cpu",
         output_dir=str(root / "run"),
     )
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return root / "run"
 
 
@@ -137,7 +137,7 @@ def test_peft_loads_the_adapter_on_the_same_4bit_base_with_the_same_logits(real_
 
 
 def test_merge_passes_its_self_check(real_run, tmp_path):
-    result = merge_run(real_run, tmp_path / "merged", device="cpu", console=Console(quiet=True))
+    result = run_merge(real_run, tmp_path / "merged", device="cpu", console=Console(quiet=True))
     assert result.check is not None and result.check.passed, result.check
     assert result.check.adapter_kl > 10 * result.check.mean_kl  # the merge error is small next to the adapter
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -167,12 +167,12 @@ def test_export_to_q8_0_gguf_keeps_the_adapters_answers(real_run, tmp_path):
     """`qlora export` (q8_0, the default) on SmolLM2: the file passes its self-check, keeps the GGUF base's
     tokenizer and the run's chat template, and read back by transformers' GGUF loader answers the held-out
     prompts as the adapter does (greedy) with the same held-out loss to within 2%."""
-    from qlora_cli.export import export_run
+    from qlora_cli.export import run_export
     from qlora_cli.export.check import load_gguf_model
     from qlora_cli.scoring import exact_match
 
     out = tmp_path / "extract.Q8_0.gguf"
-    result = export_run(real_run, out, device="cpu", console=Console(quiet=True))
+    result = run_export(real_run, out, device="cpu", console=Console(quiet=True))
     assert result.check is not None and result.check.passed, result.check.problems
     assert result.check.adapter_kl > 20 * result.check.mean_kl  # measured: KL 0.0027 vs the adapter's 0.58
     assert (tmp_path / "extract.Modelfile").read_text().count('PARAMETER stop "<|im_end|>"') == 1
@@ -205,11 +205,11 @@ def test_llama_cpp_answers_like_the_adapter_from_the_exported_gguf(real_run, tmp
 
     if llama_cpp_python() is None:
         pytest.skip("llama-cpp-python is not installed (or set QLORA_LLAMA_CPP_PYTHON)")
-    from qlora_cli.export import export_run
+    from qlora_cli.export import run_export
     from qlora_cli.scoring import generate_ids
 
     out = tmp_path / "extract.Q8_0.gguf"
-    export_run(real_run, out, verify=False, device="cpu", console=Console(quiet=True))
+    run_export(real_run, out, verify=False, device="cpu", console=Console(quiet=True))
     adapter, tokenizer = load_adapted_model(open_run(real_run), CPU)
     cases = [generation_case(Row(f"r{i}", r), "chat", tokenizer) for i, r in enumerate(rows("eval", 8))]
     prompts = [c.prompt_ids for c in cases]

@@ -20,7 +20,7 @@ import qlora_cli.train.step as step_mod
 from qlora_cli.errors import ConfigError
 from qlora_cli.layout import COMPLETE
 from qlora_cli.train.checkpoint import list_checkpoints
-from qlora_cli.train.loop import TrainingDiverged, TrainingInterrupted, train
+from qlora_cli.train.loop import TrainingDiverged, TrainingInterrupted, run_train
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -63,7 +63,7 @@ def reference_run(tmp_path_factory, llama_dir):
 
     tmp = tmp_path_factory.mktemp("reference")
     cfg = run_config(tmp, llama_dir, "run")
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return tmp, cfg
 
 
@@ -108,13 +108,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, reference_run, l
 
     monkeypatch.setattr(train_mod, "accumulate_gradients", interrupt_at_step_6)
     with pytest.raises(TrainingInterrupted) as e:
-        train(cfg, console=quiet_console)
+        run_train(cfg, console=quiet_console)
     assert e.value.exit_code == 130 and "step 6" in str(e.value)
     assert (tmp_path / "run" / "checkpoints" / "step-6" / COMPLETE).exists()
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
     monkeypatch.setattr(train_mod, "accumulate_gradients", real)
 
-    resumed = train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet_console)
+    resumed = run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet_console)
     assert resumed.steps == 14
     assert adapter_bytes(tmp_path / "run") == adapter_bytes(Path(ref_cfg.output_dir))
     assert loss_log(tmp_path / "run") == loss_log(Path(ref_cfg.output_dir))
@@ -170,12 +170,12 @@ def test_incomplete_checkpoints_are_skipped_with_a_warning(tmp_path, reference_r
 
     _, ref_cfg = reference_run
     cfg = run_config(tmp_path, llama_dir, "run", max_steps=8)
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     ckpts = tmp_path / "run" / "checkpoints"
     shutil.copytree(ckpts / "step-4", ckpts / "step-12")
     (ckpts / "step-12" / COMPLETE).unlink()  # as if the process died between rename and marker
     console = Console(record=True, width=200)
-    result = train(cfg.model_copy(update={"resume_from_checkpoint": "auto", "max_steps": 14}), console=console)
+    result = run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto", "max_steps": 14}), console=console)
     text = console.export_text()
     assert "skipping incomplete checkpoint" in text and "step 12" in text
     assert "resuming from" in text and "step-8" in text
@@ -186,20 +186,20 @@ def test_changed_config_is_refused_naming_the_keys(tmp_path, reference_run, quie
     _, ref_cfg = reference_run
     changed = ref_cfg.model_copy(update={"resume_from_checkpoint": "auto", "lora_r": 8, "learning_rate": 1e-3})
     with pytest.raises(ConfigError) as e:
-        train(changed, console=quiet_console)
+        run_train(changed, console=quiet_console)
     assert "config changed (learning_rate, lora_r)" in str(e.value)
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path, llama_dir, quiet_console):
     cfg = run_config(tmp_path, llama_dir, "run", max_steps=9, save_steps=2, save_total_limit=2, eval_steps=None)
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     assert [s for s, _, _ in list_checkpoints(tmp_path / "run")] == [6, 8]
 
 
 def test_resume_from_an_explicit_path_and_errors(tmp_path, reference_run, quiet_console):
     _, ref_cfg = reference_run
     with pytest.raises(ConfigError, match="checkpoint folder not found"):
-        train(ref_cfg.model_copy(update={"resume_from_checkpoint": str(tmp_path / "nope")}), console=quiet_console)
+        run_train(ref_cfg.model_copy(update={"resume_from_checkpoint": str(tmp_path / "nope")}), console=quiet_console)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypatch, quiet_console):
@@ -215,7 +215,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, llama_dir, monkeypat
     cfg = run_config(
         tmp_path, llama_dir, "run", max_steps=5, save_steps=None, eval_steps=None, logging_steps=1, lora_dropout=0.0
     )
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     records = [r for r in result.history if r["type"] == "train"]
     assert [r["bad_steps"] for r in records] == [0, 1, 2, 2, 2]
     assert all(r["loss"] == r["loss"] for r in records if r["step"] not in (2, 3))  # finite where not skipped
@@ -234,7 +234,7 @@ def test_too_many_bad_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, ll
     monkeypatch.setattr(step_mod, "loss_sum", nan_after_4)
     cfg = run_config(tmp_path, llama_dir, "run", max_steps=30, save_steps=4, eval_steps=None, max_bad_steps=3)
     with pytest.raises(TrainingDiverged) as e:
-        train(cfg, console=quiet_console)
+        run_train(cfg, console=quiet_console)
     assert e.value.exit_code == 1 and "3 consecutive steps" in str(e.value)
     assert [s for s, _, ok in list_checkpoints(tmp_path / "run") if ok] == [4]
 
@@ -317,7 +317,7 @@ def test_fp16_loss_scaling_survives_a_nan_loss_and_counts_it(tmp_path, llama_dir
     cfg = run_config(
         tmp_path, llama_dir, "run", max_steps=4, save_steps=None, eval_steps=None, logging_steps=1, lora_dropout=0.0
     )
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     records = [r for r in result.history if r["type"] == "train"]
     assert [r["bad_steps"] for r in records] == [0, 1, 1, 1]
     assert all(r["loss"] == r["loss"] for r in records if r["step"] != 2)

@@ -14,7 +14,7 @@ from qlora_cli.config import load_config
 from qlora_cli.layout import BEST_DIR, BEST_FILE
 from qlora_cli.model_card import base_license, card_metadata, front_matter
 from qlora_cli.run_folder import open_run
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 from qlora_cli.train.loss import EvalResult
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -53,7 +53,7 @@ def test_early_stopping_stops_at_the_expected_step_and_keeps_the_best(
         llama_dir, data, tmp_path / "run", max_steps=10, micro_batch_size=4, eval_steps=1, save_steps=1,
         learning_rate=1e-2, eval_datasets=[{"path": str(data)}], early_stopping_patience=2, save_best=True,
     )  # fmt: skip
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     out = result.output_dir
     assert result.steps == 5
     assert "not improved on 2.0000 (step 3)" in result.stopped_early
@@ -82,7 +82,7 @@ def test_threshold_counts_small_gains_as_no_improvement(tmp_path, llama_dir, qui
         llama_dir, data, tmp_path / "run", max_steps=6, micro_batch_size=4, eval_steps=1, val_set_size=0.25,
         early_stopping_patience=2, early_stopping_threshold=0.1,
     )  # fmt: skip
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     assert result.steps == 3 and result.stopped_early
     assert not (result.output_dir / BEST_DIR).exists()  # save_best is off
 
@@ -94,7 +94,7 @@ def test_without_a_stop_the_final_eval_counts_for_best(tmp_path, llama_dir, quie
         llama_dir, data, tmp_path / "run", max_steps=3, micro_batch_size=4, eval_steps=1,
         eval_datasets=[{"path": str(data)}], early_stopping_patience=1, save_best=True,
     )  # fmt: skip
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     assert result.steps == 3 and result.stopped_early is None and len(calls) == 3
     best = load_file(result.output_dir / BEST_DIR / "adapter_model.safetensors")
     final = load_file(result.output_dir / "adapter_model.safetensors")
@@ -126,7 +126,7 @@ def finished_run(tmp_path_factory, llama_dir):
         llama_dir, data, tmp / "run", max_steps=4, micro_batch_size=4, eval_steps=2, save_best=True,
         eval_datasets=[{"path": str(data)}], learning_rate=1e-2,
     )  # fmt: skip
-    result = train(cfg, console=Console(quiet=True))
+    result = run_train(cfg, console=Console(quiet=True))
     return cfg, result
 
 

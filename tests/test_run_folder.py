@@ -8,7 +8,7 @@ import torch
 
 from qlora_cli.errors import ModelError
 from qlora_cli.run_folder import load_adapted_model, open_run
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 
 from .conftest import make_config, upper_rows, write_jsonl
 
@@ -20,7 +20,7 @@ def trained_run(tmp_path_factory, llama_dir):
     tmp = tmp_path_factory.mktemp("run-folder")
     data = write_jsonl(tmp / "d.jsonl", upper_rows(16, seed=1))
     cfg = make_config(llama_dir, data, tmp / "run", max_steps=3, learning_rate=1e-2)
-    train(cfg, console=Console(quiet=True))
+    run_train(cfg, console=Console(quiet=True))
     return cfg
 
 
@@ -68,7 +68,7 @@ def test_missing_folders(tmp_path):
 def test_a_checkpoint_inside_a_run_loads_as_the_run_trained(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=2))
     cfg = make_config(llama_dir, data, tmp_path / "run", max_steps=3, save_steps=2)
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     run = open_run(tmp_path / "run" / "checkpoints" / "step-2")
     assert run.config == cfg and run.model.quant.compute_dtype == "float32"
     assert run.model.tokenizer == str((tmp_path / "run").resolve())

@@ -18,7 +18,7 @@ from qlora_cli.config import load_config
 from qlora_cli.data.pipeline import IGNORE_INDEX, Row, collate_packed, pack_examples, packing_efficiency, tokenize_row
 from qlora_cli.errors import ConfigError
 from qlora_cli.model.loading import load_base_model
-from qlora_cli.train.loop import check_packing_isolation, train
+from qlora_cli.train.loop import check_packing_isolation, run_train
 from qlora_cli.train.step import Precision
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -214,7 +214,7 @@ def test_packed_training_runs_and_reports_efficiency(tmp_path, llama_dir):
         learning_rate=1e-2,
         lora_target_modules="all-linear",
     )
-    result = train(cfg, console=console)
+    result = run_train(cfg, console=console)
     text = console.export_text()
     assert "sample packing: 64 examples in" in text and "efficiency" in text
     losses = [r["loss"] for r in result.history if r["type"] == "train"]

@@ -34,7 +34,7 @@ from qlora_cli.run_folder import load_adapted_model, open_run
 from qlora_cli.scoring import generate, generation_case
 from qlora_cli.serving.app import describe_validation_error, require_web_stack
 from qlora_cli.serving.server import ModelServer, parse_adapter_arg
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 
 from .conftest import make_config, serve_process, upper_rows, write_jsonl
 
@@ -73,7 +73,7 @@ def runs(model_factory, tmp_path_factory):
             base, data, tmp / task, max_steps=STEPS, micro_batch_size=16, learning_rate=5e-3,
             lora_target_modules="all-linear", warmup_steps=10, logging_steps=100,
         )  # fmt: skip
-        train(cfg, console=Console(quiet=True))
+        run_train(cfg, console=Console(quiet=True))
         folders[task] = tmp / task
         model, tok = load_adapted_model(open_run(tmp / task), torch.device("cpu"))
         cases = [generation_case(Row("r", r), "completion", tok) for r in held_out(task)]
@@ -543,7 +543,7 @@ def test_an_empty_or_padded_api_key_is_a_startup_error(monkeypatch, env, flag, s
     import qlora_cli.serving.app as app_mod
 
     started = []  # a server that would have started (without authentication) is recorded, not run
-    monkeypatch.setattr(app_mod, "serve", lambda *a, **k: started.append(k["policy"]))
+    monkeypatch.setattr(app_mod, "run_serve", lambda *a, **k: started.append(k["policy"]))
     result = CliRunner(env=env).invoke(app, ["serve", "--adapter", "a=/nowhere", "--port", "0", *flag])
     assert result.exit_code == 2 and not started, (result.output, started)
     lines = [line for line in result.output.splitlines() if line.strip()]

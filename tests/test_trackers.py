@@ -16,7 +16,7 @@ import pytest
 
 from qlora_cli.config import load_config
 from qlora_cli.errors import ConfigError
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 from qlora_cli.train.trackers import hyperparameters, tracker_values
 
 from .conftest import make_config, upper_rows, write_jsonl
@@ -48,7 +48,7 @@ def test_tensorboard_holds_the_numbers_of_metrics_jsonl(tmp_path, llama_dir, qui
         llama_dir, data, tmp_path / "run", max_steps=4, micro_batch_size=4, eval_steps=2,
         eval_datasets=[{"path": str(data)}], report_to=["tensorboard"], run_name="tb-test",
     )  # fmt: skip
-    out = train(cfg, console=quiet_console).output_dir
+    out = run_train(cfg, console=quiet_console).output_dir
     found = scalars(out / "tensorboard")
     train_recs, eval_recs = records(out, "train"), records(out, "eval")
     assert [s for s, _ in found["train/loss"]] == [1, 2, 3, 4]
@@ -68,9 +68,9 @@ def test_resumed_run_continues_the_curve_without_repeated_steps(tmp_path, llama_
     cfg = make_config(
         llama_dir, data, tmp_path / "run", max_steps=4, micro_batch_size=4, save_steps=2, report_to="tensorboard"
     )
-    out = train(cfg, console=quiet_console).output_dir
+    out = run_train(cfg, console=quiet_console).output_dir
     first = dict(scalars(out / "tensorboard")["train/loss"])
-    train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
+    run_train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
     found = scalars(out / "tensorboard")["train/loss"]
     assert [s for s, _ in found] == [1, 2, 3, 4, 5, 6]
     assert [v for _, v in found] == pytest.approx([r["loss"] for r in records(out, "train")], rel=1e-6)
@@ -182,7 +182,7 @@ def test_wandb_offline_run_holds_the_numbers_of_metrics_jsonl(tmp_path, llama_di
         eval_datasets=[{"path": str(data)}], report_to=["wandb"], run_name="wb-test",
         wandb_project="qlora-tests", wandb_entity="qlora-team",
     )  # fmt: skip
-    out = train(cfg, console=quiet_console).output_dir
+    out = run_train(cfg, console=quiet_console).output_dir
     (session,) = wandb_sessions(out)  # offline: the run lies under the run folder
     train_recs, eval_recs = records(out, "train"), records(out, "eval")
     for key, name in (("loss", "train/loss"), ("lr", "train/learning_rate"), ("grad_norm", "train/grad_norm")):
@@ -213,9 +213,9 @@ def test_wandb_resume_continues_the_run_without_repeated_steps(
         llama_dir, data, tmp_path / "run", max_steps=4, micro_batch_size=4, save_steps=2, eval_steps=2,
         eval_datasets=[{"path": str(data)}], report_to="wandb",
     )  # fmt: skip
-    out = train(cfg, console=quiet_console).output_dir
+    out = run_train(cfg, console=quiet_console).output_dir
     first = {r["step"]: r for r in records(out, "train")}
-    train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
+    run_train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
     sessions = wandb_sessions(out)
     assert len(sessions) == 2
     runs = [the_run(s) for s in sessions]
@@ -250,7 +250,7 @@ def test_mlflow_file_store_holds_the_numbers_and_resume_adds_no_step(tmp_path, l
         llama_dir, data, tmp_path / "run", max_steps=4, micro_batch_size=4, save_steps=2, eval_steps=2,
         eval_datasets=[{"path": str(data)}], report_to=["mlflow"], run_name="ml-test",
     )  # fmt: skip
-    out = train(cfg, console=quiet_console).output_dir
+    out = run_train(cfg, console=quiet_console).output_dir
     client = MlflowClient()
     run_id = json.loads((out / "trackers.json").read_text())["mlflow_run_id"]
 
@@ -266,7 +266,7 @@ def test_mlflow_file_store_holds_the_numbers_and_resume_adds_no_step(tmp_path, l
     assert client.get_experiment(run.info.experiment_id).name == "qlora-tests"
     assert run.data.params["lora_r"] == "16" and run.data.params["max_steps"] == "4"
 
-    train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
+    run_train(cfg.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"}), console=quiet_console)
     assert json.loads((out / "trackers.json").read_text())["mlflow_run_id"] == run_id  # the same run
     final = {r["step"]: r for r in records(out, "train")}
     first = {r["step"]: r for r in first_train}

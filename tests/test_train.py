@@ -13,7 +13,7 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.model.adapter_io import load_adapter
 from qlora_cli.model.loading import load_base_model, load_tokenizer
 from qlora_cli.model.lora import lora_disabled, match_targets, suffixes
-from qlora_cli.train.loop import train
+from qlora_cli.train.loop import run_train
 from qlora_cli.train.loss import evaluate_loss
 
 from .conftest import ARCHS, EXPECTED_LINEAR, make_config, upper_rows, write_jsonl
@@ -53,7 +53,7 @@ def test_every_architecture_injects_and_learns(tmp_path, model_factory, arch, qu
     assert sorted(suffixes(names)) == sorted(EXPECTED_LINEAR[arch])
     per_layer = {"gpt2": 4}.get(arch, len(EXPECTED_LINEAR[arch]))
     assert len(names) == 2 * per_layer
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     assert result.steps == 12
     before, after = loss_on(cfg), loss_on(cfg, result.output_dir)
     assert after < before - 0.1, (before, after)
@@ -62,7 +62,7 @@ def test_every_architecture_injects_and_learns(tmp_path, model_factory, arch, qu
 def test_output_folder_contents(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(24, seed=2))
     cfg = make_config(llama_dir, data, tmp_path / "run", max_steps=3, eval_datasets=[{"path": str(data)}])
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     out = result.output_dir
     for name in (
         "adapter_model.safetensors",
@@ -155,7 +155,7 @@ def test_every_format_trains(tmp_path, llama_dir, quiet_console, fmt, rows):
         lora_target_modules="all-linear",
         allow_degenerate_data=True,  # eight copies of one row, to overfit it: the guard would refuse them
     )
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     losses = [r["loss"] for r in result.history if r["type"] == "train"]
     assert losses[-1] < losses[0] * 0.8, losses
 
@@ -167,17 +167,17 @@ def test_refuses_a_non_empty_output_dir_and_a_file(tmp_path, llama_dir, quiet_co
     (out / "keep.txt").write_text("mine")
     cfg = make_config(llama_dir, data, out, max_steps=1)
     with pytest.raises(ConfigError, match="exists and is not empty"):
-        train(cfg, console=quiet_console)
+        run_train(cfg, console=quiet_console)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     with pytest.raises(ConfigError, match="is not a qlora run folder"):  # --force replaces only a run folder
-        train(cfg, force=True, console=quiet_console)
+        run_train(cfg, force=True, console=quiet_console)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), console=quiet_console)
-    train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), force=True, console=quiet_console)
+    run_train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), console=quiet_console)
+    run_train(cfg.model_copy(update={"output_dir": str(tmp_path / "new")}), force=True, console=quiet_console)
     assert (tmp_path / "new" / "adapter_model.safetensors").exists()
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
-        train(make_config(llama_dir, data, tmp_path / "f", max_steps=1), console=quiet_console)
+        run_train(make_config(llama_dir, data, tmp_path / "f", max_steps=1), console=quiet_console)
 
 
 @pytest.mark.oldest
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, llama_dir, quiet_c
             optimizer="adamw_torch",
             lora_target_modules="all-linear",
         )
-        outs.append(train(cfg, console=quiet_console))
+        outs.append(run_train(cfg, console=quiet_console))
     a, b = (load_file(o.output_dir / "adapter_model.safetensors") for o in outs)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
@@ -212,7 +212,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, llama_dir, quiet_console):
         learning_rate=1e-2,
         lora_target_modules="all-linear",
     )
-    result = train(cfg, console=quiet_console)
+    result = run_train(cfg, console=quiet_console)
     losses = [r["loss"] for r in result.history if r["type"] == "train"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     state = load_file(result.output_dir / "adapter_model.safetensors")
@@ -222,7 +222,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, llama_dir, quiet_console):
 def test_lora_disabled_equals_base(tmp_path, llama_dir, quiet_console):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(16, seed=6))
     cfg = make_config(llama_dir, data, tmp_path / "run", max_steps=4, learning_rate=1e-2)
-    train(cfg, console=quiet_console)
+    run_train(cfg, console=quiet_console)
     base = load_base_model(cfg, torch.device("cpu"))
     adapted = load_base_model(cfg, torch.device("cpu"))
     load_adapter(adapted, cfg.output_dir)

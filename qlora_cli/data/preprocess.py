@@ -7,7 +7,7 @@ from typing import Any
 from qlora_cli.data.cache import tokenized_dir
 
 
-def preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
+def run_preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
     """``qlora preprocess``: tokenize the config's datasets into the cache, as ``train`` would (same checks),
     so a later run loads them. Returns (dataset path, was already cached) per entry."""
     import time

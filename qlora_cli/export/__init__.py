@@ -65,7 +65,7 @@ class ExportResult:
     types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
 
 
-def export_run(
+def run_export(
     run_path: str | Path,
     output: str | Path,
     *,

@@ -97,7 +97,7 @@ def check_output(output: Path, force: bool, protected: list[Path]) -> None:
         raise ModelError(f"output folder {output} exists and is not empty (use --force to replace it)")
 
 
-def merge_run(
+def run_merge(
     run_path: str | Path,
     output: str | Path,
     *,

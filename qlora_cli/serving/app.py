@@ -378,7 +378,7 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def serve(
+def run_serve(
     base: str | None,
     adapters: list[str],
     host: str = "127.0.0.1",

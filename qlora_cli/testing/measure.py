@@ -35,7 +35,7 @@ def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
     from rich.console import Console
     from torch.profiler import ProfilerActivity, profile
 
-    from qlora_cli.train.loop import train
+    from qlora_cli.train.loop import run_train
 
     model: list[nn.Module] = []
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -47,7 +47,7 @@ def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
 
     handle = nn.modules.module.register_module_forward_pre_hook(first_forward)
     try:
-        train(cfg, force=True, console=Console(quiet=True))
+        run_train(cfg, force=True, console=Console(quiet=True))
     finally:
         handle.remove()
         if model:

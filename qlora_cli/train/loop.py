@@ -257,7 +257,7 @@ class Run:
         return 8 if self.device.type == "cuda" else 1
 
 
-def train(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> TrainResult:
+def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = None) -> TrainResult:
     """Fine-tune ``cfg.base_model`` with LoRA and write the adapter to ``cfg.output_dir``.
 
     Under ``accelerate launch`` each process trains on its own share of every step's micro-batches;
