@@ -1,13 +1,13 @@
 """``qlora eval``: loss, perplexity and task accuracy of adapters beside their base, on the user's data.
 
     folders (run / adapter / merged model) -> eval rows (--data, else the run's eval data)
-        -> per model: token-weighted loss with training's masking  (loss.evaluate_loss on data.tokenize_rows)
+        -> per model: token-weighted loss with training's masking  (train.loss.evaluate_loss on data.pipeline.tokenize_rows)
                       greedy generation vs the reference             (completion, alpaca, chat rows)
         -> one table with deltas vs the base, --samples, --json
 
 Adapters are compared on one base, loaded once: the base is scored first, before any LoRA layer exists,
 then each adapter is injected, scored and unwrapped again. Prompts are tokenized exactly as in training
-(``data.tokenize_row`` builds the same prefix), batched with left padding and decoded with the KV cache.
+(``data.pipeline.tokenize_row`` builds the same prefix), batched with left padding and decoded with the KV cache.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ def folder_kind(path: str | Path) -> FolderKind:
         return "missing"
     if not p.is_dir():
         return "gguf" if p.name.lower().endswith(".gguf") else "file"
-    if (p / ADAPTER_CONFIG).exists() or (p / ADAPTER_WEIGHTS).exists():
+    adapter = [(p / name).exists() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+    if all(adapter) or (any(adapter) and not (p / MODEL_CONFIG).exists()):  # a merged model may keep a stray one
         if is_run_folder(p):
             return "run"
         parent = parent_run(p)

@@ -6,7 +6,7 @@
 
 Each case builds a small random model in code (nothing is downloaded), writes full-length text rows (every
 micro-batch is exactly sequence_len tokens, the case the plan describes), predicts the peak with
-``memory_plan.plan_memory`` and then runs the real ``train.train`` for 3 steps and measures it:
+``memory_plan.plan_memory`` and then runs the real ``train.loop.run_train`` for 3 steps and measures it:
 
 - CPU: ``testing.measure.measure_training_peak``: the model's resident tensor bytes when training starts plus the
   peak of torch's CPU allocator (``torch.profiler`` memory events) over the rest of the run.

@@ -139,7 +139,7 @@ def run_peft(args: argparse.Namespace, base: Path, data: Path, eval_path: Path, 
     )
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype, device_map={"": "cpu"})
     model.config.use_cache = False
-    disable_cpu_weight_repacking(model)  # bitsandbytes' CPU eval kernel would stop gradients (see model.py)
+    disable_cpu_weight_repacking(model)  # bitsandbytes' CPU eval kernel would stop gradients (see model/loading.py)
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=bool(cfg.gradient_checkpointing),  # as qlora does for this config

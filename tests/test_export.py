@@ -509,3 +509,26 @@ def test_a_non_finite_adapter_is_refused_before_export(tmp_path, data, fmt):
     result = run_cli(str(run), "-o", str(out_dir / "m.gguf"), "--format", fmt, "--device", "cpu")
     assert_refused(result, "NaN/inf", out_dir, set())
     assert "q8_0" not in result.output  # not blamed on rounding
+
+
+def test_a_vocabulary_with_a_duplicate_token_is_refused_for_llama_cpp(tmp_path):
+    """A GGUF base whose tokens repeat one (a warning at train time: transformers keeps the later id) would be
+    copied into the export as it is, which llama.cpp refuses at load."""
+    import re
+
+    from qlora_cli.errors import ModelError
+    from qlora_cli.export.gguf_vocab import vocab_metadata
+
+    from .gguf_files import byte_level_tokens, write_tiny_gguf
+
+    tokens = [*byte_level_tokens(), "he", "<|im_start|>", "<|im_end|>"]
+    tokens[11] = tokens[10]  # a plain byte token twice; BOS and EOS stay unique
+    path = write_tiny_gguf(tmp_path / "dup.gguf", tokens=tokens)
+
+    class Tokenizer:
+        chat_template = None
+
+    with pytest.raises(ModelError, match=re.escape(f"holds {tokens[10]!r} twice (ids 10 and 11); llama.cpp refuses")):
+        vocab_metadata(Tokenizer(), len(tokens), str(path))
+    good = write_tiny_gguf(tmp_path / "good.gguf")
+    assert len(vocab_metadata(Tokenizer(), len(tokens), str(good))["tokenizer.ggml.tokens"]) == len(tokens)

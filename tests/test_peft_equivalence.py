@@ -3,7 +3,7 @@
 The same NF4 base (quantization is deterministic, so both loads hold the same 4-bit weights), the same adapter
 initial weights (copied from qlora's layers into PEFT's, with a non-zero B so the adapter is on the path from
 the first step), the same batches and the same paged 8-bit AdamW settings; 20 optimizer steps of qlora's own
-step (``train.accumulate_gradients``, clipping, the optimizer ``train.build_optimizer`` builds) against the plain
+step (``train.step.accumulate_gradients``, clipping, the optimizer ``train.loop.build_optimizer`` builds) against the plain
 PEFT loop (the model's own mean loss, backward, clip, step).
 
 Both sides are made to define the same thing: dropout is 0 (LoRA and the base model's own), every example has

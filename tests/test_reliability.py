@@ -321,3 +321,28 @@ def test_fp16_loss_scaling_survives_a_nan_loss_and_counts_it(tmp_path, llama_dir
     records = [r for r in result.history if r["type"] == "train"]
     assert [r["bad_steps"] for r in records] == [0, 1, 1, 1]
     assert all(r["loss"] == r["loss"] for r in records if r["step"] != 2)
+
+
+def test_fp16_a_skipped_step_never_applies_its_gradients(tmp_path, llama_dir, monkeypatch, quiet_console):
+    """An infinite loss can come with finite gradients (a constant added, a target logit at -inf): the step is
+    skipped and counted, and the optimizer must not step (GradScaler.step would have: no inf in the gradients)."""
+    from safetensors.torch import load_file
+
+    from qlora_cli.train.step import Precision
+
+    monkeypatch.setattr(
+        Precision,
+        "for_run",
+        classmethod(lambda cls, dtype, device: cls("cpu", torch.float32, torch.amp.GradScaler("cpu"))),
+    )
+    real = step_mod.loss_sum
+    monkeypatch.setattr(
+        step_mod, "loss_sum", lambda model, batch, *a: (lambda s, n: (s + float("inf"), n))(*real(model, batch, *a))
+    )
+    cfg = run_config(
+        tmp_path, llama_dir, "run", max_steps=2, save_steps=None, eval_steps=None, eval_datasets=[], logging_steps=1
+    )
+    result = train_mod.run_train(cfg, console=quiet_console)
+    assert [r["bad_steps"] for r in result.history if r["type"] == "train"] == [1, 2]
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert all(not t.any() for k, t in adapter.items() if "lora_B" in k)  # B starts at zero and never moved

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,35 @@ def test_a_checkpoint_inside_a_run_loads_as_the_run_trained(tmp_path, llama_dir,
     run = open_run(tmp_path / "run" / "checkpoints" / "step-2")
     assert run.config == cfg and run.model.quant.compute_dtype == "float32"
     assert run.model.tokenizer == str((tmp_path / "run").resolve())
+
+
+def test_folder_kind_classifies_every_input(tmp_path):
+    """One function decides what a folder is (eval, generate, inspect and serve used to decide on their own)."""
+    from qlora_cli.run_folder import folder_kind
+
+    def folder(name: str, *files: str) -> Path:
+        path = tmp_path / name
+        path.mkdir(parents=True)
+        for f in files:
+            (path / f).write_text("{}")
+        return path
+
+    adapter = ("adapter_config.json", "adapter_model.safetensors")
+    run = folder("run", *adapter, "metrics.jsonl")
+    (run / "qlora_config.yaml").write_text(
+        "base_model: x\ndatasets: []\noutput_dir: run\nlora_r: 8\nlearning_rate: 1\n"
+    )
+    assert folder_kind(run) == "run"
+    assert folder_kind(folder("run/checkpoints/step-2", *adapter)) == "checkpoint"
+    assert folder_kind(folder("run/best", *adapter)) == "best"
+    assert folder_kind(folder("bare", *adapter)) == "adapter"
+    assert folder_kind(folder("half", "adapter_config.json")) == "adapter"  # reading it says what is missing
+    assert folder_kind(folder("merged", "config.json", "model.safetensors")) == "model"
+    # a merged model that kept a stray adapter file is still a model (it used to be, in generate and eval)
+    assert folder_kind(folder("merged-stray", "config.json", "adapter_config.json")) == "model"
+    assert folder_kind(folder("both", "config.json", *adapter)) == "adapter"
+    assert folder_kind(folder("empty")) == "other"
+    assert folder_kind(tmp_path / "nope") == "missing"
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert folder_kind(tmp_path / "m.gguf") == "gguf"
+    assert folder_kind(tmp_path / "run" / "metrics.jsonl") == "file"

@@ -29,7 +29,7 @@ import torch
 
 from qlora_cli.errors import DataError
 
-# bump when data.tokenize_row/tokenize_rows would produce different tokens for the same inputs, or the entry's
+# bump when data.pipeline.tokenize_row/tokenize_rows would produce different tokens for the same inputs, or the entry's
 # format changes (2: the checksum covers the stats too)
 TOKENS_VERSION = 2
 
@@ -160,7 +160,7 @@ def warn(message: str) -> None:
 def cached_tokenize(
     rows: list[Any], fmt: str, tokenizer: Any, settings: Any, tokenize: Any, rebuild: Any, strict: bool = False
 ):
-    """``tokenize(rows, fmt, tokenizer, settings)`` (data.tokenize_rows), through the cache. A hit is handed to
+    """``tokenize(rows, fmt, tokenizer, settings)`` (data.pipeline.tokenize_rows), through the cache. A hit is handed to
     ``rebuild(items, stats)`` (items: (input_ids, labels, row index) per example; stats: DataStats' fields), which
     returns what ``tokenize`` would have: the data layer's own types, so this module imports nothing of it.
 

@@ -12,7 +12,7 @@ one: it would render every conversation as that one word).
 Each named template renders the same text as the family's own tokenizer template for a conversation with
 a system prompt (tests/fixtures/family_chat_templates.json holds those templates as the models'
 tokenizer_config.json files write them), and is prefix-stable: rendering one more message only appends
-text, which is how ``data.assistant_spans`` finds the assistant turns. Where a family's own template
+text, which is how ``data.pipeline.assistant_spans`` finds the assistant turns. Where a family's own template
 differs, on purpose:
 
 - gemma, mistral: their own templates refuse a system message; here it opens the first user turn,

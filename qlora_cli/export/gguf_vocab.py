@@ -54,6 +54,14 @@ def vocab_metadata(
         if f"tokenizer.ggml.{key}_token_id" not in md and isinstance(value, int):
             md[f"tokenizer.ggml.{key}_token_id"] = value
     tokens = md["tokenizer.ggml.tokens"]
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token in seen:  # llama.cpp asserts on such a vocabulary at load (Ollama and LM Studio use its loader)
+            raise ModelError(
+                f"GGUF export: the tokenizer holds {token!r} twice (ids {seen[token]} and {i}); llama.cpp refuses a "
+                "vocabulary with duplicate tokens"
+            )
+        seen[token] = i
     if len(tokens) != vocab_size:
         raise ModelError(
             f"GGUF export: the tokenizer has {len(tokens)} tokens but the model's embedding has {vocab_size} rows"

@@ -217,7 +217,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
 
 
 def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
-    """What the model will be trained on: counts as ``data.tokenize_rows`` makes them, per dataset; a length
+    """What the model will be trained on: counts as ``data.pipeline.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
     from qlora_cli.data.chat_templates import describe_chat_template
     from qlora_cli.data.pipeline import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
@@ -257,7 +257,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             ex.row, ex.fmt = row, spec.type
             if split == "train":
                 lengths.append(len(ex.input_ids))
-            if len(ex.input_ids) > cfg.sequence_len:  # as data.tokenize_rows does
+            if len(ex.input_ids) > cfg.sequence_len:  # as data.pipeline.tokenize_rows does
                 ex.input_ids, ex.labels = ex.input_ids[: cfg.sequence_len], ex.labels[: cfg.sequence_len]
                 entry["truncated"] += 1
             if ex.n_targets == 0:

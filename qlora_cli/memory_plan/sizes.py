@@ -174,7 +174,7 @@ class WeightBytes:
 
 
 def weight_bytes(model: nn.Module, cfg: RunConfig) -> WeightBytes:
-    """Exact bytes of the base as ``model.load_base_model`` holds it, computed from the meta model's shapes."""
+    """Exact bytes of the base as ``model.loading.load_base_model`` holds it, computed from the meta model's shapes."""
     compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     upcast = compute != torch.float32  # model.upcast_small_parameters: 1-D params to float32
     out = WeightBytes()

@@ -330,7 +330,7 @@ def _quantize_stand_ins(model: nn.Module, cfg: RunConfig) -> None:
 
 def _materialize(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
     """Replace the meta model's tensors by fake ones on ``device``; 1-D frozen parameters become float32, as
-    ``model.load_base_model`` leaves them. No initialization runs (there is no data to initialize)."""
+    ``model.loading.load_base_model`` leaves them. No initialization runs (there is no data to initialize)."""
     compute = DTYPES[cfg.bnb_4bit_compute_dtype]
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
@@ -432,7 +432,7 @@ def trace_step(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _quantize_stand_ins(model, cfg)
     inject_lora(model, cfg.lora)  # on the meta device: LoRA layers as training has them, float32, trainable
-    set_fused(model, cfg.fused_lora)  # as train() sets it
+    set_fused(model, cfg.fused_lora)  # as run_train sets it
     with fake_mode, _patched_for_trace(device_type):
         _materialize(model, cfg, device)
         if gradient_checkpointing and train:
@@ -484,7 +484,7 @@ def _enter_loss_region(tracer: _StepTracer) -> Any:
 
 
 def _enable_checkpointing(model: Any, every_n_layers: int) -> None:
-    """As ``model.enable_gradient_checkpointing`` (offloading is accounted for in ``traced_peak``)."""
+    """As ``model.loading.enable_gradient_checkpointing`` (offloading is accounted for in ``traced_peak``)."""
     from qlora_cli.model.loading import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model, False, every_n_layers)

@@ -324,7 +324,9 @@ def gguf_folder(name: str, dtype: str, need_tokenizer: bool = True) -> Path:
             problem = _unusable(folder, need_tokenizer)
             if problem is None:
                 return folder
-            if folder.exists():  # cut, overwritten, or converted without the tokenizer this run needs
+            # cut, overwritten, or converted without the tokenizer this run needs; a run already reading it (another
+            # process that did not need the tokenizer) is not protected by the lock, which guards conversion only
+            if folder.exists():
                 _warn(f"GGUF conversion cache {folder} is damaged or incomplete ({problem}); rebuilding it")
                 _discard(folder)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))

@@ -448,7 +448,7 @@ class EngineLoop:
 
 
 def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
-    """``model.end_of_turn_id`` as a set (empty when there is none), for a sequence's stop set."""
+    """``model.loading.end_of_turn_id`` as a set (empty when there is none), for a sequence's stop set."""
     turn = end_of_turn_id(tokenizer)
     return frozenset() if turn is None else frozenset([turn])
 

@@ -249,11 +249,11 @@ class ModelServer:
 
     def _runtime_run(self, folder: Path) -> Any:
         """``open_run`` on a confined folder, keeping from it only what cannot run code or point elsewhere."""
-        from qlora_cli.layout import CONFIG_FILE
-        from qlora_cli.run_folder import folder_kind, open_run
+        from qlora_cli.layout import CHECKPOINTS_DIR, CONFIG_FILE
+        from qlora_cli.run_folder import open_run
         from qlora_cli.serving.policy import _under
 
-        in_checkpoints = folder_kind(folder) == "checkpoint"
+        in_checkpoints = folder.parent.name == CHECKPOINTS_DIR  # by path alone: no client file is read here
         if in_checkpoints and not _under(folder.parent.parent, self.policy.lora_roots):
             log.warning("runtime adapter %s: its run folder is outside the roots", folder)
             raise RequestError(REFUSED_ADAPTER, param="lora_path", code="invalid_adapter")

@@ -23,7 +23,7 @@ def measured_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def measure_training_peak(cfg: RunConfig) -> dict[str, int]:
-    """Run ``train.train(cfg)`` (on CPU) and measure its peak tensor memory, to compare with ``plan_memory``.
+    """Run ``train.loop.run_train(cfg)`` (on CPU) and measure its peak tensor memory, to compare with ``plan_memory``.
 
     What "measured" means on CPU: the bytes of every tensor the model holds (parameters incl. the adapter,
     buffers, quant state: ``resident_bytes``), plus the peak, from the model's first forward to the end of the

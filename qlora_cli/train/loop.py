@@ -458,8 +458,8 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
         precision.step(run.optimizer)
         run.console.print(f"step {state.step + 1}: fp16 gradients overflowed, loss scale lowered, update skipped")
     else:  # skip the update, keep the data position and schedule moving
-        if precision.scaler is not None:  # unscale_ ran: the scaler must see this step's end (it skips the update)
-            precision.step(run.optimizer)
+        if precision.scaler is not None:  # unscale_ ran: end the scaler's step without an optimizer step (a
+            precision.scaler.update()  # non-finite loss can come with finite gradients, which step() would apply)
         state.bad_steps += 1
         state.consecutive_bad += 1
         run.console.print(f"step {state.step + 1}: non-finite loss or gradient norm, update skipped")

@@ -29,7 +29,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], fused: bool = False) ->
     """(sum of next-token cross-entropy over target tokens, number of target tokens) for one batch.
 
     batch: input_ids (B, T), labels (B, T) with IGNORE_INDEX where no loss is taken, and either
-    attention_mask (B, T) (padded batches) or position_ids (B, T) (packed rows, see ``data.collate_packed``).
+    attention_mask (B, T) (padded batches) or position_ids (B, T) (packed rows, see ``data.pipeline.collate_packed``).
     ``fused``: head + cross-entropy over target positions only, in chunks (``kernels.cross_entropy``), where
     the architecture allows it; the plain path otherwise.
     """
