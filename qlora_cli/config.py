@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qlora_cli.data.chat_templates import check_chat_template
 from qlora_cli.errors import ConfigError
 
-DatasetType = Literal["completion", "alpaca", "chat", "text"]
+DatasetType = Literal["completion", "alpaca", "chat", "text", "preference", "unpaired"]
+Method = Literal["sft", "dpo", "orpo", "kto"]
+PREFERENCE_TYPES = ("preference", "unpaired")  # pairs (chosen, rejected); KTO's single labelled responses
 DType = Literal["bfloat16", "float16", "float32"]
 Optimizer = Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"]
 Scheduler = Literal["cosine", "linear", "constant"]
@@ -36,7 +38,7 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1)  # a local .jsonl/.json/.csv/.parquet file, a dataset folder, or a hub name
-    type: DatasetType = "completion"  # how a row becomes prompt and target text
+    type: DatasetType = "completion"  # how a row becomes prompt and target text (preference, unpaired: see method)
     split: str = "train"  # hub datasets and folders: which split to read
     # hub datasets and folders, passed to datasets.load_dataset as they are:
     name: str | None = Field(None, min_length=1)  # the subset (configuration)
@@ -69,6 +71,16 @@ class RunConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_use_rslora: bool = False  # scaling = alpha/sqrt(r) instead of alpha/r
+    # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
+    method: Method = "sft"
+    beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's loss, or IPO's squared one (per-token log-ratios)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO sigmoid: the assumed share of flipped labels (robust DPO)
+    orpo_alpha: float = Field(0.1, gt=0, le=100)  # ORPO: weight of the odds-ratio term beside the NLL of chosen
+    kto_desirable_weight: float = Field(1.0, gt=0, le=100)  # KTO: weight of desirable responses' losses
+    kto_undesirable_weight: float = Field(1.0, gt=0, le=100)  # ... and of undesirable ones
+    ref_adapter: str | None = Field(None, min_length=1)  # a run folder: its adapter is the reference and the start
+    precompute_ref_log_probs: bool = False  # reference log-probs computed once before training, not every step
     # data
     datasets: list[DatasetSpec] = Field(min_length=1)
     eval_datasets: list[DatasetSpec] = Field(default_factory=list)
@@ -143,7 +155,17 @@ class RunConfig(BaseModel):
         return check_chat_template(v)  # a name that is not a template is never used as Jinja text
 
     @field_validator(
-        "learning_rate", "lora_alpha", "num_epochs", "weight_decay", "val_set_size", "early_stopping_threshold"
+        "learning_rate",
+        "lora_alpha",
+        "num_epochs",
+        "weight_decay",
+        "val_set_size",
+        "early_stopping_threshold",
+        "beta",
+        "label_smoothing",
+        "orpo_alpha",
+        "kto_desirable_weight",
+        "kto_undesirable_weight",
     )
     @classmethod
     def _finite(cls, v: float) -> float:
@@ -190,6 +212,65 @@ class RunConfig(BaseModel):
                 raise ValueError(f"__key__{key}: needs eval data (eval_datasets or val_set_size > 0)")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("__key__early_stopping_patience: needs eval_steps (evals during training)")
+        return self
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run tunes on preferences (DPO, IPO, ORPO, KTO) rather than supervised targets."""
+        return self.method != "sft"
+
+    def _changed(self, key: str) -> bool:
+        """Whether ``key`` holds other than its default (a dumped config lists every key, set or not)."""
+        return getattr(self, key) != type(self).model_fields[key].default
+
+    @model_validator(mode="after")
+    def _method_fits_the_data(self) -> RunConfig:
+        method = self.method
+        wanted = {"sft": None, "dpo": ("preference",), "orpo": ("preference",), "kto": PREFERENCE_TYPES}[method]
+        for key in ("datasets", "eval_datasets"):
+            for i, spec in enumerate(getattr(self, key)):
+                if wanted is None and spec.type in PREFERENCE_TYPES:
+                    raise ValueError(
+                        f"__key__{key}[{i}].type: {spec.type} rows are preference data; set method: dpo, orpo or "
+                        "kto (method: sft trains on completion, alpaca, chat or text rows)"
+                    )
+                if wanted is not None and spec.type not in wanted:
+                    need = " or ".join(f"type: {t}" for t in wanted)
+                    raise ValueError(f"__key__{key}[{i}].type: method {method} trains on {need} rows, got {spec.type}")
+        own = {
+            "dpo_loss": "dpo",
+            "label_smoothing": "dpo",
+            "orpo_alpha": "orpo",
+            "kto_desirable_weight": "kto",
+            "kto_undesirable_weight": "kto",
+        }
+        for key, needs in own.items():
+            if self._changed(key) and method != needs:
+                raise ValueError(f"__key__{key}: applies to method: {needs}, not {method}")
+        if method == "sft":
+            for key in ("beta", "ref_adapter", "precompute_ref_log_probs"):
+                if self._changed(key):
+                    raise ValueError(f"__key__{key}: applies to preference tuning (method: dpo, orpo or kto)")
+            return self
+        if method == "orpo":
+            for key in ("beta", "ref_adapter", "precompute_ref_log_probs"):
+                if self._changed(key):
+                    what = "orpo_alpha weighs its odds-ratio term" if key == "beta" else "ORPO has no reference model"
+                    raise ValueError(f"__key__{key}: does not apply to method: orpo ({what})")
+        if self.label_smoothing and self.dpo_loss == "ipo":
+            raise ValueError("__key__label_smoothing: applies to dpo_loss: sigmoid, not ipo")
+        if self.sample_packing:
+            raise ValueError(f"__key__sample_packing: not with method: {method} (each response is scored on its own)")
+        if self.train_on_inputs and method != "orpo":
+            raise ValueError(
+                f"__key__train_on_inputs: method {method} scores the responses only (ORPO may add the prompts to "
+                "its NLL term)"
+            )
+        if method == "kto" and self.micro_batch_size < 2:
+            raise ValueError(
+                "__key__micro_batch_size: KTO needs at least 2 (its KL estimate pairs each prompt with another "
+                "row's response in the micro-batch)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -246,6 +327,7 @@ class RunConfig(BaseModel):
             allow_degenerate=self.allow_degenerate_data,
             cache=self.dataset_cache,
             num_proc=self.dataset_num_proc or os.cpu_count() or 1,
+            unpaired=self.method == "kto",
         )
 
 
@@ -307,6 +389,7 @@ class DataSettings:
     cache: bool = False  # through the tokenization cache (data_cache); RunConfig turns it on
     cache_required: bool = False  # a cache that cannot be written is an error, not a warning (qlora preprocess)
     num_proc: int = 1  # processes tokenizing a large dataset
+    unpaired: bool = False  # KTO: preference pairs become two labelled responses each
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +445,28 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
     "lora_modules_to_save": _NOTHING + "qlora trains LoRA weights only",
+    "rl": "method (sft, dpo, orpo or kto); rl: ipo is method: dpo with dpo_loss: ipo",
+    "rl_beta": "beta",
+    "dpo_beta": "beta",
+    "dpo_label_smoothing": "label_smoothing",
+    "dpo_use_weighting": _NOTHING + "qlora's DPO does not weight pairs (WPO)",
+    # TRL's DPOConfig / KTOConfig / ORPOConfig spellings
+    "loss_type": "dpo_loss (sigmoid or ipo; with method: dpo)",
+    "desirable_weight": "kto_desirable_weight",
+    "undesirable_weight": "kto_undesirable_weight",
+    "ref_model": "ref_adapter (a run folder whose adapter is the reference; default: the base without adapter)",
+    "max_prompt_length": "sequence_len (a prompt is cut, from its start, before a response is)",
+    "max_completion_length": "sequence_len (a prompt is cut, from its start, before a response is)",
+    "max_length": "sequence_len",
+}
+TRL_KEYS = {
+    "loss_type",
+    "desirable_weight",
+    "undesirable_weight",
+    "ref_model",
+    "max_prompt_length",
+    "max_completion_length",
+    "max_length",
 }
 # keys of one datasets/eval_datasets entry
 AXOLOTL_DATASET_KEYS: dict[str, str] = {
@@ -390,7 +495,8 @@ def axolotl_hint(key: str, value: Any = None, in_dataset: bool = False) -> str:
             hint = hint.get(value, hint[None])
         except TypeError:  # an unhashable value (a list): the general hint
             hint = hint[None]
-    return f" (Axolotl's key; in qlora: {hint})" if hint else ""
+    whose = "TRL's" if key in TRL_KEYS else "Axolotl's"
+    return f" ({whose} key; in qlora: {hint})" if hint else ""
 
 
 def axolotl_value_hint(key: str, value: Any) -> str:

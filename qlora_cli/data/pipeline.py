@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qlora_cli.config import DatasetSpec, DataSettings
+from qlora_cli.config import PREFERENCE_TYPES, DatasetSpec, DataSettings
+from qlora_cli.data.chat import assistant_spans, chat_messages, encode, render, tokenize_chat
+from qlora_cli.data.examples import IGNORE_INDEX, DataStats, Example
 from qlora_cli.data.sources import Row, read_rows
 from qlora_cli.errors import DataError
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "DataStats", "Example", "Row", "assistant_spans", "chat_messages", "read_rows"]
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -44,33 +46,6 @@ REQUIRED_FIELDS = {
     "chat": ("messages",),
     "text": ("text",),
 }
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken; same length as input_ids
-    row: Row | None = field(default=None, repr=False, compare=False)  # where it came from (eval, reports)
-    fmt: str = ""
-
-    @property
-    def n_targets(self) -> int:
-        # Position 0 is never predicted (nothing precedes it), so it never counts as a target.
-        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
-
-
-@dataclass
-class DataStats:
-    rows: int = 0
-    examples: int = 0
-    truncated: int = 0  # cut at sequence_len (kept if targets remain)
-    dropped: int = 0  # no target token left after truncation
-    tokens: int = 0
-    target_tokens: int = 0
-
-    def add(self, other: DataStats) -> None:
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 @dataclass
@@ -112,34 +87,8 @@ def prompt_and_target(row: Row, fmt: str) -> tuple[str, str]:
     raise ValueError(f"prompt_and_target does not handle {fmt}")
 
 
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-
-
-def chat_messages(row: Row) -> list[dict[str, str]]:
-    """The row's messages as [{role, content}], accepting ShareGPT's {from, value} too."""
-    messages = row.fields.get("messages", row.fields.get("conversations"))
-    if messages is None:
-        raise DataError(f"{row.where}: row is missing field 'messages' (type chat needs messages)")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
-            m = {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{row.where}: messages[{i}] is missing field 'role' or 'content'")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise DataError(f"{row.where}: messages[{i}] role and content must be strings")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenization
-
-
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> Example:
@@ -147,79 +96,29 @@ def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> E
     eos = tokenizer.eos_token_id
     if fmt in ("completion", "alpaca"):
         prompt, target = prompt_and_target(row, fmt)
-        prompt_ids = _encode(tokenizer, prompt, special=True)
-        target_ids = _encode(tokenizer, target, special=False) + [eos]
+        prompt_ids = encode(tokenizer, prompt, special=True)
+        target_ids = encode(tokenizer, target, special=False) + [eos]
         ids = prompt_ids + target_ids
         labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + target_ids
         return Example(ids, labels)
     if fmt == "text":
-        ids = _encode(tokenizer, _field(row, "text", fmt), special=True) + [eos]
+        ids = encode(tokenizer, _field(row, "text", fmt), special=True) + [eos]
         return Example(ids, list(ids))
     if fmt == "chat":
-        return _tokenize_chat(row, tokenizer, train_on_inputs)
+        return tokenize_chat(row, tokenizer, train_on_inputs)
     raise ValueError(fmt)
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant turn (content + end-of-turn).
-
-    Each span runs from the end of the conversation-so-far rendered with a generation prompt to the end of
-    the conversation rendered through that turn, trailing whitespace excluded. This needs the template to be
-    prefix-stable (rendering more messages only appends text), which is checked.
-    """
-    full = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not full.startswith(through) or not through.startswith(before):
-            raise DataError(
-                f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier text), "
-                "so assistant turns cannot be located; set chat_template to a simpler template"
-            )
-        end = len(through.rstrip())
-        if end > len(before):
-            spans.append((len(before), end))
-    return full, spans
-
-
-def _tokenize_chat(row: Row, tokenizer: Any, train_on_inputs: bool) -> Example:
-    messages = chat_messages(row)
-    text, spans = assistant_spans(tokenizer, messages, row.where)
-    eos = tokenizer.eos_token_id
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        # A token is a target when its characters overlap an assistant span.
-        is_target = [
-            any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in enc["offset_mapping"]
-        ]
-    else:  # slow tokenizers have no offsets: count tokens of each rendered prefix instead
-        ids = _encode(tokenizer, text, special=False)
-        is_target = [False] * len(ids)
-        for start, end in spans:
-            a = len(_encode(tokenizer, text[:start], special=False))
-            b = len(_encode(tokenizer, text[:end], special=False))
-            for j in range(a, min(b, len(ids))):
-                is_target[j] = True
-    labels = [t if (train_on_inputs or flag) else IGNORE_INDEX for t, flag in zip(ids, is_target)]
-    # EOS must be learned: append it unless the last assistant turn already ends with it.
-    last_target = max((j for j, flag in enumerate(is_target) if flag), default=-1)
-    if last_target < 0 or ids[last_target] != eos:
-        ends_with_assistant = messages[-1]["role"] == "assistant"
-        ids.append(eos)
-        labels.append(eos if (ends_with_assistant or train_on_inputs) else IGNORE_INDEX)
-    return Example(ids, labels)
 
 
 def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
     rows = read_rows(spec)
+    if spec.type in PREFERENCE_TYPES:  # pairs or labelled responses; quick to tokenize, not cached
+        from qlora_cli.data.preference import tokenize_preference_rows, unpair
+
+        examples, stats = tokenize_preference_rows(rows, spec.type, tokenizer, settings.sequence_len)
+        if settings.unpaired:
+            examples = unpair(examples)
+            stats.examples = len(examples)
+        return examples, stats
     if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
@@ -419,7 +318,7 @@ def check_not_degenerate(examples: list[Example], tokenizer: Any) -> None:
 def _lost_prompt(row: Row, tokenizer: Any) -> bool:
     """True when some user message of the row is missing from its rendered conversation."""
     messages = chat_messages(row)
-    rendered = _render(tokenizer, messages, generation_prompt=False)
+    rendered = render(tokenizer, messages, generation_prompt=False)
     return any(m["content"].strip() not in rendered for m in messages if m["role"] == "user" and m["content"].strip())
 
 

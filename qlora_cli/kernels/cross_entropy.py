@@ -85,3 +85,70 @@ def fused_linear_cross_entropy(
     if h.shape[0] == 0:
         return hidden.sum() * 0.0, 0
     return _FusedLinearCE.apply(h, weight, y, softcap, chunk, dtype), int(y.shape[0])
+
+
+class _FusedLinearTokenNLL(torch.autograd.Function):
+    """As ``_FusedLinearCE``, but one loss per target position, each with its own gradient weight."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        softcap: float | None,
+        chunk: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        w = weight.to(dtype)
+        nll = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            y = labels[start : start + chunk]
+            logits = (h @ w.T).float()
+            if softcap is not None:
+                t = torch.tanh(logits / softcap)
+                logits = t * softcap
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
+            nll[start : start + chunk] = -logp.gather(1, y[:, None])[:, 0]
+            if grad_hidden is not None:
+                grad = logp.exp_()
+                grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                if softcap is not None:
+                    grad *= 1.0 - t * t
+                torch.mm(grad.to(dtype), w, out=grad_hidden[start : start + chunk])
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple:
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None, None, None
+        grad = (grad_hidden * grad_nll[:, None].to(grad_hidden.dtype)).to(ctx.hidden_dtype)
+        return grad, None, None, None, None, None
+
+
+def fused_linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, T-1) float32 log-probabilities of each next-token target (0 where the label is IGNORE_INDEX), from
+    final hidden states, without building (B, T, V) logits; differentiable with respect to ``hidden``."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    h = hidden[:, :-1][mask]
+    y = shift_labels[mask]
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    out = hidden.new_zeros(shift_labels.shape, dtype=torch.float32)
+    if h.shape[0] == 0:
+        return out + hidden.sum() * 0.0
+    return out.masked_scatter(mask, -_FusedLinearTokenNLL.apply(h, weight, y, softcap, chunk, dtype))

@@ -270,3 +270,26 @@ def load_adapter(
             layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))
             layers[name].lora_B.weight.copy_(lora_B.to(torch.float32))
     return names
+
+
+def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings: LoRASettings, key: str) -> None:
+    """Copy a saved adapter's weights into the LoRA layers ``inject_lora(model, settings)`` made: the start
+    (and reference) of preference tuning on top of an earlier run. Its rank, alpha and rsLoRA must be the run's
+    and its modules exactly the ones the run targets. ``key`` names the config key in the ``ModelError``."""
+    folder = Path(adapter_dir).expanduser()
+    config, state = read_adapter(folder)
+    saved = settings_from_peft_config(config)
+    where = f"{key} {adapter_dir}"
+    mine = (settings.r, settings.alpha, settings.use_rslora)
+    if (saved.r, saved.alpha, saved.use_rslora) != mine:
+        raise ModelError(
+            f"{where} has lora_r {saved.r}, lora_alpha {saved.alpha:g}, lora_use_rslora {saved.use_rslora}; this "
+            f"config has {mine[0]}, {mine[1]:g}, {mine[2]}: set the same, the policy starts from that adapter"
+        )
+    layers: dict[str, LoRALinear] = dict(lora_layers(model))
+    modules = adapter_modules(state, where)
+    check_fit(modules, saved.r, linear_modules(model), lambda: list(layers), where)
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in modules.items():
+            layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))
+            layers[name].lora_B.weight.copy_(lora_B.to(torch.float32))

@@ -117,6 +117,9 @@ class LoRALinear(AroundLinear):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.merged = False
         self.disabled = False
+        # preference tuning's reference: frozen (A, B) copies (None: the base alone), used inside ``lora_reference``
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.use_reference = False
         self.fused = False  # one autograd node for base + adapter (kernels.lora_linear); same numbers
         self.reset_lora_parameters()
 
@@ -127,6 +130,8 @@ class LoRALinear(AroundLinear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_reference:
+            return self._reference_forward(x)
         if self.fused and not (self.merged or self.disabled):
             p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
             return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
@@ -135,6 +140,14 @@ class LoRALinear(AroundLinear):
             return out
         x_lora = self.dropout(x).to(self.lora_A.weight.dtype)  # (..., in)
         update = self.lora_B(self.lora_A(x_lora))  # (..., r) -> (..., out)
+        return out + (update * self.scaling).to(out.dtype)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.reference is None:
+            return out
+        lora_A, lora_B = self.reference
+        update = (x.to(lora_A.dtype) @ lora_A.T) @ lora_B.T
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -281,3 +294,23 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(layers, previous):
             m.disabled = was
+
+
+def freeze_reference(model: nn.Module) -> None:
+    """Keep a frozen copy of every LoRA layer's current weights as the reference ``lora_reference`` runs."""
+    for _, m in lora_layers(model):
+        m.reference = (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone())
+
+
+@contextmanager
+def lora_reference(model: nn.Module) -> Iterator[None]:
+    """Run the reference model of preference tuning: each LoRA layer adds its frozen reference weights
+    (``freeze_reference``), or nothing when it has none (the base alone)."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.use_reference = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.use_reference = False

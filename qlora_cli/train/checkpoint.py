@@ -75,6 +75,7 @@ class TrainerState:
     window: int = 0  # index of the next accumulation window within that epoch
     log_loss: float = 0.0  # loss sum and target count since the last logged step
     log_targets: int = 0
+    log_prefs: dict[str, float] = field(default_factory=dict)  # preference tuning: the log window's Sums
     bad_steps: int = 0  # non-finite steps skipped so far
     consecutive_bad: int = 0
     best_eval_loss: float | None = None  # early stopping / save_best: the best eval so far, its step,

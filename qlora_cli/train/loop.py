@@ -35,7 +35,7 @@ from qlora_cli.layout import (
     TENSORBOARD_DIR,
     TRACKERS_FILE,
 )
-from qlora_cli.model.adapter_io import save_adapter
+from qlora_cli.model.adapter_io import load_start_adapter, save_adapter
 from qlora_cli.model.loading import (
     check_base_model,
     enable_gradient_checkpointing,
@@ -44,7 +44,7 @@ from qlora_cli.model.loading import (
     quiet_libraries,
     resolve_device,
 )
-from qlora_cli.model.lora import inject_lora, lora_parameters, set_fused
+from qlora_cli.model.lora import freeze_reference, inject_lora, lora_parameters, set_fused
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import is_run_folder, read_metrics
@@ -58,6 +58,14 @@ from qlora_cli.train.checkpoint import (
 )
 from qlora_cli.train.log import MetricsLog, ProgressDisplay, StopSignals, report_start
 from qlora_cli.train.loss import EvalResult, evaluate_loss
+from qlora_cli.train.preference import (
+    Objective,
+    Sums,
+    accumulate_preferences,
+    evaluate_preferences,
+    precompute_reference,
+    step_counts,
+)
 from qlora_cli.train.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 from qlora_cli.train.trackers import Reporter, check_trackers, start_trackers
 
@@ -331,6 +339,10 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     data = build_datasets(cfg.data, tokenizer)
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
+    if cfg.ref_adapter:  # preference tuning on top of an earlier run: its adapter is the start and the reference
+        load_start_adapter(model, cfg.ref_adapter, cfg.lora, "ref_adapter")
+    if cfg.preference and cfg.ref_adapter:
+        freeze_reference(model)
     set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
@@ -354,6 +366,18 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, accelerator.process_index)
     report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
+    if cfg.preference and cfg.precompute_ref_log_probs:
+        console.print(f"reference log-probabilities: computing for {len(data.train) + len(data.eval)} examples")
+        for part in (data.train, data.eval):
+            precompute_reference(
+                model,
+                part,
+                cfg.eval_micro_batch_size,
+                device,
+                tokenizer.pad_token_id,
+                precision.autocast,
+                cfg.fused_cross_entropy,
+            )
     if liger:
         console.print("Liger kernels: RMSNorm, RoPE, SwiGLU")
     if resume_from is not None:
@@ -421,7 +445,38 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
     n_targets = sum(e.n_targets for mb in window for row in mb for e in row)
     first = run.rank * accumulation
     share = window[first : first + accumulation]
-    if share:
+    prefs = None  # preference tuning: the step's Sums
+    if cfg.preference:
+        objective = Objective.from_config(cfg)
+        n_items, n_nll = step_counts(objective, [row for mb in window for row in mb])
+        if share:
+            seeds = [_micro_batch_seed(cfg.seed, state.epoch, state.window, first + j) for j in range(len(share))]
+            prefs, n_tokens = accumulate_preferences(
+                run.trained,
+                share,
+                objective,
+                device=run.device,
+                precision=precision,
+                pad_id=run.tokenizer.pad_token_id,
+                pad_multiple=run.pad_multiple,
+                fused=cfg.fused_cross_entropy,
+                n_items=n_items,
+                n_tokens=n_nll,
+                world_size=run.world,
+                seeds=seeds,
+                no_sync=run.accelerator.no_sync,
+            )
+        else:
+            idle_backward(run.trained, window[0][0], run.tokenizer.pad_token_id, run.device, precision)
+            prefs, n_tokens = Sums(), 0
+        if run.world > 1:
+            keys = sorted(prefs.values)
+            values = torch.tensor([prefs.values[k] for k in keys] + [n_tokens], device=run.device, dtype=torch.float64)
+            values = run.accelerator.reduce(values, "sum")
+            prefs = Sums(dict(zip(keys, values[:-1].tolist())))
+            n_tokens = int(values[-1])
+        step_loss = prefs.loss()
+    elif share:
         seeds = [_micro_batch_seed(cfg.seed, state.epoch, state.window, first + j) for j in range(len(share))]
         step_loss, _, n_tokens = accumulate_gradients(
             run.trained,
@@ -440,7 +495,7 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
     else:
         idle_backward(run.trained, window[0][0], run.tokenizer.pad_token_id, run.device, precision)
         step_loss, n_tokens = 0.0, 0
-    if run.world > 1:
+    if prefs is None and run.world > 1:
         totals = run.accelerator.reduce(
             torch.tensor([step_loss, n_tokens], device=run.device, dtype=torch.float64), "sum"
         )
@@ -450,8 +505,13 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
     if math.isfinite(step_loss) and math.isfinite(grad_norm):
         precision.step(run.optimizer)
         state.consecutive_bad = 0
-        state.log_loss += step_loss
-        state.log_targets += n_targets
+        if prefs is not None:
+            for key, value in prefs.values.items():
+                state.log_prefs[key] = state.log_prefs.get(key, 0.0) + value
+            state.log_prefs["steps"] = state.log_prefs.get("steps", 0.0) + 1
+        else:
+            state.log_loss += step_loss
+            state.log_targets += n_targets
     elif precision.scaler is not None and math.isfinite(step_loss) and precision.scaler.get_scale() > 1.0:
         # fp16 gradients overflowed at this loss scale: the scaler skips the update and lowers the scale, as
         # loss scaling is meant to (its first steps often do); not a sign of divergence until the scale is spent
@@ -503,6 +563,8 @@ def evaluate(run: Run) -> EvalResult | None:
     mine = run.data.eval[run.rank :: run.world]
     batch_size = cfg.eval_micro_batch_size
     pad_id = run.tokenizer.pad_token_id
+    if cfg.preference:
+        return _evaluate_preferences(run, mine)
     local = (
         evaluate_loss(
             run.trained, mine, batch_size, pad_id, run.device, run.precision.autocast, cfg.fused_cross_entropy
@@ -523,6 +585,38 @@ def evaluate(run: Run) -> EvalResult | None:
         }
     )
     run.console.print(f"step {step}: eval_loss {result.loss:.4f}  ppl {result.perplexity:.2f}")
+    return result
+
+
+def _evaluate_preferences(run: Run, mine: list[Example]) -> EvalResult:
+    """Preference tuning's eval: the loss and rewards over the eval pairs (``eval_loss`` is what early stopping
+    and ``best/`` follow)."""
+    cfg = run.cfg
+    sums = (
+        evaluate_preferences(
+            run.trained,
+            mine,
+            Objective.from_config(cfg),
+            cfg.eval_micro_batch_size,
+            run.device,
+            run.tokenizer.pad_token_id,
+            run.precision.autocast,
+            cfg.fused_cross_entropy,
+        )
+        if mine
+        else Sums()
+    )
+    if run.world > 1:
+        keys = sorted(sums.values)
+        values = run.accelerator.reduce(
+            torch.tensor([sums.values[k] for k in keys], device=run.device, dtype=torch.float64), "sum"
+        )
+        sums = Sums(dict(zip(keys, values.tolist())))
+    means = sums.means("eval_")
+    result = EvalResult(means["eval_loss"], int(sums.values["items"]))
+    run.metrics.log({"type": "eval", "step": run.state.step, **means, "eval_examples": result.n_tokens})
+    shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in means.items() if k != "eval_loss")
+    run.console.print(f"step {run.state.step}: eval_loss {result.loss:.4f}  {shown}")
     return result
 
 
@@ -628,12 +722,20 @@ class _LogWindow:
     def record(self, run: Run, grad_norm: float) -> dict[str, Any]:
         state = run.state
         elapsed = time.perf_counter() - self.started
-        self.last_loss = state.log_loss / state.log_targets if state.log_targets else float("nan")
+        extra: dict[str, float] = {}
+        if run.cfg.preference:  # the window's pairs weigh alike: mean loss and rewards over them
+            sums = Sums({k: v for k, v in state.log_prefs.items() if k != "steps"})
+            extra = sums.means() if state.log_prefs.get("steps") else {"loss": float("nan")}
+            self.last_loss = extra.pop("loss")
+            state.log_prefs = {}
+        else:
+            self.last_loss = state.log_loss / state.log_targets if state.log_targets else float("nan")
         record = {
             "type": "train",
             "step": state.step,
             "epoch": state.epoch,
             "loss": self.last_loss,
+            **extra,
             "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_sec": self.tokens / max(elapsed, 1e-9),
