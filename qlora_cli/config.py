@@ -74,8 +74,8 @@ class RunConfig(BaseModel):
     # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
     method: Method = "sft"
     beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
-    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's loss, or IPO's squared one (per-token log-ratios)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO sigmoid: the assumed share of flipped labels (robust DPO)
+    dpo_loss: Literal["sigmoid", "robust", "ipo"] = "sigmoid"  # robust: noise-corrected; ipo: squared, per token
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO: the assumed share of flipped labels (cDPO, robust)
     orpo_alpha: float = Field(0.1, gt=0, le=100)  # ORPO: weight of the odds-ratio term beside the NLL of chosen
     kto_desirable_weight: float = Field(1.0, gt=0, le=100)  # KTO: weight of desirable responses' losses
     kto_undesirable_weight: float = Field(1.0, gt=0, le=100)  # ... and of undesirable ones
