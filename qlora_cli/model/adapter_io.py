@@ -288,7 +288,7 @@ def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings
         )
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
     modules = adapter_modules(state, where)
-    check_fit(modules, saved.r, linear_modules(model), lambda: list(layers), where)
+    check_fit(modules, saved.r, {**linear_modules(model), **layers}, lambda: list(layers), where)
     with torch.no_grad():
         for name, (lora_A, lora_B) in modules.items():
             layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))

@@ -1,0 +1,280 @@
+"""Preference tuning through ``qlora train``: every method learns, resumes bit-exact, checkpoints and logs its
+rewards; configs and rows that cannot work are one ``error:`` line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qlora_cli.data.pipeline import IGNORE_INDEX
+from qlora_cli.data.preference import tokenize_preference_rows
+from qlora_cli.data.sources import Row
+from qlora_cli.layout import ADAPTER_WEIGHTS, METRICS_FILE
+from qlora_cli.train.loop import run_train
+from tests.conftest import make_config, upper_rows, write_jsonl
+from tests.test_cli import assert_user_error, run_cli
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """Prefer the upper-cased word over the reversed one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 5)))
+        rows.append({"prompt": f"upper: {w}\nanswer: ", "chosen": w.upper(), "rejected": w[::-1]})
+    return rows
+
+
+def unpaired_rows(n: int, seed: int) -> list[dict]:
+    out = []
+    for i, r in enumerate(pair_rows(n, seed)):
+        good = i % 2 == 0
+        out.append({"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("prefs")
+    return {
+        "pairs": write_jsonl(folder / "pairs.jsonl", pair_rows(48, 0)),
+        "eval": write_jsonl(folder / "eval.jsonl", pair_rows(16, 1)),
+        "unpaired": write_jsonl(folder / "unpaired.jsonl", unpaired_rows(48, 2)),
+    }
+
+
+def pref_config(llama_dir, pref_data, out, method, **kw):
+    kind = "unpaired" if method == "kto" and kw.pop("unpaired", True) else "preference"
+    data = pref_data["unpaired" if kind == "unpaired" else "pairs"]
+    fields = dict(
+        method=method,
+        datasets=[{"path": str(data), "type": kind}],
+        eval_datasets=[{"path": str(pref_data["eval"]), "type": "preference"}] if method != "kto" else [],
+        micro_batch_size=4,
+        learning_rate=2e-3,
+        lora_target_modules="all-linear",
+        max_steps=12,
+    )
+    fields.update(kw)
+    return make_config(llama_dir, data, out, **fields)
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines()) if r["type"] == kind]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
+def test_each_method_learns_and_logs_its_rewards(tmp_path, llama_dir, pref_data, quiet_console, method):
+    out = tmp_path / method
+    cfg = pref_config(llama_dir, pref_data, out, method, eval_steps=6 if method != "kto" else None)
+    result = run_train(cfg, console=quiet_console)
+    train = records(out, "train")
+    assert len(train) == 12 and all(math.isfinite(r["loss"]) for r in train)
+    logged = {k for r in train for k in r}  # a KTO step may hold responses of one label only
+    assert {"rewards/chosen", "rewards/rejected"} <= logged
+    first, last = sum(r["loss"] for r in train[:3]), sum(r["loss"] for r in train[-3:])
+    assert last < first, (method, [r["loss"] for r in train])
+    if method == "dpo":  # the reference is the base: the adapter's rewards start at 0 and separate
+        assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy == reference at step 1
+        assert train[-1]["rewards/margin"] > 0 and train[-1]["rewards/accuracy"] >= 0.75
+    if method == "orpo":
+        assert {"nll", "log_odds_ratio"} <= set(train[0])
+    if method == "kto":
+        assert "kl" in train[0] and all(r["kl"] >= 0 for r in train)
+    if method != "kto":
+        evals = records(out, "eval")
+        assert [e["step"] for e in evals] == [6, 12]
+        assert evals[-1]["eval_rewards/accuracy"] > evals[0]["eval_rewards/accuracy"] - 1e-9
+        assert result.eval_loss == pytest.approx(evals[-1]["eval_loss"])
+    weights = load_file(str(out / ADAPTER_WEIGHTS))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_resume_is_bit_exact(tmp_path, llama_dir, pref_data, quiet_console, monkeypatch, method):
+    kw = dict(max_steps=8, save_steps=4, gradient_accumulation_steps=2, lora_dropout=0.1)
+    straight = tmp_path / "straight"
+    run_train(pref_config(llama_dir, pref_data, straight, method, **kw), console=quiet_console)
+    resumed = tmp_path / "resumed"
+    cfg = pref_config(llama_dir, pref_data, resumed, method, **kw)
+    from qlora_cli.train import loop
+
+    real_step = loop.train_step
+
+    def interrupt(run, window):
+        if run.state.step == 5:
+            raise KeyboardInterrupt
+        return real_step(run, window)
+
+    monkeypatch.setattr(loop, "train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, console=quiet_console)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet_console)
+    a, b = load_file(str(straight / ADAPTER_WEIGHTS)), load_file(str(resumed / ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss"] for r in records(straight, "train")]
+    assert [r["loss"] for r in records(resumed, "train")] == losses
+
+
+def test_precomputed_reference_trains_the_same(tmp_path, llama_dir, pref_data, quiet_console):
+    runs = {}
+    for pre in (False, True):
+        out = tmp_path / str(pre)
+        run_train(
+            pref_config(llama_dir, pref_data, out, "dpo", precompute_ref_log_probs=pre, max_steps=6),
+            console=quiet_console,
+        )
+        runs[pre] = [r["loss"] for r in records(out, "train")]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-6)
+
+
+def test_ref_adapter_is_the_start_and_the_reference(tmp_path, llama_dir, pref_data, quiet_console):
+    """DPO on top of an SFT run: the policy starts as the SFT adapter and the reference is that adapter, so the
+    first step's loss is log 2 and its rewards 0 exactly, though the adapter is far from zero."""
+    sft = tmp_path / "sft"
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows(32, 5)]
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    run_train(
+        make_config(llama_dir, data, sft, lora_target_modules="all-linear", learning_rate=5e-3, max_steps=6),
+        console=quiet_console,
+    )
+    out = tmp_path / "dpo"
+    cfg = pref_config(llama_dir, pref_data, out, "dpo", ref_adapter=str(sft), max_steps=1, learning_rate=1e-9)
+    run_train(cfg, console=quiet_console)
+    first = records(out, "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    start, after = load_file(str(sft / ADAPTER_WEIGHTS)), load_file(str(out / ADAPTER_WEIGHTS))
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+    assert max(float(v.abs().max()) for k, v in start.items() if "lora_B" in k) > 1e-3
+
+
+def test_chat_pairs_train_only_the_response(tokenizer):
+    """Conversational rows: the tokens are the template's own render of prompt + response, the targets only
+    the response's assistant turn (and its end marker)."""
+    row = Row(
+        "p.jsonl:1",
+        {
+            "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}],
+        },
+    )
+    (ex,), stats = tokenize_preference_rows([row], "preference", tokenizer, 512)
+    for e, text in ((ex, "hello"), (ex.rejected, "go away")):
+        messages = row.fields["prompt"] + [{"role": "assistant", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert e.input_ids[: len(ids)] == ids
+        prompt = tokenizer.apply_chat_template(row.fields["prompt"], tokenize=False, add_generation_prompt=True)
+        assert e.prompt_len == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        trained = tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX])
+        assert trained.startswith(text + "<|im_end|>"), trained
+    # a string prompt is framed as a user turn
+    plain = Row("p.jsonl:2", {"prompt": "hi", "chosen": "hello", "rejected": "go away"})
+    (ex2,), _ = tokenize_preference_rows([plain], "preference", tokenizer, 512)
+    assert tokenizer.decode(ex2.input_ids).startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello")
+
+
+def test_the_prompt_is_cut_before_the_responses():
+    long_prompt = "p" * 40
+    row = Row("p.jsonl:1", {"prompt": long_prompt, "chosen": "x" * 10, "rejected": "y" * 6})
+    from qlora_cli.testing.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(chat_template=None)  # plain text, one token per character
+    (ex,), stats = tokenize_preference_rows([row], "preference", tok, 32)
+    assert stats.truncated == 1
+    # the chosen response (10 chars + EOS) is whole; the prompt kept its last 32 - 11 = 21 tokens
+    assert len(ex.input_ids) == 32 and ex.prompt_len == 21
+    assert tok.decode(ex.input_ids[ex.prompt_len :]) == "x" * 10 + "</s>"
+    assert ex.rejected.prompt_len == 21 and ex.rejected.input_ids[:21] == ex.input_ids[:21]
+    # a response longer than the whole length: the prompt keeps half, the response its start
+    row = Row("p.jsonl:2", {"prompt": long_prompt, "chosen": "x" * 50, "rejected": "y"})
+    (ex,), stats = tokenize_preference_rows([row], "preference", tok, 32)
+    assert ex.prompt_len == 16 and len(ex.input_ids) == 32 and len(ex.rejected.input_ids) == 16 + 2
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        ({"prompt": "a", "chosen": "b"}, "bad.jsonl:2: row is missing field 'rejected'"),
+        ({"prompt": "a", "chosen": "same", "rejected": "same"}, "bad.jsonl:2: 'chosen' and 'rejected' are the same"),
+        ({"prompt": "a", "chosen": "  ", "rejected": "b"}, "bad.jsonl:2: field 'chosen' is an empty response"),
+        (
+            {
+                "prompt": "a",
+                "chosen": [{"role": "user", "content": "x"}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            },
+            "field 'chosen' has no assistant message",
+        ),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, llama_dir, row, fragment):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    cfg = _yaml(tmp_path, llama_dir, data, method="dpo", kind="preference")
+    assert_user_error(run_cli("train", str(cfg)), fragment, tmp_path / "run")
+
+
+def test_kto_label_must_be_a_boolean(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b", "label": "yes"}])
+    cfg = _yaml(tmp_path, llama_dir, data, method="kto", kind="unpaired")
+    assert_user_error(run_cli("train", str(cfg)), "bad.jsonl:1: field 'label' must be true", tmp_path / "run")
+
+
+def _yaml(tmp_path, base, data, method="dpo", kind="preference", **kw) -> Path:
+    cfg = {
+        "base_model": str(base),
+        "datasets": [{"path": str(data), "type": kind}],
+        "method": method,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "max_steps": 1,
+    }
+    cfg.update(kw)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "method, kind, kw, fragment",
+    [
+        ("dpo", "completion", {}, "method dpo trains on type: preference rows, got completion"),
+        ("sft", "preference", {}, "preference rows are preference data; set method: dpo, orpo or kto"),
+        ("dpo", "preference", {"beta": 0}, "key 'beta': input should be greater than 0"),
+        ("dpo", "preference", {"beta": 1000}, "key 'beta': input should be less than or equal to 100"),
+        ("orpo", "preference", {"beta": 0.2}, "key 'beta': does not apply to method: orpo"),
+        ("dpo", "preference", {"orpo_alpha": 0.2}, "key 'orpo_alpha': applies to method: orpo, not dpo"),
+        ("kto", "unpaired", {"micro_batch_size": 1}, "key 'micro_batch_size': KTO needs at least 2"),
+        ("dpo", "preference", {"sample_packing": True}, "key 'sample_packing': not with method: dpo"),
+        ("dpo", "preference", {"dpo_loss": "ipo", "label_smoothing": 0.1}, "label_smoothing': applies to dpo_loss"),
+        ("dpo", "preference", {"rl": "dpo"}, "unknown key 'rl' (Axolotl's key; in qlora: method"),
+        ("dpo", "preference", {"loss_type": "ipo"}, "unknown key 'loss_type' (TRL's key; in qlora: dpo_loss"),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, llama_dir, pref_data, method, kind, kw, fragment):
+    data = pref_data["unpaired" if kind == "unpaired" else "pairs"]
+    cfg = _yaml(tmp_path, llama_dir, data, method=method, kind=kind, **kw)
+    assert_user_error(run_cli("train", str(cfg)), fragment, tmp_path / "run")
+
+
+def test_a_ref_adapter_that_does_not_fit_is_refused(tmp_path, llama_dir, model_factory, pref_data, quiet_console):
+    other = model_factory("llama", initializer_range=0.1, layers=1, hidden=32)  # other shapes
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", upper_rows(8, 0))
+    run_train(
+        make_config(other, sft_data, tmp_path / "other", max_steps=1, lora_r=16, lora_alpha=32), console=quiet_console
+    )
+    cfg = _yaml(tmp_path, llama_dir, pref_data["pairs"], ref_adapter=str(tmp_path / "other"), lora_r=16, lora_alpha=32)
+    result = run_cli("train", str(cfg))
+    assert_user_error(result, "ref_adapter", tmp_path / "run")
+    cfg = _yaml(tmp_path, llama_dir, pref_data["pairs"], ref_adapter=str(tmp_path / "other"), lora_r=8)
+    assert_user_error(run_cli("train", str(cfg)), "has lora_r 16", tmp_path / "run")
