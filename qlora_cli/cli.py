@@ -108,7 +108,8 @@ def eval_(
     ],
     data: Annotated[str | None, typer.Option("--data", help="Eval data file; default: the run's eval data.")] = None,
     type_: Annotated[
-        str | None, typer.Option("--type", help="completion, alpaca, chat or text; default: read off the first row.")
+        str | None,
+        typer.Option("--type", help="completion, alpaca, chat, text or preference; default: read off the first row."),
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Split, for a datasets hub name.")] = "train",
     base: Annotated[str | None, typer.Option("--base", help="Load the adapters on this base model.")] = None,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.config import DatasetSpec, DataSettings, ModelSettings, QuantSettings, RunConfig
+from qlora_cli.config import PREFERENCE_TYPES, DatasetSpec, DataSettings, ModelSettings, QuantSettings, RunConfig
 from qlora_cli.data.pipeline import (
     DataStats,
     Example,
@@ -41,7 +41,7 @@ from qlora_cli.model.loading import context_length, stop_token_ids
 from qlora_cli.run_folder import RunFolder
 from qlora_cli.scoring import GenerationCase, generation_case, score_generations
 
-FORMATS = ("completion", "alpaca", "chat", "text")
+FORMATS = ("completion", "alpaca", "chat", "text", "preference")
 AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
 AUTO_MARGIN = 8  # generate past the reference, so an answer that does not stop is not an exact match
 
@@ -169,6 +169,8 @@ class EvalRows:
 
 def infer_format(row: Row) -> str | None:
     f = row.fields
+    if "chosen" in f and "rejected" in f:
+        return "preference"
     if "messages" in f or "conversations" in f:
         return "chat"
     if "instruction" in f:
@@ -240,6 +242,8 @@ def prepare(items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings
     examples: list[Example] = []
     cases: list[GenerationCase | None] = []
     stats = DataStats()
+    items = [as_chosen(row, tokenizer) if fmt in PREFERENCE_TYPES else (row, fmt) for row, fmt in items]
+    items = [(row, fmt) for row, fmt in items if row is not None]
     for row, fmt in items:
         if limit is not None and len(examples) >= limit:
             break
@@ -254,6 +258,62 @@ def prepare(items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings
             f"at sequence_len={settings.sequence_len}"
         )
     return Prepared(examples, cases, stats)
+
+
+def as_chosen(row: Row, tokenizer: Any) -> tuple[Row | None, str]:
+    """A preference pair as the row its chosen response makes: loss, exact match and contains are scored on it."""
+    from qlora_cli.data.preference import _pair_fields, _unpaired_fields
+
+    if "label" in row.fields:  # KTO's labelled responses: the desirable ones are scored, the others skipped
+        prompt, chosen, good = _unpaired_fields(row)
+        if not good:
+            return None, ""
+    else:
+        prompt, chosen, _ = _pair_fields(Row(row.where, dict(row.fields)))
+    if isinstance(prompt, str) and isinstance(chosen, str) and not getattr(tokenizer, "chat_template", None):
+        return Row(row.where, {"prompt": prompt, "completion": chosen}), "completion"
+    before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    after = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
+    return Row(row.where, {"messages": before + after}), "chat"
+
+
+@dataclass
+class Pairs:
+    """Preference pairs tokenized for one tokenizer, and each model's summed log-probabilities of them."""
+
+    examples: list[Example]  # the chosen responses, each with its .rejected
+    beta: float  # the reward's scale: the run's beta
+
+    @classmethod
+    def build(
+        cls, items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings, limit: int | None, beta: float
+    ):
+        from qlora_cli.data.preference import tokenize_preference_rows
+
+        rows = [row for row, fmt in items if fmt == "preference"][:limit]
+        examples, _ = tokenize_preference_rows(rows, "preference", tokenizer, settings.sequence_len)
+        return cls(examples, beta)
+
+    def logps(self, model: Any, batch_size: int, device: torch.device, pad_id: int, autocast: Any) -> torch.Tensor:
+        """(N, 2): summed log-probability of each pair's chosen and rejected response under ``model``."""
+        from qlora_cli.train.preference import sequence_logps
+
+        out = []
+        with torch.no_grad():
+            for at in range(0, len(self.examples), batch_size):
+                part = self.examples[at : at + batch_size]
+                with autocast():
+                    lp, _ = sequence_logps(model, part + [e.rejected for e in part], device, pad_id)
+                out.append(torch.stack(lp.float().cpu().chunk(2), dim=1))
+        return torch.cat(out)
+
+    def score(self, score: ModelScore, logps: torch.Tensor, reference: torch.Tensor | None) -> None:
+        score.prefers_chosen = float((logps[:, 0] > logps[:, 1]).float().mean())
+        if reference is not None:
+            ratios = logps - reference
+            margin = self.beta * (ratios[:, 0] - ratios[:, 1])
+            score.reward_accuracy = float((margin > 0).float().mean())
+            score.reward_margin = float(margin.mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +331,11 @@ class ModelScore:
     contains: float | None
     predictions: list[str | None] = field(default_factory=list, repr=False)  # aligned with the examples
     path: Path | None = None  # the adapter's folder (None for the base)
+    # preference data: the share of pairs whose chosen response is the more likely one (summed log-probability),
+    # and, for an adapter, DPO's implicit reward against its reference: accuracy and mean margin
+    prefers_chosen: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -283,6 +348,11 @@ class ModelScore:
             "exact_match": self.exact_match,
             "contains": self.contains,
             "n_examples": self.n_examples,
+            **{
+                k: getattr(self, k)
+                for k in ("prefers_chosen", "reward_accuracy", "reward_margin")
+                if getattr(self, k) is not None
+            },
         }
 
 
@@ -438,6 +508,8 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
 
     prepared = prepare(rows.items, tokenizer, data_settings(config, None), options.limit)
     say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared.examples)} examples from {escape(rows.source)}")
+    preference = any(fmt == "preference" for _, fmt in rows.items)
+    beta = config.beta if config is not None else 0.1
 
     kw: dict[str, Any] = dict(batch_size=batch_size, max_new_tokens=options.max_new_tokens, device=device)
     scores: list[ModelScore] = []
@@ -451,15 +523,28 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             load_adapter(model, c.path, c.run.adapter if c.run else None)
             _remove_lora(model)
         autocast = autocast_for(settings.quant.compute_dtype, device)
+        pairs = Pairs.build(rows.items, tokenizer, settings_for(model), options.limit, beta) if preference else None
+        pad = tokenizer.pad_token_id
+        base_logps = pairs.logps(model, batch_size, device, pad, autocast) if pairs else None
         if include_base:
             scores.append(score_model("base", model, tokenizer, prepared, autocast=autocast, **kw))
+            if pairs:
+                pairs.score(scores[-1], base_logps, None)
             say(_one_line(scores[-1]))
         for c in adapters:
+            reference = base_logps
+            if pairs and c.config is not None and c.config.ref_adapter:  # DPO on top of an earlier adapter
+                load_adapter(model, c.config.ref_adapter)
+                model.eval()
+                reference = pairs.logps(model, batch_size, device, pad, autocast)
+                _remove_lora(model)
             load_adapter(model, c.path, c.run.adapter if c.run else None)
             _same_forward_as_training(model, c.config)
             model.eval()
             scores.append(score_model(c.name, model, tokenizer, prepared, autocast=autocast, **kw))
             scores[-1].path = c.path
+            if pairs:
+                pairs.score(scores[-1], pairs.logps(model, batch_size, device, pad, autocast), reference)
             _remove_lora(model)
             say(_one_line(scores[-1]))
         del model
@@ -472,6 +557,9 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
         data = prepare(rows.items, tok, settings_for(model), options.limit)
         autocast = autocast_for(c.settings.quant.compute_dtype, device)
         scores.append(score_model(c.name, model, tok, data, autocast=autocast, **kw))
+        if preference:
+            pairs = Pairs.build(rows.items, tok, settings_for(model), options.limit, beta)
+            pairs.score(scores[-1], pairs.logps(model, batch_size, device, tok.pad_token_id, autocast), None)
         say(_one_line(scores[-1]))
         if not adapters and c is plain[0]:
             prepared = data  # the samples table shows the first model's examples
@@ -486,7 +574,10 @@ def _one_line(s: ModelScore) -> str:
     from rich.markup import escape
 
     em = f"  exact match {s.exact_match:.1%}" if s.exact_match is not None else ""
-    return f"{escape(s.name)}: loss {s.loss:.4f}  ppl {s.perplexity:.3g}{em}"
+    pref = f"  prefers chosen {s.prefers_chosen:.1%}" if s.prefers_chosen is not None else ""
+    if s.reward_accuracy is not None:
+        pref += f"  reward accuracy {s.reward_accuracy:.1%}  margin {s.reward_margin:+.3f}"
+    return f"{escape(s.name)}: loss {s.loss:.4f}  ppl {s.perplexity:.3g}{em}{pref}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +611,11 @@ def results_table(report: EvalReport) -> Any:
     table.add_column("perplexity", justify="right", no_wrap=True)
     table.add_column("exact match", justify="right", no_wrap=True)
     table.add_column("contains", justify="right", no_wrap=True)
+    preference = any(m.prefers_chosen is not None for m in report.models)
+    if preference:
+        table.add_column("prefers chosen", justify="right", no_wrap=True)
+        table.add_column("reward acc.", justify="right", no_wrap=True)
+        table.add_column("reward margin", justify="right", no_wrap=True)
     for m in report.models:
         b = base if base is not None and m is not base else None
         table.add_row(
@@ -528,6 +624,15 @@ def results_table(report: EvalReport) -> Any:
             f"{m.perplexity:.4g}",
             _pct(m.exact_match) + _delta(m.exact_match, b and b.exact_match, False, True),
             _pct(m.contains) + _delta(m.contains, b and b.contains, False, True),
+            *(
+                [
+                    _pct(m.prefers_chosen) + _delta(m.prefers_chosen, b and b.prefers_chosen, False, True),
+                    _pct(m.reward_accuracy),
+                    "-" if m.reward_margin is None else f"{m.reward_margin:+.3f}",
+                ]
+                if preference
+                else []
+            ),
         )
     return table
 

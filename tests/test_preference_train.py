@@ -278,3 +278,20 @@ def test_a_ref_adapter_that_does_not_fit_is_refused(tmp_path, llama_dir, model_f
     assert_user_error(result, "ref_adapter", tmp_path / "run")
     cfg = _yaml(tmp_path, llama_dir, pref_data["pairs"], ref_adapter=str(tmp_path / "other"), lora_r=8)
     assert_user_error(run_cli("train", str(cfg)), "has lora_r 16", tmp_path / "run")
+
+
+def test_eval_reports_rewards_against_the_reference_beside_the_base(tmp_path, llama_dir, pref_data, quiet_console):
+    """qlora eval on preference data: the adapter's reward accuracy and margin against its reference are the
+    ones training logged for the same eval pairs; the base gets the share of pairs it already prefers."""
+    out = tmp_path / "dpo"
+    run_train(pref_config(llama_dir, pref_data, out, "dpo", max_steps=8), console=quiet_console)
+    logged = records(out, "eval")[-1]
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", str(out), "--data", str(pref_data["eval"]), "--json", str(report), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    base, adapter = json.loads(report.read_text())["models"]
+    assert base["name"] == "base" and "reward_accuracy" not in base and 0 <= base["prefers_chosen"] <= 1
+    assert adapter["reward_accuracy"] == pytest.approx(logged["eval_rewards/accuracy"])
+    assert adapter["reward_margin"] == pytest.approx(logged["eval_rewards/margin"], rel=1e-4)
+    assert adapter["prefers_chosen"] > base["prefers_chosen"]
+    assert adapter["n_examples"] == 16  # loss and exact match over prompt + chosen response
