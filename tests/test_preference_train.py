@@ -295,3 +295,39 @@ def test_eval_reports_rewards_against_the_reference_beside_the_base(tmp_path, ll
     assert adapter["reward_margin"] == pytest.approx(logged["eval_rewards/margin"], rel=1e-4)
     assert adapter["prefers_chosen"] > base["prefers_chosen"]
     assert adapter["n_examples"] == 16  # loss and exact match over prompt + chosen response
+
+
+def test_the_memory_plan_counts_both_responses_of_a_pair(tmp_path):
+    """A DPO micro-batch of B pairs runs 2B sequences: its step peak is the SFT plan's at twice the batch, and the
+    largest micro-batch that fits about half (Llama-3.1-8B's shapes, 24 GiB)."""
+    from qlora_cli.memory_plan import plan_memory
+    from qlora_cli.testing.tiny import save_llama_8b_shapes
+
+    folder = save_llama_8b_shapes(tmp_path / "8b")
+    data = write_jsonl(tmp_path / "d.jsonl", pair_rows(4, 0))
+    kw = dict(bnb_4bit_compute_dtype="bfloat16", lora_target_modules="all-linear", sequence_len=1024)
+    kw.update(gradient_checkpointing=True, device="auto")
+    sft = make_config(folder, data, tmp_path / "run", micro_batch_size=2, **kw)
+    dpo = make_config(
+        folder, data, tmp_path / "run", micro_batch_size=1, method="dpo",
+        datasets=[{"path": str(data), "type": "preference"}], **kw,
+    )  # fmt: skip
+    p_sft = plan_memory(sft, device_type="cuda", gpu_memory=24 * 2**30)
+    p_dpo = plan_memory(dpo, device_type="cuda", gpu_memory=24 * 2**30)
+    assert p_dpo.tensor_peak == p_sft.tensor_peak
+    half = p_sft.max_micro_batch_size / 2  # the search extrapolates from each plan's own batch: near, not equal
+    assert 0.8 * half <= p_dpo.max_micro_batch_size <= half + 1, (p_dpo.max_micro_batch_size, half)
+
+
+def test_inspect_data_shows_both_responses_of_a_pair_with_their_targets(tmp_path, llama_dir, pref_data):
+    from qlora_cli.inspect.report import data_report
+
+    cfg = pref_config(llama_dir, pref_data, tmp_path / "run", "dpo")
+    report = data_report(cfg, n_examples=2)
+    shown = report["examples"]
+    assert [e["where"].rsplit(" ", 1)[1] for e in shown] == ["(chosen)", "(rejected)"] * 2
+    first = pair_rows(48, 0)[0]
+    for view, text in ((shown[0], first["chosen"]), (shown[1], first["rejected"])):
+        trained = "".join(t for t, m in zip(view["tokens"], view["target_mask"]) if m)
+        assert trained == text + "<|im_end|></s>"  # the assistant turn and EOS, never the prompt
+    assert report["train"]["examples"] == 48 and report["train"]["truncated"] == 0

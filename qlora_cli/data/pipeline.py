@@ -106,6 +106,11 @@ def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> E
         return Example(ids, list(ids))
     if fmt == "chat":
         return tokenize_chat(row, tokenizer, train_on_inputs)
+    if fmt in PREFERENCE_TYPES:  # the chosen response (its .rejected attached), or KTO's labelled one
+        from qlora_cli.data.preference import tokenize_preference_rows
+
+        (ex,), _ = tokenize_preference_rows([row], fmt, tokenizer, sequence_len=2**31)
+        return ex
     raise ValueError(fmt)
 
 

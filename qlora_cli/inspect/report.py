@@ -219,8 +219,10 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
 def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     """What the model will be trained on: counts as ``data.pipeline.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
+    from qlora_cli.config import PREFERENCE_TYPES
     from qlora_cli.data.chat_templates import describe_chat_template
     from qlora_cli.data.pipeline import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
+    from qlora_cli.data.preference import tokenize_preference_rows
     from qlora_cli.model.loading import load_tokenizer, quiet_libraries
 
     quiet_libraries()
@@ -239,6 +241,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     shown: list[dict[str, Any]] = []
     no_eos: list[str] = []
     kept: list[Any] = []  # training examples, for the degenerate-data check
+    shown_rows = 0  # preference rows shown
     entries = [("train", s) for s in cfg.datasets] + [("eval", s) for s in cfg.eval_datasets]
     for split, spec in entries:
         rows = read_rows(spec)
@@ -253,6 +256,18 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             entry["skipped"] = True
             continue
         for row in rows:
+            if spec.type in PREFERENCE_TYPES:  # a pair (or KTO response) cut as training cuts it, shown whole
+                (ex,), counts = tokenize_preference_rows([row], spec.type, tokenizer, cfg.sequence_len)
+                for key in ("truncated", "examples", "tokens", "target_tokens"):
+                    entry[key] += getattr(counts, key)
+                if split == "train":
+                    lengths.append(len(ex.input_ids))
+                    kept.append(ex)
+                    if shown_rows < n_examples:  # a pair shows both responses
+                        shown_rows += 1
+                        for seq in (ex, ex.rejected) if ex.rejected is not None else (ex,):
+                            shown.append(_example_view(seq, tokenizer, IGNORE_INDEX, _response_kind(ex, seq)))
+                continue
             ex = tokenize_row(row, spec.type, tokenizer, cfg.train_on_inputs)
             ex.row, ex.fmt = row, spec.type
             if split == "train":
@@ -306,9 +321,16 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     }
 
 
-def _example_view(ex: Any, tokenizer: Any, ignore: int) -> dict[str, Any]:
+def _response_kind(ex: Any, seq: Any) -> str:
+    if ex.rejected is not None:
+        return "chosen" if seq is ex else "rejected"
+    return "desirable" if ex.label else "undesirable"
+
+
+def _example_view(ex: Any, tokenizer: Any, ignore: int, response: str | None = None) -> dict[str, Any]:
+    where = ex.row.where if ex.row is not None else ""
     return {
-        "where": ex.row.where if ex.row is not None else "",
+        "where": f"{where} ({response})" if response else where,
         "input_ids": list(ex.input_ids),
         "labels": list(ex.labels),
         "target_mask": [label != ignore for label in ex.labels],  # True where the loss is taken

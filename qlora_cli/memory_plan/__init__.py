@@ -142,12 +142,15 @@ def plan_memory(
     resident = [c for c in resident if c.bytes or c.key in ("adapter", "optimizer")]
     resident_total = sum(c.bytes for c in resident)
 
+    # DPO and ORPO run a micro-batch's chosen and rejected responses as one batch of twice the sequences
+    sequences = 2 if cfg.method in ("dpo", "orpo") else 1
+
     def step(batch: int, checkpointing: bool, train: bool = True) -> StepTrace:
         return traced_peak(
             model_config,
             cfg,
             device_type=device_type,
-            micro_batch_size=batch,
+            micro_batch_size=batch * sequences,
             seq_len=seq_len,
             gradient_checkpointing=checkpointing,
             train=train,
