@@ -5,6 +5,8 @@
     +----------------------------+----------------------------+
     | learning rate              | gradient norm              |
     +----------------------------+----------------------------+
+    | reward margin              | reward accuracy            |   preference tuning only (train and eval)
+    +----------------------------+----------------------------+
 
 matplotlib is imported only here, only when drawing, through its object API (no pyplot, no global state,
 no display needed); it is an optional dependency (``pip install 'qlora-cli[plot]'``).
@@ -39,6 +41,11 @@ class Curves:
     lr: list[tuple[int, float]] = field(default_factory=list)
     grad_norm: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    # preference tuning: rewards/margin and rewards/accuracy of the train and eval records
+    margin: list[tuple[int, float]] = field(default_factory=list)
+    accuracy: list[tuple[int, float]] = field(default_factory=list)
+    eval_margin: list[tuple[int, float]] = field(default_factory=list)
+    eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
 
 
 def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
@@ -48,22 +55,36 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     folder = Path(run_dir).expanduser()
     if not (folder / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir}: no {METRICS_FILE} (is it a run folder written by qlora train?)")
-    series: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "grad_norm": {}, "eval_loss": {}}
+    series: dict[str, dict[int, float]] = {k: {} for k in SERIES}
     for r in read_metrics(folder):
         step = r.get("step")
         if not isinstance(step, int):
             continue
-        keys = ("loss", "lr", "grad_norm") if r.get("type") == "train" else ("eval_loss",)
         if r.get("type") not in ("train", "eval"):
             continue
-        for key in keys:
-            value = r.get(key)
+        for key, logged in SERIES.items():
+            if key.startswith("eval_") != (r.get("type") == "eval"):
+                continue
+            value = r.get(logged)
             if finite(value) and abs(value) <= PLOTTABLE:
                 series[key][step] = float(value)
     curves = Curves(name or folder.resolve().name)
     for key, points in series.items():
         setattr(curves, key, sorted(points.items()))
     return curves
+
+
+# Curves field -> metrics.jsonl key (fields starting with eval_ read eval records, the others train records)
+SERIES = {
+    "loss": "loss",
+    "lr": "lr",
+    "grad_norm": "grad_norm",
+    "eval_loss": "eval_loss",
+    "margin": "rewards/margin",
+    "accuracy": "rewards/accuracy",
+    "eval_margin": "eval_rewards/margin",
+    "eval_accuracy": "eval_rewards/accuracy",
+}
 
 
 def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -84,9 +105,11 @@ def make_figure(runs: list[Curves]) -> Any:
     except ImportError:
         raise PlottingUnavailable(MATPLOTLIB_MISSING) from None
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    rewards = any(run.margin or run.eval_margin for run in runs)
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.5) if rewards else FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    (ax_loss, ax_eval), (ax_lr, ax_grad) = fig.subplots(2, 2, sharex=True)
+    axes = fig.subplots(3 if rewards else 2, 2, sharex=True)
+    (ax_loss, ax_eval), (ax_lr, ax_grad) = axes[0], axes[1]
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for run, colour in zip(runs, colours):
         if run.loss:
@@ -100,18 +123,30 @@ def make_figure(runs: list[Curves]) -> Any:
             ax_lr.plot(*zip(*run.lr), color=colour, label=run.name)
         if run.grad_norm:
             ax_grad.plot(*zip(*run.grad_norm), color=colour, alpha=0.8, label=run.name)
+        if rewards:
+            for ax, train, evals in (
+                (axes[2][0], run.margin, run.eval_margin),
+                (axes[2][1], run.accuracy, run.eval_accuracy),
+            ):
+                if train:
+                    ax.plot(*zip(*train), color=colour, alpha=0.6, label=run.name)
+                if evals:
+                    ax.plot(*zip(*evals), color=colour, marker="o", markersize=4, linestyle="--")
     titles = {
         ax_loss: f"train loss (faint: raw, bold: smoothed {SMOOTHING})",
         ax_eval: "eval loss",
         ax_lr: "learning rate",
         ax_grad: "gradient norm (before clipping)",
     }
+    if rewards:
+        titles[axes[2][0]] = "reward margin (line: train, dashed: eval)"
+        titles[axes[2][1]] = "reward accuracy (line: train, dashed: eval)"
     for ax, title in titles.items():
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if not ax.has_data():
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for ax in (ax_lr, ax_grad):
+    for ax in axes[-1]:
         ax.set_xlabel("step")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     handles = [h for h in ax_loss.get_lines() if not h.get_label().startswith("_")]

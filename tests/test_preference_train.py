@@ -331,3 +331,74 @@ def test_inspect_data_shows_both_responses_of_a_pair_with_their_targets(tmp_path
         trained = "".join(t for t, m in zip(view["tokens"], view["target_mask"]) if m)
         assert trained == text + "<|im_end|></s>"  # the assistant turn and EOS, never the prompt
     assert report["train"]["examples"] == 48 and report["train"]["truncated"] == 0
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, llama_dir, pref_data):
+    """DPO under DDP (two gloo processes on the CPU): every pair weighs the same whatever the process layout,
+    so the losses, rewards and adapter equal one process with twice the accumulation."""
+    from tests.test_scale import ROOT, launch, write_cfg
+
+    common = dict(
+        base_model=str(llama_dir),
+        method="dpo",
+        datasets=[{"path": str(pref_data["pairs"]), "type": "preference"}],
+        bnb_4bit_compute_dtype="float32",
+        micro_batch_size=3,
+        max_steps=3,
+        lora_dropout=0.1,
+        optimizer="adamw_torch",
+        learning_rate=2e-3,
+        lora_target_modules="all-linear",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        device="cpu",
+    )
+    one = write_cfg(tmp_path / "one.yaml", **common, gradient_accumulation_steps=4, output_dir=str(tmp_path / "one"))
+    two = write_cfg(tmp_path / "two.yaml", **common, gradient_accumulation_steps=2, output_dir=str(tmp_path / "two"))
+    import subprocess
+    import sys
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "train", str(one)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    ran = launch(two, 2)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "two" / ADAPTER_WEIGHTS))
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    ra, rb = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    assert [r["step"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
+            assert abs(x[key] - y[key]) < 1e-5, (key, x[key], y[key])
+
+
+def test_loss_png_of_a_preference_run_has_the_reward_panels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from qlora_cli.plot import make_figure, read_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = []
+    for step in range(1, 7):
+        lines.append({"type": "train", "step": step, "loss": 0.7 - 0.1 * step, "lr": 1e-4, "grad_norm": 1.0,
+                      "rewards/margin": 0.1 * step, "rewards/accuracy": min(1.0, 0.5 + 0.1 * step)})  # fmt: skip
+    lines.append(
+        {"type": "eval", "step": 6, "eval_loss": 0.2, "eval_rewards/margin": 0.5, "eval_rewards/accuracy": 0.9}
+    )
+    (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    curves = read_curves(run)
+    assert curves.margin == [(s, pytest.approx(0.1 * s)) for s in range(1, 7)]
+    assert curves.eval_accuracy == [(6, 0.9)]
+    fig = make_figure([curves])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 6 and titles[4].startswith("reward margin") and titles[5].startswith("reward accuracy")
+    margin = fig.axes[4].get_lines()
+    assert [list(line.get_ydata()) for line in margin] == [pytest.approx([0.1 * s for s in range(1, 7)]), [0.5]]
+    # a supervised run keeps the four panels
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / METRICS_FILE).write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "lr": 1e-4}) + "\n")
+    assert len(make_figure([read_curves(sft)]).axes) == 4

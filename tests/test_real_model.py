@@ -220,3 +220,50 @@ def test_llama_cpp_answers_like_the_adapter_from_the_exported_gguf(real_run, tmp
     ours = [o[: o.index(end)] if end in o else o for o in ours]
     same = sum(a == b for a, b in zip(ours, cut))
     assert same >= 6, [(tokenizer.decode(a), tokenizer.decode(b)) for a, b in zip(ours, cut)]
+
+
+def test_dpo_on_smollm2_moves_held_out_preferences(tmp_path):
+    """DPO from the base on SmolLM2: pairs whose rejected answer is the model's own greedy answer
+    (data/prefs), so the base prefers the rejected answer on held-out prompts; a few steps reverse that."""
+    lines = (ROOT / "data" / "prefs" / "train.jsonl").read_text().splitlines()[:16]
+    train = write_jsonl(tmp_path / "train.jsonl", [json.loads(x) for x in lines])
+    held_out = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [json.loads(x) for x in (ROOT / "data" / "prefs" / "eval.jsonl").read_text().splitlines()[:8]],
+    )
+    cfg = load_config(
+        None,
+        base_model=str(GGUF),
+        method="dpo",
+        beta=0.1,
+        precompute_ref_log_probs=True,
+        datasets=[{"path": str(train), "type": "preference"}],
+        eval_datasets=[{"path": str(held_out), "type": "preference"}],
+        bnb_4bit_compute_dtype="float32",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+        sequence_len=128,
+        micro_batch_size=4,
+        max_steps=4,
+        eval_steps=2,
+        learning_rate=1e-4,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        device="cpu",
+        output_dir=str(tmp_path / "run"),
+    )
+    run_train(cfg, console=Console(quiet=True))
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    base, tuned = json.loads(out.read_text())["models"]
+    assert base["prefers_chosen"] <= 0.25  # the base prefers its own answers
+    assert tuned["prefers_chosen"] > base["prefers_chosen"]
+    assert tuned["reward_accuracy"] >= 0.75 and tuned["reward_margin"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["type"] == "eval"]
+    assert evals[-1]["eval_rewards/margin"] > evals[0]["eval_rewards/margin"] > 0
+    assert tuned["reward_margin"] == pytest.approx(evals[-1]["eval_rewards/margin"], rel=1e-3)
