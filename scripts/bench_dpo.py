@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import Shape, _rss_bytes, build_base  # noqa: E402
+from bench import Shape, _rss_bytes, build_base, real_model_folder  # noqa: E402
 
 
 @dataclass
@@ -59,15 +61,14 @@ BETA = 0.1
 
 
 def base_folder(preset: Preset, model: str | None) -> Path:
+    """The model both stacks load: ``make bench``'s random Llama-shaped folder, or the real model named."""
     if preset.shape is None:
-        from qlora_cli.model.gguf import gguf_folder
-
         if not model:
             sys.exit("error: this preset needs --model (a GGUF file or model folder)")
-        return Path(gguf_folder(model, "float32")) if model.endswith(".gguf") else Path(model)
+        return real_model_folder(model)
     shape = preset.shape
-    name = f"bench-llama-{shape.hidden}x{shape.layers}-v{shape.vocab}"
-    return build_base(shape, ROOT / ".bench" / name)
+    bench_dir = Path(os.environ.get("QLORA_BENCH_DIR", "/tmp/qlora-bench"))
+    return build_base(shape, bench_dir / f"llama-{shape.hidden}x{shape.layers}-v{shape.vocab}")
 
 
 def vocab_size(folder: Path) -> int:
@@ -125,7 +126,7 @@ def setup_qlora(folder: Path, preset: Preset) -> Any:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -152,7 +153,7 @@ def setup_trl(folder: Path, preset: Preset) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     args = DPOConfig(
-        output_dir=str(ROOT / ".bench" / "trl-unused"), beta=BETA, use_cpu=True, bf16=False, report_to=[],
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), beta=BETA, use_cpu=True, bf16=False, report_to=[],
         gradient_checkpointing=False, per_device_train_batch_size=preset.pairs, max_length=None,
     )  # fmt: skip
     data = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
@@ -176,7 +177,7 @@ def setup_trl(folder: Path, preset: Preset) -> Any:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
