@@ -266,11 +266,12 @@ class RunConfig(BaseModel):
                 f"__key__train_on_inputs: method {method} scores the responses only (ORPO may add the prompts to "
                 "its NLL term)"
             )
-        if method == "kto" and self.micro_batch_size < 2:
-            raise ValueError(
-                "__key__micro_batch_size: KTO needs at least 2 (its KL estimate pairs each prompt with another "
-                "row's response in the micro-batch)"
-            )
+        for key in ("micro_batch_size", "eval_batch_size"):
+            if method == "kto" and (getattr(self, key) or 2) < 2:
+                raise ValueError(
+                    f"__key__{key}: KTO needs at least 2 (its KL estimate pairs each prompt with another "
+                    "row's response in the micro-batch)"
+                )
         return self
 
     @model_validator(mode="after")
@@ -728,7 +729,7 @@ def dump_config(cfg: RunConfig) -> str:
         given.append(f"# {where} as given: {value}\n")
         return str(path.resolve())
 
-    for key in ("base_model", "tokenizer"):
+    for key in ("base_model", "tokenizer", "ref_adapter"):
         data[key] = absolute(key, data.get(key))
     for key in ("datasets", "eval_datasets"):
         for i, spec in enumerate(data.get(key) or []):

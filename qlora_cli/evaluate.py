@@ -41,7 +41,7 @@ from qlora_cli.model.loading import context_length, stop_token_ids
 from qlora_cli.run_folder import RunFolder
 from qlora_cli.scoring import GenerationCase, generation_case, score_generations
 
-FORMATS = ("completion", "alpaca", "chat", "text", "preference")
+FORMATS = ("completion", "alpaca", "chat", "text", "preference", "unpaired")
 AUTO_MAX_NEW_TOKENS_CAP = 256  # the longest reference + AUTO_MARGIN, at most this, unless --max-new-tokens
 AUTO_MARGIN = 8  # generate past the reference, so an answer that does not stop is not an exact match
 
@@ -171,6 +171,8 @@ def infer_format(row: Row) -> str | None:
     f = row.fields
     if "chosen" in f and "rejected" in f:
         return "preference"
+    if "label" in f and "completion" in f:
+        return "unpaired"
     if "messages" in f or "conversations" in f:
         return "chat"
     if "instruction" in f:
@@ -272,6 +274,8 @@ def as_chosen(row: Row, tokenizer: Any) -> tuple[Row | None, str]:
         prompt, chosen, _ = _pair_fields(Row(row.where, dict(row.fields)))
     if isinstance(prompt, str) and isinstance(chosen, str) and not getattr(tokenizer, "chat_template", None):
         return Row(row.where, {"prompt": prompt, "completion": chosen}), "completion"
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{row.where}: conversational preference rows need a chat template; the tokenizer has none")
     before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     after = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
     return Row(row.where, {"messages": before + after}), "chat"
@@ -510,6 +514,13 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
     say(f"[bold]qlora eval[/bold] on {device.type}: {len(prepared.examples)} examples from {escape(rows.source)}")
     preference = any(fmt == "preference" for _, fmt in rows.items)
     beta = config.beta if config is not None else 0.1
+    references: dict[str, Path] = {}  # adapter name -> its run's ref_adapter, the rewards' reference
+    for c in adapters if preference else []:
+        ref = c.config.ref_adapter if c.config is not None else None
+        if ref:
+            references[c.name] = Path(ref).expanduser()
+            if not references[c.name].is_dir():
+                raise ConfigError(f"{c.name} was tuned against ref_adapter {ref}, which is not there to score against")
 
     kw: dict[str, Any] = dict(batch_size=batch_size, max_new_tokens=options.max_new_tokens, device=device)
     scores: list[ModelScore] = []
@@ -533,8 +544,8 @@ def evaluate(inputs: list[str | Path], options: EvalOptions, log: Any = None) ->
             say(_one_line(scores[-1]))
         for c in adapters:
             reference = base_logps
-            if pairs and c.config is not None and c.config.ref_adapter:  # DPO on top of an earlier adapter
-                load_adapter(model, c.config.ref_adapter)
+            if pairs and c.name in references:  # DPO on top of an earlier adapter
+                load_adapter(model, references[c.name])
                 model.eval()
                 reference = pairs.logps(model, batch_size, device, pad, autocast)
                 _remove_lora(model)

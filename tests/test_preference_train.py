@@ -402,3 +402,108 @@ def test_loss_png_of_a_preference_run_has_the_reward_panels(tmp_path):
     sft.mkdir()
     (sft / METRICS_FILE).write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "lr": 1e-4}) + "\n")
     assert len(make_figure([read_curves(sft)]).axes) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# review fixes: each of these failed on the first version
+
+
+def test_kto_kl_pairs_never_meet_their_own_prompt_when_another_is_at_hand(tokenizer):
+    """A pair split for KTO puts two responses to one prompt side by side; the KL pair of each takes the
+    response of a row with another prompt."""
+    from qlora_cli.data.preference import unpair
+    from qlora_cli.train.preference import mismatched
+
+    examples, _ = tokenize_preference_rows(
+        [Row(f"p:{i}", r) for i, r in enumerate(pair_rows(3, 0))], "preference", tokenizer, 512
+    )
+    flat = unpair(examples)  # [c0, r0, c1, r1, c2, r2]
+    for e, kl in zip(flat, mismatched(flat, 512)):
+        assert kl.input_ids[: kl.prompt_len] == e.input_ids[: e.prompt_len]
+        response = kl.input_ids[kl.prompt_len :]
+        owners = [o for o in flat if o.input_ids[o.prompt_len :] == response]
+        assert owners and all(o.input_ids[: o.prompt_len] != e.input_ids[: e.prompt_len] for o in owners)
+
+
+def test_kto_val_split_keeps_both_halves_of_a_pair_on_one_side(tokenizer, pref_data):
+    from qlora_cli.config import DatasetSpec, DataSettings
+    from qlora_cli.data.pipeline import build_datasets
+
+    spec = DatasetSpec(path=str(pref_data["pairs"]), type="preference")
+    settings = DataSettings([spec], [], 0.25, False, 512, 0, unpaired=True)
+    data = build_datasets(settings, tokenizer)
+    assert len(data.train) == 2 * 36 and len(data.eval) == 2 * 12
+    train_rows = {e.row.where for e in data.train}
+    assert not train_rows & {e.row.where for e in data.eval}
+    assert data.train_stats.examples == 72 and data.eval_stats.examples == 24
+
+
+def test_a_string_prompt_beside_whole_conversations_is_not_repeated(tokenizer):
+    """UltraFeedback's shape: a string prompt and chosen/rejected conversations that start with it."""
+    q = "what is two plus two?"
+    convo = lambda a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    given = Row("u:1", {"prompt": q, "chosen": convo("4"), "rejected": convo("5")})
+    implicit = Row("u:2", {"chosen": convo("4"), "rejected": convo("5")})
+    (a,), _ = tokenize_preference_rows([given], "preference", tokenizer, 512)
+    (b,), _ = tokenize_preference_rows([implicit], "preference", tokenizer, 512)
+    assert a.input_ids == b.input_ids and tokenizer.decode(a.input_ids).count(q) == 1
+
+
+def test_a_template_that_refuses_a_row_is_one_error_line(tmp_path):
+    from qlora_cli.errors import DataError
+    from qlora_cli.testing.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(chat_template="{{ raise_exception('Conversation roles must alternate') }}")
+    row = Row("bad.jsonl:3", {"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
+                             "rejected": [{"role": "assistant", "content": "c"}]})  # fmt: skip
+    with pytest.raises(DataError, match=r"bad.jsonl:3: the chat template cannot render this row \(Conversation roles"):
+        tokenize_preference_rows([row], "preference", tok, 512)
+
+
+def test_kto_refuses_an_eval_batch_of_one(tmp_path, llama_dir, pref_data):
+    cfg = _yaml(tmp_path, llama_dir, pref_data["unpaired"], method="kto", kind="unpaired", eval_batch_size=1)
+    assert_user_error(run_cli("train", str(cfg)), "key 'eval_batch_size': KTO needs at least 2", tmp_path / "run")
+
+
+def test_preference_tuning_under_fsdp_is_refused(tmp_path, llama_dir, pref_data, monkeypatch, quiet_console):
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.train import loop
+
+    monkeypatch.setattr(loop, "_is_fsdp", lambda accelerator: True)
+    with pytest.raises(ConfigError, match="method: dpo does not run under FSDP yet"):
+        run_train(pref_config(llama_dir, pref_data, tmp_path / "run", "dpo"), console=quiet_console)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ref_adapter_is_recorded_absolute(tmp_path, llama_dir, pref_data, monkeypatch):
+    from qlora_cli.config import dump_config
+
+    (tmp_path / "sft").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = pref_config(llama_dir, pref_data, tmp_path / "run", "dpo", ref_adapter="sft")
+    assert yaml.safe_load(dump_config(cfg))["ref_adapter"] == str(tmp_path / "sft")
+
+
+def test_trackers_get_the_rewards():
+    from qlora_cli.train.trackers import tracker_values
+
+    train = tracker_values({"type": "train", "step": 3, "loss": 0.5, "rewards/margin": 1.5, "kl": 0.2})
+    assert train == {"train/loss": 0.5, "train/rewards/margin": 1.5, "train/kl": 0.2}
+    assert tracker_values({"type": "eval", "step": 3, "eval_rewards/accuracy": 0.75}) == {"eval/rewards/accuracy": 0.75}
+
+
+def test_eval_reads_unpaired_rows_and_needs_a_template_for_conversations():
+    from qlora_cli.errors import DataError
+    from qlora_cli.evaluate import FORMATS, as_chosen, infer_format
+    from qlora_cli.testing.tiny import build_char_tokenizer
+
+    assert "unpaired" in FORMATS
+    assert infer_format(Row("k:1", {"prompt": "a", "completion": "b", "label": False})) == "unpaired"
+    assert as_chosen(Row("k:1", {"prompt": "a", "completion": "b", "label": False}), build_char_tokenizer()) == (
+        None,
+        "",
+    )
+    convo = Row("c:1", {"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
+                        "rejected": [{"role": "assistant", "content": "c"}]})  # fmt: skip
+    with pytest.raises(DataError, match="c:1: conversational preference rows need a chat template"):
+        as_chosen(convo, build_char_tokenizer(chat_template=None))

@@ -117,13 +117,9 @@ def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> E
 def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
     rows = read_rows(spec)
     if spec.type in PREFERENCE_TYPES:  # pairs or labelled responses; quick to tokenize, not cached
-        from qlora_cli.data.preference import tokenize_preference_rows, unpair
+        from qlora_cli.data.preference import tokenize_preference_rows
 
-        examples, stats = tokenize_preference_rows(rows, spec.type, tokenizer, settings.sequence_len)
-        if settings.unpaired:
-            examples = unpair(examples)
-            stats.examples = len(examples)
-        return examples, stats
+        return tokenize_preference_rows(rows, spec.type, tokenizer, settings.sequence_len)
     if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
@@ -265,13 +261,23 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
         train = [ex for i, ex in enumerate(train) if i not in val_idx]
         eval_stats = DataStats(
             examples=len(eval_examples),
-            tokens=sum(len(e.input_ids) for e in eval_examples),
-            target_tokens=sum(e.n_targets for e in eval_examples),
+            tokens=sum(len(s.input_ids) for e in eval_examples for s in _sequences(e)),
+            target_tokens=sum(s.n_targets for e in eval_examples for s in _sequences(e)),
         )
         train_stats.examples = len(train)
         train_stats.tokens -= eval_stats.tokens
         train_stats.target_tokens -= eval_stats.target_tokens
+    if settings.unpaired:  # KTO: each pair becomes its two labelled responses, after the split
+        from qlora_cli.data.preference import unpair
+
+        train, eval_examples = unpair(train), unpair(eval_examples)
+        train_stats.examples, eval_stats.examples = len(train), len(eval_examples)
     return TrainData(train, eval_examples, train_stats, eval_stats)
+
+
+def _sequences(e: Example) -> tuple[Example, ...]:
+    """The sequences an example runs: itself, and the rejected response of a preference pair."""
+    return (e,) if e.rejected is None else (e, e.rejected)
 
 
 def _tokenize_all(specs: list[DatasetSpec], tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:

@@ -117,6 +117,10 @@ def _pair_fields(row: Row) -> tuple[Any, Any, Any]:
             raise _missing(row, name, "preference")
     if row.fields.get("prompt") is None:
         prompt, chosen, rejected = _implicit_prompt(row)
+    elif isinstance(row.fields["prompt"], str) and _shared_opening(row):
+        # a string prompt beside whole conversations that open alike repeats their first turns: TRL takes the
+        # conversations' shared opening as the prompt then, and so does qlora
+        prompt, chosen, rejected = _implicit_prompt(row)
     else:
         prompt, chosen, rejected = (
             _text_or_messages(row, "prompt"),
@@ -128,6 +132,17 @@ def _pair_fields(row: Row) -> tuple[Any, Any, Any]:
     if chosen == rejected:
         raise DataError(f"{row.where}: 'chosen' and 'rejected' are the same response (nothing to prefer)")
     return prompt, chosen, rejected
+
+
+def _shared_opening(row: Row) -> bool:
+    chosen, rejected = row.fields["chosen"], row.fields["rejected"]
+    return (
+        isinstance(chosen, list)
+        and isinstance(rejected, list)
+        and bool(chosen)
+        and bool(rejected)
+        and (chosen[0] == rejected[0] and isinstance(chosen[0], dict) and chosen[0].get("role") != "assistant")
+    )
 
 
 def _implicit_prompt(row: Row) -> tuple[Any, Any, Any]:
@@ -176,7 +191,13 @@ def _tokenize(prompt: Any, response: Any, tokenizer: Any, where: str, name: str)
             )
         before = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         after = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-        ex = tokenize_conversation(before + after, tokenizer, False, f"{where} ({name})", first_trained=len(before))
+        try:
+            ex = tokenize_conversation(before + after, tokenizer, False, f"{where} ({name})", first_trained=len(before))
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the template's own refusal (e.g. roles that must alternate)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{where}: the chat template cannot render this row ({reason})") from None
     first = next((i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX), len(ex.labels))
     ex.prompt_len = first
     return ex

@@ -354,6 +354,11 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
     fsdp = _is_fsdp(accelerator)
+    if fsdp and cfg.preference:  # its reference forwards run the inner module, which FSDP has sharded
+        raise ConfigError(
+            f"method: {cfg.method} does not run under FSDP yet; use DDP (accelerate launch without an FSDP config) "
+            "or one process"
+        )
     if fsdp and resume_from is not None:
         raise ConfigError("resume_from_checkpoint is not supported under FSDP yet; resume with DDP or one process")
     trained = _wrap_for_processes(model, accelerator)  # DDP/FSDP when world > 1; `model` stays the plain module

@@ -269,10 +269,14 @@ def _orpo(objective: Objective, logps: torch.Tensor, counts: torch.Tensor, sums:
 
 def mismatched(examples: list[Example], sequence_len: int) -> list[Example]:
     """KTO's KL pairs: each example's prompt with the previous example's response (the first takes the last's),
-    as TRL's KTO builds them; cut to ``sequence_len``."""
+    as TRL's KTO builds them, skipping back over rows with the same prompt (a pair split into two labelled
+    responses) so that a response never meets its own prompt where another is at hand; cut to ``sequence_len``."""
     out = []
     for i, e in enumerate(examples):
-        other = examples[i - 1]
+        prompt = e.input_ids[: e.prompt_len]
+        others = [examples[i - k] for k in range(1, len(examples))]
+        different = [o for o in others if o.input_ids[: o.prompt_len] != prompt]
+        other = different[0] if different else examples[i - 1]
         ids = e.input_ids[: e.prompt_len] + other.input_ids[other.prompt_len :]
         labels = [IGNORE_INDEX] * e.prompt_len + other.labels[other.prompt_len :]
         out.append(Example(ids[:sequence_len], labels[:sequence_len], prompt_len=e.prompt_len))

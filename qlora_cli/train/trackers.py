@@ -32,6 +32,16 @@ from qlora_cli.layout import TENSORBOARD_DIR, TRACKERS_FILE
 
 PROJECT = "qlora"  # W&B project / MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> pip package
+# preference tuning's logged numbers (train.preference.Sums.means), under the same names in the trackers
+PREFERENCE_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracy",
+    "rewards/margin",
+    "nll",
+    "log_odds_ratio",
+    "kl",
+)
 # metrics.jsonl key -> tracker metric name, per record type
 METRIC_NAMES = {
     "train": {
@@ -40,8 +50,13 @@ METRIC_NAMES = {
         "grad_norm": "train/grad_norm",
         "tokens_per_sec": "train/tokens_per_sec",
         "epoch": "train/epoch",
+        **{k: f"train/{k}" for k in PREFERENCE_METRICS},
     },
-    "eval": {"eval_loss": "eval/loss", "eval_ppl": "eval/perplexity"},
+    "eval": {
+        "eval_loss": "eval/loss",
+        "eval_ppl": "eval/perplexity",
+        **{f"eval_{k}": f"eval/{k}" for k in PREFERENCE_METRICS},
+    },
 }
 
 
