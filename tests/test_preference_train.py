@@ -507,3 +507,16 @@ def test_eval_reads_unpaired_rows_and_needs_a_template_for_conversations():
                         "rejected": [{"role": "assistant", "content": "c"}]})  # fmt: skip
     with pytest.raises(DataError, match="c:1: conversational preference rows need a chat template"):
         as_chosen(convo, build_char_tokenizer(chat_template=None))
+
+
+def test_a_dpo_run_merges_and_passes_the_self_check(tmp_path, llama_dir, pref_data, quiet_console):
+    """A preference run folder is a normal run folder: merge reads prompts from its pairs and reproduces it."""
+    from qlora_cli.merge import run_merge
+
+    run = tmp_path / "dpo"
+    run_train(pref_config(llama_dir, pref_data, run, "dpo", max_steps=4), console=quiet_console)
+    result = run_merge(run, tmp_path / "merged", device="cpu", console=quiet_console)
+    check = result.check
+    assert check is not None and check.prompts_from == "eval data" and check.n_prompts > 0
+    assert check.adapter_kl > 0  # the adapter changes the model, and the merged model keeps that change
+    assert check.problems == [] and check.mean_kl < 0.01 * check.adapter_kl  # within the self-check's 16-bit limits
