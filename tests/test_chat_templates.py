@@ -167,3 +167,34 @@ def test_llama3_by_name_on_a_llama3_model_gives_the_tokens_of_its_own_template(t
     own, named = tokens(None), tokens("llama3")
     assert own == named and len(own) == 2
     assert sum(1 for t in own[0][1] if t != IGNORE_INDEX) > 10  # really trained on the answers, not on "llama3"
+
+
+def test_a_named_template_whose_markers_are_not_tokens_is_warned_about(tmp_path, llama_dir):
+    """Llama-3's template on a tokenizer without its header tokens would train on '<|eot_id|>' spelled out in
+    pieces: untokenized_markers names them, qlora inspect data and qlora train say so; ChatML's markers are
+    tokens of the tiny tokenizer, and the tokenizer's own template is never flagged."""
+    from qlora_cli.data.chat_templates import marker_warning, untokenized_markers
+    from qlora_cli.inspect.report import data_report
+    from qlora_cli.testing.tiny import build_char_tokenizer
+    from qlora_cli.train.loop import run_train
+    from tests.conftest import make_config, write_jsonl
+
+    tok = build_char_tokenizer()
+    assert untokenized_markers("llama3", tok) == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert untokenized_markers("chatml", tok) == [] and untokenized_markers(None, tok) == []
+    assert "<|eot_id|> are not tokens of this tokenizer" in marker_warning("llama3", tok)
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(8)]  # fmt: skip
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = make_config(llama_dir, data, tmp_path / "run", chat_template="llama3", max_steps=1,
+                      datasets=[{"path": str(data), "type": "chat"}])  # fmt: skip
+    assert any("<|start_header_id|>" in w and "spelled out in pieces" in w for w in data_report(cfg)["warnings"])
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    run_train(cfg, console=console)
+    assert "warning: chat_template llama3: <|start_header_id|>" in console.export_text()
+    ok = cfg.model_copy(update={"chat_template": "chatml", "output_dir": str(tmp_path / "ok")})
+    console = Console(record=True, width=400)
+    run_train(ok, console=console)
+    assert "spelled out" not in console.export_text()

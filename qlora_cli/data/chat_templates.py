@@ -26,6 +26,7 @@ differs, on purpose:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CHATML_TEMPLATE = (
@@ -199,3 +200,36 @@ def describe_chat_template(value: str | None, tokenizer: Any) -> dict[str, str |
     if is_jinja(value):
         return {"name": "jinja", "source": "a Jinja template from the config"}
     return {"name": value, "source": f"named {value} (qlora's copy of {TEMPLATES[value][1]})"}
+
+
+_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>|<start_of_turn>|<end_of_turn>")
+
+
+def untokenized_markers(value: str | None, tokenizer: Any) -> list[str]:
+    """The turn markers a configured template (a name, or Jinja text) writes that are not single tokens of
+    ``tokenizer``: such a marker is trained on spelled out in pieces (``<|eot_id|>`` as ``<``, ``|``, ``e``...),
+    which a model of another family never learned and which generation cannot stop on. [] for the tokenizer's
+    own template (its markers are its tokens)."""
+    value = check_chat_template(value)
+    if value is None:
+        return []
+    text = value if is_jinja(value) else TEMPLATES[value][0]
+    missing = []
+    for marker in dict.fromkeys(_MARKER.findall(text)):
+        if len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1:
+            missing.append(marker)
+    return missing
+
+
+def marker_warning(value: str | None, tokenizer: Any) -> str | None:
+    """One line for a template whose markers are not tokens of the tokenizer, or None."""
+    missing = untokenized_markers(value, tokenizer)
+    if not missing:
+        return None
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return (
+        f"chat_template {value if not is_jinja(value or '') else '(Jinja)'}: {shown} "
+        f"{'is not a token' if len(missing) == 1 else 'are not tokens'} of this tokenizer, so training sees "
+        "them spelled out in pieces; use the tokenizer's own template (chat_template: tokenizer) or one of its "
+        "family"
+    )

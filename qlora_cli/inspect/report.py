@@ -220,7 +220,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     """What the model will be trained on: counts as ``data.pipeline.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
     from qlora_cli.config import PREFERENCE_TYPES
-    from qlora_cli.data.chat_templates import describe_chat_template
+    from qlora_cli.data.chat_templates import describe_chat_template, marker_warning
     from qlora_cli.data.pipeline import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
     from qlora_cli.data.preference import tokenize_preference_rows
     from qlora_cli.model.loading import load_tokenizer, quiet_libraries
@@ -236,6 +236,10 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             "pad token == EOS token: qlora still trains on EOS (masks come from lengths), but other tools that "
             "mask by pad id would drop it"
         )
+    if any(spec.type in ("chat", "preference", "unpaired") for spec in cfg.datasets):
+        warning = marker_warning(cfg.chat_template, tokenizer)
+        if warning:
+            warnings.append(warning)
     datasets = []
     lengths: list[int] = []  # untruncated, train datasets
     shown: list[dict[str, Any]] = []

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 
 from qlora_cli.config import RunConfig, dump_config
+from qlora_cli.data.chat_templates import marker_warning
 from qlora_cli.data.pipeline import Example, TrainData, build_datasets, epoch_batches, pack_examples
 from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
@@ -337,6 +338,10 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg.data, tokenizer)
+    if any(spec.type in ("chat", "preference", "unpaired") for spec in cfg.datasets):
+        warning = marker_warning(cfg.chat_template, tokenizer)
+        if warning:
+            console.print(f"[yellow]warning:[/yellow] {warning}")
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
     if cfg.ref_adapter:  # preference tuning on top of an earlier run: its adapter is the start and the reference
