@@ -71,6 +71,7 @@ class RunConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_use_rslora: bool = False  # scaling = alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # DoRA: a trained magnitude per output row times the normalised W + BA (PEFT's use_dora)
     # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
     method: Method = "sft"
     beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
@@ -252,6 +253,8 @@ class RunConfig(BaseModel):
                 if self._changed(key):
                     raise ValueError(f"__key__{key}: applies to preference tuning (method: dpo, orpo or kto)")
             return self
+        if self.use_dora and self.ref_adapter:
+            raise ValueError("__key__use_dora: not with ref_adapter yet (a DoRA reference is not kept); start fresh")
         if method == "orpo":
             for key in ("beta", "ref_adapter", "precompute_ref_log_probs"):
                 if self._changed(key):
@@ -291,6 +294,7 @@ class RunConfig(BaseModel):
             dropout=self.lora_dropout,
             target_modules=self.lora_target_modules,
             use_rslora=self.lora_use_rslora,
+            use_dora=self.use_dora,
         )
 
     @property
@@ -339,6 +343,7 @@ class LoRASettings:
     dropout: float
     target_modules: list[str] | str
     use_rslora: bool
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -407,6 +412,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     },
     "lora_target_linear": "lora_target_modules: all-linear",
     "peft_use_rslora": "lora_use_rslora: true",
+    "peft_use_dora": "use_dora: true",
     "bf16": {
         "auto": "bnb_4bit_compute_dtype: bfloat16 (the default)",
         True: "bnb_4bit_compute_dtype: bfloat16 (the default)",

@@ -53,7 +53,21 @@ def from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX) :]
     for which in ("lora_A", "lora_B"):
         key = key.replace(f".{which}.default.", f".{which}.")
-    return key
+    return key.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+
+
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's per-row magnitude, PEFT's key suffix in adapter files
+
+
+def adapter_magnitudes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module: m (out,)}`` of a DoRA adapter's magnitudes (empty for plain LoRA)."""
+    return {k[: -len(MAGNITUDE)]: v for k, v in state.items() if k.endswith(MAGNITUDE)}
+
+
+def refuse_dora(config: dict[str, Any], where: str, what: str) -> None:
+    """One ``ModelError`` line where a command cannot take a DoRA adapter yet."""
+    if config.get("use_dora"):
+        raise ModelError(f"{where} is a DoRA adapter (use_dora), which {what} does not take yet")
 
 
 def adapter_modules(
@@ -65,6 +79,8 @@ def adapter_modules(
     module with only one of the two, or no weights at all."""
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if key.endswith(MAGNITUDE):  # DoRA's magnitudes: adapter_magnitudes
+            continue
         module, sep, rest = key.rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
             if not strict:
@@ -150,7 +166,7 @@ def peft_adapter_config(
         "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": settings.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -201,8 +217,6 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     config = read_adapter_config(folder)
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise ModelError(f"{folder}: DoRA adapters are not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ModelError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
     state = {from_peft_key(k): v for k, v in read_adapter_weights(folder / ADAPTER_WEIGHTS).items()}
@@ -245,6 +259,7 @@ def settings_from_peft_config(config: dict[str, Any]) -> LoRASettings:
         dropout=float(config.get("lora_dropout", 0.0)),
         target_modules=targets,
         use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
     )
 
 
@@ -265,11 +280,32 @@ def load_adapter(
     check_fit(modules, settings.r, linear_modules(model), lambda: targeted_modules(model, settings, where), where)
     names = inject_lora(model, settings)
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
+    copy_weights(layers, modules, adapter_magnitudes(state), settings.use_dora, where)
+    return names
+
+
+def copy_weights(
+    layers: dict[str, LoRALinear],
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    magnitudes: Mapping[str, torch.Tensor],
+    use_dora: bool,
+    where: str,
+) -> None:
+    """Saved A, B (and DoRA's magnitudes) into the LoRA layers; ``ModelError`` for a magnitude missing, extra
+    or of the wrong length."""
+    if use_dora != bool(magnitudes):
+        what = "has no lora_magnitude_vector weights" if use_dora else "has DoRA magnitudes but use_dora is off"
+        raise ModelError(f"{where} {what}")
     with torch.no_grad():
         for name, (lora_A, lora_B) in modules.items():
-            layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))
-            layers[name].lora_B.weight.copy_(lora_B.to(torch.float32))
-    return names
+            layer = layers[name]
+            layer.lora_A.weight.copy_(lora_A.to(torch.float32))
+            layer.lora_B.weight.copy_(lora_B.to(torch.float32))
+            if use_dora:
+                m = magnitudes.get(name)
+                if m is None or tuple(m.shape) != (layer.out_features,):
+                    raise ModelError(f"{where}: {name}.lora_magnitude_vector is missing or not ({layer.out_features},)")
+                layer.lora_magnitude_vector.copy_(m.to(torch.float32))
 
 
 def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings: LoRASettings, key: str) -> None:
@@ -281,6 +317,8 @@ def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings
     saved = settings_from_peft_config(config)
     where = f"{key} {adapter_dir}"
     mine = (settings.r, settings.alpha, settings.use_rslora)
+    if saved.use_dora != settings.use_dora:
+        raise ModelError(f"{where}: use_dora is {saved.use_dora} there and {settings.use_dora} in this config")
     if (saved.r, saved.alpha, saved.use_rslora) != mine:
         raise ModelError(
             f"{where} has lora_r {saved.r}, lora_alpha {saved.alpha:g}, lora_use_rslora {saved.use_rslora}; this "
@@ -289,7 +327,4 @@ def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
     modules = adapter_modules(state, where)
     check_fit(modules, saved.r, {**linear_modules(model), **layers}, lambda: list(layers), where)
-    with torch.no_grad():
-        for name, (lora_A, lora_B) in modules.items():
-            layers[name].lora_A.weight.copy_(lora_A.to(torch.float32))
-            layers[name].lora_B.weight.copy_(lora_B.to(torch.float32))
+    copy_weights(layers, modules, adapter_magnitudes(state), saved.use_dora, where)

@@ -2,6 +2,10 @@
 
     y = W x + (α / r) · B (A dropout(x))          (α / √r with rsLoRA)
 
+DoRA (``use_dora``) adds a trained magnitude ``m`` per output row: the layer's weight is
+``m / ‖W + s·BA‖_row · (W + s·BA)``, the norm treated as a constant in backward (the DoRA paper's section 4.3,
+as PEFT does); ``m`` starts at ``‖W + s·BA‖_row``, so a fresh adapter changes nothing either.
+
 ``A`` is (r, in) Kaiming-uniform, ``B`` is (out, r) zeros, so a fresh adapter changes nothing. The adapter
 weights are float32 master weights whatever the base's dtype: a 4-bit base cannot hold a gradient and a
 bfloat16 adapter loses small updates. ``base`` may be ``nn.Linear``, a bitsandbytes ``Linear4bit`` (a subclass
@@ -20,7 +24,7 @@ from torch import nn
 from qlora_cli.config import LoRASettings, lora_scaling
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
-from qlora_cli.kernels.lora_linear import fused_lora_linear
+from qlora_cli.kernels.lora_linear import dense_weight, fused_lora_linear
 from qlora_cli.model.loading import module_device
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
@@ -39,6 +43,14 @@ def lora_delta(
     """scaling · B @ A in float32: (out, in), or (in, out) for a Conv1D base (``fan_in_fan_out``)."""
     delta = (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
     return delta.T if fan_in_fan_out else delta
+
+
+def dora_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> torch.Tensor:
+    """DoRA's effective weight, float32 (out, in): ``m / ‖W + s·BA‖_row · (W + s·BA)``."""
+    combined = weight.float() + lora_delta(lora_A, lora_B, scaling)
+    return combined * (magnitude.float() / combined.norm(dim=1))[:, None]
 
 
 def merge_weight(
@@ -102,7 +114,15 @@ class AroundLinear(nn.Module):
 class LoRALinear(AroundLinear):
     """A frozen linear layer plus a trainable low-rank update: ``y = base(x) + scaling · B(A(dropout(x)))``."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base)
         device = module_device(base)
@@ -115,6 +135,9 @@ class LoRALinear(AroundLinear):
         self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.use_dora = use_dora
+        if use_dora:  # PEFT's name and place: <module>.lora_magnitude_vector
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32))
         self.merged = False
         self.disabled = False
         # preference tuning's reference: frozen (A, B) copies (None: the base alone), used inside ``lora_reference``
@@ -128,10 +151,24 @@ class LoRALinear(AroundLinear):
             return
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            self.init_magnitude()
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """DoRA's start: ``m = ‖W + s·BA‖_row``, on the weight as the layer computes with it (4-bit: dequantized)."""
+        self.lora_magnitude_vector.copy_(self._dora_norm())
+
+    @torch.no_grad()
+    def _dora_norm(self) -> torch.Tensor:
+        weight = dense_weight(self.base, torch.float32)  # (out, in)
+        return (weight + lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)).norm(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_reference:
             return self._reference_forward(x)
+        if self.use_dora and not (self.merged or self.disabled):
+            return self._dora_forward(x)
         if self.fused and not (self.merged or self.disabled):
             p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
             return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
@@ -141,6 +178,21 @@ class LoRALinear(AroundLinear):
         x_lora = self.dropout(x).to(self.lora_A.weight.dtype)  # (..., in)
         update = self.lora_B(self.lora_A(x_lora))  # (..., r) -> (..., out)
         return out + (update * self.scaling).to(out.dtype)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (m/n - 1) · W x + (m/n) · s · B A x`` with ``n = ‖W + s·BA‖_row`` held constant; under
+        dropout ``W x`` is recomputed on the dropped-out input, as PEFT does."""
+        out = self.base(x)
+        scale = self.lora_magnitude_vector / self._dora_norm()  # (out,); gradient to the magnitude only
+        x_lora = self.dropout(x)
+        update = self.lora_B(self.lora_A(x_lora.to(self.lora_A.weight.dtype)))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.bias
+            base_out = (out - bias if bias is not None else out).float()
+        else:
+            weight = dense_weight(self.base, torch.float32).clone()  # kept for backward: not the shared buffer
+            base_out = x_lora.float() @ weight.T
+        return out + ((scale - 1) * base_out + scale * update * self.scaling).to(out.dtype)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -160,6 +212,8 @@ class LoRALinear(AroundLinear):
             return
         if is_quantized(self.base):
             raise ModelError("cannot merge into a 4-bit weight in place; use `qlora merge`, which dequantizes first")
+        if self.use_dora:
+            raise ModelError("merging a DoRA layer in place is not supported")
         w = self.base.weight
         w.data = merge_weight(w.data, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out).to(
             w.dtype
@@ -250,7 +304,7 @@ def inject_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child_name)
-        layer = LoRALinear(base, settings.r, settings.alpha, settings.dropout, settings.use_rslora)
+        layer = LoRALinear(base, settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora)
         layer.train(base.training)  # a new module starts in training mode; follow the model's mode
         setattr(parent, child_name, layer)
     return names
@@ -270,7 +324,10 @@ def set_fused(model: nn.Module, fused: bool) -> None:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    out = []
+    for _, m in lora_layers(model):
+        out += [m.lora_A.weight, m.lora_B.weight] + ([m.lora_magnitude_vector] if m.use_dora else [])
+    return out
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -279,6 +336,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_layers(model):
         state[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
         state[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        if m.use_dora:
+            state[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return state
 
 

@@ -37,6 +37,7 @@ from qlora_cli.model.adapter_io import (
     check_fit,
     linear_modules,
     read_adapter,
+    refuse_dora,
     settings_from_peft_config,
 )
 from qlora_cli.model.loading import module_device
@@ -207,6 +208,7 @@ class MultiLoRA:
         """Read, check and add an adapter under ``name``. Raises ``ModelError`` (one line) and changes nothing
         when the adapter does not fit the base."""
         config, state = read_adapter(folder)
+        refuse_dora(config, f"adapter {folder}", "qlora serve")
         settings = settings_from_peft_config(config)
         weights = self._check_fit(folder, config, state, settings.r)
         with self.lock:

@@ -304,7 +304,7 @@ def load_checkpoint(
     rank: int = 0,
 ) -> TrainerState:
     """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
-    from qlora_cli.model.adapter_io import adapter_modules, check_fit, read_adapter
+    from qlora_cli.model.adapter_io import adapter_magnitudes, adapter_modules, check_fit, copy_weights, read_adapter
     from qlora_cli.model.lora import lora_layers
 
     for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, rng_file(0)):
@@ -322,10 +322,7 @@ def load_checkpoint(
     layers = dict(lora_layers(model))
     saved = adapter_modules(tensors, f"checkpoint {path}")
     check_fit(saved, cfg.lora_r, layers, lambda: layers, f"checkpoint {path}", "does not fit this model")
-    with torch.no_grad():
-        for name, (lora_A, lora_B) in saved.items():
-            layers[name].lora_A.weight.copy_(lora_A)
-            layers[name].lora_B.weight.copy_(lora_B)
+    copy_weights(layers, saved, adapter_magnitudes(tensors), cfg.use_dora, f"checkpoint {path}")
     optimizer_state = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
     try:
         optimizer.load_state_dict(optimizer_state)
