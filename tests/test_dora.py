@@ -202,19 +202,21 @@ def test_dora_trains_resumes_bit_exact_evaluates_and_is_refused_where_not_taken(
     base, tuned = json.loads(out.read_text())["models"]
     assert tuned["loss"] == pytest.approx(result.eval_loss, rel=1e-5) and tuned["loss"] < base["loss"]
 
-    assert_user_error(
-        run_cli("merge", str(straight), "-o", str(tmp_path / "m")), "is a DoRA adapter (use_dora), which qlora merge"
-    )
-    assert not (tmp_path / "m").exists()
+    from qlora_cli.merge import run_merge
+
+    merged = run_merge(straight, tmp_path / "merged", device="cpu", console=quiet)  # the magnitude folded in
+    assert merged.check is not None and merged.check.problems == [] and merged.check.adapter_kl > 0
+    assert merged.check.mean_kl < 0.01 * merged.check.adapter_kl
 
 
-def test_export_and_serve_refuse_a_dora_adapter_in_one_line(tmp_path, llama_dir):
+def test_gguf_lora_export_and_serve_refuse_a_dora_adapter_in_one_line(tmp_path, llama_dir):
     from qlora_cli.errors import ModelError
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=4))
     run_train(make_config(llama_dir, data, tmp_path / "run", use_dora=True, max_steps=1), console=None)
     out = tmp_path / "x.gguf"
-    assert_user_error(run_cli("export", str(tmp_path / "run"), "-o", str(out)), "is a DoRA adapter (use_dora)")
+    result = run_cli("export", str(tmp_path / "run"), "-o", str(out), "--format", "gguf-lora")
+    assert_user_error(result, "is a DoRA adapter (use_dora): llama.cpp applies plain LoRA only")
     assert not out.exists()
     from qlora_cli.config import ModelSettings, QuantSettings
     from qlora_cli.serving.multi_lora import MultiLoRA
@@ -223,3 +225,33 @@ def test_export_and_serve_refuse_a_dora_adapter_in_one_line(tmp_path, llama_dir)
     with pytest.raises(ModelError, match="is a DoRA adapter \\(use_dora\\), which qlora serve does not take yet"):
         multi.load("dora", tmp_path / "run")
     assert list(multi.adapters) == []
+
+
+def test_merge_folds_the_magnitude_in(tmp_path, llama_dir):
+    """A DoRA adapter whose magnitudes are far from the row norms: the merged weights are m / ‖W + s·BA‖_row ·
+    (W + s·BA) of the dequantized NF4 weight, and the merged model reproduces the adapter (the self-check)."""
+    from rich.console import Console
+
+    from qlora_cli.config import dump_config
+    from qlora_cli.merge import run_merge
+    from qlora_cli.merge.weights import nf4_roundtrip
+    from qlora_cli.model.lora import dora_weight
+
+    data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=1))
+    run = tmp_path / "run"
+    cfg = make_config(llama_dir, data, run, use_dora=True, lora_target_modules="all-linear", lora_r=8, lora_alpha=16)
+    _, model = _ours(llama_dir, 0.0)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_magnitude_vector.mul_(1.5)  # far from the start: leaving it out would show
+    save_adapter(model, run, cfg.lora, cfg.base_model)
+    (run / "qlora_config.yaml").write_text(dump_config(cfg))
+    result = run_merge(run, tmp_path / "merged", device="cpu", dtype="float32", console=Console(quiet=True))
+    assert result.check is not None and result.check.problems == [], result.check
+    merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
+    original = load_file(str(llama_dir / "model.safetensors"))
+    name, layer = next(iter(lora_layers(model)))
+    key = f"{name}.weight"
+    base = nf4_roundtrip(original[key].float(), cfg.quant, torch.float32)
+    expect = dora_weight(base, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, layer.lora_magnitude_vector)
+    assert _rel(merged[key], expect) < 1e-6

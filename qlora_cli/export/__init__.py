@@ -109,6 +109,11 @@ def run_export(
     names = TensorNames(spec)
     check_not_an_input(out, input_files(source, source_gguf))
     if fmt == "gguf-lora":
+        if any(t.magnitude is not None for t in source.targets.values()):
+            raise ConfigError(
+                f"{run_path} is a DoRA adapter (use_dora): llama.cpp applies plain LoRA only, so --format gguf-lora "
+                "cannot hold it; export the merged model (--format gguf) instead"
+            )
         return _export_lora(source, spec, names, out, quant, started, console)
 
     modelfile = modelfile_path(out, quant)

@@ -63,7 +63,6 @@ from qlora_cli.merge.safetensors_stream import (
 )
 from qlora_cli.merge.self_check import self_check
 from qlora_cli.merge.weights import merged_weight
-from qlora_cli.model.adapter_io import refuse_dora
 from qlora_cli.model.gguf import resolve_gguf
 from qlora_cli.model.loading import DTYPES, quiet_libraries, resolve_device
 from qlora_cli.outputs import (
@@ -215,7 +214,6 @@ def prepare_source(run_path: str | Path, base: str | None, base_weights: str) ->
     """Open the run and its base and check the adapter fits; nothing is written. Raises ``QLoRAError``."""
     run = open_run(run_path, base=base)
     adapter_config, state = run.adapter
-    refuse_dora(adapter_config, str(run_path), "qlora merge (and so export)")
     run = replace(run, model=resolve_gguf(run.model))  # a GGUF base: its dequantized folder holds the originals
     folder = resolve_base_folder(run.model.base_model)
     run = replace(run, model=replace(run.model, base_model=str(folder)))

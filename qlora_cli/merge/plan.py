@@ -15,6 +15,7 @@ from qlora_cli.errors import ModelError
 from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.merge.safetensors_stream import FLOAT_CODES, TensorInfo
 from qlora_cli.model.adapter_io import (
+    adapter_magnitudes,
     adapter_modules,
     check_fit,
     linear_modules,
@@ -36,6 +37,7 @@ class Target:
     lora_B: torch.Tensor  # (out, r)
     conv1d: bool  # the base shard stores this weight (in, out)
     quantized: bool  # the run held this layer in 4 bits
+    magnitude: torch.Tensor | None = None  # DoRA: (out,), folded in as m / ‖W + s·BA‖_row per row
 
 
 def resolve_base_folder(name: str) -> Path:
@@ -134,6 +136,9 @@ def plan_targets(
     where = f"adapter {adapter_dir}"
     fits = f"{where} does not fit the base model"
     saved = adapter_modules(state, where)
+    magnitudes = adapter_magnitudes(state)
+    if settings.use_dora and set(magnitudes) != set(saved):
+        raise ModelError(f"{where} is a DoRA adapter without a lora_magnitude_vector for every module")
     targeted = check_fit(
         saved, settings.r, linear_modules(skeleton), lambda: targeted_modules(skeleton, settings, where), where
     )
@@ -160,5 +165,8 @@ def plan_targets(
         if info.dtype not in FLOAT_CODES:
             raise ModelError(f"base tensor {key} is {info.dtype}; merge needs 16- or 32-bit float base weights")
         quantized = quant.load_in_4bit and is_quantized_in_training(name, skip)
-        targets[key] = Target(name, key, A.float(), B.float(), conv1d, quantized)
+        m = magnitudes[name].float() if settings.use_dora else None
+        if m is not None and tuple(m.shape) != (n_out,):
+            raise ModelError(f"{fits}: {name}.lora_magnitude_vector has shape {tuple(m.shape)}, needs ({n_out},)")
+        targets[key] = Target(name, key, A.float(), B.float(), conv1d, quantized, m)
     return targets, settings.scaling

@@ -57,6 +57,8 @@ def merged_weight(
         base = w.float()  # a float32 copy (or the float32 base tensor itself, which nothing else needs)
     base_norm = torch.linalg.vector_norm(base).item()
     base.addmm_(B, A, alpha=scaling)  # W' = W + s · (out, r) @ (r, in)
+    if target.magnitude is not None:  # DoRA: each row rescaled to its trained magnitude, m / ‖W + s·BA‖_row
+        base.mul_((target.magnitude.to(device) / torch.linalg.vector_norm(base, dim=1))[:, None])
     # ‖s·B A‖_F² = s² · Σ (BᵀB ⊙ A Aᵀ): two (r, r) products instead of the (out, in) delta
     delta_norm = scaling * math.sqrt(max(((B.T @ B) * (A @ A.T)).sum().item(), 0.0))
     stat = LayerStat(
