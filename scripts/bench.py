@@ -37,6 +37,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def token_batch(preset: Preset, seq: int, device: torch.device) -> dict[str, tor
 # the stacks: each returns a step function running one optimizer step on the batch
 
 
-def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
+def setup_qlora(folder: Path, preset: Preset, mode: str, dora: bool = False) -> Any:
     from qlora_cli.config import load_config
     from qlora_cli.kernels.liger import apply_liger
     from qlora_cli.model.loading import enable_gradient_checkpointing, load_base_model
@@ -180,6 +181,7 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
         optimizer="paged_adamw_8bit",
         gradient_checkpointing=recompute,
         device=preset.device,
+        use_dora=dora,
     )
     device = torch.device(preset.device)
     model = load_base_model(cfg, device)
@@ -206,7 +208,7 @@ def setup_qlora(folder: Path, preset: Preset, mode: str) -> Any:
     return step
 
 
-def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
+def setup_peft(folder: Path, preset: Preset, mode: str, dora: bool = False) -> Any:
     """PEFT's reference recipe (issue 13): the bnb 4-bit model (NF4, double quant, compute and load dtype the
     preset's), ``get_peft_model`` with LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
     lora_dropout=0.0) and no ``prepare_model_for_kbit_training`` (it upcasts embeddings and head to float32:
@@ -228,7 +230,10 @@ def setup_peft(folder: Path, preset: Preset, mode: str) -> Any:
     if mode == "memory-saving":  # transformers' own non-reentrant checkpointing (whatever its 5.x method name)
         enable_gradient_checkpointing(model)
     model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        model,
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora
+        ),
     )
     model.train()
     return hf_loss_step(model, preset.device, dtype if dtype != torch.float32 else None)
@@ -271,7 +276,14 @@ def hf_loss_step(model: Any, device: str, autocast_dtype: torch.dtype | None) ->
     return step
 
 
-STACKS = {"qlora": setup_qlora, "peft": setup_peft, "unsloth": setup_unsloth}
+STACKS = {
+    "qlora": setup_qlora,
+    "peft": setup_peft,
+    "unsloth": setup_unsloth,
+    # --dora: DoRA (use_dora) beside plain LoRA, each stack's
+    "qlora-dora": partial(setup_qlora, dora=True),
+    "peft-dora": partial(setup_peft, dora=True),
+}
 
 
 def available_stacks() -> list[str]:
@@ -625,6 +637,7 @@ def main() -> int:
         help="full: every token a target (the reference table's setting); instruct: half of each row "
         "is a prompt without loss, as in supervised fine-tuning",
     )
+    ap.add_argument("--dora", action="store_true", help="also DoRA (use_dora) in qlora and in PEFT, side by side")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
@@ -673,6 +686,8 @@ def main() -> int:
     if args.model:
         report["model"] = args.model
     stacks = available_stacks()
+    if args.dora:
+        stacks = ["qlora", "peft", "qlora-dora", "peft-dora"]
     summary = None
     if args.preset == "cpu-packing":
         res = run_packing(folder, preset)
@@ -751,6 +766,14 @@ def main() -> int:
             if summary is None:
                 q = speed["qlora"]
                 summary = f"speedup_vs_peft={q['speedup_vs_peft']:.2f} memory_vs_peft={q['memory_vs_peft']:.2f}"
+                if args.dora:
+                    d, pd = speed["qlora-dora"], speed["peft-dora"]
+                    summary += (
+                        f" dora_speedup_vs_peft_dora={d['tokens_per_sec'] / pd['tokens_per_sec']:.2f}"
+                        f" dora_memory_vs_peft_dora={d['peak_bytes'] / pd['peak_bytes']:.2f}"
+                        f" dora_speed_vs_qlora_lora={d['tokens_per_sec'] / q['tokens_per_sec']:.2f}"
+                        f" dora_memory_vs_qlora_lora={d['peak_bytes'] / q['peak_bytes']:.2f}"
+                    )
                 if "fraction_of_gemm_rate" in q:
                     summary += f" fraction_of_gemm_rate={q['fraction_of_gemm_rate']:.2f}"
     report["wall_sec"] = time.perf_counter() - t_start
