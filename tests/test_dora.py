@@ -225,6 +225,11 @@ def test_gguf_lora_export_and_serve_refuse_a_dora_adapter_in_one_line(tmp_path, 
     with pytest.raises(ModelError, match="is a DoRA adapter \\(use_dora\\), which qlora serve does not take yet"):
         multi.load("dora", tmp_path / "run")
     assert list(multi.adapters) == []
+    from qlora_cli.inspect.adapter import adapter_report
+
+    report = adapter_report(tmp_path / "run")
+    assert report["adapter_kind"] == "DoRA" and report["modules"] == 4  # q_proj and v_proj of 2 layers
+    assert any("DoRA adapters (use_dora) are not supported by vLLM" in p for p in report["serving"]["problems"])
 
 
 def test_merge_folds_the_magnitude_in(tmp_path, llama_dir):

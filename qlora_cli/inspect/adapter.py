@@ -75,6 +75,7 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": bool(config.get("use_rslora", False)),
+        "adapter_kind": "DoRA" if config.get("use_dora") else "LoRA",
         "scaling": scaling,
         "target_modules": config.get("target_modules"),
         "modules": len(modules),
@@ -204,7 +205,7 @@ def render_adapter(report: dict[str, Any], console: Console) -> None:
     targets = report["target_modules"]
     targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
     console.print(
-        f"  r={report['r']} alpha={report['lora_alpha']:g}{' (rsLoRA)' if report['use_rslora'] else ''} "
+        f"  r={report['r']} alpha={report['lora_alpha']:g}{' (rsLoRA)' if report['use_rslora'] else ''}{' DoRA' if report['adapter_kind'] == 'DoRA' else ''} "
         f"scaling {report['scaling']:.4g}; targets {targets}; {report['modules']} modules"
     )
     console.print(
