@@ -520,3 +520,35 @@ def test_a_dpo_run_merges_and_passes_the_self_check(tmp_path, llama_dir, pref_da
     assert check is not None and check.prompts_from == "eval data" and check.n_prompts > 0
     assert check.adapter_kl > 0  # the adapter changes the model, and the merged model keeps that change
     assert check.problems == [] and check.mean_kl < 0.01 * check.adapter_kl  # within the self-check's 16-bit limits
+
+
+def test_fused_token_log_probs_equal_the_plain_path(llama_dir, tokenizer):
+    """The chunked head + per-token log-probabilities (kernels.cross_entropy.fused_linear_token_logps) give the
+    plain log-softmax's values and LoRA gradients."""
+    from qlora_cli.data.pipeline import collate
+    from qlora_cli.model.loading import load_base_model
+    from qlora_cli.model.lora import inject_lora, lora_layers, lora_parameters
+    from qlora_cli.train.preference import token_logps
+
+    cfg = make_config(llama_dir, Path("unused.jsonl"), Path("unused"), lora_target_modules="all-linear")  # not run
+    torch.manual_seed(0)
+    model = load_base_model(cfg, torch.device("cpu"))
+    inject_lora(model, cfg.lora)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_B.weight.normal_(0, 0.05)
+    examples, _ = tokenize_preference_rows(
+        [Row(f"p:{i}", r) for i, r in enumerate(pair_rows(4, 3))], "preference", tokenizer, 512
+    )
+    batch = collate(examples + [e.rejected for e in examples], tokenizer.pad_token_id)
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp = token_logps(model, batch, fused)
+        (logp.sum(1) * torch.linspace(0.5, 1.5, logp.shape[0])).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in lora_parameters(model)]))
+    (plain, plain_grads), (fused, fused_grads) = results
+    mask = batch["labels"][:, 1:] != -100
+    assert torch.equal(fused == 0, ~mask) and torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        assert float((a - b).norm() / b.norm()) < 1e-5

@@ -21,74 +21,12 @@ import torch
 IGNORE_INDEX = -100  # labels not trained on: data.IGNORE_INDEX, also torch's cross_entropy default
 
 
-class _FusedLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        softcap: float | None,
-        chunk: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        # hidden: (N, H); weight: (V, H); labels: (N,) all valid targets
-        w = weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk].to(dtype)
-            y = labels[start : start + chunk]
-            logits = (h @ w.T).float()  # (n, V)
-            if softcap is not None:
-                t = torch.tanh(logits / softcap)
-                logits = t * softcap
-            logp = torch.log_softmax(logits, dim=-1)  # (n, V)
-            del logits
-            total -= logp.gather(1, y[:, None]).sum()
-            if grad_hidden is not None:
-                grad = logp.exp_()  # softmax, in place; d(loss)/d(logits) = softmax - one_hot
-                grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                if softcap is not None:
-                    grad *= 1.0 - t * t  # d(cap * tanh(z / cap)) / dz
-                torch.mm(grad.to(dtype), w, out=grad_hidden[start : start + chunk])
-        ctx.save_for_backward(grad_hidden)
-        ctx.hidden_dtype = hidden.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
-        (grad_hidden,) = ctx.saved_tensors
-        grad = None if grad_hidden is None else (grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
-        return grad, None, None, None, None, None
-
-
-def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    softcap: float | None = None,
-    chunk: int = 1024,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy, number of targets) from final hidden states.
-
-    hidden: (B, T, H) after the final norm; weight: (V, H) the frozen output head; labels: (B, T) with
-    IGNORE_INDEX where no loss is taken. Position t predicts label t+1, as in ``loss.loss_sum``.
-    """
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    h = hidden[:, :-1][mask]  # (N, H): only positions that predict a target
-    y = shift_labels[mask]
-    if dtype is None:
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
-    if h.shape[0] == 0:
-        return hidden.sum() * 0.0, 0
-    return _FusedLinearCE.apply(h, weight, y, softcap, chunk, dtype), int(y.shape[0])
-
-
 class _FusedLinearTokenNLL(torch.autograd.Function):
-    """As ``_FusedLinearCE``, but one loss per target position, each with its own gradient weight."""
+    """hidden (N, H), weight (V, H), labels (N,) all valid targets -> (N,) float32 next-token NLL per position.
+
+    Logits are computed ``chunk`` rows at a time in float32 and dropped; the gradient with respect to the hidden
+    states, (softmax - one_hot) @ W per row, is computed in the forward pass, so backward only scales each row by
+    its position's incoming gradient."""
 
     @staticmethod
     def forward(
@@ -130,6 +68,30 @@ class _FusedLinearTokenNLL(torch.autograd.Function):
             return None, None, None, None, None, None
         grad = (grad_hidden * grad_nll[:, None].to(grad_hidden.dtype)).to(ctx.hidden_dtype)
         return grad, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy, number of targets) from final hidden states.
+
+    hidden: (B, T, H) after the final norm; weight: (V, H) the frozen output head; labels: (B, T) with
+    IGNORE_INDEX where no loss is taken. Position t predicts label t+1, as in ``loss.loss_sum``.
+    """
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    h = hidden[:, :-1][mask]  # (N, H): only positions that predict a target
+    y = shift_labels[mask]
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    return _FusedLinearTokenNLL.apply(h, weight, y, softcap, chunk, dtype).sum(), int(y.shape[0])
 
 
 def fused_linear_token_logps(
