@@ -72,6 +72,10 @@ class RunConfig(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_use_rslora: bool = False  # scaling = alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # DoRA: a trained magnitude per output row times the normalised W + BA (PEFT's use_dora)
+    # where the adapter starts (docs/adapters.md): default (B = 0), gaussian, loftq (the 4-bit error's top r
+    # directions), pissa / pissa_niter_N (the weight's top r singular directions), olora (its first r QR directions)
+    init_lora_weights: str = "default"
+    loftq_iter: int = Field(1, ge=1)  # LoftQ's alternating steps; above 1 they re-quantize the base (refused)
     # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
     method: Method = "sft"
     beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
@@ -149,6 +153,44 @@ class RunConfig(BaseModel):
             if any(not t.strip() for t in v):
                 raise ValueError("module names must not be empty")
         return v
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _known_init(cls, v: Any) -> Any:
+        # PEFT's spellings: true is its default start; false (a random B, so the adapter changes the model at
+        # step 0) is a test device in PEFT and not offered
+        if v is True:
+            return "default"
+        if v is False:
+            raise ValueError("false (a random B that changes the model before training) is not offered; use default")
+        if not isinstance(v, str) or not (v in INIT_KINDS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", v)):
+            raise ValueError(f"expected one of {', '.join(INIT_KINDS)} or pissa_niter_N (N >= 1), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> RunConfig:
+        init = self.init_lora_weights
+        if self.loftq_iter != 1:
+            if init != "loftq":
+                raise ValueError("__key__loftq_iter: applies to init_lora_weights: loftq")
+            raise ValueError(
+                "__key__loftq_iter: only 1 (more alternating steps re-quantize the base, so the run would no longer "
+                "train on the published model and every later command would need that new base)"
+            )
+        if init in ("default", "gaussian"):
+            return self
+        if self.use_dora:
+            raise ValueError(f"__key__init_lora_weights: {init} is not offered with use_dora yet; use default")
+        if self.ref_adapter:
+            raise ValueError(
+                f"__key__init_lora_weights: {init} does not apply with ref_adapter (the start is its adapter)"
+            )
+        if init == "loftq" and not self.load_in_4bit:
+            raise ValueError(
+                "__key__init_lora_weights: loftq corrects the 4-bit base's quantization error; with load_in_4bit: "
+                "false there is none (use pissa, olora or default)"
+            )
+        return self
 
     @field_validator("chat_template")
     @classmethod
@@ -295,6 +337,7 @@ class RunConfig(BaseModel):
             target_modules=self.lora_target_modules,
             use_rslora=self.lora_use_rslora,
             use_dora=self.use_dora,
+            init=self.init_lora_weights,
         )
 
     @property
@@ -344,10 +387,24 @@ class LoRASettings:
     target_modules: list[str] | str
     use_rslora: bool
     use_dora: bool = False
+    init: str = "default"  # init_lora_weights
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    @property
+    def offset_start(self) -> bool:
+        """Whether the start is carried as a frozen offset (PiSSA, OLoRA) and saved in PEFT's converted form."""
+        return is_offset_start(self.init)
+
+
+INIT_KINDS = ("default", "gaussian", "loftq", "pissa", "olora")
+
+
+def is_offset_start(init: str) -> bool:
+    """PiSSA and OLoRA start from the weight's own directions, so s·B₀A₀ is taken off the base (model.starts)."""
+    return init.startswith("pissa") or init == "olora"
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -452,6 +509,9 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
     "lora_modules_to_save": _NOTHING + "qlora trains LoRA weights only",
+    "peft": "init_lora_weights: loftq (Axolotl's peft.loftq_config; qlora's LoftQ works on the NF4 base as loaded)",
+    "loftq_config": "init_lora_weights: loftq",
+    "loftq_bits": "init_lora_weights: loftq (always the base's 4 bits)",
     "rl": "method (sft, dpo, orpo or kto); rl: ipo is method: dpo with dpo_loss: ipo",
     "rl_beta": "beta",
     "dpo_beta": "beta",

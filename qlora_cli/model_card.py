@@ -123,6 +123,7 @@ def _hyperparameter_lines(cfg: RunConfig) -> list[str]:
         ("base quantization", quant),
         ("compute dtype", cfg.bnb_4bit_compute_dtype),
         ("LoRA r / alpha / dropout", f"{cfg.lora_r} / {cfg.lora_alpha:g} / {cfg.lora_dropout:g}"),
+        ("adapter", _adapter_kind(cfg)),
         ("LoRA targets", targets),
         ("learning rate", f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.warmup_steps} warmup steps)"),
         ("optimizer", f"{cfg.optimizer} (weight decay {cfg.weight_decay:g}, max grad norm {cfg.max_grad_norm})"),
@@ -176,11 +177,22 @@ def _result_lines(run_dir: Path, records: list[dict[str, Any]], evaluation: dict
     return lines + [""]
 
 
+def _adapter_kind(cfg: RunConfig) -> str:
+    kind = "DoRA" if cfg.use_dora else "LoRA"
+    init = cfg.init_lora_weights
+    if init == "default":
+        return kind
+    if cfg.lora.offset_start:
+        return f"{kind}, {init} start (saved in PEFT's converted form: plain LoRA of rank {2 * cfg.lora_r})"
+    return f"{kind}, {init} start"
+
+
 def _usage_lines(cfg: RunConfig, name: str) -> list[str]:
     base = cfg.base_model
     from qlora_cli.model.adapter_io import VLLM_MAX_LORA_RANKS
 
-    vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= cfg.lora_r), cfg.lora_r)
+    rank = 2 * cfg.lora_r if cfg.lora.offset_start else cfg.lora_r  # PiSSA / OLoRA: saved converted, rank 2r
+    vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), rank)
     load_base = f'"{base}"'
     if base.endswith(".gguf"):  # transformers reads a GGUF base from its folder and file name
         load_base = f'"{Path(base).parent}", gguf_file="{Path(base).name}"'

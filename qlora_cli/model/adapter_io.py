@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,28 @@ def peft_adapter_config(
     }
 
 
+def saved_settings(settings: LoRASettings) -> LoRASettings:
+    """The adapter as written to disk: a PiSSA / OLoRA start in PEFT's converted form has twice the rank and the
+    same scaling (alpha doubled, or times √2 with rsLoRA, as PEFT's ``save_pretrained`` converts it)."""
+    if not settings.offset_start:
+        return settings
+    alpha = settings.alpha * (2**0.5 if settings.use_rslora else 2)
+    return replace(settings, r=2 * settings.r, alpha=alpha, init="default")
+
+
+def split_offsets(
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], r: int
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The inverse of the converted form (``lora.adapter_state_dict``): ``{module: (A', B')}`` of rank 2r ->
+    the trained (A, B) and the frozen start (A₀, B₀), exactly (slices and a negation)."""
+    trained = {m: (a[:r], b[:, :r]) for m, (a, b) in modules.items()}
+    offsets = {m: (a[r:].clone(), -b[:, r:]) for m, (a, b) in modules.items()}
+    return trained, offsets
+
+
 def save_adapter(model: torch.nn.Module, out_dir: str | Path, settings: LoRASettings, base_model: str) -> None:
     """Write adapter weights and config into ``out_dir``; each file lands atomically (temp file + rename)."""
+    settings = saved_settings(settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = list(lora_layers(model))

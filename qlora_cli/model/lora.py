@@ -122,6 +122,7 @@ class LoRALinear(AroundLinear):
         dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base)
@@ -144,12 +145,19 @@ class LoRALinear(AroundLinear):
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_reference = False
         self.fused = False  # one autograd node for base + adapter (kernels.lora_linear); same numbers
+        # PiSSA / OLoRA (model.starts): a frozen copy (A₀, B₀) of the start; the layer computes
+        # base(x) − s·B₀A₀x + s·BAx, so the 4-bit base is never re-quantized. None: nothing taken off.
+        self.offset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.init = init
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         if self.lora_A.weight.device.type == "meta":
             return
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
+        if self.init == "gaussian":  # PEFT's gaussian: A ~ N(0, 1/r²)
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:  # nn.Linear's own init, as PEFT does; the data-dependent starts overwrite it (model.starts)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         if self.use_dora:
             self.init_magnitude()
@@ -171,13 +179,21 @@ class LoRALinear(AroundLinear):
             return self._dora_forward(x)
         if self.fused and not (self.merged or self.disabled):
             p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
-            return fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
+            out = fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
+            return out if self.offset is None else out - self._offset_update(x).to(out.dtype)
         out = self.base(x)
         if self.merged or self.disabled:
             return out
         x_lora = self.dropout(x).to(self.lora_A.weight.dtype)  # (..., in)
         update = self.lora_B(self.lora_A(x_lora))  # (..., r) -> (..., out)
+        if self.offset is not None:  # on the input without dropout: s·B₀A₀ is part of the base's weight
+            return out + (update * self.scaling - self._offset_update(x)).to(out.dtype)
         return out + (update * self.scaling).to(out.dtype)
+
+    def _offset_update(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B₀A₀x in float32: what a PiSSA / OLoRA start takes off the base."""
+        lora_A, lora_B = self.offset  # type: ignore[misc]
+        return ((x.to(lora_A.dtype) @ lora_A.T) @ lora_B.T) * self.scaling
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + (m/n - 1) · W x + (m/n) · s · B A x`` with ``n = ‖W + s·BA‖_row`` held constant; under
@@ -203,8 +219,12 @@ class LoRALinear(AroundLinear):
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update this adapter adds to the base weight, float32, in the base weight's layout."""
-        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+        """The update this adapter adds to the base weight, float32, in the base weight's layout (a PiSSA / OLoRA
+        start's offset taken off)."""
+        delta = lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+        if self.offset is not None:
+            delta = delta - lora_delta(self.offset[0], self.offset[1], self.scaling, self.fan_in_fan_out)
+        return delta
 
     def merge(self) -> None:
         """Add the delta into a 16/32-bit base weight in place (a 4-bit base goes through ``qlora merge``)."""
@@ -215,9 +235,7 @@ class LoRALinear(AroundLinear):
         if self.use_dora:
             raise ModelError("merging a DoRA layer in place is not supported")
         w = self.base.weight
-        w.data = merge_weight(w.data, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out).to(
-            w.dtype
-        )
+        w.data = (w.data.float() + self.delta_weight()).to(w.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -304,7 +322,9 @@ def inject_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child_name)
-        layer = LoRALinear(base, settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora)
+        layer = LoRALinear(
+            base, settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora, settings.init
+        )
         layer.train(base.training)  # a new module starts in training mode; follow the model's mode
         setattr(parent, child_name, layer)
     return names
@@ -331,11 +351,18 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module path>.lora_A.weight": (r, in), "<module path>.lora_B.weight": (out, r)}``, detached."""
+    """``{"<module path>.lora_A.weight": (r, in), "<module path>.lora_B.weight": (out, r)}``, detached.
+
+    A layer with a PiSSA / OLoRA offset is written in PEFT's converted form (PEFT's
+    ``path_initial_model_for_weight_conversion``): ``A' = [A; A₀]`` (2r, in), ``B' = [B, −B₀]`` (out, 2r), a plain
+    LoRA of twice the rank and the same scaling on the unchanged base: ``s·B'A' = s·BA − s·B₀A₀``, exactly."""
     state = {}
     for name, m in lora_layers(model):
-        state[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        state[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        lora_A, lora_B = m.lora_A.weight.detach(), m.lora_B.weight.detach()
+        if m.offset is not None:
+            lora_A, lora_B = torch.cat([lora_A, m.offset[0]], 0), torch.cat([lora_B, -m.offset[1]], 1)
+        state[f"{name}.lora_A.weight"] = lora_A
+        state[f"{name}.lora_B.weight"] = lora_B
         if m.use_dora:
             state[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return state

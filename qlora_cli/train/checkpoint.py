@@ -304,7 +304,15 @@ def load_checkpoint(
     rank: int = 0,
 ) -> TrainerState:
     """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
-    from qlora_cli.model.adapter_io import adapter_magnitudes, adapter_modules, check_fit, copy_weights, read_adapter
+    from qlora_cli.model.adapter_io import (
+        adapter_magnitudes,
+        adapter_modules,
+        check_fit,
+        copy_weights,
+        read_adapter,
+        saved_settings,
+        split_offsets,
+    )
     from qlora_cli.model.lora import lora_layers
 
     for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, rng_file(0)):
@@ -321,7 +329,13 @@ def load_checkpoint(
     _, tensors = _load_file(path, read_adapter)
     layers = dict(lora_layers(model))
     saved = adapter_modules(tensors, f"checkpoint {path}")
-    check_fit(saved, cfg.lora_r, layers, lambda: layers, f"checkpoint {path}", "does not fit this model")
+    lora_rank = saved_settings(cfg.lora).r  # a PiSSA / OLoRA start is saved in PEFT's converted form, rank 2r
+    check_fit(saved, lora_rank, layers, lambda: layers, f"checkpoint {path}", "does not fit this model")
+    if cfg.lora.offset_start:
+        saved, offsets = split_offsets(saved, cfg.lora_r)
+        for name, (lora_A, lora_B) in offsets.items():
+            device = layers[name].lora_A.weight.device
+            layers[name].offset = (lora_A.to(device, torch.float32), lora_B.to(device, torch.float32))
     copy_weights(layers, saved, adapter_magnitudes(tensors), cfg.use_dora, f"checkpoint {path}")
     optimizer_state = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
     try:

@@ -94,7 +94,8 @@ def report_start(
         f" ({'4-bit ' + cfg.bnb_4bit_quant_type if cfg.load_in_4bit else '16-bit base'}, compute {cfg.bnb_4bit_compute_dtype})"
     )
     console.print(
-        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {len(target_names)} modules; "
+        f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.lora_r} alpha={cfg.lora_alpha:g}"
+        f"{'' if cfg.init_lora_weights == 'default' else f', {cfg.init_lora_weights} start'} on {len(target_names)} modules; "
         f"trainable {trainable:,} params ({100 * trainable / max(total, 1):.3f}% of stored)"
     )
     console.print(

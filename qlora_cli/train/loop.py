@@ -46,6 +46,7 @@ from qlora_cli.model.loading import (
     resolve_device,
 )
 from qlora_cli.model.lora import freeze_reference, inject_lora, lora_parameters, set_fused
+from qlora_cli.model.starts import apply_start, original_weights
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import is_run_folder, read_metrics
@@ -344,6 +345,8 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
             console.print(f"[yellow]warning:[/yellow] {warning}")
     model = load_base_model(cfg, device)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
+    if cfg.init_lora_weights not in ("default", "gaussian"):  # data-dependent starts: LoftQ, PiSSA, OLoRA
+        apply_start(model, cfg.lora, original_weights(cfg.base) if cfg.init_lora_weights == "loftq" else None)
     if cfg.ref_adapter:  # preference tuning on top of an earlier run: its adapter is the start and the reference
         load_start_adapter(model, cfg.ref_adapter, cfg.lora, "ref_adapter")
     if cfg.preference and cfg.ref_adapter:
