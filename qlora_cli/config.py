@@ -76,6 +76,12 @@ class RunConfig(BaseModel):
     # directions), pissa / pissa_niter_N (the weight's top r singular directions), olora (its first r QR directions)
     init_lora_weights: str = "default"
     loftq_iter: int = Field(1, ge=1)  # LoftQ's alternating steps; above 1 they re-quantize the base (refused)
+    # new tokens and trained embedding rows (PEFT's trainable tokens; docs/adapters.md): each listed token's row of
+    # the embedding (and of an untied head) is trained, every other row stays frozen
+    tokens: list[str] = Field(default_factory=list)  # added to the tokenizer as normal tokens (Axolotl's tokens)
+    special_tokens: list[str] | dict[str, str] = Field(default_factory=list)  # added as special tokens; a dict
+    # also gives roles: {pad_token: "<|pad|>", eos_token: ...} (Axolotl's special_tokens)
+    trainable_token_indices: list[int] = Field(default_factory=list)  # token ids whose rows are trained too
     # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
     method: Method = "sft"
     beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
@@ -166,6 +172,43 @@ class RunConfig(BaseModel):
         if not isinstance(v, str) or not (v in INIT_KINDS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", v)):
             raise ValueError(f"expected one of {', '.join(INIT_KINDS)} or pissa_niter_N (N >= 1), got {v!r}")
         return v
+
+    @field_validator("tokens", "special_tokens")
+    @classmethod
+    def _tokens_are_text(cls, v: Any) -> Any:
+        values = list(v.values()) if isinstance(v, dict) else v
+        if any(not t for t in values):
+            raise ValueError("a token must not be empty")
+        if isinstance(v, dict):
+            roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+            unknown = [k for k in v if k not in roles]
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} is not a token role; roles: {', '.join(roles)}")
+        return v
+
+    @field_validator("trainable_token_indices")
+    @classmethod
+    def _token_ids(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("token ids are >= 0")
+        return list(dict.fromkeys(v))
+
+    @property
+    def added_tokens(self) -> list[str]:
+        """Every token the config adds or names by text: tokens, then special_tokens (list or the dict's values)."""
+        special = list(self.special_tokens.values()) if isinstance(self.special_tokens, dict) else self.special_tokens
+        return list(dict.fromkeys([*self.tokens, *special]))
+
+    @property
+    def trains_rows(self) -> bool:
+        return bool(self.added_tokens or self.trainable_token_indices)
+
+    @model_validator(mode="after")
+    def _rows_fit(self) -> RunConfig:
+        if self.trains_rows and self.method != "sft":
+            key = "tokens" if self.tokens else "special_tokens" if self.special_tokens else "trainable_token_indices"
+            raise ValueError(f"__key__{key}: not with method: {self.method} yet (new tokens train with method: sft)")
+        return self
 
     @model_validator(mode="after")
     def _init_fits(self) -> RunConfig:
@@ -351,6 +394,10 @@ class RunConfig(BaseModel):
             attn_implementation=self.attn_implementation,
             chat_template=self.chat_template,
             quant=self.quant,
+            tokens=tuple(self.tokens),
+            special_tokens=tuple(self.special_tokens.items())
+            if isinstance(self.special_tokens, dict)
+            else tuple(self.special_tokens),
         )
 
     @property
@@ -438,6 +485,10 @@ class ModelSettings:
     attn_implementation: str | None = None
     chat_template: str | None = None
     quant: QuantSettings = QuantSettings()
+    tokens: tuple[str, ...] = ()  # added to the tokenizer as it loads
+    special_tokens: (
+        tuple[str, ...] | tuple[tuple[str, str], ...]
+    ) = ()  # added as special; (role, token) pairs set roles
 
 
 @dataclass(frozen=True)
@@ -508,7 +559,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "dataset_prepared_path": _NOTHING + "tokenized data is cached under $QLORA_CACHE (qlora preprocess fills it)",
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
-    "lora_modules_to_save": _NOTHING + "qlora trains LoRA weights only",
+    "lora_modules_to_save": "tokens / special_tokens (their embedding rows are trained) or trainable_token_indices",
     "peft": "init_lora_weights: loftq (Axolotl's peft.loftq_config; qlora's LoftQ works on the NF4 base as loaded)",
     "loftq_config": "init_lora_weights: loftq",
     "loftq_bits": "init_lora_weights: loftq (always the base's 4 bits)",

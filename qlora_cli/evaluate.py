@@ -436,8 +436,9 @@ class EvalReport:
 def _remove_lora(model: torch.nn.Module) -> None:
     """Put every wrapped layer back: the model is the untouched base again (the base weights never changed)."""
     from qlora_cli.model.lora import lora_layers
+    from qlora_cli.model.token_rows import row_modules
 
-    for name, layer in list(lora_layers(model)):
+    for name, layer in [*lora_layers(model), *row_modules(model)]:  # trained token rows too
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base)

@@ -75,7 +75,8 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": bool(config.get("use_rslora", False)),
-        "adapter_kind": "DoRA" if config.get("use_dora") else "LoRA",
+        "adapter_kind": ("DoRA" if config.get("use_dora") else "LoRA")
+        + (" + trained token rows" if config.get("trainable_token_indices") else ""),
         "scaling": scaling,
         "target_modules": config.get("target_modules"),
         "modules": len(modules),
@@ -170,6 +171,8 @@ def vllm_check(
         problems.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
     if config.get("use_dora"):
         problems.append("DoRA adapters (use_dora) are not supported by vLLM")
+    if config.get("trainable_token_indices"):
+        problems.append("trained token rows (trainable_token_indices) are not supported by vLLM")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save {config['modules_to_save']} (fully trained modules) are not supported")
     if config.get("bias", "none") not in ("none", None):

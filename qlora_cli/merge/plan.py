@@ -19,6 +19,7 @@ from qlora_cli.model.adapter_io import (
     adapter_modules,
     check_fit,
     linear_modules,
+    refuse_rows,
     settings_from_peft_config,
     targeted_modules,
 )
@@ -134,6 +135,7 @@ def plan_targets(
     """
     settings = settings_from_peft_config(adapter_config)
     where = f"adapter {adapter_dir}"
+    refuse_rows(adapter_config, state, where, "merge and export")
     fits = f"{where} does not fit the base model"
     saved = adapter_modules(state, where)
     magnitudes = adapter_magnitudes(state)

@@ -35,6 +35,7 @@ from qlora_cli.model.lora import (
     match_targets,
     suffixes,
 )
+from qlora_cli.model.token_rows import ROWS_KEY, load_rows, resize_for, row_modules, rows_state_dict
 
 # vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -71,6 +72,15 @@ def refuse_dora(config: dict[str, Any], where: str, what: str) -> None:
         raise ModelError(f"{where} is a DoRA adapter (use_dora), which {what} does not take yet")
 
 
+def refuse_rows(config: dict[str, Any], state: Mapping[str, Any], where: str, what: str) -> None:
+    """One ``ModelError`` line where a command cannot take trained token rows (new tokens) yet."""
+    if config.get("trainable_token_indices") or any(k.endswith(ROWS_KEY) for k in state):
+        raise ModelError(
+            f"{where} trains token rows (tokens / special_tokens / trainable_token_indices), which {what} does not "
+            "take yet; evaluate it with qlora eval or load it with PEFT on the base resized to the run's tokenizer"
+        )
+
+
 def adapter_modules(
     state: dict[str, torch.Tensor], where: str, strict: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -80,7 +90,7 @@ def adapter_modules(
     module with only one of the two, or no weights at all."""
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if key.endswith(MAGNITUDE):  # DoRA's magnitudes: adapter_magnitudes
+        if key.endswith((MAGNITUDE, ROWS_KEY)):  # DoRA's magnitudes (adapter_magnitudes), trained token rows
             continue
         module, sep, rest = key.rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
@@ -204,9 +214,14 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, settings: LoRASett
     layers = list(lora_layers(model))
     if not layers:
         raise ModelError("the model has no LoRA layers to save")
-    state = {to_peft_key(k): v.to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {**adapter_state_dict(model), **rows_state_dict(model)}
+    state = {to_peft_key(k): v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     fan_in_fan_out = any(m.fan_in_fan_out for _, m in layers)
     config = peft_adapter_config(settings, [n for n, _ in layers], base_model, fan_in_fan_out)
+    rows = {k[: -len(ROWS_KEY)]: k for k in rows_state_dict(model)}
+    if rows:  # PEFT's trainable tokens: {module name: ids}, the same ids in each
+        wrapped = dict(row_modules(model))
+        config["trainable_token_indices"] = {n.rsplit(".", 1)[-1]: wrapped[n].indices.tolist() for n in rows}
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 
@@ -299,10 +314,29 @@ def load_adapter(
     where = f"adapter {adapter_dir}"
     modules = adapter_modules(state, where)
     check_fit(modules, settings.r, linear_modules(model), lambda: targeted_modules(model, settings, where), where)
+    spec = token_spec(config, where)
+    if spec:  # new tokens: the base grows to hold them before anything is wrapped
+        resize_for(model, max(max(ids) for ids in spec.values()) + 1)
     names = inject_lora(model, settings)
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
     copy_weights(layers, modules, adapter_magnitudes(state), settings.use_dora, where)
+    if spec:
+        load_rows(model, spec, state, where)
+    elif any(k.endswith(ROWS_KEY) for k in state):
+        raise ModelError(f"{where} has trained token rows but no trainable_token_indices in its config")
     return names
+
+
+def token_spec(config: dict[str, Any], where: str) -> dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices`` as {module name: ids} (a bare list means the input embedding)."""
+    spec = config.get("trainable_token_indices") or {}
+    if isinstance(spec, list):
+        spec = {"embed_tokens": spec}
+    if not isinstance(spec, dict) or not all(
+        isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids) for ids in spec.values()
+    ):
+        raise ModelError(f"{where}: trainable_token_indices is not a list of token ids per module")
+    return spec
 
 
 def copy_weights(

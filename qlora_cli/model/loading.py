@@ -152,6 +152,7 @@ def load_tokenizer(cfg: RunConfig | ModelSettings) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load tokenizer from {name}: {str(e).splitlines()[0]}") from None
+    add_tokens(tokenizer, cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, so EOS stays a target
     template = resolve_chat_template(cfg.chat_template)  # a family name becomes its template
@@ -159,6 +160,22 @@ def load_tokenizer(cfg: RunConfig | ModelSettings) -> Any:
         tokenizer.chat_template = template
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def add_tokens(tokenizer: Any, cfg: ModelSettings) -> None:
+    """The config's ``special_tokens`` (with their roles, when given as a dict) and ``tokens``, added to the
+    tokenizer; a token it already has keeps its id. ``tokenizer.qlora_new_tokens`` lists those it did not have."""
+    vocab = tokenizer.get_vocab() if cfg.special_tokens or cfg.tokens else {}
+    for item in cfg.special_tokens:
+        if isinstance(item, tuple):
+            role, token = item
+            tokenizer.add_special_tokens({role: token})
+        else:
+            tokenizer.add_tokens([item], special_tokens=True)
+    if cfg.tokens:
+        tokenizer.add_tokens(list(cfg.tokens))
+    named = [t[1] if isinstance(t, tuple) else t for t in cfg.special_tokens] + list(cfg.tokens)
+    tokenizer.qlora_new_tokens = [t for t in dict.fromkeys(named) if t not in vocab]
 
 
 def bnb_config(quant: QuantSettings) -> Any:

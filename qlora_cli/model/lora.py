@@ -371,7 +371,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model alone: every LoRA layer returns ``base(x)`` inside this block."""
-    layers = [m for _, m in lora_layers(model)]
+    from qlora_cli.model.token_rows import row_modules
+
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in row_modules(model)]  # trained token rows too
     previous = [m.disabled for m in layers]
     for m in layers:
         m.disabled = True

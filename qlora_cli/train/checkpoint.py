@@ -314,6 +314,7 @@ def load_checkpoint(
         split_offsets,
     )
     from qlora_cli.model.lora import lora_layers
+    from qlora_cli.model.token_rows import copy_rows
 
     for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, rng_file(0)):
         if not (path / name).exists():
@@ -337,6 +338,7 @@ def load_checkpoint(
             device = layers[name].lora_A.weight.device
             layers[name].offset = (lora_A.to(device, torch.float32), lora_B.to(device, torch.float32))
     copy_weights(layers, saved, adapter_magnitudes(tensors), cfg.use_dora, f"checkpoint {path}")
+    copy_rows(model, tensors, f"checkpoint {path}")
     optimizer_state = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
     try:
         optimizer.load_state_dict(optimizer_state)

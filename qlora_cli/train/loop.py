@@ -47,6 +47,7 @@ from qlora_cli.model.loading import (
 )
 from qlora_cli.model.lora import freeze_reference, inject_lora, lora_parameters, set_fused
 from qlora_cli.model.starts import apply_start, original_weights
+from qlora_cli.model.token_rows import resize_for, row_parameters, token_ids, train_rows
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import is_run_folder, read_metrics
@@ -344,9 +345,15 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         if warning:
             console.print(f"[yellow]warning:[/yellow] {warning}")
     model = load_base_model(cfg, device)
+    rows_before = model.get_input_embeddings().num_embeddings
+    if cfg.trains_rows:
+        resize_for(model, len(tokenizer))  # room for the added tokens (a padded vocabulary may have it already)
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
     if cfg.init_lora_weights not in ("default", "gaussian"):  # data-dependent starts: LoftQ, PiSSA, OLoRA
         apply_start(model, cfg.lora, original_weights(cfg.base) if cfg.init_lora_weights == "loftq" else None)
+    if cfg.trains_rows:  # the listed tokens' embedding (and head) rows train; fresh ones start at the mean row
+        ids = list(dict.fromkeys(token_ids(tokenizer, cfg.added_tokens) + cfg.trainable_token_indices))
+        train_rows(model, ids, set(token_ids(tokenizer, tokenizer.qlora_new_tokens)), rows_before)
     if cfg.ref_adapter:  # preference tuning on top of an earlier run: its adapter is the start and the reference
         load_start_adapter(model, cfg.ref_adapter, cfg.lora, "ref_adapter")
     if cfg.preference and cfg.ref_adapter:
@@ -371,7 +378,9 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         raise ConfigError("resume_from_checkpoint is not supported under FSDP yet; resume with DDP or one process")
     trained = _wrap_for_processes(model, accelerator)  # DDP/FSDP when world > 1; `model` stays the plain module
     # FSDP replaces parameter storage while wrapping, so the optimizer is built on the wrapped parameters
-    params = [p for p in trained.parameters() if p.requires_grad] if fsdp else lora_parameters(model)
+    params = (
+        [p for p in trained.parameters() if p.requires_grad] if fsdp else lora_parameters(model) + row_parameters(model)
+    )
     optimizer = build_optimizer(cfg, params)
     steps = total_steps(cfg, len(rows), accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, steps)

@@ -1,0 +1,230 @@
+"""New tokens and trained embedding rows (``tokens``, ``special_tokens``, ``trainable_token_indices``): equal to
+PEFT's trainable tokens on the same 4-bit base, saved in its format, and through qlora's pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qlora_cli.config import ModelSettings, load_config
+from qlora_cli.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from qlora_cli.model.adapter_io import save_adapter
+from qlora_cli.model.loading import DTYPES, bnb_config, disable_cpu_weight_repacking, load_base_model, load_tokenizer
+from qlora_cli.model.lora import inject_lora, lora_disabled, lora_layers
+from qlora_cli.model.token_rows import ROWS_KEY, resize_for, row_modules, token_ids, train_rows
+from qlora_cli.train.loop import run_train
+from tests.conftest import make_config, write_jsonl
+from tests.test_cli import assert_user_error, run_cli
+
+CPU = torch.device("cpu")
+TOL = 1e-5
+NEW = ["<tool>", "</tool>"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(a, b) -> float:
+    return float((a.detach() - b.detach()).norm() / b.detach().norm())
+
+
+def _cfg(folder, **kw):
+    return load_config(
+        None, base_model=str(folder), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32", lora_r=4,
+        lora_alpha=8, lora_dropout=0.0, special_tokens=NEW, **kw,
+    )  # fmt: skip
+
+
+def _ours(folder):
+    cfg = _cfg(folder)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_base_model(cfg, CPU)
+    before = model.get_input_embeddings().num_embeddings
+    resize_for(model, len(tokenizer))
+    inject_lora(model, cfg.lora)
+    ids = token_ids(tokenizer, cfg.added_tokens)
+    spec = train_rows(model, ids, set(ids), before)
+    return cfg, tokenizer, model, spec
+
+
+def _batch(tokenizer):
+    text = ["a <tool>b</tool> c", "<tool>xy</tool>"]
+    enc = tokenizer(text, padding=True, return_tensors="pt")
+    return {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # an untied head (its rows trained too) and a tied one
+def test_rows_equal_peft_trainable_tokens_on_the_same_4bit_base(model_factory, arch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = model_factory(arch, initializer_range=0.1, layers=1, hidden=32)
+    cfg, tokenizer, model, spec = _ours(folder)
+    ids = token_ids(tokenizer, NEW)
+    assert ids == [len(tokenizer) - 2, len(tokenizer) - 1]
+    tied = arch == "gemma2"
+    assert list(spec) == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained rows and adapter: every term counts
+        for _, m in row_modules(model):
+            m.rows.copy_(torch.randn(m.rows.shape, generator=g) * 0.1)
+        for _, m in lora_layers(model):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=bnb_config(cfg.quant), dtype=DTYPES["float32"], device_map={"": "cpu"}
+    )
+    base.config.use_cache = False
+    disable_cpu_weight_repacking(base)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                           trainable_token_indices=spec))  # fmt: skip
+    modules = dict(peft.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, m in lora_layers(model):
+            modules[name].lora_A["default"].weight.copy_(m.lora_A.weight)
+            modules[name].lora_B["default"].weight.copy_(m.lora_B.weight)
+        for name, m in row_modules(model):
+            adapter = modules[name].token_adapter if hasattr(modules[name], "token_adapter") else modules[name]
+            adapter.trainable_tokens_delta["default"].copy_(m.rows)
+    batch = _batch(tokenizer)
+    model.train(), peft.train()
+    ours, theirs = model(**batch), peft(**batch)
+    assert _rel(ours.logits, theirs.logits) < TOL
+    ours.loss.backward()
+    theirs.loss.backward()
+    for name, m in row_modules(model):
+        if tied and "lm_head" in name:
+            continue
+        peft_rows = modules[name].token_adapter.trainable_tokens_delta["default"]
+        assert m.rows.grad.norm() > 0
+        assert _rel(m.rows.grad, peft_rows.grad) < 1e-4, name
+    with lora_disabled(model), torch.no_grad():  # the base alone: rows off too
+        plain = model(**batch).logits
+    assert _rel(plain, ours.logits) > 1e-3
+
+
+def test_fresh_rows_start_at_the_mean_row_and_peft_loads_the_folder(llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg, tokenizer, model, spec = _ours(llama_dir)
+    embed = model.get_input_embeddings()
+    old = embed.base.weight[: len(tokenizer) - 2].float().mean(0)
+    assert torch.allclose(embed.rows[0], old) and torch.allclose(embed.rows[1], old)
+    with torch.no_grad():
+        for _, m in row_modules(model):
+            m.rows.add_(0.3)
+    model.eval()
+    save_adapter(model, tmp_path, cfg.lora, str(llama_dir))
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    ids = token_ids(tokenizer, NEW)
+    assert config["trainable_token_indices"] == {"embed_tokens": ids, "lm_head": ids}
+    keys = load_file(str(tmp_path / ADAPTER_WEIGHTS)).keys()
+    assert f"base_model.model.model.embed_tokens{ROWS_KEY}" in keys and f"base_model.model.lm_head{ROWS_KEY}" in keys
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=bnb_config(cfg.quant), dtype=torch.float32, device_map={"": "cpu"}
+    )
+    disable_cpu_weight_repacking(base)
+    base.resize_token_embeddings(len(tokenizer))
+    peft = PeftModel.from_pretrained(base, tmp_path).eval()
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        assert _rel(model(**batch).logits, peft(**batch).logits) < TOL
+
+
+def _tool_rows(n: int) -> list[dict]:
+    return [{"prompt": f"call {w}: ", "completion": f"<tool>{w}</tool>"} for w in ["ab", "cd", "ef", "gh"] * (n // 4)]
+
+
+def test_new_tokens_train_resume_bit_exact_and_evaluate(tmp_path, llama_dir, monkeypatch):
+    from rich.console import Console
+
+    from qlora_cli.train import loop
+
+    data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(32))
+    kw = dict(special_tokens=NEW, learning_rate=1e-2, max_steps=6, save_steps=3, micro_batch_size=4,
+              val_set_size=0.25)  # fmt: skip
+    quiet = Console(quiet=True)
+    straight = tmp_path / "straight"
+    run_train(make_config(llama_dir, data, straight, **kw), console=quiet)
+    saved = load_file(str(straight / ADAPTER_WEIGHTS))
+    rows = saved[f"base_model.model.model.embed_tokens{ROWS_KEY}"]
+    assert rows.shape == (2, 64) and not torch.allclose(rows[0], rows[1])  # both moved from the same mean start
+    tokenizer = load_tokenizer(ModelSettings(base_model=str(llama_dir), tokenizer=str(straight)))
+    assert tokenizer.convert_tokens_to_ids("<tool>") == len(tokenizer) - 2  # the run's tokenizer has them
+
+    resumed = tmp_path / "resumed"
+    cfg = make_config(llama_dir, data, resumed, **kw)
+    real = loop.train_step
+
+    def stop(run, window):
+        if run.state.step == 4:
+            raise KeyboardInterrupt
+        return real(run, window)
+
+    monkeypatch.setattr(loop, "train_step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, console=quiet)
+    monkeypatch.setattr(loop, "train_step", real)
+    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet)
+    again = load_file(str(resumed / ADAPTER_WEIGHTS))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+    out = tmp_path / "eval.json"
+    res = run_cli("eval", str(straight), "--device", "cpu", "--json", str(out), "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    base, tuned = json.loads(out.read_text())["models"]
+    assert tuned["loss"] < base["loss"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"special_tokens": {"sep_token": "<s>"}}, "'sep_token' is not a token role"),
+        ({"tokens": [""]}, "a token must not be empty"),
+        ({"trainable_token_indices": [-1]}, "token ids are >= 0"),
+        ({"trainable_token_indices": [10**6]}, "1000000 is not a token id of this model"),
+        ({"lora_modules_to_save": ["embed_tokens"]}, "tokens / special_tokens"),
+    ],
+)
+def test_bad_token_settings_are_one_line_errors(tmp_path, llama_dir, extra, message):
+    data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(8))
+    config = {"base_model": str(llama_dir), "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "o"),
+              "device": "cpu", "bnb_4bit_compute_dtype": "float32", **extra}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    res = run_cli("train", str(tmp_path / "c.yaml"))
+    assert_user_error(res, message)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_merge_export_and_serve_refuse_trained_rows_in_one_line_and_inspect_names_them(tmp_path, llama_dir):
+    from qlora_cli.config import QuantSettings
+    from qlora_cli.errors import ModelError
+    from qlora_cli.inspect.adapter import adapter_report
+    from qlora_cli.serving.multi_lora import MultiLoRA
+
+    data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(8))
+    run = tmp_path / "run"
+    run_train(make_config(llama_dir, data, run, tokens=NEW, max_steps=1), console=None)
+    for args in (("merge", str(run), "-o", str(tmp_path / "m")),
+                 ("export", str(run), "-o", str(tmp_path / "x.gguf"), "--format", "gguf-lora")):  # fmt: skip
+        result = run_cli(*args)
+        assert_user_error(result, "trains token rows (tokens / special_tokens / trainable_token_indices)")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "x.gguf").exists()
+    multi = MultiLoRA(load_base_model(ModelSettings(str(llama_dir), quant=QuantSettings(compute_dtype="float32")), CPU))
+    with pytest.raises(ModelError, match="which qlora serve does not take yet"):
+        multi.load("rows", run)
+    report = adapter_report(run)
+    assert report["adapter_kind"] == "LoRA + trained token rows"
+    assert any("trainable_token_indices" in p for p in report["serving"]["problems"])
