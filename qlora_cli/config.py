@@ -560,6 +560,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
     "lora_modules_to_save": "tokens / special_tokens (their embedding rows are trained) or trainable_token_indices",
+    "modules_to_save": "tokens / special_tokens or trainable_token_indices (the rows trained, not whole copies)",
     "peft": "init_lora_weights: loftq (Axolotl's peft.loftq_config; qlora's LoftQ works on the NF4 base as loaded)",
     "loftq_config": "init_lora_weights: loftq",
     "loftq_bits": "init_lora_weights: loftq (always the base's 4 bits)",

@@ -198,3 +198,24 @@ def test_a_named_template_whose_markers_are_not_tokens_is_warned_about(tmp_path,
     console = Console(record=True, width=400)
     run_train(ok, console=console)
     assert "spelled out" not in console.export_text()
+
+
+def test_adding_the_markers_as_special_tokens_makes_each_one_token_and_silences_the_warning(tmp_path, llama_dir):
+    """The fix the warning offers: special_tokens with the markers; each is then one token whose row trains."""
+    from qlora_cli.inspect.report import data_report
+    from qlora_cli.model.loading import load_tokenizer
+    from tests.conftest import make_config, write_jsonl
+
+    markers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(8)]  # fmt: skip
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    kw = dict(chat_template="llama3", max_steps=1, datasets=[{"path": str(data), "type": "chat"}])
+    warned = make_config(llama_dir, data, tmp_path / "a", **kw)
+    assert any(f"special_tokens: {json.dumps(markers)}" in w for w in data_report(warned)["warnings"])
+    fixed = make_config(llama_dir, data, tmp_path / "b", special_tokens=markers, **kw)
+    assert not any("spelled out in pieces" in w for w in data_report(fixed)["warnings"])
+    tok = load_tokenizer(fixed)
+    ids = tok.apply_chat_template(rows[0]["messages"], tokenize=True)
+    ids = list(ids["input_ids"]) if not isinstance(ids, list) else ids
+    assert ids.count(tok.convert_tokens_to_ids("<|eot_id|>")) == 2  # one token per turn end, not pieces

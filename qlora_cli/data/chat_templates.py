@@ -26,6 +26,8 @@ differs, on purpose:
 
 from __future__ import annotations
 
+import json
+
 import re
 from typing import Any
 
@@ -231,5 +233,5 @@ def marker_warning(value: str | None, tokenizer: Any) -> str | None:
         f"chat_template {value if not is_jinja(value or '') else '(Jinja)'}: {shown} "
         f"{'is not a token' if len(missing) == 1 else 'are not tokens'} of this tokenizer, so training sees "
         "them spelled out in pieces; use the tokenizer's own template (chat_template: tokenizer) or one of its "
-        "family"
+        f"family, or add them as tokens whose rows train: special_tokens: {json.dumps(missing)}"
     )
