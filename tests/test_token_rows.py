@@ -228,3 +228,35 @@ def test_merge_export_and_serve_refuse_trained_rows_in_one_line_and_inspect_name
     report = adapter_report(run)
     assert report["adapter_kind"] == "LoRA + trained token rows"
     assert any("trainable_token_indices" in p for p in report["serving"]["problems"])
+
+
+def test_qlora_loads_a_peft_trainable_tokens_adapter_with_the_same_logits(llama_dir, tmp_path):
+    """PEFT's list form names the input embedding only: an untied head keeps its base rows on both sides."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.model.adapter_io import load_adapter
+
+    cfg = _cfg(llama_dir)
+    tokenizer = load_tokenizer(cfg)
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=bnb_config(cfg.quant), dtype=torch.float32, device_map={"": "cpu"}
+    )
+    disable_cpu_weight_repacking(base)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = token_ids(tokenizer, NEW)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=ids))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "trainable_tokens_delta" in name or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    peft.save_pretrained(tmp_path, save_embedding_layers=False)  # the rows only, as qlora writes them
+    model = load_base_model(cfg, CPU)
+    load_adapter(model, tmp_path)
+    assert [n for n, _ in row_modules(model)] == ["model.embed_tokens"]
+    batch = _batch(tokenizer)
+    # PEFT's resize drew the new head rows at random; qlora's resize writes the mean row: compare on the same head
+    model.get_output_embeddings().weight.data.copy_(peft.base_model.model.lm_head.weight.data)
+    peft.eval(), model.eval()
+    with torch.no_grad():
+        assert _rel(model(**batch).logits, peft(**batch).logits) < TOL

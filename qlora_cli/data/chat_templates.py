@@ -27,7 +27,6 @@ differs, on purpose:
 from __future__ import annotations
 
 import json
-
 import re
 from typing import Any
 

@@ -102,12 +102,17 @@ def resize_for(model: Any, size: int) -> None:
 
 @torch.no_grad()
 def train_rows(
-    model: Any, indices: list[int], fresh: set[int] | frozenset[int] = frozenset(), rows_before: int | None = None
+    model: Any,
+    indices: list[int],
+    fresh: set[int] | frozenset[int] = frozenset(),
+    rows_before: int | None = None,
+    untied_head: bool = True,
 ) -> dict[str, list[int]]:
     """Wrap the embedding (and an untied output head) so that rows ``indices`` train. The ``fresh`` rows (tokens
     the tokenizer did not have) start at the mean of the base's other rows (the first ``rows_before``: the
     embedding before it was resized); the others at their own values. Returns PEFT's
-    ``trainable_token_indices`` ({module name suffix: ids})."""
+    ``trainable_token_indices`` ({module name suffix: ids}). ``untied_head`` False: an untied head keeps all
+    its base rows (a PEFT adapter that names the embedding only)."""
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = heads_tied(model)
@@ -134,6 +139,8 @@ def train_rows(
     if head is not None and not isinstance(head, TrainedRows):
         if tied:  # one weight, one set of rows: the head computes with the same replaced rows
             _set(model, head, TrainedRows(head, indices, rows))
+        elif not untied_head:
+            pass
         elif isinstance(head, nn.Linear) and not hasattr(head.weight, "quant_state"):
             spec[_set(model, head, TrainedRows(head, indices, start(head.weight))).rsplit(".", 1)[-1]] = list(indices)
         else:
@@ -161,7 +168,7 @@ def load_rows(model: Any, spec: dict[str, list[int]], tensors: dict[str, torch.T
     embed_ids = next(iter(spec.values()))
     if any(ids != embed_ids for ids in spec.values()):
         raise ModelError(f"{where}: trainable_token_indices differ between modules; qlora trains the same rows in each")
-    train_rows(model, embed_ids)
+    train_rows(model, embed_ids, untied_head=len(spec) > 1)
     wrapped = dict(row_modules(model))
     for name, values in rows.items():
         layer = wrapped.get(name)
