@@ -196,6 +196,7 @@ def test_new_tokens_train_resume_bit_exact_and_evaluate(tmp_path, llama_dir, mon
         ({"trainable_token_indices": [-1]}, "token ids are >= 0"),
         ({"trainable_token_indices": [10**6]}, "1000000 is not a token id of this model"),
         ({"lora_modules_to_save": ["embed_tokens"]}, "tokens / special_tokens"),
+        ({"tokens": ["<t>"], "lora_target_modules": ["q_proj", "lm_head"]}, "the output head is a LoRA target"),
     ],
 )
 def test_bad_token_settings_are_one_line_errors(tmp_path, llama_dir, extra, message):

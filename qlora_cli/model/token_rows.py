@@ -137,6 +137,11 @@ def train_rows(
     rows = start(embed.weight)
     spec[_set(model, embed, TrainedRows(embed, indices, rows)).rsplit(".", 1)[-1]] = list(indices)
     if head is not None and not isinstance(head, TrainedRows):
+        if hasattr(head, "lora_A"):
+            raise ModelError(
+                "the output head is a LoRA target (lora_target_modules); with tokens to train, its rows train "
+                "instead: leave it out of lora_target_modules"
+            )
         if tied:  # one weight, one set of rows: the head computes with the same replaced rows
             _set(model, head, TrainedRows(head, indices, rows))
         elif not untied_head:
