@@ -199,6 +199,12 @@ class RunConfig(BaseModel):
         special = list(self.special_tokens.values()) if isinstance(self.special_tokens, dict) else self.special_tokens
         return list(dict.fromkeys([*self.tokens, *special]))
 
+    def trained_tokens(self, new: list[str]) -> list[str]:
+        """The tokens whose rows train: every one listed in tokens / special_tokens (list form), and a role's
+        token (dict form) only when it is ``new`` to the tokenizer (a pad role on EOS leaves EOS's row alone)."""
+        listed = [*self.tokens, *(self.special_tokens if isinstance(self.special_tokens, list) else [])]
+        return list(dict.fromkeys([*listed, *new]))
+
     @property
     def trains_rows(self) -> bool:
         return bool(self.added_tokens or self.trainable_token_indices)

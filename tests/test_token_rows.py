@@ -261,3 +261,19 @@ def test_qlora_loads_a_peft_trainable_tokens_adapter_with_the_same_logits(llama_
     peft.eval(), model.eval()
     with torch.no_grad():
         assert _rel(model(**batch).logits, peft(**batch).logits) < TOL
+
+
+def test_a_role_given_to_a_token_the_tokenizer_has_trains_no_row(tmp_path, llama_dir):
+    """Axolotl's special_tokens: {pad_token: <eos>} sets a role; it must not train EOS's row. A new role token does."""
+    data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(8))
+    tok = load_tokenizer(ModelSettings(base_model=str(llama_dir)))
+    run = tmp_path / "run"
+    run_train(make_config(llama_dir, data, run, special_tokens={"pad_token": tok.eos_token}, max_steps=1), console=None)
+    assert not any(k.endswith(ROWS_KEY) for k in load_file(str(run / ADAPTER_WEIGHTS)))
+    assert "trainable_token_indices" not in json.loads((run / ADAPTER_CONFIG).read_text())
+    res = run_cli("eval", str(run), "--device", "cpu", "--data", str(data), "--max-new-tokens", "2")
+    assert res.exit_code == 0, res.output
+    run2 = tmp_path / "run2"
+    run_train(make_config(llama_dir, data, run2, special_tokens={"pad_token": "<|pad|>"}, max_steps=1), console=None)
+    config = json.loads((run2 / ADAPTER_CONFIG).read_text())
+    assert config["trainable_token_indices"]["embed_tokens"] == [len(tok)]  # the one new token

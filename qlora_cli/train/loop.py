@@ -352,8 +352,10 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if cfg.init_lora_weights not in ("default", "gaussian"):  # data-dependent starts: LoftQ, PiSSA, OLoRA
         apply_start(model, cfg.lora, original_weights(cfg.base) if cfg.init_lora_weights == "loftq" else None)
     if cfg.trains_rows:  # the listed tokens' embedding (and head) rows train; fresh ones start at the mean row
-        ids = list(dict.fromkeys(token_ids(tokenizer, cfg.added_tokens) + cfg.trainable_token_indices))
-        train_rows(model, ids, set(token_ids(tokenizer, tokenizer.qlora_new_tokens)), rows_before)
+        ids = list(dict.fromkeys(token_ids(tokenizer, cfg.trained_tokens(tokenizer.qlora_new_tokens))))
+        ids = list(dict.fromkeys(ids + cfg.trainable_token_indices))
+        if ids:  # a role given to a token the tokenizer has (special_tokens: {pad_token: ...}) trains nothing
+            train_rows(model, ids, set(token_ids(tokenizer, tokenizer.qlora_new_tokens)), rows_before)
     if cfg.ref_adapter:  # preference tuning on top of an earlier run: its adapter is the start and the reference
         load_start_adapter(model, cfg.ref_adapter, cfg.lora, "ref_adapter")
     if cfg.preference and cfg.ref_adapter:
