@@ -159,3 +159,29 @@ def serve_process(
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def interrupted_then_resumed(
+    cfg: RunConfig, monkeypatch: Any, console: Any, at: int = 4, before_resume: Any = None
+) -> None:
+    """Train ``cfg`` until step ``at`` starts (a KeyboardInterrupt there), call ``before_resume()`` if given,
+    then resume from the newest checkpoint to the end."""
+    import pytest
+
+    from qlora_cli.train import loop
+    from qlora_cli.train.loop import run_train
+
+    real = loop.train_step
+
+    def stop(run, window):
+        if run.state.step == at:
+            raise KeyboardInterrupt
+        return real(run, window)
+
+    monkeypatch.setattr(loop, "train_step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, console=console)
+    monkeypatch.setattr(loop, "train_step", real)
+    if before_resume is not None:
+        before_resume()
+    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=console)

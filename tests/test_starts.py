@@ -24,7 +24,7 @@ from qlora_cli.model.loading import DTYPES, bnb_config, disable_cpu_weight_repac
 from qlora_cli.model.lora import inject_lora, lora_layers
 from qlora_cli.model.starts import apply_start, loftq_start, olora_start, original_weights, pissa_start
 from qlora_cli.train.loop import run_train
-from tests.conftest import ARCHS, make_config, upper_rows, write_jsonl
+from tests.conftest import ARCHS, interrupted_then_resumed, make_config, upper_rows, write_jsonl
 from tests.test_cli import assert_user_error, run_cli
 from tests.test_peft_equivalence import NO_DROPOUT
 
@@ -304,23 +304,6 @@ def test_peft_loads_a_pissa_folder_as_plain_lora_of_twice_the_rank_with_the_same
 # through qlora's pipeline
 
 
-def _interrupted_then_resumed(cfg, monkeypatch, quiet, at: int = 4):
-    from qlora_cli.train import loop
-
-    real = loop.train_step
-
-    def stop(run, window):
-        if run.state.step == at:
-            raise KeyboardInterrupt
-        return real(run, window)
-
-    monkeypatch.setattr(loop, "train_step", stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, console=quiet)
-    monkeypatch.setattr(loop, "train_step", real)
-    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet)
-
-
 @pytest.mark.parametrize("init", ["pissa", "loftq"])
 def test_a_start_trains_resumes_bit_exact_merges_and_evaluates(tmp_path, llama_dir, monkeypatch, init):
     from rich.console import Console
@@ -337,7 +320,7 @@ def test_a_start_trains_resumes_bit_exact_merges_and_evaluates(tmp_path, llama_d
     assert json.loads((straight / ADAPTER_CONFIG).read_text())["r"] == rank
 
     resumed = tmp_path / "resumed"
-    _interrupted_then_resumed(make_config(llama_dir, data, resumed, **kw), monkeypatch, quiet)
+    interrupted_then_resumed(make_config(llama_dir, data, resumed, **kw), monkeypatch, quiet)
     again = load_file(str(resumed / ADAPTER_WEIGHTS))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
 
@@ -367,21 +350,12 @@ def test_a_pissa_start_resumed_keeps_its_offset_from_the_checkpoint(tmp_path, ll
     quiet = Console(quiet=True)
     run_train(make_config(llama_dir, data, tmp_path / "a", **kw), console=quiet)
     cfg = make_config(llama_dir, data, tmp_path / "b", **kw)
-    from qlora_cli.train import loop
+    real_start = starts.pissa_start
 
-    real_step, real_start = loop.train_step, starts.pissa_start
+    def other_start() -> None:  # a resume that recomputed the start would now get another one
+        monkeypatch.setattr(starts, "pissa_start", lambda w, r, s, n=None: tuple(2 * t for t in real_start(w, r, s, n)))
 
-    def stop(run, window):
-        if run.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, window)
-
-    monkeypatch.setattr(loop, "train_step", stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, console=quiet)
-    monkeypatch.setattr(loop, "train_step", real_step)
-    monkeypatch.setattr(starts, "pissa_start", lambda w, r, s, n=None: tuple(2 * t for t in real_start(w, r, s, n)))
-    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet)
+    interrupted_then_resumed(cfg, monkeypatch, quiet, at=3, before_resume=other_start)
     a = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
     b = load_file(str(tmp_path / "b" / ADAPTER_WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -17,7 +17,7 @@ from qlora_cli.model.loading import DTYPES, bnb_config, disable_cpu_weight_repac
 from qlora_cli.model.lora import inject_lora, lora_disabled, lora_layers
 from qlora_cli.model.token_rows import ROWS_KEY, resize_for, row_modules, token_ids, train_rows
 from qlora_cli.train.loop import run_train
-from tests.conftest import make_config, write_jsonl
+from tests.conftest import interrupted_then_resumed, make_config, write_jsonl
 from tests.test_cli import assert_user_error, run_cli
 
 CPU = torch.device("cpu")
@@ -150,8 +150,6 @@ def _tool_rows(n: int) -> list[dict]:
 def test_new_tokens_train_resume_bit_exact_and_evaluate(tmp_path, llama_dir, monkeypatch):
     from rich.console import Console
 
-    from qlora_cli.train import loop
-
     data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(32))
     kw = dict(special_tokens=NEW, learning_rate=1e-2, max_steps=6, save_steps=3, micro_batch_size=4,
               val_set_size=0.25)  # fmt: skip
@@ -165,19 +163,7 @@ def test_new_tokens_train_resume_bit_exact_and_evaluate(tmp_path, llama_dir, mon
     assert tokenizer.convert_tokens_to_ids("<tool>") == len(tokenizer) - 2  # the run's tokenizer has them
 
     resumed = tmp_path / "resumed"
-    cfg = make_config(llama_dir, data, resumed, **kw)
-    real = loop.train_step
-
-    def stop(run, window):
-        if run.state.step == 4:
-            raise KeyboardInterrupt
-        return real(run, window)
-
-    monkeypatch.setattr(loop, "train_step", stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, console=quiet)
-    monkeypatch.setattr(loop, "train_step", real)
-    run_train(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), console=quiet)
+    interrupted_then_resumed(make_config(llama_dir, data, resumed, **kw), monkeypatch, quiet)
     again = load_file(str(resumed / ADAPTER_WEIGHTS))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
 
