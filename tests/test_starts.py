@@ -106,7 +106,8 @@ def test_pissa_and_olora_matrices_equal_peft_on_the_same_weight(monkeypatch):
         torch.manual_seed(11)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(peft_layer, "svd_lowrank", seeded)
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)  # PEFT 0.22 calls torch.svd_lowrank
+    monkeypatch.setattr(peft_layer, "svd_lowrank", seeded, raising=False)  # earlier PEFT imported the name
 
     torch.manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=False))

@@ -195,21 +195,59 @@ def test_bad_token_settings_are_one_line_errors(tmp_path, llama_dir, extra, mess
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_merge_export_and_serve_refuse_trained_rows_in_one_line_and_inspect_names_them(tmp_path, llama_dir):
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # an untied head (its rows grown and replaced) and a tied one
+def test_merge_and_export_take_new_tokens_and_gguf_lora_and_serve_refuse_them(tmp_path, arch):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
     from qlora_cli.config import QuantSettings
     from qlora_cli.errors import ModelError
     from qlora_cli.inspect.adapter import adapter_report
+    from qlora_cli.run_folder import load_adapted_model, open_run
     from qlora_cli.serving.multi_lora import MultiLoRA
+    from qlora_cli.testing.tiny import build_bpe_tokenizer, build_tiny_model
 
+    extra = {"query_pre_attn_scalar": 16} if arch == "gemma2" else {}  # llama.cpp scales gemma2 by head_dim
+    base_dir = build_tiny_model(tmp_path / "base", arch, tokenizer=build_bpe_tokenizer("llama3"), **extra)
     data = write_jsonl(tmp_path / "d.jsonl", _tool_rows(8))
     run = tmp_path / "run"
-    run_train(make_config(llama_dir, data, run, tokens=NEW, max_steps=1), console=None)
-    for args in (("merge", str(run), "-o", str(tmp_path / "m")),
-                 ("export", str(run), "-o", str(tmp_path / "x.gguf"), "--format", "gguf-lora")):  # fmt: skip
-        result = run_cli(*args)
-        assert_user_error(result, "trains token rows (tokens / special_tokens / trainable_token_indices)")
-    assert not (tmp_path / "m").exists() and not (tmp_path / "x.gguf").exists()
-    multi = MultiLoRA(load_base_model(ModelSettings(str(llama_dir), quant=QuantSettings(compute_dtype="float32")), CPU))
+    # every linear layer a target: the merged model then holds exactly the NF4 weights the adapter ran on
+    cfg = make_config(
+        base_dir, data, run, tokens=NEW, max_steps=2, learning_rate=1e-2, lora_target_modules="all-linear"
+    )
+    run_train(cfg, console=None)
+    merged = tmp_path / "m"
+    result = run_cli("merge", str(run), "-o", str(merged), "--dtype", "float32", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    adapted, tokenizer = load_adapted_model(open_run(run), CPU)
+    size = len(tokenizer)
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == size
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = token_ids(tokenizer, NEW)
+    rows = load_file(str(run / ADAPTER_WEIGHTS))[f"base_model.model.model.embed_tokens{ROWS_KEY}"]
+    assert model.get_input_embeddings().weight.shape[0] == size
+    assert torch.equal(model.get_input_embeddings().weight[ids], rows)  # the trained rows, in float32 as saved
+    batch = _batch(tokenizer)
+    with torch.no_grad():  # the merged model computes what the adapter on its base computes
+        assert _rel(model(**batch).logits, adapted(**batch).logits) < 1e-4
+    with safe_open(str(next(merged.glob("*.safetensors"))), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (arch == "llama")  # a tied model stays tied
+
+    result = run_cli("export", str(run), "-o", str(tmp_path / "x.gguf"), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    import gguf
+
+    reader = gguf.GGUFReader(tmp_path / "x.gguf")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = torch.from_numpy(gguf.dequantize(embd.data, embd.tensor_type).reshape(list(reversed(embd.shape))).copy())
+    assert embd.shape[0] == size and _rel(embd[ids].float(), rows) < 0.02  # q8_0 of the trained rows
+    field = reader.fields["tokenizer.ggml.tokens"]
+    vocab = [bytes(field.parts[i]).decode() for i in field.data]
+    assert [vocab[i] for i in ids] == NEW and len(vocab) == size
+    result = run_cli("export", str(run), "-o", str(tmp_path / "l.gguf"), "--format", "gguf-lora")
+    assert_user_error(result, "a llama.cpp LoRA file cannot change the base's vocabulary")
+    assert not (tmp_path / "l.gguf").exists()
+    multi = MultiLoRA(load_base_model(ModelSettings(str(base_dir), quant=QuantSettings(compute_dtype="float32")), CPU))
     with pytest.raises(ModelError, match="which qlora serve does not take yet"):
         multi.load("rows", run)
     report = adapter_report(run)

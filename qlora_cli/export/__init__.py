@@ -109,6 +109,11 @@ def run_export(
     names = TensorNames(spec)
     check_not_an_input(out, input_files(source, source_gguf))
     if fmt == "gguf-lora":
+        if source.rows:
+            raise ConfigError(
+                f"{run_path} trains token rows (new tokens): a llama.cpp LoRA file cannot change the base's "
+                "vocabulary or embedding, so --format gguf-lora cannot hold it; export the merged model (--format gguf)"
+            )
         if any(t.magnitude is not None for t in source.targets.values()):
             raise ConfigError(
                 f"{run_path} is a DoRA adapter (use_dora): llama.cpp applies plain LoRA only, so --format gguf-lora "
@@ -267,7 +272,7 @@ def _plan(source: MergeSource, spec: ArchSpec, names: TensorNames, quant: str) -
         name = names.gguf_name(info.name)
         if name is None:
             continue
-        shape = tuple(info.shape)
+        shape = tuple(source.out_shape(info))
         kind = tensor_type(quant, name, shape, spec.n_layers)
         qtype = gguf.GGMLQuantizationType[kind]
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]

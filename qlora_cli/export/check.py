@@ -53,15 +53,20 @@ def alone(path: Path) -> Iterator[Path]:
         yield link
 
 
-def load_gguf_model(path: Path, device: torch.device, config_folder: Path | None = None) -> Any:
+def load_gguf_model(
+    path: Path, device: torch.device, config_folder: Path | None = None, vocab_size: int | None = None
+) -> Any:
     """The GGUF file as a transformers model in float32. ``config_folder``: take the config from there instead
-    of the file's metadata (for what transformers does not read back, e.g. Llama 3.1's rope scaling)."""
+    of the file's metadata (for what transformers does not read back, e.g. Llama 3.1's rope scaling), with
+    ``vocab_size`` (a vocabulary grown for new tokens) when given."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_libraries()
     kwargs: dict[str, Any] = {}
     if config_folder is not None:
         kwargs["config"] = AutoConfig.from_pretrained(config_folder)
+        if vocab_size is not None:
+            kwargs["config"].vocab_size = vocab_size
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     bar = getattr(gguf_utils, "tqdm", None)
@@ -167,7 +172,7 @@ def check_export(
         base_weights,
         device,
         tokenizer=source.tokenizer,
-        load_candidate=lambda: load_gguf_model(path, device, config_folder),
+        load_candidate=lambda: load_gguf_model(path, device, config_folder, int(source.config["vocab_size"])),
         limits=limits,
     )
     problems, tokenizer_note = tokenizer_problems(source.tokenizer, path)

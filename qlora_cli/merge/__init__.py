@@ -26,13 +26,14 @@ a few float32 copies of the largest targeted weight plus the adapter; untargeted
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,7 +43,15 @@ from rich.console import Console
 from qlora_cli.config import QuantSettings, parse_size
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.layout import MODEL_CONFIG
-from qlora_cli.merge.plan import Target, model_skeleton, plan_targets, read_base_config, resolve_base_folder
+from qlora_cli.merge.plan import (
+    RowsTarget,
+    Target,
+    model_skeleton,
+    plan_rows,
+    plan_targets,
+    read_base_config,
+    resolve_base_folder,
+)
 from qlora_cli.merge.report import LayerStat, MergeResult, print_report
 from qlora_cli.merge.safetensors_stream import (
     CODE_OF_DTYPE,
@@ -62,7 +71,7 @@ from qlora_cli.merge.safetensors_stream import (
     tensor_bytes,
 )
 from qlora_cli.merge.self_check import self_check
-from qlora_cli.merge.weights import merged_weight
+from qlora_cli.merge.weights import grown_rows, merged_weight
 from qlora_cli.model.gguf import resolve_gguf
 from qlora_cli.model.loading import DTYPES, quiet_libraries, resolve_device
 from qlora_cli.outputs import (
@@ -142,6 +151,9 @@ def run_merge(
     tokenizer = source.tokenizer
 
     def planned(t: TensorInfo) -> OutTensor:
+        if t.name in source.rows:  # grown for new tokens, with the trained rows
+            shape = source.out_shape(t)
+            return OutTensor(t.name, out_code, shape, math.prod(shape) * ITEMSIZE[out_code])
         if t.name in targets or (t.dtype == main_code and t.dtype != out_code):
             return OutTensor(t.name, out_code, t.shape, t.numel * ITEMSIZE[out_code])
         return OutTensor(t.name, t.dtype, t.shape, t.nbytes)  # copied bit for bit
@@ -162,7 +174,7 @@ def run_merge(
     (tmp / OWNER_FILE).write_text(str(os.getpid()))
     try:
         layers = _write_weights(
-            tmp, infos, entries, shards, targets, scaling, base_weights, quant, torch_device, console
+            tmp, infos, entries, shards, targets, source.rows, scaling, base_weights, quant, torch_device, console
         )
         _write_config(tmp, source.config, NAME_OF_CODE[out_code])
         if (folder / "generation_config.json").exists():
@@ -208,6 +220,12 @@ class MergeSource:
     scaling: float
     quant: QuantSettings
     tokenizer: Any
+    rows: dict[str, RowsTarget] = field(default_factory=dict)  # the embedding (and head) grown for new tokens
+
+    def out_shape(self, info: TensorInfo) -> tuple[int, ...]:
+        """The tensor's shape in the output: a grown embedding's rows, otherwise the base's."""
+        rows = self.rows.get(info.name)
+        return info.shape if rows is None else (rows.size, *info.shape[1:])
 
 
 def prepare_source(run_path: str | Path, base: str | None, base_weights: str) -> MergeSource:
@@ -231,10 +249,33 @@ def prepare_source(run_path: str | Path, base: str | None, base_weights: str) ->
         quant = replace(quant, load_in_4bit=False)
     skeleton = model_skeleton(folder, run.model.trust_remote_code)
     targets, scaling = plan_targets(run.path, adapter_config, state, skeleton, tensors, quant)
+    rows = plan_rows(run.path, adapter_config, state, skeleton, tensors)
+    both = set(rows) & set(targets)
+    if both:
+        raise ModelError(f"adapter {run.path} trains both LoRA and token rows of {sorted(both)[0]}")
     del skeleton, state
     from qlora_cli.model.loading import load_tokenizer
 
-    return MergeSource(run, folder, config, infos, targets, scaling, quant, load_tokenizer(run.model))
+    tokenizer = load_tokenizer(run.model)
+    if rows:  # new tokens: the merged model's vocabulary is the grown embedding's
+        size = next(iter(rows.values())).size
+        if len(tokenizer) > size:
+            raise ModelError(
+                f"the run's tokenizer has {len(tokenizer)} tokens but its trained embedding {size} rows; "
+                "the tokenizer beside the adapter is not the one it trained with"
+            )
+        config = _with_vocab_size(config, size)
+    return MergeSource(run, folder, config, infos, targets, scaling, quant, tokenizer, rows)
+
+
+def _with_vocab_size(config: dict[str, Any], size: int) -> dict[str, Any]:
+    """The base's config.json with ``vocab_size`` (top level, and a multimodal model's ``text_config``) set."""
+    config = dict(config)
+    if "vocab_size" in config or "text_config" not in config:
+        config["vocab_size"] = size
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = {**config["text_config"], "vocab_size": size}
+    return config
 
 
 def merged_tensors(
@@ -251,6 +292,9 @@ def merged_tensors(
                 current = open(info.file, "rb")
             weight = read_tensor(current, info)
             target = source.targets.get(info.name)
+            if info.name in source.rows:
+                yield info, grown_rows(weight, source.rows[info.name]), None
+                continue
             if target is None:
                 yield info, weight, None
                 continue
@@ -296,6 +340,7 @@ def _write_weights(
     entries: list[OutTensor],
     shards: list[list[int]],
     targets: dict[str, Target],
+    rows: dict[str, RowsTarget],
     scaling: float,
     base_weights: str,
     quant: QuantSettings,
@@ -344,7 +389,12 @@ def _write_weights(
                                 current.close()
                             current = open(info.file, "rb")
                         target = targets.get(info.name)
-                        if target is None:
+                        if info.name in rows:
+                            grown = grown_rows(read_tensor(current, info), rows[info.name])
+                            settle()
+                            writer.write(info.name, [tensor_bytes(grown.to(DTYPE_OF_CODE[code]))])
+                            del grown
+                        elif target is None:
                             settle()
                             writer.write(info.name, copy_chunks(current, info, code))
                         else:

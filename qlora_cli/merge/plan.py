@@ -19,12 +19,13 @@ from qlora_cli.model.adapter_io import (
     adapter_modules,
     check_fit,
     linear_modules,
-    refuse_rows,
     settings_from_peft_config,
     targeted_modules,
+    token_spec,
 )
 from qlora_cli.model.loading import is_local
 from qlora_cli.model.lora import linear_shape, output_head
+from qlora_cli.model.token_rows import ROWS_KEY, heads_tied
 
 # ---------------------------------------------------------------------------------------------
 # which base tensors the adapter changes
@@ -39,6 +40,17 @@ class Target:
     conv1d: bool  # the base shard stores this weight (in, out)
     quantized: bool  # the run held this layer in 4 bits
     magnitude: torch.Tensor | None = None  # DoRA: (out,), folded in as m / ‖W + s·BA‖_row per row
+
+
+@dataclass
+class RowsTarget:
+    """An embedding (or output head) the run resized for new tokens and whose rows ``indices`` it trained."""
+
+    module: str
+    tensor: str  # base tensor name
+    size: int  # rows after growing (the base's, or the highest trained id + 1)
+    indices: torch.Tensor  # (n,) long
+    rows: torch.Tensor | None  # (n, dim) float32; None: grown only (an untied head the adapter does not train)
 
 
 def resolve_base_folder(name: str) -> Path:
@@ -135,7 +147,6 @@ def plan_targets(
     """
     settings = settings_from_peft_config(adapter_config)
     where = f"adapter {adapter_dir}"
-    refuse_rows(adapter_config, state, where, "merge and export")
     fits = f"{where} does not fit the base model"
     saved = adapter_modules(state, where)
     magnitudes = adapter_magnitudes(state)
@@ -172,3 +183,65 @@ def plan_targets(
             raise ModelError(f"{fits}: {name}.lora_magnitude_vector has shape {tuple(m.shape)}, needs ({n_out},)")
         targets[key] = Target(name, key, A.float(), B.float(), conv1d, quantized, m)
     return targets, settings.scaling
+
+
+def plan_rows(
+    adapter_dir: Path, adapter_config: dict[str, Any], state: dict[str, torch.Tensor], skeleton: Any,
+    tensors: dict[str, TensorInfo],
+) -> dict[str, RowsTarget]:  # fmt: skip
+    """{base tensor name: RowsTarget} for an adapter with trained token rows (``trainable_token_indices``): the
+    embedding, and the output head when it is untied (grown, and its rows replaced where the adapter trained
+    them) or stored beside a tied embedding. Empty for an adapter without. ``ModelError`` for rows that do not
+    fit, as ``load_adapter`` would raise it."""
+    where = f"adapter {adapter_dir}"
+    spec = token_spec(adapter_config, where)
+    saved = {k[: -len(ROWS_KEY)]: v for k, v in state.items() if k.endswith(ROWS_KEY)}
+    if not spec:
+        if saved:
+            raise ModelError(f"{where} has trained token rows but no trainable_token_indices in its config")
+        return {}
+    ids = next(iter(spec.values()))
+    if any(other != ids for other in spec.values()):
+        raise ModelError(f"{where}: trainable_token_indices differ between modules; qlora trains the same rows in each")
+    embed, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    embed_name = names[id(embed)]
+    size = max(embed.num_embeddings, max(ids) + 1)
+    indices = torch.tensor(ids, dtype=torch.long)
+    width = embed.embedding_dim
+
+    def rows_of(module: str) -> torch.Tensor:
+        values = saved.get(module)
+        if values is None:
+            raise ModelError(f"{where} has no trained rows for {module!r}")
+        if tuple(values.shape) != (len(ids), width):
+            raise ModelError(f"{where}: {module}{ROWS_KEY} has shape {tuple(values.shape)}, not {(len(ids), width)}")
+        return values.float()
+
+    def target(module: str, rows: torch.Tensor | None) -> RowsTarget:
+        key = base_tensor_name(module, skeleton, tensors)
+        if key is None:
+            raise ModelError(f"base model has no weight for {module!r}, whose token rows {where} trains")
+        if tensors[key].dtype not in FLOAT_CODES or tensors[key].shape[1:] != (width,):
+            raise ModelError(f"base tensor {key} is not a float ({embed.num_embeddings}, {width}) embedding")
+        return RowsTarget(module, key, size, indices, rows)
+
+    rows = rows_of(embed_name)
+    found = [target(embed_name, rows)]
+    if head is not None:
+        head_name = names[id(head)]
+        if heads_tied(skeleton) or getattr(
+            skeleton.config, "tie_word_embeddings", False
+        ):  # one weight: a copy stored beside it gets the same rows
+            key = base_tensor_name(head_name, skeleton, tensors)
+            if key is not None and key != found[0].tensor:
+                found.append(target(head_name, rows))
+        else:
+            trained = head_name in saved or len(spec) > 1
+            found.append(target(head_name, rows_of(head_name) if trained else None))
+    unknown = set(saved) - {t.module for t in found}
+    if unknown:
+        raise ModelError(
+            f"{where}: trained rows for {sorted(unknown)[0]!r}, which is not this model's embedding or head"
+        )
+    return {t.tensor: t for t in found}

@@ -8,7 +8,7 @@ import math
 import torch
 
 from qlora_cli.config import QuantSettings
-from qlora_cli.merge.plan import Target
+from qlora_cli.merge.plan import RowsTarget, Target
 from qlora_cli.merge.report import LayerStat
 from qlora_cli.model.loading import DTYPES
 
@@ -86,3 +86,14 @@ def _distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**20) -> float:
     for i in range(0, a.shape[0], rows):
         total += torch.linalg.vector_norm(a[i : i + rows].float() - b[i : i + rows].float()).item() ** 2
     return math.sqrt(total)
+
+
+def grown_rows(weight: torch.Tensor, target: RowsTarget) -> torch.Tensor:
+    """An embedding (or head) as the run computed with it, in float32: grown to ``target.size`` rows with the
+    mean of the base's rows (``token_rows.resize_for``), then the trained rows put in place of theirs."""
+    w = weight.float()
+    if target.size > w.shape[0]:
+        w = torch.cat([w, w.mean(0).expand(target.size - w.shape[0], -1)])
+    if target.rows is not None:
+        w.index_copy_(0, target.indices, target.rows.to(w.device))
+    return w

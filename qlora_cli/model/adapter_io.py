@@ -77,7 +77,7 @@ def refuse_rows(config: dict[str, Any], state: Mapping[str, Any], where: str, wh
     if config.get("trainable_token_indices") or any(k.endswith(ROWS_KEY) for k in state):
         raise ModelError(
             f"{where} trains token rows (tokens / special_tokens / trainable_token_indices), which {what} does not "
-            "take yet; evaluate it with qlora eval or load it with PEFT on the base resized to the run's tokenizer"
+            "take yet; merge it (qlora merge) and use the merged model as the base"
         )
 
 
