@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qlora_cli.data.chat_templates import check_chat_template
 from qlora_cli.errors import ConfigError
 
-DatasetType = Literal["completion", "alpaca", "chat", "text", "preference", "unpaired"]
+DatasetType = Literal["completion", "alpaca", "chat", "sharegpt", "text", "preference", "unpaired"]
+CHAT_TYPES = ("chat", "sharegpt")  # conversations rendered by the chat template
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 Method = Literal["sft", "dpo", "orpo", "kto"]
 PREFERENCE_TYPES = ("preference", "unpaired")  # pairs (chosen, rejected); KTO's single labelled responses
 DType = Literal["bfloat16", "float16", "float32"]
@@ -45,6 +47,32 @@ class DatasetSpec(BaseModel):
     data_files: str | list[str] | dict[str, str | list[str]] | None = None  # files inside the dataset
     revision: str | None = Field(None, min_length=1)  # a branch, tag or commit of a hub dataset
     max_samples: int | None = Field(None, ge=1)  # keep the first N rows (any source)
+    # chat and sharegpt rows (docs/data.md):
+    tools: list[dict[str, Any]] | str | None = None  # tool definitions for every row without its own (or a .json file)
+    roles: dict[str, str | list[str]] | None = None  # a message's role (ShareGPT's from) -> system/user/assistant/tool
+    # a mixture (several datasets): this one's share of an epoch, or its exact number of examples per epoch
+    weight: float | None = Field(None, gt=0)
+    count: int | None = Field(None, ge=1)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, value: dict[str, str | list[str]] | None) -> dict[str, str | list[str]] | None:
+        """Either {their name: our role} or Axolotl's {our role: [their names]}; each names one of ours."""
+        for key, target in (value or {}).items():
+            if isinstance(target, list):
+                if key not in MESSAGE_ROLES:
+                    raise ValueError(f"roles: {key!r} is not a role ({', '.join(MESSAGE_ROLES)})")
+            elif target not in MESSAGE_ROLES:
+                raise ValueError(f"roles: {key!r} maps to {target!r}, not a role ({', '.join(MESSAGE_ROLES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DatasetSpec:
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give a dataset a weight or a count, not both")
+        if (self.tools is not None or self.roles is not None) and self.type not in CHAT_TYPES:
+            raise ValueError(f"tools and roles apply to chat and sharegpt rows, not to type {self.type}")
+        return self
 
 
 class RunConfig(BaseModel):
@@ -82,6 +110,7 @@ class RunConfig(BaseModel):
     special_tokens: list[str] | dict[str, str] = Field(default_factory=list)  # added as special tokens; a dict
     # also gives roles: {pad_token: "<|pad|>", eos_token: ...} (Axolotl's special_tokens)
     trainable_token_indices: list[int] = Field(default_factory=list)  # token ids whose rows are trained too
+    modules_to_save: list[str] = Field(default_factory=list)  # embed_tokens / lm_head trained whole (PEFT's)
     # training method (docs/preference.md): supervised fine-tuning, or preference tuning from preference data
     method: Method = "sft"
     beta: float = Field(0.1, gt=0, le=100)  # DPO/IPO/KTO: how far the policy may move from the reference
@@ -97,6 +126,8 @@ class RunConfig(BaseModel):
     eval_datasets: list[DatasetSpec] = Field(default_factory=list)
     val_set_size: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of training rows held out when no eval_datasets
     train_on_inputs: bool = False  # True: loss on prompts too
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat: which assistant turns are targets
+    train_on_reasoning: bool = True  # chat: an assistant turn's reasoning (reasoning_content) is a target too
     sequence_len: int = Field(512, ge=2)  # longer examples are truncated (and counted)
     sample_packing: bool = False  # pack short examples into sequence_len rows, attention kept within each example
     allow_degenerate_data: bool = False  # train even when every example looks broken (see data.check_not_degenerate)
@@ -214,6 +245,8 @@ class RunConfig(BaseModel):
         if self.trains_rows and self.method != "sft":
             key = "tokens" if self.tokens else "special_tokens" if self.special_tokens else "trainable_token_indices"
             raise ValueError(f"__key__{key}: not with method: {self.method} yet (new tokens train with method: sft)")
+        if self.modules_to_save and self.method != "sft":
+            raise ValueError(f"__key__modules_to_save: not with method: {self.method} yet (method: sft)")
         return self
 
     @model_validator(mode="after")
@@ -369,6 +402,19 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _mixture_weights(self) -> RunConfig:
+        mixed = [d for d in self.datasets if d.weight is not None]
+        if mixed and any(d.weight is None and d.count is None for d in self.datasets):
+            raise ValueError(
+                "__key__datasets: a mixture gives every dataset a weight (or a count): "
+                + ", ".join(d.path for d in self.datasets if d.weight is None and d.count is None)
+                + " has neither"
+            )
+        if any(d.weight is not None or d.count is not None for d in self.eval_datasets):
+            raise ValueError("__key__eval_datasets: weight and count apply to training datasets")
+        return self
+
+    @model_validator(mode="after")
     def _wandb_keys_need_wandb(self) -> RunConfig:
         # Axolotl turns W&B on with wandb_project; in qlora report_to does, and a W&B key without it would do nothing
         for key in ("wandb_project", "wandb_entity"):
@@ -423,6 +469,8 @@ class RunConfig(BaseModel):
             eval_datasets=list(self.eval_datasets),
             val_set_size=self.val_set_size,
             train_on_inputs=self.train_on_inputs,
+            train_on=self.train_on,
+            train_on_reasoning=self.train_on_reasoning,
             sequence_len=self.sequence_len,
             seed=self.seed,
             allow_degenerate=self.allow_degenerate_data,
@@ -505,6 +553,8 @@ class DataSettings:
     train_on_inputs: bool
     sequence_len: int
     seed: int
+    train_on: str = "all_assistant"
+    train_on_reasoning: bool = True
     allow_degenerate: bool = False
     cache: bool = False  # through the tokenization cache (data_cache); RunConfig turns it on
     cache_required: bool = False  # a cache that cannot be written is an error, not a warning (qlora preprocess)
@@ -565,8 +615,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "dataset_prepared_path": _NOTHING + "tokenized data is cached under $QLORA_CACHE (qlora preprocess fills it)",
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
     "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
-    "lora_modules_to_save": "tokens / special_tokens (their embedding rows are trained) or trainable_token_indices",
-    "modules_to_save": "tokens / special_tokens or trainable_token_indices (the rows trained, not whole copies)",
+    "lora_modules_to_save": "modules_to_save (whole copies), or tokens / special_tokens (only their rows train)",
     "peft": "init_lora_weights: loftq (Axolotl's peft.loftq_config; qlora's LoftQ works on the NF4 base as loaded)",
     "loftq_config": "init_lora_weights: loftq",
     "loftq_bits": "init_lora_weights: loftq (always the base's 4 bits)",
@@ -598,7 +647,10 @@ AXOLOTL_DATASET_KEYS: dict[str, str] = {
     "field_messages": "type: chat reads the messages field (or ShareGPT's conversations)",
     "message_field_role": "type: chat reads role and content (or ShareGPT's from and value)",
     "message_field_content": "type: chat reads role and content (or ShareGPT's from and value)",
-    "roles_to_train": "train_on_inputs (false: loss on assistant turns only)",
+    "roles_to_train": "train_on: all_assistant | last_assistant, a message's train: false, or train_on_inputs",
+    "train_on_eos": "nothing to set: EOS ends every trained turn and is trained with it",
+    "message_property_mappings": "roles (for ShareGPT's from names); fields are role/content or from/value",
+    "field_tools": "tools (per dataset), or a tools field in each row",
     "ds_type": _NOTHING + "the reader follows the file extension",
 }
 # (key, value) -> the qlora value
@@ -606,7 +658,6 @@ AXOLOTL_VALUES: dict[tuple[str, Any], str] = {
     ("optimizer", "adamw_bnb_8bit"): "adamw_8bit",
     ("optimizer", "adamw_torch_fused"): "adamw_torch",
     ("type", "chat_template"): "chat",
-    ("type", "sharegpt"): "chat (ShareGPT's conversations/from/value rows are read as they are)",
     ("type", "alpaca_chat"): "alpaca",
     ("type", "completion_text"): "text",
 }

@@ -10,11 +10,9 @@ from typing import Any
 
 import torch
 
-from qlora_cli.data.pipeline import (
-    Row,
-    chat_messages,
-    prompt_and_target,
-)
+from qlora_cli.config import CHAT_TYPES
+from qlora_cli.data.chat import DEFAULT, ChatOptions, conversation, render
+from qlora_cli.data.pipeline import Row, prompt_and_target
 from qlora_cli.model.loading import model_autocast, module_device
 
 # ---------------------------------------------------------------------------------------------
@@ -27,17 +25,18 @@ class GenerationCase:
     reference: str
 
 
-def generation_case(row: Row, fmt: str, tokenizer: Any) -> GenerationCase | None:
+def generation_case(row: Row, fmt: str, tokenizer: Any, options: ChatOptions | None = None) -> GenerationCase | None:
     """The prompt the model sees and the answer it should give; None for ``text`` rows (no answer)."""
     if fmt in ("completion", "alpaca"):
         prompt, target = prompt_and_target(row, fmt)
         return GenerationCase(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), target)
-    if fmt == "chat":
-        messages = chat_messages(row)
+    if fmt in CHAT_TYPES:
+        conv = conversation(row, options or DEFAULT)
+        messages = conv.messages
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             return None
-        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        text = render(tokenizer, messages[:last], True, conv.tools, row.where)
         return GenerationCase(list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages[last]["content"])
     return None
 

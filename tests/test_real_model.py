@@ -267,3 +267,31 @@ def test_dpo_on_smollm2_moves_held_out_preferences(tmp_path):
     evals = [m for m in metrics if m["type"] == "eval"]
     assert evals[-1]["eval_rewards/margin"] > evals[0]["eval_rewards/margin"] > 0
     assert tuned["reward_margin"] == pytest.approx(evals[-1]["eval_rewards/margin"], rel=1e-3)
+
+
+def test_smollm2_renders_a_tool_call_conversation_as_transformers_does():
+    """SmolLM2's own template has no place for tools: refused, never dropped. Qwen2.5's tool template (ChatML, whose
+    markers are SmolLM2's own tokens) renders the conversation token for token as transformers renders it."""
+    from qlora_cli.data.chat_templates import TEMPLATES
+    from qlora_cli.errors import DataError
+    from qlora_cli.model.loading import load_tokenizer
+    from tests.test_chat_shapes import TOOL_ROW, TOOLS, _runs
+
+    cfg = load_config(None, base_model=str(GGUF), datasets=[{"path": "x", "type": "chat"}], sequence_len=2048)
+    tokenizer = load_tokenizer(cfg)
+    from qlora_cli.data.pipeline import tokenize_rows
+
+    with pytest.raises(DataError, match="the chat template does not render the tool definitions"):
+        tokenize_rows([Row("d.jsonl:1", dict(TOOL_ROW))], "chat", tokenizer, cfg.data)
+    tokenizer.chat_template = TEMPLATES["qwen2.5"][0]
+    (ex,), _ = tokenize_rows([Row("d.jsonl:1", dict(TOOL_ROW))], "chat", tokenizer, cfg.data)
+    text = tokenizer.apply_chat_template(TOOL_ROW["messages"], tools=TOOLS, tokenize=False)
+    own = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (
+        ex.input_ids[: len(own)] == own
+        and ex.input_ids[len(own) :] == [tokenizer.eos_token_id][: len(ex.input_ids) - len(own)]
+    )
+    assert own.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5  # system, user, assistant, tool, assistant
+    runs = _runs(ex, tokenizer)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in runs[0] and "It rains." in runs[1]
+    assert not any("rain, 12C" in r for r in runs)

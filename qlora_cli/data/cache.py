@@ -60,9 +60,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(rows: list[Any], fmt: str, tokenizer: Any, sequence_len: int, train_on_inputs: bool) -> str:
+def cache_key(
+    rows: list[Any], fmt: str, tokenizer: Any, sequence_len: int, train_on_inputs: bool, chat: Any = None
+) -> str:
     h = hashlib.sha256()
     head = {"v": TOKENS_VERSION, "fmt": fmt, "sequence_len": sequence_len, "train_on_inputs": train_on_inputs}
+    if chat is not None:  # chat rows: train_on, train_on_reasoning, the dataset's roles and tools
+        head["chat"] = chat
     h.update(json.dumps(head, sort_keys=True).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(len(rows).to_bytes(8, "little"))
@@ -167,7 +171,8 @@ def cached_tokenize(
     A cache folder that cannot be written is a warning and the run goes on uncached (the cache only saves
     time), unless ``strict`` (``qlora preprocess``, whose job is to fill it), where it is a ``DataError``.
     """
-    key = cache_key(rows, fmt, tokenizer, settings.sequence_len, settings.train_on_inputs)
+    chat = rows[0].chat.key() if rows and rows[0].chat is not None else None
+    key = cache_key(rows, fmt, tokenizer, settings.sequence_len, settings.train_on_inputs, chat)
     try:
         hit = load(key, len(rows))
     except Corrupt as e:

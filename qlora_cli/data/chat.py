@@ -1,85 +1,373 @@
 """Conversations -> token ids and labels through a chat template: the assistant turns are the targets.
 
-The template renders the text; each assistant turn is located as the text that rendering one more message adds
-(``assistant_spans``), and the tokens overlapping those spans are the targets.
+A row is a conversation in the OpenAI / transformers shape: ``messages`` of ``{role, content}`` with roles system,
+user, assistant and tool; an assistant message may carry ``tool_calls`` (``[{type: function, function: {name,
+arguments}}]``) and ``reasoning_content``; ``tools`` (JSON-schema function definitions) come with the row or with
+its dataset. ShareGPT rows (``conversations`` of ``{from, value}``) are read through a role map, LLaMA-Factory's
+``function_call`` and ``observation`` turns as tool calls and tool results.
+
+The template renders the text; each trained turn is located as the text that rendering one more message adds
+(``assistant_spans``), and the tokens overlapping those spans are the targets. Which turns train: every assistant
+turn (``train_on: all_assistant``), the last one only (``last_assistant``), overridden per message by ``train:
+true|false``; their tool calls train with them; tool results, the system prompt and the tool schema never do.
+An assistant turn's reasoning is rendered as the template renders ``reasoning_content`` (inside ``<think>`` tags
+before the answer where the template has no place for it) and trains unless ``train_on_reasoning: false``.
+Whatever the template would drop (the tools, a tool call, a tool result) is an error, never a silent loss.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from qlora_cli.config import MESSAGE_ROLES
 from qlora_cli.data.examples import IGNORE_INDEX, Example
 from qlora_cli.data.sources import Row
 from qlora_cli.errors import DataError
 
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# ShareGPT's speaker names (and LLaMA-Factory's) -> roles; a dataset's ``roles`` adds to or overrides these
+SHAREGPT_ROLES = {
+    "human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+    "tool": "tool", "observation": "tool", "function_call": "assistant", "function": "tool",
+}  # fmt: skip
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"  # reasoning where the template has no place for it
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
-def chat_messages(row: Row) -> list[dict[str, str]]:
-    """The row's messages as [{role, content}], accepting ShareGPT's {from, value} too."""
-    messages = row.fields.get("messages", row.fields.get("conversations"))
+@dataclass(frozen=True)
+class ChatOptions:
+    """How conversations of one dataset are read and trained (the run's and the dataset's settings)."""
+
+    train_on: str = "all_assistant"
+    train_on_reasoning: bool = True
+    roles: tuple[tuple[str, str], ...] = ()  # extra speaker name -> role
+    tools: str | None = None  # the dataset's tool definitions (JSON text), for rows without their own
+
+    def key(self) -> dict[str, Any]:
+        """What changes the tokens, for the tokenization cache's key."""
+        return {"train_on": self.train_on, "reasoning": self.train_on_reasoning, "roles": self.roles,
+                "tools": self.tools}  # fmt: skip
+
+
+DEFAULT = ChatOptions()
+
+
+def options_for(spec: Any, settings: Any) -> ChatOptions:
+    """The ``ChatOptions`` of dataset ``spec`` under the run's ``DataSettings``; ``DataError`` for a tools file
+    that cannot be read."""
+    roles: dict[str, str] = {}
+    for key, target in (spec.roles or {}).items():
+        if isinstance(target, list):  # Axolotl's {our role: [their names]}
+            roles.update({name: key for name in target})
+        else:
+            roles[key] = target
+    tools = spec.tools
+    if isinstance(tools, str):
+        path = Path(tools).expanduser()
+        try:
+            tools = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise DataError(f"dataset {spec.path}: cannot read tools file {tools} ({e.strerror or e})") from None
+        except ValueError as e:
+            raise DataError(f"dataset {spec.path}: tools file {tools} is not JSON ({e})") from None
+    if tools is not None:
+        tools = _tools(tools, f"dataset {spec.path}: tools")
+    return ChatOptions(
+        train_on=getattr(settings, "train_on", "all_assistant"),
+        train_on_reasoning=getattr(settings, "train_on_reasoning", True),
+        roles=tuple(sorted(roles.items())),
+        tools=None if tools is None else json.dumps(tools),  # key order kept: templates render it
+    )
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]  # as the template reads them
+    tools: list[dict[str, Any]] | None = None
+    train: list[bool | None] = field(default_factory=list)  # a message's own train flag
+
+
+def _text(value: Any, where: str) -> str:
+    """A message's content: a string, null, or OpenAI's list of ``{type: text, text}`` parts."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise DataError(f"{where}: content must be a string (or a list of text parts), got {type(value).__name__}")
+
+
+def _tools(tools: Any, where: str) -> list[dict[str, Any]]:
+    """Tool definitions as the templates read them, ``[{type: function, function: {name, ...}}]`` (a bare
+    ``{name, parameters}`` is wrapped); ``DataError`` for anything else."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise DataError(f"{where} is a string that is not JSON") from None
+    if not isinstance(tools, list):
+        raise DataError(f"{where} must be a list of function definitions")
+    out = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+            tool = {"type": "function", "function": tool}
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{where}[{i}] is not a function definition ({{type: function, function: {{name, ...}}}})")
+        out.append(tool)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls in the OpenAI shape with ``arguments`` as an object (the templates serialise it themselves)."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: tool_calls must be a non-empty list")
+    out = []
+    for i, call in enumerate(calls):
+        at = f"{where}: tool_calls[{i}]"
+        if not isinstance(call, dict):
+            raise DataError(f"{at} is not an object")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{at} has no function name")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise DataError(f"{at}: arguments is not JSON ({args[:40]!r})") from None
+        if not isinstance(args, dict):
+            raise DataError(f"{at}: arguments must be a JSON object")
+        entry: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if call.get("id") is not None:
+            entry["id"] = str(call["id"])
+        out.append(entry)
+    return out
+
+
+def conversation(row: Row, options: ChatOptions = DEFAULT) -> Conversation:
+    """The row's conversation, checked: ``DataError`` naming the file, line and message for anything malformed."""
+    fields = row.fields
+    messages = fields.get("messages", fields.get("conversations"))
     if messages is None:
         raise DataError(f"{row.where}: row is missing field 'messages' (type chat needs messages)")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{row.where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
+    names = {**SHAREGPT_ROLES, **dict(options.roles)}
+    out: list[dict[str, Any]] = []
+    train: list[bool | None] = []
     for i, m in enumerate(messages):
-        if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
-            m = {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{row.where}: messages[{i}] is missing field 'role' or 'content'")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise DataError(f"{row.where}: messages[{i}] role and content must be strings")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+        where = f"{row.where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where} is not an object")
+        if "role" not in m and "from" in m:  # ShareGPT
+            speaker = m["from"]
+            role = names.get(speaker) if isinstance(speaker, str) else None
+            if role is None:
+                raise DataError(
+                    f"{where}: unknown speaker {speaker!r}; known: {', '.join(sorted(names))} (map others with "
+                    "the dataset's roles: {name: user})"
+                )
+            value = m.get("value")
+            if speaker == "function_call":  # LLaMA-Factory: the value is the call as JSON
+                m = {"role": "assistant", "content": "", "tool_calls": value}
+            else:
+                m = {**{k: v for k, v in m.items() if k not in ("from", "value")}, "role": role, "content": value}
+        elif "role" in m and isinstance(m["role"], str) and m["role"] in dict(options.roles):
+            m = {**m, "role": dict(options.roles)[m["role"]]}
+        if "role" not in m:
+            raise DataError(f"{where} is missing field 'role' (or ShareGPT's 'from')")
+        role = m["role"]
+        if role not in MESSAGE_ROLES:
+            raise DataError(
+                f"{where}: unknown role {role!r}; roles are {', '.join(MESSAGE_ROLES)} (map others with the "
+                "dataset's roles: {name: user})"
+            )
+        calls = m.get("tool_calls")
+        if "content" not in m and not calls:
+            raise DataError(f"{where} is missing field 'content'")
+        msg: dict[str, Any] = {"role": role, "content": _text(m.get("content"), where)}
+        if calls is not None:
+            if role != "assistant":
+                raise DataError(f"{where}: only assistant messages make tool calls, not {role}")
+            if isinstance(calls, str):
+                try:
+                    calls = json.loads(calls)
+                except ValueError:
+                    raise DataError(f"{where}: tool_calls is a string that is not JSON") from None
+            msg["tool_calls"] = _tool_calls(calls, where)
+        for key in REASONING_KEYS:
+            if m.get(key) is not None:
+                if role != "assistant":
+                    raise DataError(f"{where}: {key} belongs to assistant messages, not {role}")
+                msg["reasoning_content"] = _text(m[key], where)
+                break
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    msg[key] = m[key]
+        flag = m.get("train", m.get("training"))
+        if flag is not None and not isinstance(flag, bool):
+            raise DataError(f"{where}: train must be true or false")
+        if flag and role != "assistant":
+            raise DataError(f"{where}: train: true is for assistant messages; {role} messages are never targets")
+        out.append(msg)
+        train.append(flag)
+    tools = fields.get("tools")
+    if tools is not None and tools != [] and tools != "":
+        tools = _tools(tools, f"{row.where}: tools")
+    elif options.tools is not None:
+        tools = json.loads(options.tools)
+    else:
+        tools = None
+    return Conversation(out, tools, train)
+
+
+def chat_messages(row: Row) -> list[dict[str, Any]]:
+    """The row's messages as the template reads them (ShareGPT's ``{from, value}`` mapped)."""
+    return conversation(row).messages
 
 
 def encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: list[dict] | None = None,
+    where: str = "",
+) -> str:  # fmt: skip
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+    except Exception as e:  # noqa: BLE001 - a template's own raise_exception (jinja2's TemplateError and others)
+        if type(e).__module__.split(".")[0] not in ("jinja2", "transformers") and not isinstance(e, ValueError):
+            raise
+        raise DataError(
+            f"{where or 'a conversation'}: the chat template refuses it: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _trained(conv: Conversation, options: ChatOptions, first: int) -> list[bool]:
+    """Per message: is it a target (an assistant turn chosen by ``train_on`` and its own flag)."""
+    last = max((i for i, m in enumerate(conv.messages) if m["role"] == "assistant"), default=-1)
+    out = []
+    for i, m in enumerate(conv.messages):
+        chosen = m["role"] == "assistant" and i >= first and (options.train_on == "all_assistant" or i == last)
+        flag = conv.train[i] if i < len(conv.train) else None
+        out.append(chosen if flag is None else (flag and m["role"] == "assistant"))
+    return out
+
+
+def _check_rendered(conv: Conversation, text: str, where: str) -> None:
+    """``DataError`` when the template dropped the tools, a tool call or a tool result."""
+    lost = None
+    for tool in conv.tools or []:
+        if tool["function"]["name"] not in text:
+            lost = f"the tool definitions (tool {tool['function']['name']!r})"
+            break
+    for m in conv.messages:
+        if lost:
+            break
+        for call in m.get("tool_calls") or []:
+            if call["function"]["name"] not in text:
+                lost = f"tool calls (call of {call['function']['name']!r})"
+                break
+        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in text:
+            lost = "tool results (role tool)"
+    if lost:
+        raise DataError(
+            f"{where}: the chat template does not render {lost}; set chat_template to one that does "
+            "(llama3.1, qwen2.5, mistral-v0.3 or the model's own tool template)"
+        )
+
+
+def prepared(conv: Conversation, tokenizer: Any, where: str) -> Conversation:
+    """The conversation as it will be rendered: reasoning inlined where the template has no place for it."""
+    reasoning = [m for m in conv.messages if m.get("reasoning_content")]
+    if not reasoning:
+        return conv
+    last = reasoning[-1]
+    text = render(tokenizer, conv.messages, False, conv.tools, where)
+    if last["reasoning_content"].strip() in text:
+        return conv
+    messages = []
+    for m in conv.messages:
+        if m.get("reasoning_content"):
+            r = m["reasoning_content"]
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = THINK_OPEN + r + THINK_CLOSE + m["content"]
+            m["_reasoning"] = r
+        messages.append(m)
+    return Conversation(messages, conv.tools, conv.train)
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict[str, str]], where: str, first: int = 0
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant turn (content + end-of-turn) from
-    message ``first`` on.
+    tokenizer: Any, messages: list[dict[str, Any]], where: str, first: int = 0, conv: Conversation | None = None,
+    options: ChatOptions = DEFAULT,
+) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+    """The rendered conversation and the character spans of each trained assistant turn (content, tool calls and
+    end-of-turn) from message ``first`` on.
 
     Each span runs from the end of the conversation-so-far rendered with a generation prompt to the end of
     the conversation rendered through that turn, trailing whitespace excluded. This needs the template to be
-    prefix-stable (rendering more messages only appends text), which is checked.
+    prefix-stable (rendering more messages only appends text), which is checked. Without
+    ``train_on_reasoning`` a turn's reasoning (and its tags) is cut from the front of its span.
     """
-    full = render(tokenizer, messages, generation_prompt=False)
+    conv = conv or Conversation(messages, None, [None] * len(messages))
+    messages, tools = conv.messages, conv.tools
+    view = [{k: v for k, v in m.items() if k != "_reasoning"} for m in messages]
+    full = render(tokenizer, view, False, tools, where)
+    _check_rendered(conv, full, where)
+    trained = _trained(conv, options, first)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < first:
+        if not trained[i]:
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = render(tokenizer, view[:i], True, tools, where) if i else ""
+        through = render(tokenizer, view[: i + 1], False, tools, where)
         if not full.startswith(through) or not through.startswith(before):
             raise DataError(
                 f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier text), "
                 "so assistant turns cannot be located; set chat_template to a simpler template"
             )
-        end = len(through.rstrip())
-        if end > len(before):
-            spans.append((len(before), end))
+        start, end = len(before), len(through.rstrip())
+        reasoning = m.get("_reasoning", m.get("reasoning_content"))
+        if reasoning and not options.train_on_reasoning:
+            at = full.find(reasoning, start, end)
+            if at >= 0:  # the answer starts after the reasoning, its closing tag and the blank after it
+                start = at + len(reasoning)
+                rest = full[start:end]
+                close = rest.lstrip()
+                for tag in ("</think>", "</thinking>", "</reasoning>"):
+                    if close.startswith(tag):
+                        start += len(rest) - len(close) + len(tag)
+                        break
+                start += len(full[start:end]) - len(full[start:end].lstrip())
+        if end > start:
+            spans.append((start, end))
     return full, spans
 
 
-def tokenize_chat(row: Row, tokenizer: Any, train_on_inputs: bool) -> Example:
-    return tokenize_conversation(chat_messages(row), tokenizer, train_on_inputs, row.where)
+def tokenize_chat(row: Row, tokenizer: Any, train_on_inputs: bool, options: ChatOptions = DEFAULT) -> Example:
+    conv = prepared(conversation(row, options), tokenizer, row.where)
+    return tokenize_conversation(conv.messages, tokenizer, train_on_inputs, row.where, conv=conv, options=options)
 
 
 def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: Any, train_on_inputs: bool, where: str, first_trained: int = 0
-) -> Example:
-    """A conversation -> token ids and labels: the targets are the assistant turns from message ``first_trained``
-    on (preference data trains only the response after its prompt), plus EOS."""
-    text, spans = assistant_spans(tokenizer, messages, where, first_trained)
+    messages: list[dict[str, Any]], tokenizer: Any, train_on_inputs: bool, where: str, first_trained: int = 0,
+    conv: Conversation | None = None, options: ChatOptions = DEFAULT,
+) -> Example:  # fmt: skip
+    """A conversation -> token ids and labels: the targets are the trained assistant turns from message
+    ``first_trained`` on (preference data trains only the response after its prompt), plus EOS."""
+    conv = conv or Conversation(messages, None, [None] * len(messages))
+    text, spans = assistant_spans(tokenizer, conv.messages, where, first_trained, conv, options)
     eos = tokenizer.eos_token_id
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -100,7 +388,8 @@ def tokenize_conversation(
     # EOS must be learned: append it unless the last assistant turn already ends with it.
     last_target = max((j for j, flag in enumerate(is_target) if flag), default=-1)
     if last_target < 0 or ids[last_target] != eos:
-        ends_with_assistant = messages[-1]["role"] == "assistant"
+        last = len(conv.messages) - 1
+        ends_trained = conv.messages[last]["role"] == "assistant" and _trained(conv, options, first_trained)[last]
         ids.append(eos)
-        labels.append(eos if (ends_with_assistant or train_on_inputs) else IGNORE_INDEX)
+        labels.append(eos if (ends_trained or train_on_inputs) else IGNORE_INDEX)
     return Example(ids, labels)

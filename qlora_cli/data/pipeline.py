@@ -15,15 +15,16 @@ the prompt tokens the model was trained on.
 
 from __future__ import annotations
 
+import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from qlora_cli.config import PREFERENCE_TYPES, DatasetSpec, DataSettings
-from qlora_cli.data.chat import assistant_spans, chat_messages, encode, render, tokenize_chat
+from qlora_cli.config import CHAT_TYPES, PREFERENCE_TYPES, DatasetSpec, DataSettings
+from qlora_cli.data.chat import DEFAULT, assistant_spans, chat_messages, conversation, encode, render, tokenize_chat
 from qlora_cli.data.examples import IGNORE_INDEX, DataStats, Example
 from qlora_cli.data.sources import Row, read_rows
 from qlora_cli.errors import DataError
@@ -44,6 +45,7 @@ REQUIRED_FIELDS = {
     "completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "text": ("text",),
 }
 
@@ -54,6 +56,18 @@ class TrainData:
     eval: list[Example]
     train_stats: DataStats
     eval_stats: DataStats
+    mixture: list[MixturePart] | None = None  # a weighted mixture as drawn (before any val_set_size split)
+
+
+@dataclass
+class MixturePart:
+    """One dataset's share of a mixture, as drawn: its examples, and those drawn for training."""
+
+    path: str
+    examples: int  # after tokenization (truncated-away rows dropped)
+    drawn: int
+    tokens: int
+    target_tokens: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +118,8 @@ def tokenize_row(row: Row, fmt: str, tokenizer: Any, train_on_inputs: bool) -> E
     if fmt == "text":
         ids = encode(tokenizer, _field(row, "text", fmt), special=True) + [eos]
         return Example(ids, list(ids))
-    if fmt == "chat":
-        return tokenize_chat(row, tokenizer, train_on_inputs)
+    if fmt in CHAT_TYPES:
+        return tokenize_chat(row, tokenizer, train_on_inputs, row.chat or DEFAULT)
     if fmt in PREFERENCE_TYPES:  # the chosen response (its .rejected attached), or KTO's labelled one
         from qlora_cli.data.preference import tokenize_preference_rows
 
@@ -120,9 +134,10 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
         from qlora_cli.data.preference import tokenize_preference_rows
 
         return tokenize_preference_rows(rows, spec.type, tokenizer, settings.sequence_len)
-    if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
+    with_run_settings(rows, settings)
+    if spec.type in CHAT_TYPES and not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            f"dataset {spec.path} has type chat but the tokenizer has no chat template; "
+            f"dataset {spec.path} has type {spec.type} but the tokenizer has no chat template; "
             "set chat_template to a name (chatml, llama3, ...) or a Jinja template in the config"
         )
     if not settings.cache:
@@ -147,7 +162,20 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
 CACHE_EVENTS: list[tuple[str, bool]] = []  # (dataset path, loaded from the cache) per tokenized entry, for reports
 
 
+def with_run_settings(rows: list[Row], settings: DataSettings) -> None:
+    """Give chat rows the run's ``train_on`` and ``train_on_reasoning`` beside their dataset's roles and tools."""
+    done: dict[int, Any] = {}
+    for row in rows:
+        if row.chat is None and "messages" not in row.fields and "conversations" not in row.fields:
+            continue
+        base = row.chat or DEFAULT
+        if id(base) not in done:
+            done[id(base)] = replace(base, train_on=settings.train_on, train_on_reasoning=settings.train_on_reasoning)
+        row.chat = done[id(base)]
+
+
 def tokenize_rows(rows: list[Row], fmt: str, tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
+    with_run_settings(rows, settings)
     stats = DataStats(rows=len(rows))
     examples = []
     for row, ex in zip(rows, tokenize_many(rows, fmt, tokenizer, settings.train_on_inputs, settings.num_proc)):
@@ -176,7 +204,7 @@ def tokenize_many(rows: list[Row], fmt: str, tokenizer: Any, train_on_inputs: bo
     alpaca rows on a fast tokenizer, processes were slower than one process's batches.)"""
     import multiprocessing
 
-    python_bound = fmt == "chat" or not getattr(tokenizer, "is_fast", False)  # else batches beat processes
+    python_bound = fmt in CHAT_TYPES or not getattr(tokenizer, "is_fast", False)  # else batches beat processes
     if (
         python_bound
         and num_proc > 1
@@ -214,7 +242,7 @@ def _tokenize_chunk(bounds: tuple[int, int]) -> list[tuple[list[int], list[int]]
 
 
 def _tokenize_serial(rows: list[Row], fmt: str, tokenizer: Any, train_on_inputs: bool) -> list[Example]:
-    if fmt == "chat" or not getattr(tokenizer, "is_fast", False):
+    if fmt in CHAT_TYPES or not getattr(tokenizer, "is_fast", False):
         return [tokenize_row(row, fmt, tokenizer, train_on_inputs) for row in rows]
     out = []
     eos = tokenizer.eos_token_id
@@ -241,7 +269,7 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
     """Tokenize the training and eval datasets. Raises ``DataError`` when nothing is left to train on."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
-    train, train_stats = _tokenize_all(settings.datasets, tokenizer, settings)
+    train, train_stats, mixture = _tokenize_all(settings.datasets, tokenizer, settings, mix=True)
     if not train:
         raise DataError(
             f"no training examples left: all {train_stats.rows} rows were truncated away at sequence_len="
@@ -249,7 +277,7 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
         )
     if not settings.allow_degenerate:
         check_not_degenerate(train, tokenizer)
-    eval_examples, eval_stats = _tokenize_all(settings.eval_datasets, tokenizer, settings)
+    eval_examples, eval_stats, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
     if not settings.eval_datasets and settings.val_set_size > 0:
         order = list(range(len(train)))
         random.Random(settings.seed).shuffle(order)
@@ -272,7 +300,7 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
 
         train, eval_examples = unpair(train), unpair(eval_examples)
         train_stats.examples, eval_stats.examples = len(train), len(eval_examples)
-    return TrainData(train, eval_examples, train_stats, eval_stats)
+    return TrainData(train, eval_examples, train_stats, eval_stats, mixture)
 
 
 def _sequences(e: Example) -> tuple[Example, ...]:
@@ -280,14 +308,59 @@ def _sequences(e: Example) -> tuple[Example, ...]:
     return (e,) if e.rejected is None else (e, e.rejected)
 
 
-def _tokenize_all(specs: list[DatasetSpec], tokenizer: Any, settings: DataSettings) -> tuple[list[Example], DataStats]:
+def _tokenize_all(
+    specs: list[DatasetSpec], tokenizer: Any, settings: DataSettings, mix: bool = False
+) -> tuple[list[Example], DataStats, list[MixturePart] | None]:
     examples: list[Example] = []
     total = DataStats()
+    parts = []
     for spec in specs:
         some, stats = tokenize_dataset(spec, tokenizer, settings)
-        examples.extend(some)
+        parts.append((spec, some))
         total.add(stats)
-    return examples, total
+    if not (mix and any(s.weight is not None or s.count is not None for s in specs)):
+        return [e for _, some in parts for e in some], total, None
+    examples, mixture = draw_mixture(parts, settings.seed)
+    total.examples = len(examples)
+    total.tokens = sum(p.tokens for p in mixture)
+    total.target_tokens = sum(p.target_tokens for p in mixture)
+    return examples, total, mixture
+
+
+def draw_mixture(parts: list[tuple[DatasetSpec, list[Example]]], seed: int) -> tuple[list[Example], list[MixturePart]]:
+    """The examples a weighted mixture trains on (``mixture_counts`` of each dataset, drawn under ``seed``: the
+    same draw on every run and resume), and what was drawn per dataset."""
+    examples: list[Example] = []
+    mixture = []
+    for i, ((spec, some), n) in enumerate(zip(parts, mixture_counts([(s, len(e)) for s, e in parts]))):
+        order = list(range(len(some)))
+        random.Random(f"{seed}:{i}:{spec.path}").shuffle(order)
+        drawn = [some[j] for j in sorted(order[:n])]
+        examples.extend(drawn)
+        mixture.append(MixturePart(spec.path, len(some), n, sum(len(e.input_ids) for e in drawn),
+                                   sum(e.n_targets for e in drawn)))  # fmt: skip
+    return examples, mixture
+
+
+def mixture_counts(parts: list[tuple[DatasetSpec, int]]) -> list[int]:
+    """Examples drawn from each dataset: a ``count`` exactly; the weighted ones in proportion to their weights,
+    as many as the first of them to run out allows (each example drawn at most once). ``DataError`` for a
+    count larger than its dataset."""
+    weighted = [(spec, n) for spec, n in parts if spec.weight is not None]
+    total_weight = sum(spec.weight for spec, _ in weighted)
+    epoch = min((n * total_weight / spec.weight for spec, n in weighted), default=0.0)
+    counts = []
+    for spec, n in parts:
+        if spec.count is not None:
+            if spec.count > n:
+                raise DataError(
+                    f"dataset {spec.path} runs dry under the mixture: count {spec.count} asks for more examples "
+                    f"than its {n}; lower the count (or give it a weight)"
+                )
+            counts.append(spec.count)
+        else:
+            counts.append(min(n, max(1, math.floor(epoch * spec.weight / total_weight + 1e-9))))
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +391,7 @@ def check_not_degenerate(examples: list[Example], tokenizer: Any) -> None:
             f"all {len(examples)} training examples are the same tokens ({shown!r}); check the data format and "
             f"chat_template, or {DEGENERATE_OVERRIDE}"
         )
-    chats = [e for e in examples if e.fmt == "chat" and e.row is not None][:PROMPT_SAMPLE]
+    chats = [e for e in examples if e.fmt in CHAT_TYPES and e.row is not None][:PROMPT_SAMPLE]
     if chats and all(_lost_prompt(e.row, tokenizer) for e in chats):
         raise DataError(
             f"the user messages of {chats[0].row.where} (and of every chat example checked) do not appear in the "
@@ -328,8 +401,9 @@ def check_not_degenerate(examples: list[Example], tokenizer: Any) -> None:
 
 def _lost_prompt(row: Row, tokenizer: Any) -> bool:
     """True when some user message of the row is missing from its rendered conversation."""
-    messages = chat_messages(row)
-    rendered = render(tokenizer, messages, generation_prompt=False)
+    conv = conversation(row, row.chat or DEFAULT)
+    messages = conv.messages
+    rendered = render(tokenizer, messages, False, conv.tools, row.where)
     return any(m["content"].strip() not in rendered for m in messages if m["role"] == "user" and m["content"].strip())
 
 

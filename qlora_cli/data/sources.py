@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import DATA_EXTENSIONS, DatasetSpec
+from qlora_cli.config import CHAT_TYPES, DATA_EXTENSIONS, DatasetSpec
 from qlora_cli.errors import DataError
 
 
@@ -18,6 +18,7 @@ from qlora_cli.errors import DataError
 class Row:
     where: str  # "data/train.jsonl:12", for error messages
     fields: dict[str, Any]
+    chat: Any = field(default=None, repr=False, compare=False)  # chat and sharegpt rows: data.chat.ChatOptions
 
 
 def read_rows(spec: DatasetSpec) -> list[Row]:
@@ -45,6 +46,12 @@ def read_rows(spec: DatasetSpec) -> list[Row]:
         rows = _read_hub(spec)
     if not rows:
         raise DataError(f"dataset {spec.path} has no rows")
+    if spec.type in CHAT_TYPES:  # the dataset's role map and tools travel with its rows
+        from qlora_cli.data.chat import options_for
+
+        options = options_for(spec, None)
+        for row in rows:
+            row.chat = options
     return rows
 
 

@@ -111,8 +111,9 @@ def run_export(
     if fmt == "gguf-lora":
         if source.rows:
             raise ConfigError(
-                f"{run_path} trains token rows (new tokens): a llama.cpp LoRA file cannot change the base's "
-                "vocabulary or embedding, so --format gguf-lora cannot hold it; export the merged model (--format gguf)"
+                f"{run_path} trains embedding rows (new tokens or modules_to_save): a llama.cpp LoRA file cannot "
+                "change the base's vocabulary or embedding, so --format gguf-lora cannot hold it; export the merged "
+                "model (--format gguf)"
             )
         if any(t.magnitude is not None for t in source.targets.values()):
             raise ConfigError(

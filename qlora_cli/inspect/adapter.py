@@ -76,7 +76,8 @@ def adapter_report(path: str | Path) -> dict[str, Any]:
         "lora_alpha": alpha,
         "use_rslora": bool(config.get("use_rslora", False)),
         "adapter_kind": ("DoRA" if config.get("use_dora") else "LoRA")
-        + (" + trained token rows" if config.get("trainable_token_indices") else ""),
+        + (" + trained token rows" if config.get("trainable_token_indices") else "")
+        + (f" + whole {', '.join(config['modules_to_save'])}" if config.get("modules_to_save") else ""),
         "scaling": scaling,
         "target_modules": config.get("target_modules"),
         "modules": len(modules),

@@ -219,9 +219,16 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
 def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     """What the model will be trained on: counts as ``data.pipeline.tokenize_rows`` makes them, per dataset; a length
     histogram; the first ``n_examples`` tokenized examples with their label mask; and warnings."""
-    from qlora_cli.config import PREFERENCE_TYPES
+    from qlora_cli.config import CHAT_TYPES, PREFERENCE_TYPES
     from qlora_cli.data.chat_templates import describe_chat_template, marker_warning
-    from qlora_cli.data.pipeline import IGNORE_INDEX, check_not_degenerate, read_rows, tokenize_row
+    from qlora_cli.data.pipeline import (
+        IGNORE_INDEX,
+        check_not_degenerate,
+        draw_mixture,
+        read_rows,
+        tokenize_row,
+        with_run_settings,
+    )
     from qlora_cli.data.preference import tokenize_preference_rows
     from qlora_cli.model.loading import load_tokenizer, quiet_libraries
 
@@ -236,7 +243,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             "pad token == EOS token: qlora still trains on EOS (masks come from lengths), but other tools that "
             "mask by pad id would drop it"
         )
-    if any(spec.type in ("chat", "preference", "unpaired") for spec in cfg.datasets):
+    if any(spec.type in (*CHAT_TYPES, "preference", "unpaired") for spec in cfg.datasets):
         warning = marker_warning(cfg.chat_template, tokenizer)
         if warning:
             warnings.append(warning)
@@ -246,15 +253,18 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     no_eos: list[str] = []
     kept: list[Any] = []  # training examples, for the degenerate-data check
     shown_rows = 0  # preference rows shown
+    parts: list[tuple[str, Any, list[Any]]] = []  # (split, spec, its training examples) for a mixture
     entries = [("train", s) for s in cfg.datasets] + [("eval", s) for s in cfg.eval_datasets]
     for split, spec in entries:
         rows = read_rows(spec)
+        with_run_settings(rows, cfg.data)
+        parts.append((split, spec, []))
         entry = {"split": split, "path": spec.path, "type": spec.type, "rows": len(rows), "examples": 0, "tokens": 0}
         entry.update({"target_tokens": 0, "truncated": 0, "dropped": 0, "skipped": False})
         datasets.append(entry)
-        if spec.type == "chat" and not getattr(tokenizer, "chat_template", None):
+        if spec.type in CHAT_TYPES and not getattr(tokenizer, "chat_template", None):
             warnings.append(
-                f"{spec.path}: type chat but the tokenizer has no chat template; training would stop here "
+                f"{spec.path}: type {spec.type} but the tokenizer has no chat template; training would stop here "
                 "(set chat_template to a name such as chatml or llama3, or a Jinja template)"
             )
             entry["skipped"] = True
@@ -267,6 +277,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
                 if split == "train":
                     lengths.append(len(ex.input_ids))
                     kept.append(ex)
+                    parts[-1][2].append(ex)
                     if shown_rows < n_examples:  # a pair shows both responses
                         shown_rows += 1
                         for seq in (ex, ex.rejected) if ex.rejected is not None else (ex,):
@@ -287,6 +298,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             entry["target_tokens"] += ex.n_targets
             if split == "train":
                 kept.append(ex)
+                parts[-1][2].append(ex)
             if eos not in ex.labels[1:]:
                 no_eos.append(row.where)
             if split == "train" and len(shown) < n_examples:
@@ -308,6 +320,12 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
             f"{len(no_eos)} example(s) have no EOS among their targets (first: {no_eos[0]}): the model does not "
             "learn to stop there (truncated at sequence_len, or a chat that does not end with the assistant)"
         )
+    mixture = None
+    if any(spec.weight is not None or spec.count is not None for spec in cfg.datasets):
+        _, drawn = draw_mixture([(spec, ex) for split, spec, ex in parts if split == "train"], cfg.seed)
+        mixture = [vars(p) for p in drawn]
+        for key, field in (("examples", "drawn"), ("tokens", "tokens"), ("target_tokens", "target_tokens")):
+            totals[key] = sum(p[field] for p in mixture)
     truncated = totals["truncated"]
     if truncated:
         warnings.append(f"{truncated} training example(s) are longer than sequence_len={cfg.sequence_len} and are cut")
@@ -319,6 +337,7 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
         "chat_template": describe_chat_template(cfg.chat_template, tokenizer),
         "datasets": datasets,
         "train": totals,
+        "mixture": mixture,
         "histogram": length_histogram(lengths, cfg.sequence_len),
         "examples": shown,
         "warnings": warnings,
@@ -367,7 +386,7 @@ def render_data(report: dict[str, Any], console: Console) -> None:
         f"{t['target_tokens']:,} target tokens; truncated {t['truncated']}, dropped {t['dropped']} "
         f"(sequence_len {report['sequence_len']})"
     )
-    if any(d["type"] == "chat" for d in report["datasets"]):
+    if any(d["type"] in ("chat", "sharegpt") for d in report["datasets"]):
         console.print(f"[bold]chat template[/bold]: {report['chat_template']['source']}", highlight=False)
     table = Table(show_edge=False)
     for col in ("split", "dataset", "type", "rows", "examples", "tokens", "targets", "cut", "dropped"):
@@ -383,6 +402,15 @@ def render_data(report: dict[str, Any], console: Console) -> None:
             *(f"{d[k]:,}" for k in ("rows", "examples", "tokens", "target_tokens", "truncated", "dropped")),
         )
     console.print(table)
+    if report.get("mixture"):
+        drawn = sum(p["drawn"] for p in report["mixture"]) or 1
+        console.print("[bold]mixture[/bold] (drawn per epoch, the same draw on every run and resume under seed)")
+        for p in report["mixture"]:
+            console.print(
+                f"  {Path(p['path']).name}: {p['drawn']:,} of {p['examples']:,} examples "
+                f"({100 * p['drawn'] / drawn:.1f}%), {p['tokens']:,} tokens, {p['target_tokens']:,} target tokens",
+                highlight=False,
+            )
     hist = report["histogram"]
     if hist:
         console.print("[bold]length[/bold] (tokens, before truncation)")

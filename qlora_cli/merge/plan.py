@@ -18,6 +18,7 @@ from qlora_cli.model.adapter_io import (
     adapter_magnitudes,
     adapter_modules,
     check_fit,
+    copy_spec,
     linear_modules,
     settings_from_peft_config,
     targeted_modules,
@@ -25,7 +26,7 @@ from qlora_cli.model.adapter_io import (
 )
 from qlora_cli.model.loading import is_local
 from qlora_cli.model.lora import linear_shape, output_head
-from qlora_cli.model.token_rows import ROWS_KEY, heads_tied
+from qlora_cli.model.token_rows import ROWS_KEY, heads_tied, is_copy_key
 
 # ---------------------------------------------------------------------------------------------
 # which base tensors the adapter changes
@@ -194,6 +195,8 @@ def plan_rows(
     them) or stored beside a tied embedding. Empty for an adapter without. ``ModelError`` for rows that do not
     fit, as ``load_adapter`` would raise it."""
     where = f"adapter {adapter_dir}"
+    if copy_spec(adapter_config, state, where):  # whole copies (modules_to_save): each replaces its tensor
+        return plan_copies(where, state, skeleton, tensors)
     spec = token_spec(adapter_config, where)
     saved = {k[: -len(ROWS_KEY)]: v for k, v in state.items() if k.endswith(ROWS_KEY)}
     if not spec:
@@ -245,3 +248,27 @@ def plan_rows(
             f"{where}: trained rows for {sorted(unknown)[0]!r}, which is not this model's embedding or head"
         )
     return {t.tensor: t for t in found}
+
+
+def plan_copies(
+    where: str, state: dict[str, torch.Tensor], skeleton: Any, tensors: dict[str, TensorInfo]
+) -> dict[str, RowsTarget]:
+    """{base tensor name: RowsTarget} replacing each whole copied module's tensor (grown where the run added
+    tokens); a tied head's copy has no tensor of its own and shares the embedding's."""
+    found: dict[str, RowsTarget] = {}
+    head = skeleton.get_output_embeddings()
+    head_name = next((n for n, m in skeleton.named_modules() if m is head), None)
+    for key in [k for k in state if is_copy_key(k)]:
+        module = key[: -len(".weight")]
+        values = state[key].float()
+        tensor = base_tensor_name(module, skeleton, tensors)
+        if tensor is None and module == head_name and getattr(skeleton.config, "tie_word_embeddings", False):
+            continue
+        if tensor is None:
+            raise ModelError(f"base model has no weight for {module!r}, which {where} trains whole")
+        if tensors[tensor].shape[1:] != tuple(values.shape[1:]) or values.shape[0] < tensors[tensor].shape[0]:
+            raise ModelError(
+                f"{where}: {key} has shape {tuple(values.shape)}; base tensor {tensor} is {tensors[tensor].shape}"
+            )
+        found[tensor] = RowsTarget(module, tensor, int(values.shape[0]), torch.arange(values.shape[0]), values)
+    return found

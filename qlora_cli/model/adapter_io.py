@@ -35,7 +35,18 @@ from qlora_cli.model.lora import (
     match_targets,
     suffixes,
 )
-from qlora_cli.model.token_rows import ROWS_KEY, load_rows, resize_for, row_modules, rows_state_dict
+from qlora_cli.model.token_rows import (
+    ROWS_KEY,
+    TrainedCopy,
+    copy_rows,
+    heads_tied,
+    is_copy_key,
+    load_rows,
+    resize_for,
+    row_modules,
+    rows_state_dict,
+    train_copies,
+)
 
 # vLLM's accepted --max-lora-rank values (vllm.config.lora.MaxLoRARanks); older releases accept fewer.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -74,6 +85,11 @@ def refuse_dora(config: dict[str, Any], where: str, what: str) -> None:
 
 def refuse_rows(config: dict[str, Any], state: Mapping[str, Any], where: str, what: str) -> None:
     """One ``ModelError`` line where a command cannot take trained token rows (new tokens) yet."""
+    if config.get("modules_to_save") or any(is_copy_key(k) for k in state):
+        raise ModelError(
+            f"{where} trains full copies of {', '.join(config.get('modules_to_save') or ['the embedding'])} "
+            f"(modules_to_save), which {what} does not take yet; merge it (qlora merge) and use the merged model"
+        )
     if config.get("trainable_token_indices") or any(k.endswith(ROWS_KEY) for k in state):
         raise ModelError(
             f"{where} trains token rows (tokens / special_tokens / trainable_token_indices), which {what} does not "
@@ -90,7 +106,7 @@ def adapter_modules(
     module with only one of the two, or no weights at all."""
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if key.endswith((MAGNITUDE, ROWS_KEY)):  # DoRA's magnitudes (adapter_magnitudes), trained token rows
+        if key.endswith((MAGNITUDE, ROWS_KEY)) or is_copy_key(key):  # DoRA's magnitudes, token rows, full copies
             continue
         module, sep, rest = key.rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
@@ -215,13 +231,21 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, settings: LoRASett
     if not layers:
         raise ModelError("the model has no LoRA layers to save")
     tensors = {**adapter_state_dict(model), **rows_state_dict(model)}
-    state = {to_peft_key(k): v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    state, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.to("cpu", torch.float32).contiguous()
+        state[to_peft_key(k)] = v.clone() if v.data_ptr() in seen else v  # a tied copy: saved under both keys
+        seen.add(v.data_ptr())
     fan_in_fan_out = any(m.fan_in_fan_out for _, m in layers)
     config = peft_adapter_config(settings, [n for n, _ in layers], base_model, fan_in_fan_out)
-    rows = {k[: -len(ROWS_KEY)]: k for k in rows_state_dict(model)}
+    wrapped = dict(row_modules(model))
+    rows = {k[: -len(ROWS_KEY)]: k for k in rows_state_dict(model) if k.endswith(ROWS_KEY)}
     if rows:  # PEFT's trainable tokens: {module name: ids}, the same ids in each
-        wrapped = dict(row_modules(model))
         config["trainable_token_indices"] = {n.rsplit(".", 1)[-1]: wrapped[n].indices.tolist() for n in rows}
+    copies = [n for n, m in wrapped.items() if isinstance(m, TrainedCopy)]
+    if copies:  # PEFT's modules_to_save; a copy shared by a tied head and embedding: ensure_weight_tying
+        config["modules_to_save"] = [n.rsplit(".", 1)[-1] for n in copies]
+        config["ensure_weight_tying"] = heads_tied(model)
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 
@@ -315,8 +339,15 @@ def load_adapter(
     modules = adapter_modules(state, where)
     check_fit(modules, settings.r, linear_modules(model), lambda: targeted_modules(model, settings, where), where)
     spec = token_spec(config, where)
+    copies = copy_spec(config, state, where)
+    if spec and copies:
+        raise ModelError(
+            f"{where} trains both token rows and full copies (modules_to_save); qlora reads one or the other"
+        )
     if spec:  # new tokens: the base grows to hold them before anything is wrapped
         resize_for(model, max(max(ids) for ids in spec.values()) + 1)
+    if copies:  # full copies of a grown vocabulary: the base grows to their rows
+        resize_for(model, max(int(state[k].shape[0]) for k in state if is_copy_key(k)))
     names = inject_lora(model, settings)
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
     copy_weights(layers, modules, adapter_magnitudes(state), settings.use_dora, where)
@@ -324,6 +355,34 @@ def load_adapter(
         load_rows(model, spec, state, where)
     elif any(k.endswith(ROWS_KEY) for k in state):
         raise ModelError(f"{where} has trained token rows but no trainable_token_indices in its config")
+    if copies:
+        tied = heads_tied(model)
+        train_copies(model, copies)
+        keys = [k for k in state if is_copy_key(k)]
+        if tied and len(keys) > 1 and not config.get("ensure_weight_tying"):
+            first = state[keys[0]]
+            if any(not torch.equal(state[k], first) for k in keys[1:]):
+                raise ModelError(
+                    f"{where} holds two different copies of a tied embedding and head (PEFT without "
+                    "ensure_weight_tying); qlora keeps them tied"
+                )
+        if tied and len(keys) == 1:  # one copy of a tied weight: the head shares it
+            state = {**state, **{k: state[keys[0]] for k in rows_state_dict(model) if k not in state}}
+        copy_rows(model, state, where)
+    return names
+
+
+def copy_spec(config: dict[str, Any], state: Mapping[str, torch.Tensor], where: str) -> list[str]:
+    """PEFT's ``modules_to_save`` (module names' last parts), checked against the file's full copies."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelError(f"{where}: modules_to_save is not a list of module names")
+    keys = [k for k in state if is_copy_key(k)]
+    for key in keys:
+        if key[: -len(".weight")].rsplit(".", 1)[-1] not in names:
+            raise ModelError(f"{where}: unexpected tensor {key!r} (not a LoRA weight nor one of modules_to_save)")
+    if names and not keys:
+        raise ModelError(f"{where} names modules_to_save {names} but holds none of their weights")
     return names
 
 

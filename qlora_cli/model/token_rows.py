@@ -59,6 +59,61 @@ class TrainedRows(nn.Module):
         return f"rows={len(self.indices)}"
 
 
+class TrainedCopy(TrainedRows):
+    """The whole embedding (or head) as a trained float32 copy: PEFT's ``modules_to_save``. Its rows are every row
+    (``indices`` all ids), so everything that reads trained rows (the optimizer, merge, resume) takes it too."""
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.rows.to(self.base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"full copy, rows={len(self.indices)}"
+
+
+COPY_KEY = ".weight"  # a full copy's key suffix in adapter files (PEFT's: the module's own weight name)
+
+
+def is_copy_key(key: str) -> bool:
+    """A tensor of an adapter file that is a whole module's weight (``modules_to_save``), not a LoRA tensor."""
+    return key.endswith(COPY_KEY) and ".lora_" not in key and not key.endswith((ROWS_KEY, ".lora_magnitude_vector"))
+
+
+@torch.no_grad()
+def train_copies(model: Any, names: list[str]) -> list[str]:
+    """Wrap the embedding and/or output head ``names`` (their module names' last part) as trained full copies
+    (PEFT's ``modules_to_save``); a head tied to the embedding shares one copy with it (PEFT's
+    ``ensure_weight_tying``). Returns the module names (last parts) saved, tied partners included."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    paths = {id(m): n for n, m in model.named_modules()}
+    embed_name = paths[id(embed)].rsplit(".", 1)[-1]
+    head_name = paths[id(head)].rsplit(".", 1)[-1] if head is not None else None
+    for name in names:
+        if name not in (embed_name, head_name):
+            raise ModelError(
+                f"modules_to_save: {name!r} is not this model's input embedding ({embed_name!r}) or output head "
+                f"({head_name!r}); qlora trains full copies of those two only (LoRA trains the rest)"
+            )
+    if head is not None and head_name in names and hasattr(head, "lora_A"):
+        raise ModelError(f"modules_to_save: {head_name!r} is also a LoRA target; leave it out of lora_target_modules")
+    if head is not None and head_name in names and hasattr(head.weight, "quant_state"):
+        raise ModelError("modules_to_save: the output head is quantized; a full copy needs a 16-bit head")
+    tied = heads_tied(model)
+    saved: list[str] = []
+    if embed_name in names or (tied and head_name in names):
+        rows = nn.Parameter(embed.weight.detach().float().clone())
+        ids = list(range(embed.num_embeddings))
+        _set(model, embed, TrainedCopy(embed, ids, rows))
+        saved.append(embed_name)
+        if tied and head is not None:
+            _set(model, head, TrainedCopy(head, ids, rows))
+            saved.append(head_name)
+    if head is not None and head_name in names and not tied:
+        rows = nn.Parameter(head.weight.detach().float().clone())
+        _set(model, head, TrainedCopy(head, list(range(head.weight.shape[0])), rows))
+        saved.append(head_name)
+    return saved
+
+
 def row_modules(model: nn.Module) -> Iterator[tuple[str, TrainedRows]]:
     """(name, layer) of every wrapped module; a head tied to the embedding shares its rows."""
     for name, module in model.named_modules():
@@ -158,6 +213,9 @@ def rows_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     tied to the embedding is not written: PEFT ties it on load)."""
     state, seen = {}, set()
     for name, m in row_modules(model):
+        if isinstance(m, TrainedCopy):  # each module's key, also where tied (PEFT writes both)
+            state[name + COPY_KEY] = m.rows.detach()
+            continue
         if id(m.rows) in seen:
             continue
         seen.add(id(m.rows))
@@ -191,18 +249,18 @@ def load_rows(model: Any, spec: dict[str, list[int]], tensors: dict[str, torch.T
 
 @torch.no_grad()
 def copy_rows(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Saved rows into the modules ``train_rows`` wrapped (a checkpoint of this run): exactly these, no others."""
-    rows = {k[: -len(ROWS_KEY)]: v for k, v in tensors.items() if k.endswith(ROWS_KEY)}
-    mine = {n[: -len(ROWS_KEY)] for n in rows_state_dict(model)}
-    if set(rows) != mine:
-        raise ModelError(f"{where}: its trained token rows ({sorted(rows)}) are not this run's ({sorted(mine)})")
-    wrapped = dict(row_modules(model))
-    for name, values in rows.items():
-        if tuple(values.shape) != tuple(wrapped[name].rows.shape):
-            raise ModelError(
-                f"{where}: {name}{ROWS_KEY} has shape {tuple(values.shape)}, not {tuple(wrapped[name].rows.shape)}"
-            )
-        wrapped[name].rows.copy_(values.float())
+    """Saved rows and full copies into the modules ``train_rows`` / ``train_copies`` wrapped (a checkpoint of
+    this run, or an adapter loaded on its model): exactly these, no others."""
+    mine = rows_state_dict(model)
+    theirs = {k: v for k, v in tensors.items() if k.endswith(ROWS_KEY) or is_copy_key(k)}
+    if set(theirs) != set(mine):
+        raise ModelError(
+            f"{where}: its trained token rows and module copies ({sorted(theirs)}) are not this run's ({sorted(mine)})"
+        )
+    for key, values in theirs.items():
+        if tuple(values.shape) != tuple(mine[key].shape):
+            raise ModelError(f"{where}: {key} has shape {tuple(values.shape)}, not {tuple(mine[key].shape)}")
+        mine[key].copy_(values.float())  # rows_state_dict's tensors share the trained Parameters' storage
 
 
 def token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:

@@ -22,7 +22,7 @@ from rich.console import Console
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data.chat_templates import marker_warning
 from qlora_cli.data.pipeline import Example, TrainData, build_datasets, epoch_batches, pack_examples
-from qlora_cli.errors import ConfigError, QLoRAError
+from qlora_cli.errors import ConfigError, ModelError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
 from qlora_cli.layout import (
     ADAPTER_CONFIG,
@@ -47,7 +47,7 @@ from qlora_cli.model.loading import (
 )
 from qlora_cli.model.lora import freeze_reference, inject_lora, lora_parameters, set_fused
 from qlora_cli.model.starts import apply_start, original_weights
-from qlora_cli.model.token_rows import resize_for, row_parameters, token_ids, train_rows
+from qlora_cli.model.token_rows import resize_for, row_parameters, token_ids, train_copies, train_rows
 from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import is_run_folder, read_metrics
@@ -351,7 +351,14 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     target_names = inject_lora(model, cfg.lora)  # after set_seed: the adapter init is reproducible
     if cfg.init_lora_weights not in ("default", "gaussian"):  # data-dependent starts: LoftQ, PiSSA, OLoRA
         apply_start(model, cfg.lora, original_weights(cfg.base) if cfg.init_lora_weights == "loftq" else None)
-    if cfg.trains_rows:  # the listed tokens' embedding (and head) rows train; fresh ones start at the mean row
+    copied = train_copies(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    if cfg.trains_rows and copied:  # the new rows train inside the full copies
+        if len(copied) < (1 if model.get_output_embeddings() is None else 2):
+            raise ModelError(
+                "new tokens with modules_to_save: list both the embedding and the output head, so that the new "
+                "rows train in each (or leave modules_to_save out: the new rows alone train)"
+            )
+    elif cfg.trains_rows:  # the listed tokens' embedding (and head) rows train; fresh ones start at the mean row
         ids = list(dict.fromkeys(token_ids(tokenizer, cfg.trained_tokens(tokenizer.qlora_new_tokens))))
         ids = list(dict.fromkeys(ids + cfg.trainable_token_indices))
         if ids:  # a role given to a token the tokenizer has (special_tokens: {pad_token: ...}) trains nothing
