@@ -133,6 +133,8 @@ class RunConfig(BaseModel):
     allow_degenerate_data: bool = False  # train even when every example looks broken (see data.check_not_degenerate)
     dataset_cache: bool = True  # reuse tokenized examples from $QLORA_CACHE/tokenized (see data_cache)
     dataset_num_proc: int | None = Field(None, ge=1)  # processes tokenizing a large dataset; default: CPU count
+    streaming: bool = False  # read the training JSONL files a block at a time (data larger than memory; docs/data.md)
+    stream_block_rows: int = Field(10_000, ge=1)  # rows per block: read, tokenized and shuffled together
     # batch and schedule
     micro_batch_size: int = Field(4, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)  # default: micro_batch_size
@@ -402,8 +404,28 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _streaming_fits(self) -> RunConfig:
+        if not self.streaming:
+            return self
+        if self.max_steps is None:
+            raise ValueError("__key__streaming: needs max_steps (a stream's length is not known before it is read)")
+        if self.val_set_size:
+            raise ValueError("__key__val_set_size: not with streaming; hold eval data out in eval_datasets")
+        if self.method != "sft":
+            raise ValueError(f"__key__streaming: not with method: {self.method} yet (method: sft)")
+        for d in self.datasets:
+            if not d.path.lower().endswith(".jsonl"):
+                raise ValueError(f"__key__streaming: reads local .jsonl files; {d.path} is not one")
+            for key in ("weight", "count", "max_samples"):
+                if getattr(d, key) is not None:
+                    raise ValueError(f"__key__streaming: not with a dataset's {key} yet ({d.path})")
+        return self
+
+    @model_validator(mode="after")
     def _mixture_weights(self) -> RunConfig:
-        mixed = [d for d in self.datasets if d.weight is not None]
+        mixed = [d for d in self.datasets if d.weight is not None or d.count is not None]
+        if mixed and self.val_set_size:
+            raise ValueError("__key__val_set_size: not with a weighted mixture; hold eval data out in eval_datasets")
         if mixed and any(d.weight is None and d.count is None for d in self.datasets):
             raise ValueError(
                 "__key__datasets: a mixture gives every dataset a weight (or a count): "

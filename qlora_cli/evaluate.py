@@ -239,7 +239,7 @@ class Prepared:
 def prepare(items: list[tuple[Row, str]], tokenizer: Any, settings: DataSettings, limit: int | None) -> Prepared:
     """Tokenize rows as training does (same masking, same truncation); keep the first ``limit`` examples.
     Raises ``DataError`` for a row without the needed fields, naming its file and line."""
-    if any(fmt == "chat" for _, fmt in items) and not getattr(tokenizer, "chat_template", None):
+    if any(fmt in ("chat", "sharegpt") for _, fmt in items) and not getattr(tokenizer, "chat_template", None):
         raise DataError("the eval data has type chat but the tokenizer has no chat template")
     examples: list[Example] = []
     cases: list[GenerationCase | None] = []

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qlora_cli.config import CHAT_TYPES
-from qlora_cli.data.chat import DEFAULT, ChatOptions, conversation, render
+from qlora_cli.data.chat import DEFAULT, ChatOptions, conversation, prepared, render
 from qlora_cli.data.pipeline import Row, prompt_and_target
 from qlora_cli.model.loading import model_autocast, module_device
 
@@ -31,7 +31,7 @@ def generation_case(row: Row, fmt: str, tokenizer: Any, options: ChatOptions | N
         prompt, target = prompt_and_target(row, fmt)
         return GenerationCase(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), target)
     if fmt in CHAT_TYPES:
-        conv = conversation(row, options or DEFAULT)
+        conv = prepared(conversation(row, options or row.chat or DEFAULT), tokenizer, row.where)
         messages = conv.messages
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:

@@ -200,6 +200,7 @@ def test_bad_conversations_are_one_line_errors_naming_file_and_line(tmp_path, ll
     [
         ([{"weight": 0}], "greater than 0"),
         ([{"weight": 1}, {}], "a mixture gives every dataset a weight (or a count)"),
+        ([{"count": 2}, {}], "a mixture gives every dataset a weight (or a count)"),
         ([{"count": 50}, {"count": 1}], "runs dry under the mixture: count 50"),
         ([{"weight": 1, "count": 2}], "a weight or a count, not both"),
     ],
@@ -287,3 +288,59 @@ def test_named_tool_templates_render_as_their_own_and_train_the_call_not_the_res
         and runs[1].lstrip().startswith("It rains.")
     )
     assert not any(s in r for r in runs for s in ("rain, 12C", "Weather in Paris", "Weather of a city"))
+
+
+def test_tool_results_as_json_are_rendered_by_llama31_which_quotes_them():
+    from qlora_cli.data.chat_templates import TEMPLATES
+
+    row = copy.deepcopy(TOOL_ROW)
+    row["messages"][2]["content"] = '{"temp": 12, "sky": "rain"}\nsecond line'
+    ex, tokenizer = _example(row, TEMPLATES["llama3.1"][0])
+    assert "second line" not in "".join(_runs(ex, tokenizer)) and "It rains." in "".join(_runs(ex, tokenizer))
+
+
+def test_a_tool_name_in_the_user_text_does_not_pass_for_rendered_tools():
+    row = copy.deepcopy(TOOL_ROW)
+    row["messages"] = [{"role": "user", "content": "get_weather please"}, {"role": "assistant", "content": "No."}]
+    with pytest.raises(DataError, match="does not render the tool definitions"):
+        _example(row, CHATML_TEMPLATE)  # ChatML renders no tools, though the name appears in the user's text
+
+
+def test_reasoning_that_the_answer_repeats_is_still_placed_and_masked():
+    row = {"messages": [{"role": "user", "content": "Wet?"},
+                        {"role": "assistant", "content": "Yes. It rains.", "reasoning_content": "Yes.\n\n"}]}  # fmt: skip
+    ex, tokenizer = _example(row, CHATML_TEMPLATE, reasoning=False)
+    assert "<think>\nYes.\n\n\n</think>\n\nYes. It rains." in tokenizer.decode(ex.input_ids)  # inlined, not skipped
+    assert _runs(ex, tokenizer) == ["Yes. It rains.<|im_end|>", "</s>"]
+
+
+def test_an_empty_tool_calls_list_is_no_call():
+    row = {"messages": [{"role": "user", "content": "Hi", "tool_calls": []},
+                        {"role": "assistant", "content": "Hello.", "tool_calls": []}]}  # fmt: skip
+    ex, tokenizer = _example(row, CHATML_TEMPLATE)
+    assert _runs(ex, tokenizer) == ["Hello.<|im_end|>", "</s>"]
+
+
+def test_eval_prompts_read_sharegpt_rows_through_the_role_map(tmp_path):
+    from qlora_cli.scoring import generation_case
+
+    data = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                                 {"from": "bot", "value": "Hello."}]}])  # fmt: skip
+    cfg = load_config(
+        None, base_model="x", datasets=[{"path": str(data), "type": "sharegpt", "roles": {"bot": "assistant"}}]
+    )
+    (row,) = read_rows(cfg.datasets[0])
+    case = generation_case(row, "sharegpt", build_char_tokenizer())
+    assert case.reference == "Hello." and build_char_tokenizer().decode(case.prompt_ids).endswith(
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_a_weighted_dataset_left_empty_is_an_error_not_a_one_example_mixture(tmp_path):
+    long = write_jsonl(tmp_path / "l.jsonl", [{"messages": [{"role": "user", "content": "x" * 600},
+                                                            {"role": "assistant", "content": "y"}]}])  # fmt: skip
+    short = write_jsonl(tmp_path / "s.jsonl", _qa(10, "s"))
+    datasets = [{"path": str(long), "type": "chat", "weight": 1}, {"path": str(short), "type": "chat", "weight": 1}]
+    cfg = load_config(None, base_model="x", datasets=datasets, chat_template="chatml", sequence_len=64)
+    with pytest.raises(DataError, match="l.jsonl has no training examples left, so its weight cannot be met"):
+        build_datasets(cfg.data, build_char_tokenizer())

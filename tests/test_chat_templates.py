@@ -68,7 +68,7 @@ def test_families_without_a_system_role_get_it_in_the_first_user_turn(name):
     assert SYSTEM in render(ours, CONVERSATION)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "mistral-v0.3"])
 def test_named_templates_pass_the_prefix_check_and_mask_only_assistant_turns(name):
     tok = build_char_tokenizer(chat_template=resolve_chat_template(name))
     ex = tokenize_row(Row("row", {"messages": CONVERSATION}), "chat", tok, train_on_inputs=False)
@@ -219,3 +219,17 @@ def test_adding_the_markers_as_special_tokens_makes_each_one_token_and_silences_
     ids = tok.apply_chat_template(rows[0]["messages"], tokenize=True)
     ids = list(ids["input_ids"]) if not isinstance(ids, list) else ids
     assert ids.count(tok.convert_tokens_to_ids("<|eot_id|>")) == 2  # one token per turn end, not pieces
+
+
+def test_mistral_v03_moves_the_system_prompt_to_the_last_user_turn_so_multi_turn_is_refused_in_one_line():
+    """Mistral v0.3's own template puts the system prompt (and tools) before the last user turn: rendering one
+    more turn changes earlier text (and drops the system prompt once an assistant turn ends the conversation), so
+    the turns of such a conversation cannot be located (one line, never a wrong mask); without one they can."""
+    from qlora_cli.errors import DataError
+
+    tok = build_char_tokenizer(chat_template=resolve_chat_template("mistral-v0.3"))
+    with pytest.raises(DataError, match="row: the chat template is not prefix-stable"):
+        tokenize_row(Row("row", {"messages": CONVERSATION}), "chat", tok, train_on_inputs=False)
+    ex = tokenize_row(Row("row", {"messages": CONVERSATION[1:]}), "chat", tok, train_on_inputs=False)
+    trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert "4" in trained and "6, since 3+3=6." in trained and "What is" not in trained

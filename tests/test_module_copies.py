@@ -177,3 +177,22 @@ def test_serve_refuses_copies_at_load_and_inspect_names_them(tmp_path, llama_dir
     report = adapter_report(run)
     assert report["adapter_kind"] == "LoRA + whole lm_head"
     assert any("modules_to_save" in p for p in report["serving"]["problems"])
+
+
+def test_a_peft_copy_that_unties_a_tied_head_is_refused_not_loaded_tied(model_factory, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_cli.errors import ModelError
+    from qlora_cli.model.adapter_io import load_adapter
+
+    folder = model_factory("gemma2", initializer_range=0.1, layers=1, hidden=32)
+    cfg = load_config(None, base_model=str(folder), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32")
+    peft = get_peft_model(
+        _peft_base(folder, cfg), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    peft.save_pretrained(tmp_path)  # PEFT's own default: the head's copy alone, the embedding left as it was
+    with pytest.raises(ModelError, match="without PEFT's ensure_weight_tying, which unties them"):
+        load_adapter(load_base_model(cfg, CPU), tmp_path)
+    from qlora_cli.inspect.adapter import adapter_report
+
+    assert adapter_report(tmp_path)["adapter_kind"] == "LoRA + whole lm_head"  # inspect still reads it

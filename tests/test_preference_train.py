@@ -456,7 +456,9 @@ def test_a_template_that_refuses_a_row_is_one_error_line(tmp_path):
     tok = build_char_tokenizer(chat_template="{{ raise_exception('Conversation roles must alternate') }}")
     row = Row("bad.jsonl:3", {"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
                              "rejected": [{"role": "assistant", "content": "c"}]})  # fmt: skip
-    with pytest.raises(DataError, match=r"bad.jsonl:3: the chat template cannot render this row \(Conversation roles"):
+    with pytest.raises(
+        DataError, match=r"bad.jsonl:3 \(chosen\): the chat template cannot render this row \(Conversation roles"
+    ):
         tokenize_preference_rows([row], "preference", tok, 512)
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qlora_cli.config import MESSAGE_ROLES
+from qlora_cli.data.chat_options import DEFAULT, ChatOptions, tools_list
 from qlora_cli.data.examples import IGNORE_INDEX, Example
 from qlora_cli.data.sources import Row
 from qlora_cli.errors import DataError
@@ -34,52 +34,6 @@ SHAREGPT_ROLES = {
 }  # fmt: skip
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"  # reasoning where the template has no place for it
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    """How conversations of one dataset are read and trained (the run's and the dataset's settings)."""
-
-    train_on: str = "all_assistant"
-    train_on_reasoning: bool = True
-    roles: tuple[tuple[str, str], ...] = ()  # extra speaker name -> role
-    tools: str | None = None  # the dataset's tool definitions (JSON text), for rows without their own
-
-    def key(self) -> dict[str, Any]:
-        """What changes the tokens, for the tokenization cache's key."""
-        return {"train_on": self.train_on, "reasoning": self.train_on_reasoning, "roles": self.roles,
-                "tools": self.tools}  # fmt: skip
-
-
-DEFAULT = ChatOptions()
-
-
-def options_for(spec: Any, settings: Any) -> ChatOptions:
-    """The ``ChatOptions`` of dataset ``spec`` under the run's ``DataSettings``; ``DataError`` for a tools file
-    that cannot be read."""
-    roles: dict[str, str] = {}
-    for key, target in (spec.roles or {}).items():
-        if isinstance(target, list):  # Axolotl's {our role: [their names]}
-            roles.update({name: key for name in target})
-        else:
-            roles[key] = target
-    tools = spec.tools
-    if isinstance(tools, str):
-        path = Path(tools).expanduser()
-        try:
-            tools = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise DataError(f"dataset {spec.path}: cannot read tools file {tools} ({e.strerror or e})") from None
-        except ValueError as e:
-            raise DataError(f"dataset {spec.path}: tools file {tools} is not JSON ({e})") from None
-    if tools is not None:
-        tools = _tools(tools, f"dataset {spec.path}: tools")
-    return ChatOptions(
-        train_on=getattr(settings, "train_on", "all_assistant"),
-        train_on_reasoning=getattr(settings, "train_on_reasoning", True),
-        roles=tuple(sorted(roles.items())),
-        tools=None if tools is None else json.dumps(tools),  # key order kept: templates render it
-    )
 
 
 @dataclass
@@ -98,27 +52,6 @@ def _text(value: Any, where: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(str(p.get("text", "")) for p in value)
     raise DataError(f"{where}: content must be a string (or a list of text parts), got {type(value).__name__}")
-
-
-def _tools(tools: Any, where: str) -> list[dict[str, Any]]:
-    """Tool definitions as the templates read them, ``[{type: function, function: {name, ...}}]`` (a bare
-    ``{name, parameters}`` is wrapped); ``DataError`` for anything else."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            raise DataError(f"{where} is a string that is not JSON") from None
-    if not isinstance(tools, list):
-        raise DataError(f"{where} must be a list of function definitions")
-    out = []
-    for i, tool in enumerate(tools):
-        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
-            tool = {"type": "function", "function": tool}
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise DataError(f"{where}[{i}] is not a function definition ({{type: function, function: {{name, ...}}}})")
-        out.append(tool)
-    return out
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -188,7 +121,7 @@ def conversation(row: Row, options: ChatOptions = DEFAULT) -> Conversation:
                 f"{where}: unknown role {role!r}; roles are {', '.join(MESSAGE_ROLES)} (map others with the "
                 "dataset's roles: {name: user})"
             )
-        calls = m.get("tool_calls")
+        calls = m.get("tool_calls") or None  # an empty list (common in exported data) is no call
         if "content" not in m and not calls:
             raise DataError(f"{where} is missing field 'content'")
         msg: dict[str, Any] = {"role": role, "content": _text(m.get("content"), where)}
@@ -206,6 +139,8 @@ def conversation(row: Row, options: ChatOptions = DEFAULT) -> Conversation:
                 if role != "assistant":
                     raise DataError(f"{where}: {key} belongs to assistant messages, not {role}")
                 msg["reasoning_content"] = _text(m[key], where)
+                if key == "thinking":  # the name gpt-oss's template reads
+                    msg["thinking"] = msg["reasoning_content"]
                 break
         if role == "tool":
             for key in ("tool_call_id", "name"):
@@ -220,7 +155,7 @@ def conversation(row: Row, options: ChatOptions = DEFAULT) -> Conversation:
         train.append(flag)
     tools = fields.get("tools")
     if tools is not None and tools != [] and tools != "":
-        tools = _tools(tools, f"{row.where}: tools")
+        tools = tools_list(tools, f"{row.where}: tools")
     elif options.tools is not None:
         tools = json.loads(options.tools)
     else:
@@ -247,11 +182,15 @@ def render(
             messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
         )
     except Exception as e:  # noqa: BLE001 - a template's own raise_exception (jinja2's TemplateError and others)
-        if type(e).__module__.split(".")[0] not in ("jinja2", "transformers") and not isinstance(e, ValueError):
-            raise
-        raise DataError(
-            f"{where or 'a conversation'}: the chat template refuses it: {str(e).splitlines()[0]}"
-        ) from None
+        tb, in_template = e.__traceback__, False
+        while tb is not None:  # an error raised while the template ran (a TypeError on this row's values)
+            in_template = in_template or tb.tb_frame.f_code.co_filename == "<template>"
+            tb = tb.tb_next
+        if type(e).__module__.split(".")[0] not in ("jinja2", "transformers") and not in_template:
+            if not isinstance(e, ValueError):
+                raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{where or 'a conversation'}: the chat template cannot render this row ({reason})") from None
 
 
 def _trained(conv: Conversation, options: ChatOptions, first: int) -> list[bool]:
@@ -265,22 +204,51 @@ def _trained(conv: Conversation, options: ChatOptions, first: int) -> list[bool]
     return out
 
 
-def _check_rendered(conv: Conversation, text: str, where: str) -> None:
-    """``DataError`` when the template dropped the tools, a tool call or a tool result."""
+def _mark(kind: str, i: int, j: int = 0) -> str:
+    return f"QLORAPROBE{kind}{i}X{j}Z"  # letters and digits: survives tojson, trim and the templates' escaping
+
+
+def _probe(conv: Conversation, tokenizer: Any, where: str) -> str:
+    """The conversation rendered with every tool name, tool call name, tool result and reasoning replaced by a
+    marker (``_mark``): which of them the template renders, whatever it does to their text."""
+    tools = None
+    if conv.tools:
+        tools = [{**t, "function": {**t["function"], "name": _mark("T", i)}} for i, t in enumerate(conv.tools)]
+    messages = []
+    for i, m in enumerate(conv.messages):
+        m = {k: v for k, v in m.items() if k != "_reasoning"}
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "name": _mark("C", i, j)}}
+                               for j, c in enumerate(m["tool_calls"])]  # fmt: skip
+        if m["role"] == "tool" and m["content"].strip():
+            m["content"] = _mark("R", i)
+        for key in ("reasoning_content", "thinking"):
+            if m.get(key):
+                m[key] = _mark("M", i)
+        if "_reasoning" in conv.messages[i]:  # inlined: the marker stands in the content
+            m["content"] = m["content"].replace(conv.messages[i]["_reasoning"], _mark("M", i), 1)
+        messages.append(m)
+    return render(tokenizer, messages, False, tools, where)
+
+
+def _check_rendered(conv: Conversation, probe: str, where: str) -> None:
+    """``DataError`` when the template dropped the tools, a tool call, a tool result or inlined reasoning."""
     lost = None
-    for tool in conv.tools or []:
-        if tool["function"]["name"] not in text:
+    for i, tool in enumerate(conv.tools or []):
+        if _mark("T", i) not in probe:
             lost = f"the tool definitions (tool {tool['function']['name']!r})"
             break
-    for m in conv.messages:
+    for i, m in enumerate(conv.messages):
         if lost:
             break
-        for call in m.get("tool_calls") or []:
-            if call["function"]["name"] not in text:
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if _mark("C", i, j) not in probe:
                 lost = f"tool calls (call of {call['function']['name']!r})"
                 break
-        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in text:
+        if m["role"] == "tool" and m["content"].strip() and _mark("R", i) not in probe:
             lost = "tool results (role tool)"
+        if "_reasoning" in m and _mark("M", i) not in probe:
+            lost = "assistant reasoning, not even inside the answer (<think> tags)"
     if lost:
         raise DataError(
             f"{where}: the chat template does not render {lost}; set chat_template to one that does "
@@ -289,19 +257,18 @@ def _check_rendered(conv: Conversation, text: str, where: str) -> None:
 
 
 def prepared(conv: Conversation, tokenizer: Any, where: str) -> Conversation:
-    """The conversation as it will be rendered: reasoning inlined where the template has no place for it."""
-    reasoning = [m for m in conv.messages if m.get("reasoning_content")]
-    if not reasoning:
+    """The conversation as it will be rendered: reasoning inlined (``<think>`` tags before the answer) where the
+    template renders none of it; as the template has it where it renders some (Qwen3 keeps the last turn's)."""
+    if not any(m.get("reasoning_content") for m in conv.messages):
         return conv
-    last = reasoning[-1]
-    text = render(tokenizer, conv.messages, False, conv.tools, where)
-    if last["reasoning_content"].strip() in text:
+    probe = _probe(conv, tokenizer, where)
+    if any(_mark("M", i) in probe for i in range(len(conv.messages))):
         return conv
     messages = []
     for m in conv.messages:
         if m.get("reasoning_content"):
             r = m["reasoning_content"]
-            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m = {k: v for k, v in m.items() if k not in ("reasoning_content", "thinking")}
             m["content"] = THINK_OPEN + r + THINK_CLOSE + m["content"]
             m["_reasoning"] = r
         messages.append(m)
@@ -324,7 +291,8 @@ def assistant_spans(
     messages, tools = conv.messages, conv.tools
     view = [{k: v for k, v in m.items() if k != "_reasoning"} for m in messages]
     full = render(tokenizer, view, False, tools, where)
-    _check_rendered(conv, full, where)
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" or "_reasoning" in m for m in messages):
+        _check_rendered(conv, _probe(conv, tokenizer, where), where)
     trained = _trained(conv, options, first)
     spans = []
     for i, m in enumerate(messages):
@@ -338,7 +306,7 @@ def assistant_spans(
                 "so assistant turns cannot be located; set chat_template to a simpler template"
             )
         start, end = len(before), len(through.rstrip())
-        reasoning = m.get("_reasoning", m.get("reasoning_content"))
+        reasoning = (m.get("_reasoning") or m.get("reasoning_content") or "").strip()
         if reasoning and not options.train_on_reasoning:
             at = full.find(reasoning, start, end)
             if at >= 0:  # the answer starts after the reasoning, its closing tag and the blank after it

@@ -376,12 +376,12 @@ ALPACA_TEMPLATE = (
 TEMPLATES: dict[str, tuple[str, str]] = {
     "chatml": (CHATML_TEMPLATE, "ChatML (OpenHermes, Nous-Hermes, many fine-tunes)"),
     "llama3": (LLAMA3_TEMPLATE, "Meta-Llama-3-*-Instruct"),
-    "llama3.1": (LLAMA31_TEMPLATE, "Llama-3.1-*-Instruct, Llama-3.3-70B-Instruct (tools)"),
+    "llama3.1": (LLAMA31_TEMPLATE, "Llama-3.1-*-Instruct, Llama-3.3-70B-Instruct"),
     "llama2": (LLAMA2_TEMPLATE, "Llama-2-*-chat"),
     "mistral": (MISTRAL_TEMPLATE, "Mistral-7B-Instruct-v0.2, Mixtral-8x7B-Instruct-v0.1"),
-    "mistral-v0.3": (MISTRAL_V03_TEMPLATE, "Mistral-7B-Instruct-v0.3 (tools)"),
+    "mistral-v0.3": (MISTRAL_V03_TEMPLATE, "Mistral-7B-Instruct-v0.3"),
     "gemma": (GEMMA_TEMPLATE, "gemma-*-it, gemma-2-*-it"),
-    "qwen2.5": (QWEN25_TEMPLATE, "Qwen2.5-*-Instruct (tools)"),
+    "qwen2.5": (QWEN25_TEMPLATE, "Qwen2.5-*-Instruct"),
     "phi3": (PHI3_TEMPLATE, "Phi-3-mini/medium-*-instruct, Phi-3.5-mini-instruct"),
     "alpaca": (ALPACA_TEMPLATE, "qlora's alpaca row format (the Stanford Alpaca prompt)"),
 }

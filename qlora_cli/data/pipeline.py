@@ -134,6 +134,17 @@ def tokenize_dataset(spec: DatasetSpec, tokenizer: Any, settings: DataSettings) 
         from qlora_cli.data.preference import tokenize_preference_rows
 
         return tokenize_preference_rows(rows, spec.type, tokenizer, settings.sequence_len)
+    return tokenize_some(spec, rows, tokenizer, settings)
+
+
+def tokenize_block(spec: DatasetSpec, rows: list[Row], tokenizer: Any, settings: DataSettings) -> list[Example]:
+    """The examples of one streamed block of ``spec``'s rows (``data.stream``), through the cache like a dataset."""
+    return tokenize_some(spec, rows, tokenizer, settings)[0]
+
+
+def tokenize_some(
+    spec: DatasetSpec, rows: list[Row], tokenizer: Any, settings: DataSettings
+) -> tuple[list[Example], DataStats]:
     with_run_settings(rows, settings)
     if spec.type in CHAT_TYPES and not getattr(tokenizer, "chat_template", None):
         raise DataError(
@@ -303,6 +314,14 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
     return TrainData(train, eval_examples, train_stats, eval_stats, mixture)
 
 
+def build_eval_only(settings: DataSettings, tokenizer: Any) -> TrainData:
+    """The eval datasets alone (a streamed run reads its training data as it goes: ``data.stream``)."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
+    eval_examples, eval_stats, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
+    return TrainData([], eval_examples, DataStats(), eval_stats)
+
+
 def _sequences(e: Example) -> tuple[Example, ...]:
     """The sequences an example runs: itself, and the rejected response of a preference pair."""
     return (e,) if e.rejected is None else (e, e.rejected)
@@ -347,6 +366,9 @@ def mixture_counts(parts: list[tuple[DatasetSpec, int]]) -> list[int]:
     as many as the first of them to run out allows (each example drawn at most once). ``DataError`` for a
     count larger than its dataset."""
     weighted = [(spec, n) for spec, n in parts if spec.weight is not None]
+    empty = next((spec for spec, n in weighted if n == 0), None)
+    if empty is not None:
+        raise DataError(f"dataset {empty.path} has no training examples left, so its weight cannot be met")
     total_weight = sum(spec.weight for spec, _ in weighted)
     epoch = min((n * total_weight / spec.weight for spec, n in weighted), default=0.0)
     counts = []

@@ -20,6 +20,8 @@ def run_preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
     settings = replace(cfg.data, cache=True, cache_required=True)
     CACHE_EVENTS.clear()
     start = time.perf_counter()
+    if cfg.streaming:  # each block into the cache, one at a time, as a streamed run reads them
+        return _preprocess_stream(cfg, settings, tokenizer, log, start)
     data = build_datasets(settings, tokenizer)
     elapsed = time.perf_counter() - start
     events = list(CACHE_EVENTS)
@@ -29,5 +31,31 @@ def run_preprocess(cfg: Any, log: Any) -> list[tuple[str, bool]]:
     log(
         f"{len(data.train)} training and {len(data.eval)} eval examples from {rows} rows in {elapsed:.1f}s; "
         f"cache: {tokenized_dir()}"
+    )
+    return events
+
+
+def _preprocess_stream(cfg: Any, settings: Any, tokenizer: Any, log: Any, start: float) -> list[tuple[str, bool]]:
+    import time
+
+    from qlora_cli.data.pipeline import CACHE_EVENTS, build_eval_only
+    from qlora_cli.data.stream import StreamData, scan
+
+    rows = scan(cfg.datasets)
+    stream = StreamData(cfg.datasets, tokenizer, settings, cfg.stream_block_rows, False, 1, 1)
+    examples = 0
+    for index in range(len(cfg.datasets)):
+        offset, line = 0, 1
+        while True:
+            units, n_rows, offset, line = stream.block(index, offset, line)
+            if not n_rows:
+                break
+            examples += len(units)
+    data = build_eval_only(settings, tokenizer)
+    events = list(CACHE_EVENTS)
+    hits = sum(hit for _, hit in events)
+    log(
+        f"{examples} training examples from {rows} streamed rows in {len(events)} cache entries ({hits} already "
+        f"cached), {len(data.eval)} eval examples, in {time.perf_counter() - start:.1f}s; cache: {tokenized_dir()}"
     )
     return events

@@ -47,7 +47,7 @@ def read_rows(spec: DatasetSpec) -> list[Row]:
     if not rows:
         raise DataError(f"dataset {spec.path} has no rows")
     if spec.type in CHAT_TYPES:  # the dataset's role map and tools travel with its rows
-        from qlora_cli.data.chat import options_for
+        from qlora_cli.data.chat_options import options_for
 
         options = options_for(spec, None)
         for row in rows:

@@ -256,7 +256,21 @@ def data_report(cfg: RunConfig, n_examples: int = 3) -> dict[str, Any]:
     parts: list[tuple[str, Any, list[Any]]] = []  # (split, spec, its training examples) for a mixture
     entries = [("train", s) for s in cfg.datasets] + [("eval", s) for s in cfg.eval_datasets]
     for split, spec in entries:
-        rows = read_rows(spec)
+        if cfg.streaming and split == "train":  # a stream is never read whole: its first block, as training reads it
+            from qlora_cli.data.stream import read_block
+
+            rows = read_block(spec, 0, 1, cfg.stream_block_rows)[0]
+            if not rows:
+                raise DataError(f"dataset {spec.path} has no rows")
+            if spec.type in CHAT_TYPES:
+                from qlora_cli.data.chat_options import options_for
+
+                for row in rows:
+                    row.chat = options_for(spec, None)
+            if len(rows) == cfg.stream_block_rows:
+                warnings.append(f"{spec.path}: streamed; these counts are its first {len(rows):,} rows")
+        else:
+            rows = read_rows(spec)
         with_run_settings(rows, cfg.data)
         parts.append((split, spec, []))
         entry = {"split": split, "path": spec.path, "type": spec.type, "rows": len(rows), "examples": 0, "tokens": 0}

@@ -196,7 +196,7 @@ def plan_rows(
     fit, as ``load_adapter`` would raise it."""
     where = f"adapter {adapter_dir}"
     if copy_spec(adapter_config, state, where):  # whole copies (modules_to_save): each replaces its tensor
-        return plan_copies(where, state, skeleton, tensors)
+        return plan_copies(where, adapter_config, state, skeleton, tensors)
     spec = token_spec(adapter_config, where)
     saved = {k[: -len(ROWS_KEY)]: v for k, v in state.items() if k.endswith(ROWS_KEY)}
     if not spec:
@@ -251,18 +251,29 @@ def plan_rows(
 
 
 def plan_copies(
-    where: str, state: dict[str, torch.Tensor], skeleton: Any, tensors: dict[str, TensorInfo]
+    where: str, config: dict[str, Any], state: dict[str, torch.Tensor], skeleton: Any, tensors: dict[str, TensorInfo]
 ) -> dict[str, RowsTarget]:
     """{base tensor name: RowsTarget} replacing each whole copied module's tensor (grown where the run added
-    tokens); a tied head's copy has no tensor of its own and shares the embedding's."""
+    tokens); a tied head's copy has no tensor of its own and shares the embedding's (which must be copied too,
+    with ``ensure_weight_tying``, as qlora writes it)."""
     found: dict[str, RowsTarget] = {}
-    head = skeleton.get_output_embeddings()
-    head_name = next((n for n, m in skeleton.named_modules() if m is head), None)
-    for key in [k for k in state if is_copy_key(k)]:
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    head_name, embed_name = names.get(id(head)), names[id(embed)]
+    keys = [k for k in state if is_copy_key(k)]
+    tied = heads_tied(skeleton) or bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    if tied and (f"{embed_name}.weight" not in keys or (len(keys) == 1 and not config.get("ensure_weight_tying"))):
+        raise ModelError(
+            f"{where} copies a tied embedding or head without PEFT's ensure_weight_tying, which unties them; "
+            "qlora merges tied copies only"
+        )
+    for key in keys:
         module = key[: -len(".weight")]
+        if module not in (embed_name, head_name):
+            raise ModelError(f"{where} trains {module!r} whole; qlora merges copies of the embedding and head only")
         values = state[key].float()
         tensor = base_tensor_name(module, skeleton, tensors)
-        if tensor is None and module == head_name and getattr(skeleton.config, "tie_word_embeddings", False):
+        if tensor is None and module == head_name and tied:
             continue
         if tensor is None:
             raise ModelError(f"base model has no weight for {module!r}, which {where} trains whole")

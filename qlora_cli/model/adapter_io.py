@@ -357,8 +357,14 @@ def load_adapter(
         raise ModelError(f"{where} has trained token rows but no trainable_token_indices in its config")
     if copies:
         tied = heads_tied(model)
-        train_copies(model, copies)
         keys = [k for k in state if is_copy_key(k)]
+        embed_key = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+        if tied and (embed_key not in keys or (len(keys) == 1 and not config.get("ensure_weight_tying"))):
+            raise ModelError(
+                f"{where} copies {', '.join(copies)} of a model whose head and embedding share one weight, without "
+                "PEFT's ensure_weight_tying, which unties them; qlora keeps them tied: not loaded"
+            )
+        train_copies(model, copies)
         if tied and len(keys) > 1 and not config.get("ensure_weight_tying"):
             first = state[keys[0]]
             if any(not torch.equal(state[k], first) for k in keys[1:]):
@@ -438,6 +444,7 @@ def load_start_adapter(model: torch.nn.Module, adapter_dir: str | Path, settings
             f"{where} has lora_r {saved.r}, lora_alpha {saved.alpha:g}, lora_use_rslora {saved.use_rslora}; this "
             f"config has {mine[0]}, {mine[1]:g}, {mine[2]}: set the same, the policy starts from that adapter"
         )
+    refuse_rows(config, state, where, "preference tuning from an earlier run")
     layers: dict[str, LoRALinear] = dict(lora_layers(model))
     modules = adapter_modules(state, where)
     check_fit(modules, saved.r, {**linear_modules(model), **layers}, lambda: list(layers), where)

@@ -210,7 +210,7 @@ class MultiLoRA:
         when the adapter does not fit the base."""
         config, state = read_adapter(folder)
         refuse_dora(config, f"adapter {folder}", "qlora serve")
-        refuse_rows(config, {}, f"adapter {folder}", "qlora serve")
+        refuse_rows(config, state, f"adapter {folder}", "qlora serve")
         settings = settings_from_peft_config(config)
         weights = self._check_fit(folder, config, state, settings.r)
         with self.lock:

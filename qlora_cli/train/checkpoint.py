@@ -73,6 +73,7 @@ class TrainerState:
     step: int = 0  # optimizer steps done (skipped bad steps included)
     epoch: int = 0  # the epoch the next step reads from
     window: int = 0  # index of the next accumulation window within that epoch
+    stream: list[int] = field(default_factory=lambda: [0, 0, 1, 0])  # streaming: dataset, block offset, line, steps
     log_loss: float = 0.0  # loss sum and target count since the last logged step
     log_targets: int = 0
     log_prefs: dict[str, float] = field(default_factory=dict)  # preference tuning: the log window's Sums

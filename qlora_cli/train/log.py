@@ -98,10 +98,11 @@ def report_start(
         f"{'' if cfg.init_lora_weights == 'default' else f', {cfg.init_lora_weights} start'} on {len(target_names)} modules; "
         f"trainable {trainable:,} params ({100 * trainable / max(total, 1):.3f}% of stored)"
     )
-    console.print(
-        f"data: {s.examples} train examples, {s.tokens:,} tokens ({s.target_tokens:,} targets), "
-        f"{len(data.eval)} eval; truncated {s.truncated}, dropped {s.dropped}"
-    )
+    if not cfg.streaming:  # a stream's counts are not known up front (setup prints its own line)
+        console.print(
+            f"data: {s.examples} train examples, {s.tokens:,} tokens ({s.target_tokens:,} targets), "
+            f"{len(data.eval)} eval; truncated {s.truncated}, dropped {s.dropped}"
+        )
     if cfg.sample_packing and rows is not None:
         used = sum(len(e.input_ids) for row in rows for e in row)
         console.print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,17 @@ from rich.console import Console
 
 from qlora_cli.config import RunConfig, dump_config
 from qlora_cli.data.chat_templates import marker_warning
-from qlora_cli.data.pipeline import Example, TrainData, build_datasets, epoch_batches, pack_examples
+from qlora_cli.data.examples import DataStats
+from qlora_cli.data.pipeline import (
+    Example,
+    TrainData,
+    build_datasets,
+    build_eval_only,
+    check_not_degenerate,
+    epoch_batches,
+    pack_examples,
+)
+from qlora_cli.data.stream import StreamData, scan
 from qlora_cli.errors import ConfigError, ModelError, QLoRAError
 from qlora_cli.kernels.liger import apply_liger
 from qlora_cli.layout import (
@@ -235,7 +246,7 @@ class Run:
     out: Path
     tokenizer: Any
     data: TrainData
-    rows: list[list[Example]]  # one example each, or one pack each with sample packing
+    rows: list[list[Example]]  # one example each, or one pack each with sample packing (empty when streaming)
     model: Any  # the plain model with its LoRA layers: what is saved
     trained: Any  # what runs forward and backward: the model, or its DDP/FSDP wrapper
     fsdp: bool
@@ -250,6 +261,7 @@ class Run:
     metrics: MetricsLog | None = None  # once ``start`` has created the output folder
     reporter: Reporter | None = None  # the experiment trackers, when report_to names any
     started: float = field(default_factory=time.perf_counter)
+    stream: StreamData | None = None  # streaming: the training data, read a block at a time
 
     @property
     def device(self) -> torch.device:
@@ -281,11 +293,11 @@ def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = 
     last_eval, stopped = None, None  # stopped: why early stopping ended the run
     with ProgressDisplay(run.console, steps, state.step) as progress, StopSignals() as stop:
         while state.step < steps and stopped is None:
-            windows = epoch_windows(run)  # this epoch's optimizer steps, each a list of micro-batches
-            for window in windows[state.window :]:
+            for window, advance in next_windows(run):  # optimizer steps, each a list of micro-batches
                 if state.step >= steps or stopped is not None:
                     break
                 grad_norm, n_tokens = train_step(run, window)
+                advance()  # the data position of the next step (a new epoch reshuffles)
                 window_log.tokens += n_tokens
                 if state.step % cfg.logging_steps == 0 or state.step == steps:
                     progress.update(state.step, window_log.record(run, grad_norm))
@@ -294,8 +306,6 @@ def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = 
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < steps:
                     last_eval = evaluate(run)
                     stopped = track_best(run, last_eval)
-                if state.window == len(windows):  # the epoch is done: the next step reshuffles
-                    state.epoch, state.window = state.epoch + 1, 0
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
                     checkpoint(run)
                 if _any_process(run.accelerator, stop.signal is not None):
@@ -339,8 +349,21 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     check_base_model(cfg)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(cfg.data, tokenizer)
-    if any(spec.type in ("chat", "preference", "unpaired") for spec in cfg.datasets):
+    stream = None
+    if cfg.streaming:  # the training files are read a block at a time as the steps need them
+        data = build_eval_only(cfg.data, tokenizer)
+        stream = StreamData(
+            cfg.datasets, tokenizer, cfg.data, cfg.stream_block_rows, cfg.sample_packing, cfg.micro_batch_size,
+            cfg.gradient_accumulation_steps * accelerator.num_processes,
+        )  # fmt: skip
+        streamed_rows = scan(cfg.datasets)  # every line parsed once: a bad one is an error before anything starts
+        first = stream.first_examples()
+        if not cfg.allow_degenerate_data:
+            check_not_degenerate(first, tokenizer)
+        data.train_stats = DataStats(rows=len(first), examples=len(first))
+    else:
+        data = build_datasets(cfg.data, tokenizer)
+    if any(spec.type in ("chat", "sharegpt", "preference", "unpaired") for spec in cfg.datasets):
         warning = marker_warning(cfg.chat_template, tokenizer)
         if warning:
             console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -397,6 +420,12 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, accelerator.process_index)
     report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
+    if stream is not None:
+        console.print(
+            f"data: streaming {streamed_rows:,} rows from {len(cfg.datasets)} file(s) in blocks of "
+            f"{cfg.stream_block_rows:,} rows (the first: {len(first):,} examples, "
+            f"{sum(e.n_targets for e in first):,} targets), {len(data.eval)} eval"
+        )
     if cfg.preference and cfg.precompute_ref_log_probs:
         console.print(f"reference log-probabilities: computing for {len(data.train) + len(data.eval)} examples")
         for part in (data.train, data.eval):
@@ -432,6 +461,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         state=state,
         resumed_from=resume_from,
         replace_run=replace_run,
+        stream=stream,
     )
 
 
@@ -456,6 +486,30 @@ def start(run: Run) -> None:
     if run.reporter is not None:
         run.metrics.report = run.reporter.report
     run.started = time.perf_counter()
+
+
+def next_windows(run: Run) -> Iterator[tuple[list[list[list[Example]]], Callable[[], None]]]:
+    """The optimizer steps from the current data position: the rest of this epoch (a streamed run: on and on),
+    each with what moves the position past it once trained."""
+    state = run.state
+    if run.stream is None:
+        windows = epoch_windows(run)
+        for k in range(state.window, len(windows)):
+
+            def advance(last: bool = k + 1 == len(windows)) -> None:
+                if last:  # train_step counted the window; the epoch is done: the next step reshuffles
+                    state.epoch, state.window = state.epoch + 1, 0
+
+            yield windows[k], advance
+        return
+    for window, epoch, position in run.stream.windows(state.epoch, tuple(state.stream), run.cfg.seed):
+        if epoch != state.epoch:  # the files ended: this step is the next epoch's first
+            state.epoch, state.window = epoch, 0
+
+        def advance(position: tuple[int, ...] = position) -> None:
+            state.stream = list(position)
+
+        yield window, advance
 
 
 def epoch_windows(run: Run) -> list[list[list[list[Example]]]]:
