@@ -8,6 +8,7 @@ import copy
 import json
 
 import pytest
+import torch
 import yaml
 
 from qlora_cli.config import load_config
@@ -344,3 +345,38 @@ def test_a_weighted_dataset_left_empty_is_an_error_not_a_one_example_mixture(tmp
     cfg = load_config(None, base_model="x", datasets=datasets, chat_template="chatml", sequence_len=64)
     with pytest.raises(DataError, match="l.jsonl has no training examples left, so its weight cannot be met"):
         build_datasets(cfg.data, build_char_tokenizer())
+
+
+def test_a_mixture_redraws_each_epoch_in_the_same_proportions_and_resumes_bit_exact(tmp_path, llama_dir, monkeypatch):
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    from qlora_cli.layout import ADAPTER_WEIGHTS
+    from qlora_cli.train import loop
+    from qlora_cli.train.loop import run_train
+    from tests.conftest import interrupted_then_resumed
+
+    a = write_jsonl(tmp_path / "a.jsonl", _qa(8, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", _qa(24, "b"))
+    datasets = [{"path": str(a), "type": "chat", "weight": 1}, {"path": str(b), "type": "chat", "weight": 1}]
+    kw = dict(datasets=datasets, chat_template="chatml", micro_batch_size=4, max_steps=12, save_steps=3,
+              learning_rate=5e-3)  # fmt: skip
+    seen: list[str] = []
+    real = loop.train_step
+
+    def record(run, window):
+        seen.extend(e.row.where for batch in window for row in batch for e in row)
+        return real(run, window)
+
+    monkeypatch.setattr(loop, "train_step", record)
+    quiet = Console(quiet=True)
+    run_train(make_config(llama_dir, a, tmp_path / "straight", **kw), console=quiet)
+    epochs = [seen[i : i + 16] for i in range(0, 48, 16)]  # 8 of a (it runs out first) and 8 of b per epoch
+    for epoch in epochs:
+        assert sum(str(a) in w for w in epoch) == 8 and sum(str(b) in w for w in epoch) == 8
+    b_sets = [{w for w in epoch if str(b) in w} for epoch in epochs]
+    assert b_sets[0] != b_sets[1] and b_sets[1] != b_sets[2]  # a new draw of b each epoch
+    monkeypatch.setattr(loop, "train_step", real)
+    interrupted_then_resumed(make_config(llama_dir, a, tmp_path / "resumed", **kw), monkeypatch, quiet, at=7)
+    x, y = load_file(str(tmp_path / "straight" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS))
+    assert all(torch.equal(x[k], y[k]) for k in x)

@@ -533,3 +533,36 @@ def test_cli_errors(trained_run, tmp_path):
     not_adapter.mkdir()
     assert_one_line_error(run_cli(str(not_adapter)), "not an adapter folder")
     assert_one_line_error(run_cli(str(bad), "--gpu-memory", "lots"), "--gpu-memory")
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("llama", {"modules_to_save": ["embed_tokens", "lm_head"], "special_tokens": ["<a>", "<b>"]}),
+        ("gemma2", {"modules_to_save": ["embed_tokens"]}),  # tied: one copy
+        ("llama", {"special_tokens": ["<a>", "<b>"], "trainable_token_indices": [5]}),
+        ("llama", {"use_dora": True}),
+    ],
+)
+def test_the_plan_counts_what_trains_beside_lora_as_the_run_holds_it(arch, extra, model_factory, tmp_path):
+    """DoRA's magnitudes, whole embedding/head copies and new tokens' rows are in the adapter component and the
+    optimizer state: the planned bytes equal the trained parameters of the model ``qlora train`` builds."""
+    from qlora_cli.memory_plan import plan_memory
+    from qlora_cli.model.loading import load_tokenizer
+    from qlora_cli.model.token_rows import resize_for, row_parameters, token_ids, train_copies, train_rows
+
+    folder = model_factory(arch)
+    cfg = cfg_for(folder, tmp_path, bnb_4bit_compute_dtype="float32", **extra)
+    tokenizer = load_tokenizer(cfg)
+    model = load_base_model(cfg, torch.device("cpu"))
+    before = model.get_input_embeddings().num_embeddings
+    resize_for(model, len(tokenizer))
+    inject_lora(model, cfg.lora)
+    if cfg.modules_to_save:
+        train_copies(model, cfg.modules_to_save)
+    elif cfg.trains_rows:
+        ids = token_ids(tokenizer, cfg.added_tokens) + cfg.trainable_token_indices
+        train_rows(model, ids, set(ids[: len(cfg.added_tokens)]), before)
+    trained = sum(p.numel() * 4 for p in lora_parameters(model) + row_parameters(model))
+    plan = plan_memory(cfg, device_type="cpu", search_batch=False)
+    assert next(c.bytes for c in plan.resident if c.key == "adapter") == trained

@@ -56,7 +56,8 @@ class TrainData:
     eval: list[Example]
     train_stats: DataStats
     eval_stats: DataStats
-    mixture: list[MixturePart] | None = None  # a weighted mixture as drawn (before any val_set_size split)
+    mixture: list[MixturePart] | None = None  # a weighted mixture as drawn for the first epoch
+    pools: list[tuple[DatasetSpec, list[Example]]] | None = None  # a mixture's datasets whole: later epochs redraw
 
 
 @dataclass
@@ -280,7 +281,7 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
     """Tokenize the training and eval datasets. Raises ``DataError`` when nothing is left to train on."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
-    train, train_stats, mixture = _tokenize_all(settings.datasets, tokenizer, settings, mix=True)
+    train, train_stats, mixture, pools = _tokenize_all(settings.datasets, tokenizer, settings, mix=True)
     if not train:
         raise DataError(
             f"no training examples left: all {train_stats.rows} rows were truncated away at sequence_len="
@@ -288,7 +289,7 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
         )
     if not settings.allow_degenerate:
         check_not_degenerate(train, tokenizer)
-    eval_examples, eval_stats, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
+    eval_examples, eval_stats, _, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
     if not settings.eval_datasets and settings.val_set_size > 0:
         order = list(range(len(train)))
         random.Random(settings.seed).shuffle(order)
@@ -309,16 +310,17 @@ def build_datasets(settings: DataSettings, tokenizer: Any) -> TrainData:
     if settings.unpaired:  # KTO: each pair becomes its two labelled responses, after the split
         from qlora_cli.data.preference import unpair
 
+        pools = None  # a KTO mixture keeps its first draw (its pools are pairs)
         train, eval_examples = unpair(train), unpair(eval_examples)
         train_stats.examples, eval_stats.examples = len(train), len(eval_examples)
-    return TrainData(train, eval_examples, train_stats, eval_stats, mixture)
+    return TrainData(train, eval_examples, train_stats, eval_stats, mixture, pools)
 
 
 def build_eval_only(settings: DataSettings, tokenizer: Any) -> TrainData:
     """The eval datasets alone (a streamed run reads its training data as it goes: ``data.stream``)."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set one in the tokenizer files")
-    eval_examples, eval_stats, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
+    eval_examples, eval_stats, _, _ = _tokenize_all(settings.eval_datasets, tokenizer, settings)
     return TrainData([], eval_examples, DataStats(), eval_stats)
 
 
@@ -329,7 +331,7 @@ def _sequences(e: Example) -> tuple[Example, ...]:
 
 def _tokenize_all(
     specs: list[DatasetSpec], tokenizer: Any, settings: DataSettings, mix: bool = False
-) -> tuple[list[Example], DataStats, list[MixturePart] | None]:
+) -> tuple[list[Example], DataStats, list[MixturePart] | None, list[tuple[DatasetSpec, list[Example]]] | None]:
     examples: list[Example] = []
     total = DataStats()
     parts = []
@@ -338,22 +340,25 @@ def _tokenize_all(
         parts.append((spec, some))
         total.add(stats)
     if not (mix and any(s.weight is not None or s.count is not None for s in specs)):
-        return [e for _, some in parts for e in some], total, None
+        return [e for _, some in parts for e in some], total, None, None
     examples, mixture = draw_mixture(parts, settings.seed)
     total.examples = len(examples)
     total.tokens = sum(p.tokens for p in mixture)
     total.target_tokens = sum(p.target_tokens for p in mixture)
-    return examples, total, mixture
+    return examples, total, mixture, parts
 
 
-def draw_mixture(parts: list[tuple[DatasetSpec, list[Example]]], seed: int) -> tuple[list[Example], list[MixturePart]]:
-    """The examples a weighted mixture trains on (``mixture_counts`` of each dataset, drawn under ``seed``: the
-    same draw on every run and resume), and what was drawn per dataset."""
+def draw_mixture(
+    parts: list[tuple[DatasetSpec, list[Example]]], seed: int, epoch: int = 0
+) -> tuple[list[Example], list[MixturePart]]:
+    """The examples a weighted mixture trains on in ``epoch`` (``mixture_counts`` of each dataset, drawn under
+    ``seed`` and the epoch: the same draw on every run and resume, a new one each epoch), and what was drawn per
+    dataset."""
     examples: list[Example] = []
     mixture = []
     for i, ((spec, some), n) in enumerate(zip(parts, mixture_counts([(s, len(e)) for s, e in parts]))):
         order = list(range(len(some)))
-        random.Random(f"{seed}:{i}:{spec.path}").shuffle(order)
+        random.Random(f"{seed}:{i}:{spec.path}" + (f":{epoch}" if epoch else "")).shuffle(order)
         drawn = [some[j] for j in sorted(order[:n])]
         examples.extend(drawn)
         mixture.append(MixturePart(spec.path, len(some), n, sum(len(e.input_ids) for e in drawn),

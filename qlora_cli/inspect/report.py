@@ -418,7 +418,7 @@ def render_data(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if report.get("mixture"):
         drawn = sum(p["drawn"] for p in report["mixture"]) or 1
-        console.print("[bold]mixture[/bold] (drawn per epoch, the same draw on every run and resume under seed)")
+        console.print("[bold]mixture[/bold] (the first epoch's draw; each epoch draws anew under seed)")
         for p in report["mixture"]:
             console.print(
                 f"  {Path(p['path']).name}: {p['drawn']:,} of {p['examples']:,} examples "

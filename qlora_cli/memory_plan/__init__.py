@@ -41,6 +41,7 @@ from qlora_cli.errors import ConfigError, QLoRAError
 from qlora_cli.memory_plan.sizes import (
     TargetInfo,
     adapter_shapes,
+    extra_trained_shapes,
     load_model_config,
     meta_model,
     optimizer_state_bytes,
@@ -109,9 +110,11 @@ def plan_memory(
     if targets is None:
         targets = target_infos(skeleton, cfg)
     weights = weight_bytes(skeleton, cfg)
-    shapes = adapter_shapes(targets, cfg.lora_r)
+    lora_shapes = adapter_shapes(targets, cfg.lora_r)
+    shapes = lora_shapes + extra_trained_shapes(skeleton, cfg, targets)  # DoRA, copies, token rows
     adapter = sum(math.prod(s) for s in shapes) * 4
     optimizer = optimizer_state_bytes(cfg.optimizer, shapes)
+    offset = sum(math.prod(s) for s in lora_shapes) * 4 if cfg.lora.offset_start else 0  # PiSSA/OLoRA's frozen start
     # collate pads to a multiple of 8 on CUDA; the plan assumes every micro-batch is padded to sequence_len
     seq_len = -(-cfg.sequence_len // 8) * 8 if device_type == "cuda" else cfg.sequence_len
     resident = [
@@ -135,6 +138,7 @@ def plan_memory(
             "float32" if cfg.bnb_4bit_compute_dtype != "float32" else "",
         ),
         Component("adapter", "LoRA adapter (float32)", adapter, f"{adapter // 4:,} params"),
+        Component("start_offset", "frozen start (PiSSA / OLoRA)", offset, "float32"),
         Component("optimizer", f"optimizer state ({cfg.optimizer})", optimizer, ""),
     ]
     if cfg.gradient_accumulation_steps > 1:

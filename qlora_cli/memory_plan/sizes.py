@@ -209,6 +209,24 @@ def adapter_shapes(targets: list[TargetInfo], r: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+def extra_trained_shapes(model: nn.Module, cfg: RunConfig, targets: list[TargetInfo]) -> list[tuple[int, ...]]:
+    """Shapes of what trains beside LoRA's A and B (float32, in the optimizer): DoRA's magnitude per target, whole
+    copies of the embedding and head (``modules_to_save``; a tied pair shares one), or the rows of new tokens."""
+    shapes: list[tuple[int, ...]] = [(t.out_features,) for t in targets] if cfg.use_dora else []
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and (head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", False)))
+    width = embed.embedding_dim
+    if cfg.modules_to_save:
+        rows = embed.num_embeddings + len(cfg.added_tokens)
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is embed or m is head}
+        listed = [n for n in cfg.modules_to_save if n in names]
+        shapes += [(rows, width)] * (1 if tied else len(listed))
+    elif cfg.trains_rows:
+        rows = len(cfg.added_tokens) + len(cfg.trainable_token_indices)
+        shapes += [(rows, width)] * (1 if tied or head is None else 2)
+    return shapes
+
+
 def optimizer_state_bytes(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
     """Exact bytes of the optimizer state over float32 parameters of these shapes, after the first step.
 

@@ -29,6 +29,7 @@ from qlora_cli.data.pipeline import (
     build_datasets,
     build_eval_only,
     check_not_degenerate,
+    draw_mixture,
     epoch_batches,
     pack_examples,
 )
@@ -394,9 +395,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     liger = apply_liger(model, cfg.liger_kernels)
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), precision)
-        rows = [[data.train[i] for i in pack] for pack in pack_examples(data.train, cfg.sequence_len)]
-    else:
-        rows = [[e] for e in data.train]
+    rows = training_rows(data.train, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
@@ -515,10 +514,20 @@ def next_windows(run: Run) -> Iterator[tuple[list[list[list[Example]]], Callable
 def epoch_windows(run: Run) -> list[list[list[list[Example]]]]:
     """The current epoch's optimizer steps: each a list of micro-batches (accumulation x processes of them),
     each a list of rows, shuffled by the epoch's seed."""
-    cfg = run.cfg
-    batches = epoch_batches(len(run.rows), cfg.micro_batch_size, cfg.seed, run.state.epoch)
+    cfg, rows = run.cfg, run.rows
+    if run.data.pools is not None and run.state.epoch > 0:  # a weighted mixture draws anew each epoch
+        drawn, _ = draw_mixture(run.data.pools, cfg.seed, run.state.epoch)
+        rows = training_rows(drawn, cfg)
+    batches = epoch_batches(len(rows), cfg.micro_batch_size, cfg.seed, run.state.epoch)
     windows = _windows(batches, cfg.gradient_accumulation_steps * run.world)
-    return [[[run.rows[i] for i in idx] for idx in window] for window in windows]
+    return [[[rows[i] for i in idx] for idx in window] for window in windows]
+
+
+def training_rows(examples: list[Example], cfg: RunConfig) -> list[list[Example]]:
+    """What a micro-batch holds: packs of examples up to sequence_len, or one example each."""
+    if cfg.sample_packing:
+        return [[examples[i] for i in pack] for pack in pack_examples(examples, cfg.sequence_len)]
+    return [[e] for e in examples]
 
 
 def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]:
@@ -781,8 +790,8 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
             "best_eval_loss": state.best_eval_loss,
             "best_step": state.best_step,
             "stopped_early": stopped,
-            "train_examples": len(run.data.train),
-            "train_target_tokens": run.data.train_stats.target_tokens,
+            "train_examples": None if run.stream else len(run.data.train),  # a stream is not counted up front
+            "train_target_tokens": None if run.stream else run.data.train_stats.target_tokens,
             "processes": run.world,
             "elapsed_sec": elapsed,
         }
