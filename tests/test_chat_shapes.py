@@ -378,5 +378,8 @@ def test_a_mixture_redraws_each_epoch_in_the_same_proportions_and_resumes_bit_ex
     assert b_sets[0] != b_sets[1] and b_sets[1] != b_sets[2]  # a new draw of b each epoch
     monkeypatch.setattr(loop, "train_step", real)
     interrupted_then_resumed(make_config(llama_dir, a, tmp_path / "resumed", **kw), monkeypatch, quiet, at=7)
-    x, y = load_file(str(tmp_path / "straight" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS))
+    x, y = (
+        load_file(str(tmp_path / "straight" / ADAPTER_WEIGHTS)),
+        load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS)),
+    )
     assert all(torch.equal(x[k], y[k]) for k in x)

@@ -214,7 +214,9 @@ def extra_trained_shapes(model: nn.Module, cfg: RunConfig, targets: list[TargetI
     copies of the embedding and head (``modules_to_save``; a tied pair shares one), or the rows of new tokens."""
     shapes: list[tuple[int, ...]] = [(t.out_features,) for t in targets] if cfg.use_dora else []
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and (head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", False)))
+    tied = head is not None and (
+        head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", False))
+    )
     width = embed.embedding_dim
     if cfg.modules_to_save:
         rows = embed.num_embeddings + len(cfg.added_tokens)
