@@ -383,3 +383,25 @@ def test_a_mixture_redraws_each_epoch_in_the_same_proportions_and_resumes_bit_ex
         load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS)),
     )
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_sharegpt_and_reasoning_rows_train_end_to_end_through_the_cli(tmp_path, llama_dir):
+    rows = []
+    for i in range(8):
+        rows.append({"conversations": [{"from": "human", "value": f"Count to {i}"},
+                                       {"from": "bot", "value": " ".join(map(str, range(i + 1))),
+                                        "reasoning_content": f"start at 0, stop at {i}"}]})  # fmt: skip
+    data = write_jsonl(tmp_path / "s.jsonl", rows)
+    config = {"base_model": str(llama_dir), "output_dir": str(tmp_path / "o"), "device": "cpu",
+              "bnb_4bit_compute_dtype": "float32", "chat_template": "chatml", "max_steps": 2, "micro_batch_size": 4,
+              "train_on_reasoning": False,
+              "datasets": [{"path": str(data), "type": "sharegpt", "roles": {"assistant": ["bot"]}}]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    res = run_cli("inspect", "data", str(tmp_path / "c.yaml"), "--json")
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout)["examples"][0]
+    trained = "".join(t for t, m in zip(shown["tokens"], shown["target_mask"]) if m)
+    assert trained.startswith("0<|im_end|>") and "stop at" not in trained  # the answer trains, its reasoning not
+    res = run_cli("train", str(tmp_path / "c.yaml"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists()
