@@ -323,6 +323,10 @@ def inspect(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Plan for cuda or cpu; default: the config's.")] = None,
     examples: Annotated[int, typer.Option("--examples", min=0, help="Tokenized examples to show (data).")] = 3,
+    processes: Annotated[
+        int, typer.Option("--processes", help="Plan memory per process of this many (accelerate/torchrun).")
+    ] = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="With --processes: FSDP (sharded) instead of DDP.")] = False,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: --set chat_template=llama3 (repeatable).")
     ] = None,
@@ -348,6 +352,8 @@ def inspect(
             device=device,
             console=console,
             overrides=overrides,
+            processes=processes,
+            fsdp=fsdp,
         )
 
     run_command(go, debug)

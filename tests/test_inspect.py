@@ -566,3 +566,33 @@ def test_the_plan_counts_what_trains_beside_lora_as_the_run_holds_it(arch, extra
     trained = sum(p.numel() * 4 for p in lora_parameters(model) + row_parameters(model))
     plan = plan_memory(cfg, device_type="cpu", search_batch=False)
     assert next(c.bytes for c in plan.resident if c.key == "adapter") == trained
+
+
+def test_the_plan_per_process_under_ddp_and_fsdp(llama_dir, tmp_path):
+    """DDP: every process holds the whole plan plus gradient buckets; FSDP: the base, adapter and optimizer state
+    sharded, one layer (and the embeddings) gathered whole; a 4-bit base FSDP cannot shard is one error line."""
+    from qlora_cli.memory_plan import plan_memory
+
+    cfg = cfg_for(llama_dir, tmp_path, bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="float32",
+                  lora_target_modules="all-linear")  # fmt: skip
+    one = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30)
+    ddp = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30, processes=2)
+    fsdp = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30, processes=4, fsdp=True)
+    parts = {p: {c.key: c.bytes for c in plan.resident} for p, plan in (("one", one), ("ddp", ddp), ("fsdp", fsdp))}
+    assert parts["ddp"]["ddp_buckets"] == parts["one"]["adapter"]
+    assert sum(parts["ddp"].values()) == sum(parts["one"].values()) + parts["one"]["adapter"]
+    for key in ("weights_4bit", "adapter", "optimizer"):
+        assert parts["fsdp"][key] == -(-parts["one"][key] // 4), key
+    assert parts["fsdp"]["quant_constants"] == parts["one"]["quant_constants"]  # not sharded
+    assert parts["fsdp"]["fsdp_gathered"] > parts["one"]["weights_4bit"] // 2  # two of the 2 layers, whole
+    assert fsdp.max_micro_batch_size >= one.max_micro_batch_size >= ddp.max_micro_batch_size
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": str(llama_dir), "datasets": [{"path": "x"}]}))
+    from tests.test_cli import assert_user_error
+
+    res = run_cli(str(tmp_path / "c.yaml"), "--processes", "2", "--fsdp", "--device", "cuda")
+    assert_user_error(res, "FSDP shards the 4-bit base only with a float quant storage")
+    res = run_cli(str(tmp_path / "c.yaml"), "--set", "bnb_4bit_quant_storage=bfloat16", "--processes", "2",
+                  "--fsdp", "--device", "cuda", "--gpu-memory", "8GB")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "for each of 2 GPUs (FSDP)" in res.output and "gathered for compute (FSDP)" in res.output

@@ -41,14 +41,19 @@ from qlora_cli.memory_plan.sizes import (
 # config report
 
 
-def config_report(cfg: RunConfig, gpu_memory: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """Model summary, LoRA target table and memory plan of ``cfg``; no weights are loaded."""
+def config_report(
+    cfg: RunConfig, gpu_memory: int | None = None, device: str | None = None, processes: int = 1, fsdp: bool = False
+) -> dict[str, Any]:
+    """Model summary, LoRA target table and memory plan of ``cfg`` (per process of ``processes``); no weights are
+    loaded."""
     model_config = load_model_config(cfg)
     model = meta_model(model_config, cfg)
     targets = target_infos(model, cfg)  # ModelError when a target matches nothing, as train would
     weights = weight_bytes(model, cfg)
     trainable = sum(cfg.lora_r * (t.in_features + t.out_features) for t in targets)
-    plan = plan_memory(cfg, model_config, device_type=device, gpu_memory=gpu_memory, targets=targets)
+    plan = plan_memory(
+        cfg, model_config, device_type=device, gpu_memory=gpu_memory, targets=targets, processes=processes, fsdp=fsdp
+    )
     return {
         "kind": "config",
         "base_model": cfg.base_model,
@@ -173,6 +178,9 @@ def render_config(report: dict[str, Any], console: Console) -> None:
 
 def render_plan(plan: dict[str, Any], console: Console) -> None:
     where = "one GPU" if plan["device"] == "cuda" else "CPU"
+    if plan.get("processes", 1) > 1:
+        where = f"each of {plan['processes']} {'GPUs' if plan['device'] == 'cuda' else 'processes'} "
+        where += "(FSDP)" if plan["fsdp"] else "(DDP)"
     console.print()
     console.print(
         f"[bold]Memory plan[/bold] for {where}: micro_batch_size {plan['micro_batch_size']} x {plan['seq_len']} tokens, "
@@ -479,6 +487,8 @@ def run_inspect(
     device: str | None,
     console: Console,
     overrides: list[str] | None = None,
+    processes: int = 1,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """Dispatch ``qlora inspect TARGET [CONFIG]`` and print the report (JSON or rich). Returns the report."""
     from qlora_cli.run_folder import folder_kind
@@ -490,6 +500,8 @@ def run_inspect(
     ):  # ./data may be a data folder
         if config is None:
             raise ConfigError("usage: qlora inspect data CONFIG.yaml")
+        if processes != 1 or fsdp:
+            raise ConfigError("--processes and --fsdp apply to a config's memory plan, not to its data")
         report = data_report(load_config(config, overrides), examples)
     else:
         if config is not None:
@@ -501,11 +513,11 @@ def run_inspect(
                 f"not found: {target} (expected a config YAML, a run or adapter folder, or `data CONFIG`)"
             )
         if path.is_dir():
-            if overrides:
-                raise ConfigError("--set applies to a config, not to an adapter folder")
+            if overrides or processes != 1 or fsdp:
+                raise ConfigError("--set, --processes and --fsdp apply to a config, not to an adapter folder")
             report = adapter_report(path)
         else:
-            report = config_report(load_config(path, overrides), budget, device)
+            report = config_report(load_config(path, overrides), budget, device, processes, fsdp)
     if as_json:
         print(json.dumps(report, indent=2, default=_json_default))
     else:

@@ -42,8 +42,10 @@ from qlora_cli.memory_plan.sizes import (
     TargetInfo,
     adapter_shapes,
     extra_trained_shapes,
+    format_bytes,
     load_model_config,
     meta_model,
+    num_layers_of,
     optimizer_state_bytes,
     target_infos,
     weight_bytes,
@@ -85,6 +87,8 @@ class MemoryPlan:
     fits: bool | None = None
     max_micro_batch_size: int | None = None
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # the plan is per process of this many
+    fsdp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -100,8 +104,21 @@ def plan_memory(
     gpu_memory: int | None = None,
     targets: list[TargetInfo] | None = None,
     search_batch: bool = True,
+    processes: int = 1,
+    fsdp: bool = False,
 ) -> MemoryPlan:
-    """The memory plan of ``cfg`` for one device ("cuda" unless the config says ``device: cpu``)."""
+    """The memory plan of ``cfg`` for one device ("cuda" unless the config says ``device: cpu``): for one of
+    ``processes`` (DDP: each holds everything, plus its gradient buckets; ``fsdp``: the base, adapter and optimizer
+    state sharded over them, one layer gathered whole at a time)."""
+    if processes < 1:
+        raise ConfigError(f"--processes must be 1 or more, got {processes}")
+    if fsdp and processes < 2:
+        raise ConfigError("--fsdp shards over several processes: give --processes 2 or more")
+    if fsdp and cfg.load_in_4bit and cfg.bnb_4bit_quant_storage == "uint8":
+        raise ConfigError(
+            "FSDP shards the 4-bit base only with a float quant storage: set bnb_4bit_quant_storage to the compute "
+            f"dtype ({cfg.bnb_4bit_compute_dtype})"
+        )
     model_config = model_config if model_config is not None else load_model_config(cfg)
     device_type = device_type or ("cpu" if cfg.device == "cpu" else "cuda")
     if cfg.bnb_4bit_compute_dtype == "float16" and device_type == "cpu":
@@ -143,6 +160,24 @@ def plan_memory(
     ]
     if cfg.gradient_accumulation_steps > 1:
         resident.append(Component("gradients", "gradients (float32)", adapter, "kept across micro-batches"))
+    gathered = 0  # FSDP: what a process holds unsharded while a layer runs
+    if processes > 1 and fsdp:
+        shard = {"weights_4bit", "unquantized", "small_float32", "adapter", "optimizer", "gradients"}
+        for c in resident:
+            if c.key in shard:
+                c.bytes, c.note = -(-c.bytes // processes), f"1/{processes} of {format_bytes(c.bytes)} (sharded)"
+        n_layers = num_layers_of(model_config)
+        gathered = 2 * -(-weights.quantized_4bit // max(n_layers, 1)) + weights.unquantized_16bit
+        resident.append(
+            Component(
+                "fsdp_gathered",
+                "gathered for compute (FSDP)",
+                gathered,
+                "two decoder layers' 4-bit weights (this one and the prefetched next) and the embeddings and head",
+            )
+        )
+    elif processes > 1:
+        resident.append(Component("ddp_buckets", "DDP gradient buckets (float32)", adapter, "all-reduce buffers"))
     resident = [c for c in resident if c.bytes or c.key in ("adapter", "optimizer")]
     resident_total = sum(c.bytes for c in resident)
 
@@ -221,7 +256,13 @@ def plan_memory(
         eval_peak=eval_peak,
         gpu_memory=gpu_memory,
     )
+    plan.processes, plan.fsdp = processes, fsdp and processes > 1
     plan.notes.append(f"assumes every micro-batch is {seq_len} tokens long (the worst case); shorter batches take less")
+    if processes > 1:
+        plan.notes.append(
+            f"per process of {processes} ({'FSDP' if fsdp else 'DDP'}); each runs micro_batch_size examples per "
+            f"micro-batch: the effective batch is {cfg.micro_batch_size * cfg.gradient_accumulation_steps * processes}"
+        )
     if trace_error is not None:
         plan.activations_with_checkpointing = plan.activations_without_checkpointing = None
         plan.notes.append(
