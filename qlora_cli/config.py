@@ -133,6 +133,7 @@ class RunConfig(BaseModel):
     allow_degenerate_data: bool = False  # train even when every example looks broken (see data.check_not_degenerate)
     dataset_cache: bool = True  # reuse tokenized examples from $QLORA_CACHE/tokenized (see data_cache)
     dataset_num_proc: int | None = Field(None, ge=1)  # processes tokenizing a large dataset; default: CPU count
+    fsdp: bool = False  # shard base, adapter and optimizer over the processes (FSDP2; docs/training.md)
     streaming: bool = False  # read the training JSONL files a block at a time (data larger than memory; docs/data.md)
     stream_block_rows: int = Field(10_000, ge=1)  # rows per block: read, tokenized and shuffled together
     # batch and schedule
@@ -401,6 +402,22 @@ class RunConfig(BaseModel):
                     f"__key__{key}: KTO needs at least 2 (its KL estimate pairs each prompt with another "
                     "row's response in the micro-batch)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_fits(self) -> RunConfig:
+        if not self.fsdp:
+            return self
+        if self.load_in_4bit and self.bnb_4bit_quant_storage != self.bnb_4bit_compute_dtype:
+            raise ValueError(
+                f"__key__fsdp: needs bnb_4bit_quant_storage: {self.bnb_4bit_compute_dtype} (the compute dtype), so "
+                "that the packed 4-bit weights shard as floats"
+            )
+        if self.method != "sft":
+            raise ValueError(f"__key__fsdp: not with method: {self.method} yet (its reference runs unsharded)")
+        for key in ("save_steps", "save_best", "resume_from_checkpoint"):
+            if getattr(self, key):
+                raise ValueError(f"__key__{key}: not with fsdp yet (checkpoints of sharded state are not written)")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh longctx          # its own call: longest sequence in 24 GiB, qlora vs PEFT
 #   bash scripts/gpu_check.sh memory-plan serve   # optional extras
 #   bash scripts/gpu_check.sh dora             # optional: DoRA and LoRA, qlora and PEFT, gpu-1b shape, bf16
+#   bash scripts/gpu_check.sh fsdp             # several GPUs: fsdp: true against one process (skipped on one GPU)
 #
 # The import check runs first and fails fast (versions printed, exit 2 without a CUDA GPU). Every step writes its
 # JSON as it goes, so a step cut by its time limit keeps what it measured. Results go to $OUT (default
@@ -90,8 +91,9 @@ for s in "${STEPS[@]}"; do
         longctx) step longctx 540 $PY scripts/bench.py --preset gpu-8b-longctx --json "$OUT/longctx.json" ;;
         memory-plan) step memory-plan 120 $PY scripts/bench_memory_plan.py --device cuda --json "$OUT/memory-plan.json" ;;
         dora) step dora 300 $PY scripts/bench.py --preset gpu-1b --dora --steps 4 --json "$OUT/bench-dora.json" ;;
+        fsdp) step fsdp 300 $PY scripts/gpu_fsdp_check.py --json "$OUT/fsdp.json" ;;
         serve) step serve 120 $PY scripts/bench_serve.py --device cuda --hidden 2048 --layers 16 --new-tokens 128 --dtype bfloat16 ;;
-        *) echo "unknown step $s (selfcheck bench-1b bench-8b longctx memory-plan serve dora)" | tee -a "$LOG"; failed=1 ;;
+        *) echo "unknown step $s (selfcheck bench-1b bench-8b longctx memory-plan serve dora fsdp)" | tee -a "$LOG"; failed=1 ;;
     esac
     grep -E "^(PASS|FAIL|[0-9]+/[0-9]+ checks|speedup_vs_peft|dora_|longctx_vs_peft|peft |qlora |reference)" "$LOG" | tail -n 12
 done

@@ -29,6 +29,15 @@ _buffers: dict[tuple, torch.Tensor] = {}
 _no_out_variant: set[str] = set()
 
 
+def quant_state_of(base: nn.Module) -> Any:
+    """A 4-bit layer's quantization state: on its weight, or (under FSDP2, whose gathered weight is a plain
+    tensor of the packed bytes) on the bitsandbytes layer itself; None for a dense layer."""
+    state = getattr(base.weight, "quant_state", None)
+    if state is None and getattr(base, "quant_state", None) is not None and base.weight.shape[-1] == 1:
+        state = base.quant_state
+    return state
+
+
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight as a dense (out, in) tensor in ``dtype``.
 
@@ -36,7 +45,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     matmul and never saved), so a step allocates it once instead of once per layer and direction.
     """
     weight = base.weight
-    quant_state = getattr(weight, "quant_state", None)
+    quant_state = quant_state_of(base)
     if quant_state is None:
         w = weight.T if _is_conv1d(base) else weight  # Conv1D stores (in, out)
         return w.to(dtype)
@@ -145,7 +154,7 @@ def fused_lora_linear(
         drop = dropout_mask(x2.shape, dropout, x.device)
         keep_scale = 1.0 / (1.0 - dropout_rate(dropout, x.device))
     out = _FusedLoRA.apply(x2, xc, drop, lora_A, lora_B, base, scaling * keep_scale, dtype)
-    if getattr(base.weight, "quant_state", None) is not None and out.dtype != x.dtype:
+    if quant_state_of(base) is not None and out.dtype != x.dtype:
         out = out.to(x.dtype)  # bitsandbytes' Linear4bit returns the input's dtype; so do we
     return out.reshape(*lead, out.shape[-1])
 

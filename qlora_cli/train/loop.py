@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,9 +310,13 @@ def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = 
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
                     checkpoint(run)
                 if _any_process(run.accelerator, stop.signal is not None):
+                    kept = (
+                        "no checkpoint under FSDP yet"
+                        if run.fsdp
+                        else f"checkpoint saved to {checkpoint(run)}; continue with `qlora train <config> --resume`"
+                    )
                     raise TrainingInterrupted(
-                        f"{stop.name or 'signal'} at step {state.step}: checkpoint saved to {checkpoint(run)}; "
-                        "continue with `qlora train <config> --resume`",
+                        f"{stop.name or 'signal'} at step {state.step}: {kept}",
                         exit_code=143 if stop.name == "SIGTERM" else 130,
                     )
     if stopped is None:
@@ -334,6 +338,11 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     resolve_device(cfg.device)  # a clear error when CUDA is asked for and missing
     check_trackers(cfg.report_to)  # a tracker that is not installed: an error before anything loads
     accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    if _is_fsdp(accelerator):  # accelerate's FSDP plugin would wrap the model its own way
+        raise ConfigError(
+            "an accelerate FSDP config: qlora shards with FSDP2 itself; set fsdp: true in the qlora config and "
+            "launch with `accelerate launch --multi_gpu --num_processes N` (or torchrun)"
+        )
     device = accelerator.device
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
@@ -399,16 +408,11 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
-    fsdp = _is_fsdp(accelerator)
-    if fsdp and cfg.preference:  # its reference forwards run the inner module, which FSDP has sharded
-        raise ConfigError(
-            f"method: {cfg.method} does not run under FSDP yet; use DDP (accelerate launch without an FSDP config) "
-            "or one process"
-        )
+    fsdp = cfg.fsdp and accelerator.num_processes > 1
     if fsdp and resume_from is not None:
         raise ConfigError("resume_from_checkpoint is not supported under FSDP yet; resume with DDP or one process")
-    trained = _wrap_for_processes(model, accelerator)  # DDP/FSDP when world > 1; `model` stays the plain module
-    # FSDP replaces parameter storage while wrapping, so the optimizer is built on the wrapped parameters
+    trained = _wrap_for_processes(model, accelerator, fsdp)  # DDP/FSDP when world > 1; `model` is the module
+    # FSDP2 shards the parameters in place (DTensors): the optimizer takes them as they are after wrapping
     params = (
         [p for p in trained.parameters() if p.requires_grad] if fsdp else lora_parameters(model) + row_parameters(model)
     )
@@ -595,7 +599,7 @@ def train_step(run: Run, window: list[list[list[Example]]]) -> tuple[float, int]
         )
         step_loss, n_tokens = float(totals[0]), int(totals[1])
     precision.unscale(run.optimizer)
-    grad_norm = clip_gradients(run.trained if run.fsdp else run.params, cfg.max_grad_norm)
+    grad_norm = clip_gradients(run.params, cfg.max_grad_norm)
     if math.isfinite(step_loss) and math.isfinite(grad_norm):
         precision.step(run.optimizer)
         state.consecutive_bad = 0
@@ -750,7 +754,7 @@ def check_trained(run: Run, eval_result: EvalResult | None) -> None:
     """Refuse to write an adapter that is not finite, or whose final eval loss is not: a run that trained on
     nonsense must not end "done"."""
     # each process checks what it holds (under FSDP its shards); any one finding a bad value stops them all
-    bad = [n for n, p in run.trained.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    bad = [n for n, p in run.trained.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
     problem = None
     if _any_process(run.accelerator, bool(bad)):
         where = f" ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})" if bad else ""
@@ -847,13 +851,20 @@ def _micro_batch_seed(seed: int, epoch: int, window: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919_009 + window * 4_099 + index) % (2**63)
 
 
-def _wrap_for_processes(model: Any, accelerator: Any) -> Any:
-    """DDP over the adapter only (the frozen 4-bit base is neither broadcast nor synced), or FSDP as the
-    accelerate config says (FSDP-QLoRA: 4-bit weights stored in a float dtype so they can be sharded)."""
+def _wrap_for_processes(model: Any, accelerator: Any, fsdp: bool = False) -> Any:
+    """DDP over the adapter only (the frozen 4-bit base is neither broadcast nor synced), or FSDP2 (``fsdp:
+    true``): each decoder layer, then the rest, sharded over the processes (``fully_shard``), parameter by
+    parameter, the 4-bit weights in their float storage with the adapter."""
     if accelerator.num_processes == 1:
         return model
-    if _is_fsdp(accelerator):
-        return accelerator.prepare_model(model)
+    if fsdp:
+        fully_shard, _ = _fsdp2()
+        layers = set(getattr(model, "_no_split_modules", None) or [])
+        for module in list(model.modules()):
+            if type(module).__name__ in layers:
+                fully_shard(module)
+        fully_shard(model, reshard_after_forward=False)  # the head stays whole for the fused loss after forward
+        return model
     model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     return accelerator.prepare_model(model, device_placement=False)
 
@@ -887,9 +898,32 @@ def _is_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def _full_adapter(trained: Any, fsdp: bool) -> Any:
+@contextmanager
+def _full_adapter(trained: Any, fsdp: bool) -> Iterator[None]:
+    """Every FSDP2 unit gathered whole for the duration (saving reads plain tensors), then sharded again."""
     if not fsdp:
-        return nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        yield
+        return
+    _, fsdp_module = _fsdp2()
+    units = [m for m in trained.modules() if isinstance(m, fsdp_module)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
-    return FSDP.summon_full_params(trained, writeback=False, rank0_only=True, offload_to_cpu=True)
+
+def _fsdp2() -> tuple[Any, Any]:
+    """(fully_shard, FSDPModule): public in torch 2.6+, under ``_composable`` in 2.4 and 2.5."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # pragma: no cover - torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    return fully_shard, FSDPModule
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2), or the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -37,8 +37,9 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], fused: bool = False) ->
     if fused and supports_fused_cross_entropy(model):
         from qlora_cli.kernels.cross_entropy import fused_linear_cross_entropy
 
-        with _head_detached(model) as (weight, softcap):
+        with _head_detached(model) as (head, softcap):
             hidden = model(**inputs).logits  # (B, T, H): the model's output with the head taken off
+        weight = head.weight  # read after the forward: under FSDP2 it is gathered by then
         chunk = max(64, min(8192, 2**26 // weight.shape[0]))  # ~256 MiB of float32 logits per chunk
         return fused_linear_cross_entropy(hidden, weight, batch["labels"], softcap, chunk)
     logits = model(**inputs).logits  # (B, T, V)
@@ -72,10 +73,11 @@ def supports_fused_cross_entropy(model: Any) -> bool:
 
 
 @contextmanager
-def _head_detached(model: Any) -> Iterator[tuple[torch.Tensor, float | None]]:
+def _head_detached(model: Any) -> Iterator[tuple[Any, float | None]]:
     """Within the block the model returns final hidden states in place of logits: its output head is an
     Identity and Gemma-2's soft-capping is off. Yields (head weight (V, H), soft-cap or None). The model is
-    called through any DDP wrapper, so gradient synchronisation is untouched (the head is frozen)."""
+    called through any DDP wrapper, so gradient synchronisation is untouched (the head is frozen). Yields the
+    head module, whose weight is read after the forward (FSDP2 gathers it there)."""
     inner = _inner(model)
     head = inner.get_output_embeddings()
     name = next(n for n, m in inner.named_children() if m is head)
@@ -84,7 +86,7 @@ def _head_detached(model: Any) -> Iterator[tuple[torch.Tensor, float | None]]:
     if softcap is not None:
         inner.config.final_logit_softcapping = None
     try:
-        yield head.weight, softcap
+        yield head, softcap
     finally:
         setattr(inner, name, head)
         if softcap is not None:

@@ -133,8 +133,9 @@ def token_logps(model: Any, batch: dict[str, torch.Tensor], fused: bool = False)
     if fused and supports_fused_cross_entropy(model):
         from qlora_cli.kernels.cross_entropy import fused_linear_token_logps
 
-        with _head_detached(model) as (weight, softcap):
+        with _head_detached(model) as (head, softcap):
             hidden = model(**inputs).logits  # final hidden states: the head is taken off
+        weight = head.weight
         chunk = max(64, min(8192, 2**26 // weight.shape[0]))
         return fused_linear_token_logps(hidden, weight, labels, softcap, chunk)
     logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)

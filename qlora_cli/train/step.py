@@ -141,4 +141,5 @@ def clip_gradients(params: list[torch.nn.Parameter] | Any, max_norm: float | Non
     limit = max_norm if max_norm is not None else float("inf")
     if hasattr(params, "clip_grad_norm_"):
         return float(params.clip_grad_norm_(limit))
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: over every shard
