@@ -467,12 +467,20 @@ def test_kto_refuses_an_eval_batch_of_one(tmp_path, llama_dir, pref_data):
     assert_user_error(run_cli("train", str(cfg)), "key 'eval_batch_size': KTO needs at least 2", tmp_path / "run")
 
 
-def test_preference_tuning_under_fsdp_is_refused(tmp_path, llama_dir, pref_data, monkeypatch, quiet_console):
+def test_preference_tuning_under_fsdp_is_refused(tmp_path, llama_dir, pref_data):
+    from qlora_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="key 'fsdp': not with method: dpo yet"):  # its reference runs unsharded
+        pref_config(llama_dir, pref_data, tmp_path / "run", "dpo", fsdp=True, bnb_4bit_quant_storage="float32")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_accelerate_fsdp_config_is_refused_in_one_line(tmp_path, llama_dir, pref_data, monkeypatch, quiet_console):
     from qlora_cli.errors import ConfigError
     from qlora_cli.train import loop
 
-    monkeypatch.setattr(loop, "_is_fsdp", lambda accelerator: True)
-    with pytest.raises(ConfigError, match="method: dpo does not run under FSDP yet"):
+    monkeypatch.setattr(loop, "_is_fsdp", lambda accelerator: True)  # as `accelerate launch` with an FSDP config
+    with pytest.raises(ConfigError, match="qlora shards with FSDP2 itself; set fsdp: true"):
         run_train(pref_config(llama_dir, pref_data, tmp_path / "run", "dpo"), console=quiet_console)
     assert not (tmp_path / "run").exists()
 
