@@ -653,7 +653,7 @@ AXOLOTL_KEYS: dict[str, str | dict[Any, str]] = {
     "pad_to_sequence_len": _NOTHING + "batches are padded to their longest example (sample_packing: true fills rows)",
     "dataset_prepared_path": _NOTHING + "tokenized data is cached under $QLORA_CACHE (qlora preprocess fills it)",
     "strict": _NOTHING + "qlora is always strict (an unknown key is an error)",
-    "deepspeed": "accelerate launch qlora train ... (DDP, or FSDP from an accelerate config); no DeepSpeed",
+    "deepspeed": "fsdp: true under `accelerate launch --multi_gpu` (FSDP2 sharding) or plain DDP; no DeepSpeed",
     "lora_modules_to_save": "modules_to_save (whole copies), or tokens / special_tokens (only their rows train)",
     "peft": "init_lora_weights: loftq (Axolotl's peft.loftq_config; qlora's LoftQ works on the NF4 base as loaded)",
     "loftq_config": "init_lora_weights: loftq",

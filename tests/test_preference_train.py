@@ -562,3 +562,15 @@ def test_fused_token_log_probs_equal_the_plain_path(llama_dir, tokenizer):
     assert torch.equal(fused == 0, ~mask) and torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(fused_grads, plain_grads):
         assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_an_accelerate_deepspeed_config_is_refused_in_one_line(
+    tmp_path, llama_dir, pref_data, monkeypatch, quiet_console
+):
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.train import loop
+
+    monkeypatch.setattr(loop, "_is_deepspeed", lambda accelerator: True)  # as `accelerate launch --use_deepspeed`
+    with pytest.raises(ConfigError, match="qlora does not run under DeepSpeed; for sharding set fsdp: true"):
+        run_train(pref_config(llama_dir, pref_data, tmp_path / "run", "dpo"), console=quiet_console)
+    assert not (tmp_path / "run").exists()

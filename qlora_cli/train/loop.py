@@ -343,6 +343,11 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
             "an accelerate FSDP config: qlora shards with FSDP2 itself; set fsdp: true in the qlora config and "
             "launch with `accelerate launch --multi_gpu --num_processes N` (or torchrun)"
         )
+    if _is_deepspeed(accelerator):  # its engine would take over the optimizer, the 4-bit base and the loop
+        raise ConfigError(
+            "an accelerate DeepSpeed config: qlora does not run under DeepSpeed; for sharding set fsdp: true in "
+            "the qlora config and launch with `accelerate launch --multi_gpu --num_processes N` (or torchrun)"
+        )
     device = accelerator.device
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
@@ -913,6 +918,12 @@ def _full_adapter(trained: Any, fsdp: bool) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def _fsdp2() -> tuple[Any, Any]:
