@@ -52,6 +52,15 @@ def model_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (its float32 sums in one order), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def llama_dir(model_factory) -> Path:
     return model_factory("llama", initializer_range=0.1)

@@ -29,12 +29,7 @@ TOL = 1e-5  # logits: float32 on both sides; the paths differ in summation order
 GRAD_TOL = 1e-4  # gradients: the same, through a backward pass that sums in other orders (measured up to 3e-5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def _cfg(folder, dropout: float = 0.0):

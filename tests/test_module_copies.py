@@ -24,12 +24,7 @@ CPU = torch.device("cpu")
 BOTH = ["embed_tokens", "lm_head"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def _peft_base(folder, cfg):

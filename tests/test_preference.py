@@ -35,12 +35,7 @@ CPU = torch.device("cpu")
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def _rows(n: int = 6) -> list[Row]:

@@ -33,12 +33,7 @@ TOL = 1e-5  # logits, float32 on both sides: the same model, the offset summed i
 GRAD_TOL = 1e-4  # gradients through backward passes that sum in other orders
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -92,20 +92,19 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
         ) from None
 
 
+def jsonl_row(where: str, line: str) -> Row:
+    """One JSONL line as a ``Row``; ``DataError`` naming ``where`` for a line that is not a JSON object."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return Row(where, obj)
+
+
 def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
-    for lineno, line in _text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(Row(where, obj))
-    return rows
+    return [jsonl_row(f"{path}:{lineno}", line) for lineno, line in _text_lines(path) if line.strip()]
 
 
 def _read_json(path: Path) -> list[Row]:

@@ -16,7 +16,6 @@ run's length is ``max_steps`` (a stream's length is not known up front).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from qlora_cli.config import CHAT_TYPES, DatasetSpec, DataSettings
 from qlora_cli.data.examples import Example
-from qlora_cli.data.sources import Row
+from qlora_cli.data.sources import Row, jsonl_row
 from qlora_cli.errors import DataError
 
 START = (0, 0, 1, 0)  # dataset, byte offset, line number, steps of the block done
@@ -51,15 +50,8 @@ def read_block(spec: DatasetSpec, offset: int, line: int, n: int) -> tuple[list[
                 text = raw.decode("utf-8-sig" if offset == 0 and line == 2 else "utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{where}: not UTF-8 text (streaming reads UTF-8 JSONL)") from None
-            if not text.strip():
-                continue
-            try:
-                fields = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(fields, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(fields).__name__}")
-            rows.append(Row(where, fields))
+            if text.strip():
+                rows.append(jsonl_row(where, text))
         return rows, f.tell(), line
 
 
