@@ -314,6 +314,15 @@ class RunConfig(BaseModel):
                         raise ValueError(f"__key__{key}: expected a number, got {value!r}")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fsdp_optimizer(cls, data: Any) -> Any:
+        # bitsandbytes' optimizers update whole tensors and cannot take FSDP's sharded ones; AdamW's state is
+        # split over the processes anyway, so under fsdp the default optimizer is torch's AdamW
+        if isinstance(data, dict) and data.get("fsdp") is True and "optimizer" not in data:
+            data = {**data, "optimizer": "adamw_torch"}
+        return data
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_to_list(cls, v: Any) -> Any:
@@ -415,9 +424,11 @@ class RunConfig(BaseModel):
             )
         if self.method != "sft":
             raise ValueError(f"__key__fsdp: not with method: {self.method} yet (its reference runs unsharded)")
-        for key in ("save_steps", "save_best", "resume_from_checkpoint"):
-            if getattr(self, key):
-                raise ValueError(f"__key__{key}: not with fsdp yet (checkpoints of sharded state are not written)")
+        if self.optimizer != "adamw_torch":
+            raise ValueError(
+                f"__key__optimizer: {self.optimizer} cannot update FSDP's sharded parameters (bitsandbytes' optimizers "
+                "take whole tensors); use adamw_torch (the default with fsdp: true), whose state FSDP shards"
+            )
         return self
 
     @model_validator(mode="after")

@@ -43,7 +43,7 @@ def main() -> None:
                   bnb_4bit_quant_storage="bfloat16", micro_batch_size=4, max_steps=6, lora_dropout=0.0,
                   learning_rate=2e-3, lora_target_modules="all-linear", logging_steps=1, device="cuda")  # fmt: skip
     runs = {"one": {**common, "gradient_accumulation_steps": 2 * gpus},
-            "fsdp": {**common, "gradient_accumulation_steps": 2, "fsdp": True}}  # fmt: skip
+            "fsdp": {**common, "gradient_accumulation_steps": 2, "fsdp": True, "save_steps": 3}}  # fmt: skip
     for name, cfg in runs.items():
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp / name)}))

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.config import load_config
 from qlora_cli.data.pipeline import IGNORE_INDEX, read_rows, tokenize_rows
+from qlora_cli.errors import ConfigError
 from qlora_cli.inspect.adapter import adapter_report, delta_norm, vllm_check
 from qlora_cli.inspect.report import (
     TARGET_STYLE,
@@ -573,8 +574,8 @@ def test_the_plan_per_process_under_ddp_and_fsdp(llama_dir, tmp_path):
     sharded, one layer (and the embeddings) gathered whole; a 4-bit base FSDP cannot shard is one error line."""
     from qlora_cli.memory_plan import plan_memory
 
-    cfg = cfg_for(llama_dir, tmp_path, bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="float32",
-                  lora_target_modules="all-linear")  # fmt: skip
+    fp32 = dict(bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="float32", lora_target_modules="all-linear")
+    cfg = cfg_for(llama_dir, tmp_path, **fp32, optimizer="adamw_torch")
     one = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30)
     ddp = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30, processes=2)
     fsdp = plan_memory(cfg, device_type="cuda", gpu_memory=8 * 2**30, processes=4, fsdp=True)
@@ -586,6 +587,12 @@ def test_the_plan_per_process_under_ddp_and_fsdp(llama_dir, tmp_path):
     assert parts["fsdp"]["quant_constants"] == parts["one"]["quant_constants"]  # not sharded
     assert parts["fsdp"]["fsdp_gathered"] > parts["one"]["weights_4bit"] // 2  # two of the 2 layers, whole
     assert fsdp.max_micro_batch_size >= one.max_micro_batch_size >= ddp.max_micro_batch_size
+    # FSDP runs torch's AdamW unless the config names an optimizer (bitsandbytes' cannot take sharded parameters)
+    default = plan_memory(cfg_for(llama_dir, tmp_path, **fp32), device_type="cuda", processes=4, fsdp=True)
+    assert {c.key: c.bytes for c in default.resident}["optimizer"] == parts["fsdp"]["optimizer"]
+    with pytest.raises(ConfigError, match="FSDP cannot run optimizer: adamw_8bit"):
+        plan_memory(cfg_for(llama_dir, tmp_path, **fp32, optimizer="adamw_8bit"), device_type="cuda", processes=4,
+                    fsdp=True)  # fmt: skip
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": str(llama_dir), "datasets": [{"path": "x"}]}))
     from tests.test_cli import assert_user_error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,31 +91,77 @@ def ddp_runs(tmp_path_factory, llama_dir):
     return tmp, ran
 
 
-def test_fsdp2_over_two_processes_equals_one_with_twice_the_accumulation(ddp_runs, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(ddp_runs) -> Path:
+    """``ddp_runs``' two-process config with ``fsdp: true`` (float32 quant storage), checkpoint at step 2."""
+    tmp, _ = ddp_runs
+    cfg = yaml.safe_load((tmp / "two.yaml").read_text())
+    cfg.update(fsdp=True, bnb_4bit_quant_storage="float32", output_dir=str(tmp / "fsdp"))
+    ran = launch(write_cfg(tmp / "fsdp.yaml", **cfg), 2)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return tmp / "fsdp"
+
+
+def test_fsdp2_over_two_processes_equals_one_with_twice_the_accumulation(ddp_runs, fsdp_run):
     """`fsdp: true`: the 4-bit base (in float32 storage), the adapter and AdamW's state sharded over two gloo
     processes with FSDP2, against the one-process run of ``ddp_runs`` (uint8 storage: the same numbers, tested
     below). Losses within 1e-5 relative; adapter within 1e-4 absolute (B moves by ~5e-3): FSDP2 reduce-scatters
     the gradients where DDP all-reduces, so float32 sums round differently in the last bits, and AdamW's first
     steps divide by sqrt(v), which carries those bits into updates of the learning rate's size."""
     tmp, _ = ddp_runs
-    cfg = yaml.safe_load((tmp / "two.yaml").read_text())
-    cfg.pop("save_steps")
-    cfg.update(fsdp=True, bnb_4bit_quant_storage="float32", output_dir=str(tmp_path / "fsdp"))
-    ran = launch(write_cfg(tmp_path / "fsdp.yaml", **cfg), 2)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    a, b = (
-        load_file(tmp / "one" / "adapter_model.safetensors"),
-        load_file(tmp_path / "fsdp" / "adapter_model.safetensors"),
-    )
+    a, b = load_file(tmp / "one" / "adapter_model.safetensors"), load_file(fsdp_run / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
     ra = [r for r in records(tmp / "one") if r["type"] in ("train", "eval")]
-    rb = [r for r in records(tmp_path / "fsdp") if r["type"] in ("train", "eval")]
+    rb = [r for r in records(fsdp_run) if r["type"] in ("train", "eval")]
     assert [(r["type"], r["step"]) for r in ra] == [(r["type"], r["step"]) for r in rb]
     for x, y in zip(ra, rb):
         key = "loss" if x["type"] == "train" else "eval_loss"
         assert abs(x[key] - y[key]) < 1e-5 * abs(x[key])
+    # a run folder like any other: one RNG file per process, the adapter and optimizer state saved whole
+    step2 = fsdp_run / "checkpoints" / "step-2"
+    assert {p.name for p in step2.glob("rng_state*.pt")} == {"rng_state.pt", "rng_state_1.pt"}
+    moments = torch.load(step2 / "optimizer.pt", weights_only=True)["state"]
+    saved = load_file(step2 / "adapter_model.safetensors")
+    assert sorted(v["exp_avg"].numel() for v in moments.values()) == sorted(t.numel() for t in saved.values())
+
+
+def test_fsdp_resumes_bit_exact_from_its_checkpoint(fsdp_run, tmp_path):
+    """The FSDP run resumed from its step-2 checkpoint by two processes: the adapter and losses of the run that
+    was never stopped, bit for bit (each process's shards of AdamW's moments cut again from the whole)."""
+    again = tmp_path / "fsdp-resumed"
+    shutil.copytree(fsdp_run, again)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        (again / f).unlink()
+    cfg = yaml.safe_load((fsdp_run.parent / "fsdp.yaml").read_text())
+    ran = launch(write_cfg(tmp_path / "resume.yaml", **{**cfg, "output_dir": str(again)}), 2, "--resume")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "at step 2" in ran.stderr
+    a, b = load_file(fsdp_run / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(again) if r["type"] == "train"] == [
+        r["loss"] for r in records(fsdp_run) if r["type"] == "train"
+    ]
+    from tests.test_cli import run_cli  # the run folder is a normal one: merge takes it and checks itself
+
+    merged = run_cli("merge", str(again), "--output", str(tmp_path / "merged"))
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_a_checkpoint_resumes_only_with_the_processes_that_wrote_it(ddp_runs, tmp_path):
+    from tests.test_cli import assert_user_error, run_cli
+
+    tmp, _ = ddp_runs
+    again = tmp_path / "two"
+    shutil.copytree(tmp / "two", again)
+    (again / "adapter_model.safetensors").unlink()
+    cfg = yaml.safe_load((tmp / "two.yaml").read_text())
+    before = sorted(p.name for p in again.rglob("*"))
+    res = run_cli("train", str(write_cfg(tmp_path / "c.yaml", **{**cfg, "output_dir": str(again)})), "--resume")
+    assert_user_error(res, "2 processes wrote it and this run has 1; resume it with 2 in all")
+    assert sorted(p.name for p in again.rglob("*")) == before
 
 
 def test_fsdp_launches_that_cannot_work_are_one_error_line(tmp_path, llama_dir):
@@ -123,12 +170,94 @@ def test_fsdp_launches_that_cannot_work_are_one_error_line(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(8, seed=5))
     base = {"base_model": str(llama_dir), "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "o"),
             "device": "cpu", "fsdp": True}  # fmt: skip
-    for extra, message in [
-        ({}, "key 'fsdp': needs bnb_4bit_quant_storage: bfloat16 (the compute dtype)"),
-        ({"bnb_4bit_quant_storage": "bfloat16", "save_steps": 2}, "key 'save_steps': not with fsdp yet"),
-    ]:
-        assert_user_error(run_cli("train", str(write_cfg(tmp_path / "c.yaml", **base, **extra))), message)
+    assert_user_error(
+        run_cli("train", str(write_cfg(tmp_path / "c.yaml", **base))),
+        "key 'fsdp': needs bnb_4bit_quant_storage: bfloat16 (the compute dtype)",
+    )
+    base["bnb_4bit_quant_storage"] = "bfloat16"
+    assert_user_error(  # bitsandbytes' optimizers fail on sharded parameters (NotImplementedError in their op)
+        run_cli("train", str(write_cfg(tmp_path / "c.yaml", **base, optimizer="paged_adamw_8bit"))),
+        "key 'optimizer': paged_adamw_8bit cannot update FSDP's sharded parameters",
+    )
+    assert load_config(write_cfg(tmp_path / "c.yaml", **base)).optimizer == "adamw_torch"  # fsdp's default
+    assert load_config(write_cfg(tmp_path / "c.yaml", **{**base, "fsdp": False})).optimizer == "paged_adamw_8bit"
     assert not (tmp_path / "o").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(nodes: list[Path], launcher: str, *extra: str) -> list[subprocess.CompletedProcess]:
+    """One job over two "machines" on 127.0.0.1: one launch per node, each in its own folder (its own copy of
+    the model, data and config, and its own output folder), one process each."""
+    port = str(free_port())
+    procs = []
+    for rank, node in enumerate(nodes):
+        if launcher == "accelerate":
+            cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank",
+                   str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                   "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
+        cmd += ["-m", "qlora_cli", "train", "run.yaml", *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # as accelerate sets it: same sums
+        procs.append(
+            subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_two_nodes_without_a_shared_disk_train_and_resume_from_the_main_node(ddp_runs, tmp_path, llama_dir):
+    """Two nodes, each with its own folder: the main node alone writes the run folder and its checkpoints (the
+    other's RNG state is gathered into them); the job equals one process with twice the accumulation. Resumed
+    from the main node's checkpoint (torchrun this time), which the other node never sees, it ends bit-exact."""
+    tmp, _ = ddp_runs
+    cfg = yaml.safe_load((tmp / "two.yaml").read_text())
+    cfg.update(
+        base_model="model", datasets=[{"path": "d.jsonl"}], eval_datasets=[{"path": "d.jsonl"}], output_dir="out"
+    )
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        shutil.copytree(llama_dir, node / "model")
+        shutil.copy(tmp / "d.jsonl", node / "d.jsonl")
+        write_cfg(node / "run.yaml", **cfg)
+    for ran in two_nodes(nodes, "accelerate"):
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    main, other = nodes[0] / "out", nodes[1] / "out"
+    assert not other.exists()  # the second node wrote nothing
+    assert {p.name for p in (main / "checkpoints" / "step-2").glob("rng_state*.pt")} == {
+        "rng_state.pt",
+        "rng_state_1.pt",
+    }
+    a, b = load_file(tmp / "one" / "adapter_model.safetensors"), load_file(main / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+
+    shutil.copytree(main, nodes[0] / "again")
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        (nodes[0] / "again" / f).unlink()
+    for node in nodes:
+        write_cfg(node / "run.yaml", **{**cfg, "output_dir": "again"})
+    resumed = two_nodes(nodes, "torchrun", "--resume")
+    for ran in resumed:
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "at step 2" in resumed[0].stderr
+    assert not (nodes[1] / "again").exists()
+    c = load_file(nodes[0] / "again" / "adapter_model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    assert [r["loss"] for r in records(nodes[0] / "again") if r["type"] == "train"] == [
+        r["loss"] for r in records(main) if r["type"] == "train"
+    ]
 
 
 def records(run: Path) -> list[dict]:

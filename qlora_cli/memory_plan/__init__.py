@@ -119,6 +119,11 @@ def plan_memory(
             "FSDP shards the 4-bit base only with a float quant storage: set bnb_4bit_quant_storage to the compute "
             f"dtype ({cfg.bnb_4bit_compute_dtype})"
         )
+    optimizer_name = cfg.optimizer
+    if fsdp and optimizer_name != "adamw_torch":  # what `fsdp: true` runs: torch's AdamW unless set otherwise
+        if "optimizer" in cfg.model_fields_set:
+            raise ConfigError(f"FSDP cannot run optimizer: {optimizer_name} (sharded parameters); use adamw_torch")
+        optimizer_name = "adamw_torch"
     model_config = model_config if model_config is not None else load_model_config(cfg)
     device_type = device_type or ("cpu" if cfg.device == "cpu" else "cuda")
     if cfg.bnb_4bit_compute_dtype == "float16" and device_type == "cpu":
@@ -130,7 +135,7 @@ def plan_memory(
     lora_shapes = adapter_shapes(targets, cfg.lora_r)
     shapes = lora_shapes + extra_trained_shapes(skeleton, cfg, targets)  # DoRA, copies, token rows
     adapter = sum(math.prod(s) for s in shapes) * 4
-    optimizer = optimizer_state_bytes(cfg.optimizer, shapes)
+    optimizer = optimizer_state_bytes(optimizer_name, shapes)
     offset = sum(math.prod(s) for s in lora_shapes) * 4 if cfg.lora.offset_start else 0  # PiSSA/OLoRA's frozen start
     # collate pads to a multiple of 8 on CUDA; the plan assumes every micro-batch is padded to sequence_len
     seq_len = -(-cfg.sequence_len // 8) * 8 if device_type == "cuda" else cfg.sequence_len
@@ -156,7 +161,7 @@ def plan_memory(
         ),
         Component("adapter", "LoRA adapter (float32)", adapter, f"{adapter // 4:,} params"),
         Component("start_offset", "frozen start (PiSSA / OLoRA)", offset, "float32"),
-        Component("optimizer", f"optimizer state ({cfg.optimizer})", optimizer, ""),
+        Component("optimizer", f"optimizer state ({optimizer_name})", optimizer, ""),
     ]
     if cfg.gradient_accumulation_steps > 1:
         resident.append(Component("gradients", "gradients (float32)", adapter, "kept across micro-batches"))

@@ -2,13 +2,16 @@
 
     output_dir/checkpoints/step-N/
         adapter_model.safetensors, adapter_config.json   the adapter (a usable PEFT folder on its own)
-        optimizer.pt, scheduler.pt, rng_state.pt         tensors/plain types: torch.load(weights_only=True)
-        trainer_state.json                               step, data position, log window, RNG (Python,
-                                                         NumPy), config and its hash
+        optimizer.pt, scheduler.pt                       tensors/plain types: torch.load(weights_only=True)
+        rng_state.pt, rng_state_1.pt, ...                each process's RNG states (torch, Python, NumPy)
+        trainer_state.json                               step, data position, log window, processes,
+                                                         config and its hash
         COMPLETE                                         written last: a folder without it is ignored
 
 A checkpoint is written into a hidden temporary folder, every file flushed to disk, renamed into place,
-then marked complete. Old checkpoints are deleted only after the new one is complete.
+then marked complete. Old checkpoints are deleted only after the new one is complete. Only the main process of
+a job writes and reads them (what the others hold is gathered to it, and sent back on resume), so the nodes of a
+multi-node job need no shared disk; under FSDP the adapter and optimizer state are saved whole.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from qlora_cli.layout import (
     rng_file,
 )
 from qlora_cli.model.adapter_io import save_adapter
+from qlora_cli.train.sharding import full_adapter, full_optimizer_state, gather_to_main, shard_optimizer_state
 
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes from it.
 RESUMABLE_KEYS = frozenset(
@@ -82,6 +86,7 @@ class TrainerState:
     best_eval_loss: float | None = None  # early stopping / save_best: the best eval so far, its step,
     best_step: int | None = None  # and how many evals since it
     evals_since_best: int = 0
+    processes: int = 0  # how many processes wrote the checkpoint (0: a checkpoint from before this was kept)
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     python_rng: list[Any] = field(default_factory=list)
@@ -96,22 +101,24 @@ def config_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _capture_rng(state: TrainerState) -> dict[str, Any]:
+    """This process's RNG states (torch's as tensors; Python's and NumPy's also kept in ``state``)."""
     py = random.getstate()
     state.python_rng = [py[0], list(py[1]), py[2]]
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state.numpy_rng = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    tensors: dict[str, Any] = {"torch_cpu": torch.get_rng_state()}
+    tensors: dict[str, Any] = {"torch_cpu": torch.get_rng_state(), "python": state.python_rng, "numpy": state.numpy_rng}
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state_all()
     return tensors
 
 
 def _restore_rng(state: TrainerState, tensors: dict[str, Any]) -> None:
-    if state.python_rng:
-        version, internal, gauss = state.python_rng
+    python, numpy = tensors.get("python") or state.python_rng, tensors.get("numpy") or state.numpy_rng
+    if python:
+        version, internal, gauss = python
         random.setstate((version, tuple(internal), gauss))
-    if state.numpy_rng:
-        kind, keys, pos, has_gauss, cached = state.numpy_rng
+    if numpy:
+        kind, keys, pos, has_gauss, cached = numpy
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
@@ -134,51 +141,47 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainerState,
     accelerator: Any = None,
+    trained: Any = None,
+    fsdp: bool = False,
 ) -> Path:
     """Write ``checkpoints/step-{state.step}`` atomically and prune old ones. Returns its path.
 
-    With several processes every one writes its own RNG state into the temporary folder (the output folder
-    must be shared, as on one machine); the main process writes the rest, renames and marks it complete.
+    Every process calls it. The main process alone writes: every process's RNG state is gathered to it, and under
+    FSDP the adapter and optimizer state are gathered whole, so the other nodes of a job need no shared disk.
     """
-    rank = accelerator.process_index if accelerator is not None else 0
-    main = rank == 0
-
-    def barrier() -> None:
-        if accelerator is not None and accelerator.num_processes > 1:
-            accelerator.wait_for_everyone()
-
+    main = accelerator is None or accelerator.is_main_process
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"step-{state.step}"
     tmp = root / f".step-{state.step}.tmp"
+    state.processes = accelerator.num_processes if accelerator is not None else 1
     state.config_hash, state.config = config_fingerprint(cfg)
-    rng = _capture_rng(state)
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    try:
-        torch.save(rng, tmp / rng_file(rank))
-        _fsync(tmp / rng_file(rank))
-        barrier()
+    rngs = gather_to_main(accelerator, _capture_rng(state))
+    optimizer_state = full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
+    with full_adapter(trained, fsdp):
         if main:
-            save_adapter(model, tmp, cfg.lora, cfg.base_model)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-            for f in tmp.iterdir():
-                _fsync(f)
-            if final.exists():  # a stale folder from an earlier attempt at this step
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            (final / COMPLETE).write_text("")
-            _fsync(final / COMPLETE)
-            _fsync(root)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for rank, rng in enumerate(rngs or []):
+                    torch.save(rng, tmp / rng_file(rank))
+                save_adapter(model, tmp, cfg.lora, cfg.base_model)
+                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+                for f in tmp.iterdir():
+                    _fsync(f)
+                if final.exists():  # a stale folder from an earlier attempt at this step
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                (final / COMPLETE).write_text("")
+                _fsync(final / COMPLETE)
+                _fsync(root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
     if main and cfg.save_total_limit:
         prune_checkpoints(output_dir, cfg.save_total_limit)
     return final
@@ -296,26 +299,21 @@ def _load_file(path: Path, load: Any) -> Any:
         ) from None
 
 
-def load_checkpoint(
-    path: Path,
-    cfg: RunConfig,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    rank: int = 0,
-) -> TrainerState:
-    """Restore adapter, optimizer, scheduler and RNG from ``path``; refuse a changed config."""
-    from qlora_cli.model.adapter_io import (
-        adapter_magnitudes,
-        adapter_modules,
-        check_fit,
-        copy_weights,
-        read_adapter,
-        saved_settings,
-        split_offsets,
-    )
-    from qlora_cli.model.lora import lora_layers
-    from qlora_cli.model.token_rows import copy_rows
+@dataclass
+class Checkpoint:
+    """A checkpoint as read by the main process, sent whole to every process (``sharding.from_main``)."""
+
+    path: Path
+    state: TrainerState
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: list[dict[str, Any]]  # one per process, by rank
+
+
+def read_checkpoint(path: Path, cfg: RunConfig, processes: int = 1) -> Checkpoint:
+    """Read every file of the checkpoint at ``path``; refuse a changed config or another number of processes."""
+    from qlora_cli.model.adapter_io import read_adapter
 
     for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, rng_file(0)):
         if not (path / name).exists():
@@ -328,7 +326,39 @@ def load_checkpoint(
             f"cannot resume from {path}: the config changed ({', '.join(changed)}); only "
             f"{', '.join(sorted(RESUMABLE_KEYS - {'resume_from_checkpoint'}))} may change on resume"
         )
-    _, tensors = _load_file(path, read_adapter)
+    if state.processes and state.processes != processes:
+        raise ConfigError(
+            f"cannot resume from {path}: {state.processes} process{'es' if state.processes > 1 else ''} wrote it "
+            f"and this run has {processes}; resume it with {state.processes} in all (each one's data order and "
+            "random state are in the checkpoint)"
+        )
+    for rank in range(processes):
+        if not (path / rng_file(rank)).exists():
+            raise ModelError(
+                f"checkpoint {path} has no RNG state for process {rank}; resume with the same number of processes"
+            )
+    _, adapter = _load_file(path, read_adapter)
+    optimizer = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+    scheduler = _load_file(path / SCHEDULER_FILE, lambda p: torch.load(p, weights_only=True))
+    rng = [_load_file(path / rng_file(r), lambda p: torch.load(p, weights_only=True)) for r in range(processes)]
+    return Checkpoint(path, state, adapter, optimizer, scheduler, rng)
+
+
+def restore_adapter(checkpoint: Checkpoint, cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Put the checkpoint's adapter (LoRA, DoRA magnitudes, PiSSA/OLoRA offsets, trained rows and copies) into the
+    unwrapped model, before DDP or FSDP wraps it."""
+    from qlora_cli.model.adapter_io import (
+        adapter_magnitudes,
+        adapter_modules,
+        check_fit,
+        copy_weights,
+        saved_settings,
+        split_offsets,
+    )
+    from qlora_cli.model.lora import lora_layers
+    from qlora_cli.model.token_rows import copy_rows
+
+    path, tensors = checkpoint.path, checkpoint.adapter
     layers = dict(lora_layers(model))
     saved = adapter_modules(tensors, f"checkpoint {path}")
     lora_rank = saved_settings(cfg.lora).r  # a PiSSA / OLoRA start is saved in PEFT's converted form, rank 2r
@@ -340,20 +370,22 @@ def load_checkpoint(
             layers[name].offset = (lora_A.to(device, torch.float32), lora_B.to(device, torch.float32))
     copy_weights(layers, saved, adapter_magnitudes(tensors), cfg.use_dora, f"checkpoint {path}")
     copy_rows(model, tensors, f"checkpoint {path}")
-    optimizer_state = _load_file(path / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+
+
+def restore_training(
+    checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0, fsdp: bool = False
+) -> TrainerState:
+    """Put the optimizer (under FSDP cut into this process's shards), schedule and this process's RNG back; the
+    trainer state (step, data position, log window) is returned."""
+    path = checkpoint.path
+    state = shard_optimizer_state(checkpoint.optimizer, optimizer) if fsdp else checkpoint.optimizer
     try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError) as e:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, IndexError) as e:
         raise ModelError(f"checkpoint file {path / OPTIMIZER_FILE} does not fit this optimizer ({e})") from None
-    scheduler_state = _load_file(path / SCHEDULER_FILE, lambda p: torch.load(p, weights_only=True))
     try:
-        scheduler.load_state_dict(scheduler_state)
+        scheduler.load_state_dict(checkpoint.scheduler)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ModelError(f"checkpoint file {path / SCHEDULER_FILE} does not fit this schedule ({e})") from None
-    rng_path = path / rng_file(rank)
-    if not rng_path.exists():
-        raise ModelError(
-            f"checkpoint {path} has no RNG state for process {rank}; resume with the same number of processes"
-        )
-    _restore_rng(state, _load_file(rng_path, lambda p: torch.load(p, weights_only=True)))
-    return state
+    _restore_rng(checkpoint.state, checkpoint.rng[rank])
+    return checkpoint.state

@@ -12,7 +12,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +63,13 @@ from qlora_cli.model_card import write_model_card
 from qlora_cli.plot import write_loss_plot
 from qlora_cli.run_folder import is_run_folder, read_metrics
 from qlora_cli.train.checkpoint import (
+    Checkpoint,
     TrainerState,
     find_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    read_checkpoint,
+    restore_adapter,
+    restore_training,
     save_best_adapter,
     save_checkpoint,
 )
@@ -81,6 +83,7 @@ from qlora_cli.train.preference import (
     precompute_reference,
     step_counts,
 )
+from qlora_cli.train.sharding import from_main, fsdp2, full_adapter, local
 from qlora_cli.train.step import Precision, accumulate_gradients, clip_gradients, idle_backward
 from qlora_cli.train.trackers import Reporter, check_trackers, start_trackers
 
@@ -310,13 +313,9 @@ def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = 
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < steps:
                     checkpoint(run)
                 if _any_process(run.accelerator, stop.signal is not None):
-                    kept = (
-                        "no checkpoint under FSDP yet"
-                        if run.fsdp
-                        else f"checkpoint saved to {checkpoint(run)}; continue with `qlora train <config> --resume`"
-                    )
                     raise TrainingInterrupted(
-                        f"{stop.name or 'signal'} at step {state.step}: {kept}",
+                        f"{stop.name or 'signal'} at step {state.step}: checkpoint saved to {checkpoint(run)}; "
+                        "continue with `qlora train <config> --resume`",
                         exit_code=143 if stop.name == "SIGTERM" else 130,
                     )
     if stopped is None:
@@ -351,15 +350,10 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     device = accelerator.device
     console = (console or Console(stderr=True, soft_wrap=True)) if accelerator.is_main_process else Console(quiet=True)
     precision = Precision.for_run(cfg.bnb_4bit_compute_dtype, device)
-    out = check_output_dir(cfg.output_dir, force, cfg.resume_from_checkpoint)
-    fresh = not out.exists() or not any(out.iterdir())
-    resume_from = None
-    if cfg.resume_from_checkpoint == "auto" and fresh:
-        console.print(f"--resume: nothing to resume in {out} yet; starting a new run")
-    elif cfg.resume_from_checkpoint:
-        resume_from = find_checkpoint(out, cfg.resume_from_checkpoint, console.print)
-        if resume_from is None:
-            raise nothing_to_resume(out)
+    # the main process alone looks at the run folder (the other nodes of a job may have no copy of it) and
+    # reads the checkpoint, which reaches the others whole
+    out, fresh, checkpoint_read = from_main(accelerator, lambda: _run_folder(cfg, force, console, accelerator))
+    resume_from = checkpoint_read.path if checkpoint_read is not None else None
     replace_run = force and resume_from is None and not fresh  # check_output_dir found a run folder there
     check_base_model(cfg)
     set_seed(cfg.seed)
@@ -414,8 +408,8 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing == "offload", cfg.checkpoint_every_n_layers)
     model.train()
     fsdp = cfg.fsdp and accelerator.num_processes > 1
-    if fsdp and resume_from is not None:
-        raise ConfigError("resume_from_checkpoint is not supported under FSDP yet; resume with DDP or one process")
+    if checkpoint_read is not None:  # into the plain model, before DDP or FSDP takes it
+        restore_adapter(checkpoint_read, cfg, model)
     trained = _wrap_for_processes(model, accelerator, fsdp)  # DDP/FSDP when world > 1; `model` is the module
     # FSDP2 shards the parameters in place (DTensors): the optimizer takes them as they are after wrapping
     params = (
@@ -425,8 +419,9 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     steps = total_steps(cfg, len(rows), accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, steps)
     state = TrainerState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, cfg, model, optimizer, scheduler, accelerator.process_index)
+    if checkpoint_read is not None:
+        state = restore_training(checkpoint_read, optimizer, scheduler, accelerator.process_index, fsdp)
+        checkpoint_read = None  # its tensors are in place: let them go
     report_start(console, cfg, data, model, target_names, params, steps, device, accelerator.num_processes, rows)
     if stream is not None:
         console.print(
@@ -471,6 +466,23 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         replace_run=replace_run,
         stream=stream,
     )
+
+
+def _run_folder(
+    cfg: RunConfig, force: bool, console: Console, accelerator: Any
+) -> tuple[Path, bool, Checkpoint | None]:
+    """(output folder, whether it is new or empty, the checkpoint to resume from as read), on the main process."""
+    out = check_output_dir(cfg.output_dir, force, cfg.resume_from_checkpoint)
+    fresh = not out.exists() or not any(out.iterdir())
+    resume_from = None
+    if cfg.resume_from_checkpoint == "auto" and fresh:
+        console.print(f"--resume: nothing to resume in {out} yet; starting a new run")
+    elif cfg.resume_from_checkpoint:
+        resume_from = find_checkpoint(out, cfg.resume_from_checkpoint, console.print)
+        if resume_from is None:
+            raise nothing_to_resume(out)
+    checkpoint_read = read_checkpoint(resume_from, cfg, accelerator.num_processes) if resume_from else None
+    return out, fresh, checkpoint_read
 
 
 def start(run: Run) -> None:
@@ -733,7 +745,7 @@ def track_best(run: Run, result: EvalResult | None) -> str | None:
     if best is None or result.loss < best - cfg.early_stopping_threshold:
         state.best_eval_loss, state.best_step, state.evals_since_best = result.loss, state.step, 0
         if cfg.save_best:
-            with _full_adapter(run.trained, run.fsdp):
+            with full_adapter(run.trained, run.fsdp):
                 if run.accelerator.is_main_process:
                     save_best_adapter(run.out, cfg, run.model, state.step, result.loss)
             run.accelerator.wait_for_everyone()
@@ -750,7 +762,9 @@ def track_best(run: Run, result: EvalResult | None) -> str | None:
 
 def checkpoint(run: Run) -> Path:
     """An atomic checkpoint of the adapter, optimizer, schedule, RNG and position (``checkpoint.py``)."""
-    path = save_checkpoint(run.out, run.cfg, run.model, run.optimizer, run.scheduler, run.state, run.accelerator)
+    path = save_checkpoint(
+        run.out, run.cfg, run.model, run.optimizer, run.scheduler, run.state, run.accelerator, run.trained, run.fsdp
+    )
     run.console.print(f"step {run.state.step}: checkpoint saved to {path}")
     return path
 
@@ -759,7 +773,7 @@ def check_trained(run: Run, eval_result: EvalResult | None) -> None:
     """Refuse to write an adapter that is not finite, or whose final eval loss is not: a run that trained on
     nonsense must not end "done"."""
     # each process checks what it holds (under FSDP its shards); any one finding a bad value stops them all
-    bad = [n for n, p in run.trained.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
+    bad = [n for n, p in run.trained.named_parameters() if p.requires_grad and not torch.isfinite(local(p)).all()]
     problem = None
     if _any_process(run.accelerator, bool(bad)):
         where = f" ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})" if bad else ""
@@ -782,7 +796,7 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
     """Write the adapter and tokenizer (the main process; FSDP gathers the sharded adapter) and the summary."""
     cfg, state = run.cfg, run.state
     run.model.eval()
-    with _full_adapter(run.trained, run.fsdp):
+    with full_adapter(run.trained, run.fsdp):
         if run.accelerator.is_main_process:
             save_adapter(run.model, run.out, cfg.lora, cfg.base_model)
             run.tokenizer.save_pretrained(run.out)
@@ -863,7 +877,7 @@ def _wrap_for_processes(model: Any, accelerator: Any, fsdp: bool = False) -> Any
     if accelerator.num_processes == 1:
         return model
     if fsdp:
-        fully_shard, _ = _fsdp2()
+        fully_shard, _ = fsdp2()
         layers = set(getattr(model, "_no_split_modules", None) or [])
         for module in list(model.modules()):
             if type(module).__name__ in layers:
@@ -903,38 +917,7 @@ def _is_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-@contextmanager
-def _full_adapter(trained: Any, fsdp: bool) -> Iterator[None]:
-    """Every FSDP2 unit gathered whole for the duration (saving reads plain tensors), then sharded again."""
-    if not fsdp:
-        yield
-        return
-    _, fsdp_module = _fsdp2()
-    units = [m for m in trained.modules() if isinstance(m, fsdp_module)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-
-
 def _is_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _fsdp2() -> tuple[Any, Any]:
-    """(fully_shard, FSDPModule): public in torch 2.6+, under ``_composable`` in 2.4 and 2.5."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-    except ImportError:  # pragma: no cover - torch < 2.6
-        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
-    return fully_shard, FSDPModule
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's own shard (FSDP2), or the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
