@@ -93,10 +93,11 @@ def ddp_runs(tmp_path_factory, llama_dir):
 
 @pytest.fixture(scope="module")
 def fsdp_run(ddp_runs) -> Path:
-    """``ddp_runs``' two-process config with ``fsdp: true`` (float32 quant storage), checkpoint at step 2."""
+    """``ddp_runs``' two-process config with ``fsdp: true`` (float32 quant storage), checkpoint at step 2, and
+    ``best/``."""
     tmp, _ = ddp_runs
     cfg = yaml.safe_load((tmp / "two.yaml").read_text())
-    cfg.update(fsdp=True, bnb_4bit_quant_storage="float32", output_dir=str(tmp / "fsdp"))
+    cfg.update(fsdp=True, bnb_4bit_quant_storage="float32", output_dir=str(tmp / "fsdp"), save_best=True)
     ran = launch(write_cfg(tmp / "fsdp.yaml", **cfg), 2)
     assert ran.returncode == 0, ran.stderr[-3000:]
     return tmp / "fsdp"
@@ -119,6 +120,8 @@ def test_fsdp2_over_two_processes_equals_one_with_twice_the_accumulation(ddp_run
     for x, y in zip(ra, rb):
         key = "loss" if x["type"] == "train" else "eval_loss"
         assert abs(x[key] - y[key]) < 1e-5 * abs(x[key])
+    best = load_file(fsdp_run / "best" / "adapter_model.safetensors")  # the final eval is the only one: the best
+    assert best.keys() == b.keys() and all(torch.equal(best[k], b[k]) for k in b)
     # a run folder like any other: one RNG file per process, the adapter and optimizer state saved whole
     step2 = fsdp_run / "checkpoints" / "step-2"
     assert {p.name for p in step2.glob("rng_state*.pt")} == {"rng_state.pt", "rng_state_1.pt"}
