@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument(
         "--clock", default="wall", choices=["wall", "cpu"], help="cpu: this process's CPU time (a shared CPU box)"
     )
+    ap.add_argument("--profile", action="store_true", help="print the op profile of one mixed batch, each stack")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +168,15 @@ def main() -> None:
         return out[:, T:].tolist()
 
     peft_tokens = peft_generate(mixed)
+
+    if args.profile:
+        from torch.profiler import profile
+
+        for name, fn in (("ours", lambda: ours(mixed)), ("peft", lambda: peft_generate(mixed))):
+            with profile() as prof:
+                fn()
+            print(f"-- {name}, one mixed batch")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     fns = {

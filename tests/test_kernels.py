@@ -355,3 +355,50 @@ def test_4bit_roundtrip_of_non_finite_weights_is_bitsandbytes():
         assert as_float32.dtype == torch.float32 and not as_float32.isfinite().all()
         c, shift, boundary, value = _tables(quant_type)
         assert boundary.dtype == value.dtype == torch.float32 and boundary.numel() == (1 << 24) >> shift <= 8192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 64), (300, 514), (33, 70), (1, 7)])
+def test_cpu_dequantize_into_the_shared_buffer_equals_bitsandbytes(dtype, quant_type, double_quant, shape):
+    """dense_weight's CPU path (bitsandbytes' C kernel into a reused buffer, the scales dequantized once) gives
+    dequantize_4bit's bits; odd widths go through bitsandbytes' function. A re-quantized weight (new scales
+    under the same state object) is not served stale scales."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_cli.kernels.lora_linear import _cpu_dequantize, dense_weight
+
+    torch.manual_seed(shape[1])
+    w = (torch.randn(shape) * torch.logspace(-3, 0, shape[1])).to(dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    packed.quant_state = state  # as bitsandbytes' Params4bit carries it
+    base = SimpleNamespace(weight=packed)
+    expected = bnbf.dequantize_4bit(packed, state)
+    assert (_cpu_dequantize(packed, state) is None) == (shape[1] % 2 == 1)  # the C kernel takes even widths
+    assert torch.equal(dense_weight(base, dtype), expected)
+    assert torch.equal(dense_weight(base, dtype), expected)  # again, from the cached scales
+    packed2, state2 = bnbf.quantize_4bit(w * 3, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    packed.copy_(packed2)
+    state.absmax, state.state2, state.offset = state2.absmax, state2.state2, state2.offset
+    assert torch.equal(dense_weight(base, dtype), bnbf.dequantize_4bit(packed2, state2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_base_forward_equals_the_4bit_layer(llama_dir, bias):
+    """Serving's base matmul (buffer dequantization) gives bitsandbytes' Linear4bit output exactly, in float32
+    and under bf16 autocast; with gradients on it is the layer itself."""
+    from qlora_cli.kernels.lora_linear import base_forward, quant_state_of
+
+    layer = four_bit_linear(llama_dir)
+    assert quant_state_of(layer) is not None
+    if bias:
+        layer.bias = nn.Parameter(torch.randn(layer.out_features))
+    x = torch.randn(3, 2, layer.in_features)
+    with torch.no_grad():
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got, expected = base_forward(layer, x), layer(x)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+    x.requires_grad_(True)
+    assert base_forward(layer, x).grad_fn is not None

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qlora_cli.errors import ModelError
+from qlora_cli.kernels.lora_linear import base_forward
 from qlora_cli.model.adapter_io import (
     adapter_modules,
     check_fit,
@@ -105,7 +106,7 @@ class MultiLoRALinear(AroundLinear):
         return self.lora_A.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = base_forward(self.base, x)
         rows = self.rows
         if rows.index is None or rows.uniform == BASE_ONLY or self.rank == 0:
             return out
