@@ -231,3 +231,33 @@ def test_lora_disabled_equals_base(tmp_path, llama_dir, quiet_console):
         torch.testing.assert_close(adapted(ids).logits, base(ids).logits, rtol=0, atol=0)
     with torch.no_grad():
         assert (adapted(ids).logits - base(ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_schedule_is_transformers_own_without_importing_it(kind, warmup):
+    """build_scheduler gives get_scheduler's learning rate at every step (and one past the end), and each loads
+    the other's state (checkpoints written with transformers' schedule resume)."""
+    from transformers import get_scheduler
+
+    from qlora_cli.config import load_config
+    from qlora_cli.train.loop import build_scheduler
+
+    cfg = load_config(None, base_model="x", datasets=[{"path": "x"}], lr_scheduler=kind, warmup_steps=warmup)
+    name = {"constant": "constant_with_warmup"}.get(kind, kind)
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    ours = build_scheduler(cfg, optimizer(), 11)
+    theirs = get_scheduler(name, optimizer(), num_warmup_steps=warmup, num_training_steps=11)
+    seen = set()
+    for _ in range(13):
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        seen.add(round(ours.get_last_lr()[0], 6))
+        ours.optimizer.step(), theirs.optimizer.step()
+        ours.step(), theirs.step()
+    assert len(seen) == 1 if kind == "constant" and not warmup else len(seen) > 3  # it moved where it should
+    resumed = build_scheduler(cfg, optimizer(), 11)
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed.get_last_lr() == theirs.get_last_lr() and resumed.last_epoch == 13

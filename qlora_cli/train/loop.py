@@ -193,10 +193,27 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.o
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    from transformers import get_scheduler
+    """transformers' schedules (``get_scheduler``: cosine, linear, constant_with_warmup), the same multipliers at
+    every step, without importing ``transformers.optimization``, which imports ``trainer_utils`` and with it peft
+    (0.3-2.5 s before the first step)."""
+    from functools import partial
 
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, partial(lr_multiplier, cfg.lr_scheduler, cfg.warmup_steps, total_steps))
+
+
+def lr_multiplier(kind: str, warmup: int, total: int, step: int) -> float:
+    """The learning rate's factor at ``step``: a linear warm-up over ``warmup`` steps, then cosine to 0 (half a
+    cycle), linear to 0, or constant, over the ``total`` steps."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
 def steps_per_epoch(n_examples: int, micro_batch_size: int, accumulation: int, num_processes: int = 1) -> int:
@@ -266,6 +283,8 @@ class Run:
     reporter: Reporter | None = None  # the experiment trackers, when report_to names any
     started: float = field(default_factory=time.perf_counter)
     stream: StreamData | None = None  # streaming: the training data, read a block at a time
+    first_step_at: float | None = None  # wall-clock times (time.time()) of this run's first step and its last:
+    last_step_at: float | None = None  # what comes before and after them is the run's fixed overhead
 
     @property
     def device(self) -> torch.device:
@@ -300,7 +319,10 @@ def run_train(cfg: RunConfig, *, force: bool = False, console: Console | None = 
             for window, advance in next_windows(run):  # optimizer steps, each a list of micro-batches
                 if state.step >= steps or stopped is not None:
                     break
+                if run.first_step_at is None:
+                    run.first_step_at = time.time()
                 grad_norm, n_tokens = train_step(run, window)
+                run.last_step_at = time.time()
                 advance()  # the data position of the next step (a new epoch reshuffles)
                 window_log.tokens += n_tokens
                 if state.step % cfg.logging_steps == 0 or state.step == steps:
@@ -817,6 +839,8 @@ def save(run: Run, eval_result: EvalResult | None, train_loss: float, stopped: s
             "train_target_tokens": None if run.stream else run.data.train_stats.target_tokens,
             "processes": run.world,
             "elapsed_sec": elapsed,
+            "first_step_at": run.first_step_at,
+            "last_step_at": run.last_step_at,
         }
     )
     if run.reporter is not None:
