@@ -125,3 +125,22 @@ def test_held_out_task_solved_by_the_adapter_loaded_in_peft(tmp_path, model_fact
     after = score_generations(peft_model, tok, cases, max_new_tokens=8)
     assert before.exact_match == 0.0
     assert after.exact_match >= 0.9, list(zip(after.predictions[:5], [c.reference for c in cases[:5]]))
+
+
+def test_the_process_ends_without_teardown_after_its_exit_handlers_and_output():
+    """quick_exit: the exit handlers run, buffered output is flushed, the code is kept; under a profiler or with
+    another thread alive the process ends the usual way (a profile is written, a thread finishes its work)."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from qlora_cli.cli import quick_exit\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "if sys.argv[1] == 'thread':\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+        "print('buffered', end='')\n"
+        "quick_exit(3)\n"
+    )
+    for mode, expected in (("plain", "bufferedhandler ran\n"), ("thread", "bufferedthread done\nhandler ran\n")):
+        ran = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 3 and ran.stdout == expected, (mode, ran.stdout, ran.stderr)
+    ran = subprocess.run([sys.executable, "-m", "qlora_cli", "train", "missing.yaml"], capture_output=True, text=True)
+    assert ran.returncode == 2 and ran.stderr.startswith("error: config file not found"), ran.stderr
