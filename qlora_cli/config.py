@@ -155,6 +155,7 @@ class RunConfig(BaseModel):
     fused_lora: bool = True  # one autograd node per LoRA layer, 4-bit weights dequantized on the fly
     fused_cross_entropy: bool = True  # head + loss on target positions only, chunked; no full float32 logits
     liger_kernels: Literal["auto", "true", "false"] = "auto"  # Liger's RMSNorm/RoPE/SwiGLU on a GPU when installed
+    torch_compile: bool = False  # torch.compile each decoder layer (LoRA layers run between the compiled pieces)
     # logging, eval, output
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # None: eval only at the end
@@ -411,6 +412,17 @@ class RunConfig(BaseModel):
                     f"__key__{key}: KTO needs at least 2 (its KL estimate pairs each prompt with another "
                     "row's response in the micro-batch)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_fits(self) -> RunConfig:
+        if self.torch_compile and self.gradient_checkpointing:
+            raise ValueError(
+                "__key__torch_compile: not with gradient_checkpointing (a checkpointed layer must compile as one "
+                "graph, and qlora's LoRA layers run between the compiled pieces); set gradient_checkpointing: false"
+            )
+        if self.torch_compile and self.fsdp:
+            raise ValueError("__key__torch_compile: not with fsdp yet (the sharded layers are not compiled)")
         return self
 
     @model_validator(mode="after")

@@ -402,3 +402,59 @@ def test_base_forward_equals_the_4bit_layer(llama_dir, bias):
             assert got.dtype == expected.dtype and torch.equal(got, expected)
     x.requires_grad_(True)
     assert base_forward(layer, x).grad_fn is not None
+
+
+def test_torch_compile_of_the_decoder_layers_equals_the_plain_model(model_factory, monkeypatch):
+    """torch_compile: true compiles each decoder layer (norms, rotary, attention, SwiGLU fused by inductor), the
+    LoRA layers (dropout on) running between the compiled pieces: outputs and LoRA gradients equal the plain
+    model's within float32 rounding. Without a C++ compiler the run goes on uncompiled after one warning."""
+    from torch._dynamo.utils import counters
+
+    from qlora_cli.kernels import compile as compile_module
+    from qlora_cli.kernels.compile import compile_layers
+
+    folder = model_factory("llama", layers=1, initializer_range=0.1)
+    cfg = load_config(None, base_model=str(folder), datasets=[{"path": "x"}], bnb_4bit_compute_dtype="float32",
+                      lora_target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.1)  # fmt: skip
+
+    def build():
+        torch.manual_seed(0)
+        model = load_base_model(cfg, torch.device("cpu"))
+        inject_lora(model, cfg.lora)
+        for _, layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B.weight, 0, 0.1)
+        return model.train()
+
+    def run(model):
+        torch.manual_seed(1)  # the same dropout masks
+        h = model.model(input_ids=torch.randint(0, 60, (3, 17))).last_hidden_state
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        return h.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+    plain = run(build())
+    warnings = []
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert compile_layers(build(), torch.device("cpu"), warnings.append) == 0
+    assert warnings == ["torch_compile: no C++ compiler found (g++, c++ or clang++; or set CXX); training uncompiled"]
+    monkeypatch.undo()
+    counters.clear()
+    model = build()
+    assert compile_layers(model, torch.device("cpu"), warnings.append) == 1
+    compiled = run(model)
+    assert counters["stats"]["unique_graphs"] > 0  # inductor did build graphs
+    torch.testing.assert_close(compiled[0], plain[0], atol=1e-5, rtol=1e-5)
+    scale = max(g.abs().max().item() for g in plain[1])
+    assert scale > 1e-4  # the adapters get real gradients
+    for a, b in zip(compiled[1], plain[1]):  # fused kernels sum in another order: float32 rounding, scaled
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=0)
+
+
+def test_torch_compile_is_refused_with_gradient_checkpointing(tmp_path):
+    from tests.test_cli import assert_user_error, run_cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base_model: x\ndatasets: [{path: x}]\ntorch_compile: true\n")
+    assert_user_error(run_cli("train", str(cfg)), "key 'torch_compile': not with gradient_checkpointing")
+    assert load_config(None, base_model="x", datasets=[{"path": "x"}], torch_compile=True,
+                       gradient_checkpointing=False).torch_compile  # fmt: skip

@@ -34,6 +34,7 @@ from qlora_cli.data.pipeline import (
 )
 from qlora_cli.data.stream import StreamData, scan
 from qlora_cli.errors import ConfigError, ModelError, QLoRAError
+from qlora_cli.kernels.compile import compile_layers
 from qlora_cli.kernels.liger import apply_liger
 from qlora_cli.layout import (
     ADAPTER_CONFIG,
@@ -423,6 +424,11 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         freeze_reference(model)
     set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
+    compiled = (
+        compile_layers(model, device, lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+        if cfg.torch_compile
+        else 0
+    )
     if cfg.sample_packing:
         check_packing_isolation(model, device, len(tokenizer), precision)
     rows = training_rows(data.train, cfg)
@@ -463,6 +469,8 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
                 precision.autocast,
                 cfg.fused_cross_entropy,
             )
+    if compiled:
+        console.print(f"torch.compile: {compiled} decoder layers (compiled at the first steps)")
     if liger:
         console.print("Liger kernels: RMSNorm, RoPE, SwiGLU")
     if resume_from is not None:
