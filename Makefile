@@ -71,3 +71,4 @@ clean:
 bench: install
 	$(BIN)/python scripts/bench.py --preset cpu-tiny --data full --json bench-cpu-tiny-full.json
 	$(BIN)/python scripts/bench.py --preset cpu-tiny --data instruct --json bench-cpu-tiny-instruct.json
+	$(BIN)/python scripts/bench_overhead.py --rounds 3 --json bench-overhead.json

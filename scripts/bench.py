@@ -777,6 +777,8 @@ def main() -> int:
                 if "fraction_of_gemm_rate" in q:
                     summary += f" fraction_of_gemm_rate={q['fraction_of_gemm_rate']:.2f}"
     report["wall_sec"] = time.perf_counter() - t_start
+    print(f"wall time of the whole benchmark: {report['wall_sec']:.1f}s (a whole run per stack, start to exit: "
+          "scripts/bench_overhead.py)")  # fmt: skip
     print(f"hardware: {report['hardware']}; versions: {report['versions']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -85,10 +85,10 @@ def plain_peft_loop(args: argparse.Namespace) -> None:
     print(json.dumps({"first_step_at": first, "last_step_at": last, "loss": float(loss)}))
 
 
-def timed_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+def timed_process(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float, float, str]:
     """(launch time, exit time, stdout) of one process."""
     start = time.time()
-    ran = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    ran = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     end = time.time()
     if ran.returncode:
         sys.exit(f"{cmd[:4]} failed:\n{ran.stderr[-3000:]}")
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--qlora-root", default=str(ROOT), help="run qlora from this checkout (an earlier commit)")
     ap.add_argument("--peft-loop", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -146,7 +147,10 @@ def main() -> None:
     for k in range(args.rounds):
         out = tmp / f"qlora-{k}"
         (tmp / "run.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
-        start, end, _ = timed_process([sys.executable, "-m", "qlora_cli", "train", str(tmp / "run.yaml")], env)
+        qlora_env = {**env, "PYTHONPATH": args.qlora_root}
+        start, end, _ = timed_process(
+            [sys.executable, "-m", "qlora_cli", "train", str(tmp / "run.yaml")], qlora_env, Path(args.qlora_root)
+        )
         summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
         note("qlora", start, end, summary["first_step_at"], summary["last_step_at"])
         loop = [sys.executable, __file__, "--peft-loop", "--model-dir", str(model_dir), "--data", str(data),

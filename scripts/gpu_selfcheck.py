@@ -187,6 +187,36 @@ def compare_with_peft(ours: Any, peft_model: Any, device: torch.device, dtype: s
     return numbers
 
 
+def compiled_layers_match_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
+    """torch_compile: true (each decoder layer compiled, LoRA layers between the pieces) against the plain model."""
+    from qlora_cli.kernels.compile import compile_layers
+
+    cfg = load_config(
+        None, base_model=str(base_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=dtype,
+        lora_target_modules="all-linear", lora_dropout=0.1,
+    )  # fmt: skip
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = load_base_model(cfg, device)
+        inject_lora(model, cfg.lora)
+        for _, m in lora_layers(model):
+            with torch.no_grad():
+                m.lora_B.weight.normal_(0, 0.05)
+        if compiled and not compile_layers(model, device, print):
+            check("torch_compile layers == plain", False, reason="not compiled")
+            return
+        model.train()
+        torch.manual_seed(2)  # the same dropout masks
+        with Precision.for_run(dtype, device).autocast():
+            h = model.model(input_ids=torch.randint(5, 90, (3, 40), device=device)).last_hidden_state
+        (h.float() * torch.linspace(-1, 1, h.shape[-1], device=device)).sum().backward()
+        out.append((h.detach(), torch.cat([m.lora_A.weight.grad.flatten() for _, m in lora_layers(model)])))
+    errors = [rel(c, p) for p, c in zip(*out)]
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    check("torch_compile layers == plain", max(errors) < tol, out_rel=errors[0], grad_rel=errors[1], tol=tol)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -210,7 +240,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-gpu-check-") as tmp:
         work = Path(tmp)
         small = build_tiny_model(work / "small", "llama", seed=1, initializer_range=0.1)
-        for fn in (fused_lora_matches_plain, fused_loss_matches_plain):
+        for fn in (fused_lora_matches_plain, fused_loss_matches_plain, compiled_layers_match_plain):
             fn(small, device, args.dtype)
         train_eval_merge(work, args.device, args.dtype, args.steps)
     write_report()
