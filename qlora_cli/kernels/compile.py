@@ -30,18 +30,17 @@ def compile_missing(device: torch.device) -> str | None:
     return None
 
 
-def compile_layers(model: Any, device: torch.device, warn: Any) -> int:
-    """Compile every decoder layer of ``model`` in place; returns how many (0: not compiled, ``warn`` said why)."""
+def compile_layers(model: Any, device: torch.device, warn: Any, outside: Any = lambda module: False) -> int:
+    """Compile every decoder layer of ``model`` in place; returns how many (0: not compiled, ``warn`` said why).
+    Modules for which ``outside(module)`` holds (qlora's LoRA layers) and bare 4-bit layers run uncompiled."""
     from qlora_cli.kernels.lora_linear import quant_state_of
 
     missing = compile_missing(device)
     if missing:
         warn(f"torch_compile: {missing}; training uncompiled")
         return 0
-    from qlora_cli.model.lora import AroundLinear
-
     for module in model.modules():  # run as they are, outside the compiled graphs
-        if isinstance(module, AroundLinear) or (isinstance(module, torch.nn.Linear) and quant_state_of(module)):
+        if outside(module) or (isinstance(module, torch.nn.Linear) and quant_state_of(module)):
             module.forward = torch.compiler.disable(module.forward, recursive=True)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]

@@ -57,7 +57,7 @@ from qlora_cli.model.loading import (
     quiet_libraries,
     resolve_device,
 )
-from qlora_cli.model.lora import freeze_reference, inject_lora, lora_parameters, set_fused
+from qlora_cli.model.lora import AroundLinear, freeze_reference, inject_lora, lora_parameters, set_fused
 from qlora_cli.model.starts import apply_start, original_weights
 from qlora_cli.model.token_rows import resize_for, row_parameters, token_ids, train_copies, train_rows
 from qlora_cli.model_card import write_model_card
@@ -425,7 +425,12 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
     set_fused(model, cfg.fused_lora)
     liger = apply_liger(model, cfg.liger_kernels)
     compiled = (
-        compile_layers(model, device, lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+        compile_layers(
+            model,
+            device,
+            lambda m: console.print(f"[yellow]warning:[/yellow] {m}"),
+            lambda m: isinstance(m, AroundLinear),
+        )
         if cfg.torch_compile
         else 0
     )
