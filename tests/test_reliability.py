@@ -346,3 +346,22 @@ def test_fp16_a_skipped_step_never_applies_its_gradients(tmp_path, llama_dir, mo
     assert [r["bad_steps"] for r in result.history if r["type"] == "train"] == [1, 2]
     adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert all(not t.any() for k, t in adapter.items() if "lora_B" in k)  # B starts at zero and never moved
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path, reference_run):
+    """A key added to qlora after a checkpoint was written (absent from its config and hash) counts as unchanged
+    while it holds its default; set otherwise, it is a config change like any other."""
+    import shutil
+
+    from qlora_cli.train.checkpoint import read_checkpoint
+
+    _, ref_cfg = reference_run
+    old = tmp_path / "step-8"
+    shutil.copytree(Path(ref_cfg.output_dir) / "checkpoints" / "step-8", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["config"]["torch_compile"], state["processes"]
+    state["config_hash"] = "0" * 16  # as the older qlora hashed a config without the key
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    assert read_checkpoint(old, ref_cfg).state.step == 8
+    with pytest.raises(ConfigError, match=r"config changed \(torch_compile\)"):
+        read_checkpoint(old, ref_cfg.model_copy(update={"torch_compile": True}))

@@ -76,6 +76,8 @@ def _cpu_dequantize(weight: torch.Tensor, quant_state: Any) -> torch.Tensor | No
     the scales again: in a decode step, where each weight is read for a handful of rows, that was a third of
     the dequantization's time."""
     kernel = _cpu_kernel(quant_state)
+    if getattr(quant_state, "packing_format_for_cpu", False):  # bitsandbytes repacked it for its AVX-512 kernel
+        return None
     if kernel is None or len(quant_state.shape) != 2 or quant_state.shape[-1] % 2 or not weight.is_contiguous():
         return None
     cached = getattr(quant_state, "_qlora_absmax", None)

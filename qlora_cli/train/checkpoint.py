@@ -44,7 +44,13 @@ from qlora_cli.layout import (
     rng_file,
 )
 from qlora_cli.model.adapter_io import save_adapter
-from qlora_cli.train.sharding import full_adapter, full_optimizer_state, gather_to_main, shard_optimizer_state
+from qlora_cli.train.sharding import (
+    from_main,
+    full_adapter,
+    full_optimizer_state,
+    gather_to_main,
+    shard_optimizer_state,
+)
 
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes from it.
 RESUMABLE_KEYS = frozenset(
@@ -100,6 +106,15 @@ def config_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
     return digest, data
 
 
+def _is_default(key: str, value: Any) -> bool:
+    """Whether a config key a checkpoint predates holds its default (that run had the same behaviour)."""
+    field = RunConfig.model_fields.get(key)
+    if field is None:
+        return False
+    default = field.get_default(call_default_factory=True)
+    return value == (default.model_dump(mode="json") if hasattr(default, "model_dump") else default)
+
+
 def _capture_rng(state: TrainerState) -> dict[str, Any]:
     """This process's RNG states (torch's as tensors; Python's and NumPy's also kept in ``state``)."""
     py = random.getstate()
@@ -149,7 +164,6 @@ def save_checkpoint(
     Every process calls it. The main process alone writes: every process's RNG state is gathered to it, and under
     FSDP the adapter and optimizer state are gathered whole, so the other nodes of a job need no shared disk.
     """
-    main = accelerator is None or accelerator.is_main_process
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"step-{state.step}"
     tmp = root / f".step-{state.step}.tmp"
@@ -157,33 +171,34 @@ def save_checkpoint(
     state.config_hash, state.config = config_fingerprint(cfg)
     rngs = gather_to_main(accelerator, _capture_rng(state))
     optimizer_state = full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
+
+    def write() -> None:  # the main process; a failure there is raised on every process (none waits on it)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for rank, rng in enumerate(rngs or []):
+                torch.save(rng, tmp / rng_file(rank))
+            save_adapter(model, tmp, cfg.lora, cfg.base_model)
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            for f in tmp.iterdir():
+                _fsync(f)
+            if final.exists():  # a stale folder from an earlier attempt at this step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (final / COMPLETE).write_text("")
+            _fsync(final / COMPLETE)
+            _fsync(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if cfg.save_total_limit:
+            prune_checkpoints(output_dir, cfg.save_total_limit)
+
     with full_adapter(trained, fsdp):
-        if main:
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                for rank, rng in enumerate(rngs or []):
-                    torch.save(rng, tmp / rng_file(rank))
-                save_adapter(model, tmp, cfg.lora, cfg.base_model)
-                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-                (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-                for f in tmp.iterdir():
-                    _fsync(f)
-                if final.exists():  # a stale folder from an earlier attempt at this step
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                (final / COMPLETE).write_text("")
-                _fsync(final / COMPLETE)
-                _fsync(root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    if accelerator is not None and accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-    if main and cfg.save_total_limit:
-        prune_checkpoints(output_dir, cfg.save_total_limit)
+        from_main(accelerator, write)
     return final
 
 
@@ -320,8 +335,9 @@ def read_checkpoint(path: Path, cfg: RunConfig, processes: int = 1) -> Checkpoin
             raise ModelError(f"checkpoint {path} is missing {name}")
     state = _load_file(path / STATE_FILE, lambda p: TrainerState(**json.loads(p.read_text())))
     digest, current = config_fingerprint(cfg)
-    if digest != state.config_hash:
-        changed = sorted(k for k in set(current) | set(state.config) if current.get(k) != state.config.get(k))
+    changed = sorted(k for k in set(current) | set(state.config) if current.get(k) != state.config.get(k))
+    changed = [k for k in changed if k in state.config or not _is_default(k, current[k])]  # keys added since
+    if digest != state.config_hash and changed:
         raise ConfigError(
             f"cannot resume from {path}: the config changed ({', '.join(changed)}); only "
             f"{', '.join(sorted(RESUMABLE_KEYS - {'resume_from_checkpoint'}))} may change on resume"
