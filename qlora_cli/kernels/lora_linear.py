@@ -53,18 +53,23 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
     w = _cpu_dequantize(weight, quant_state) if weight.device.type == "cpu" else None
     if w is None and weight.device.type not in _no_out_variant:
-        key = (tuple(quant_state.shape), quant_state.dtype, weight.device)
-        buf = _buffers.get(key)
-        if buf is None:
-            buf = _buffers[key] = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
         try:
-            w = bnbf.dequantize_4bit(weight.data, quant_state, out=buf)
+            w = bnbf.dequantize_4bit(weight.data, quant_state, out=_shared_buffer(quant_state, weight.device))
         except NotImplementedError:  # bitsandbytes' CPU backend has no out= variant
             _no_out_variant.add(weight.device.type)
-            _buffers.pop(key, None)
+            _buffers.pop((tuple(quant_state.shape), quant_state.dtype, weight.device), None)
     if w is None:
         w = bnbf.dequantize_4bit(weight.data, quant_state)
     return w if w.dtype == dtype else w.to(dtype)
+
+
+def _shared_buffer(quant_state: Any, device: torch.device) -> torch.Tensor:
+    """The dequantization buffer every 4-bit weight of this shape and dtype on ``device`` shares."""
+    key = (tuple(quant_state.shape), quant_state.dtype, device)
+    buf = _buffers.get(key)
+    if buf is None:
+        buf = _buffers[key] = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=device)
+    return buf
 
 
 def _cpu_dequantize(weight: torch.Tensor, quant_state: Any) -> torch.Tensor | None:
@@ -91,10 +96,7 @@ def _cpu_dequantize(weight: torch.Tensor, quant_state: Any) -> torch.Tensor | No
         quant_state._qlora_absmax = cached
     import ctypes
 
-    key = (tuple(quant_state.shape), quant_state.dtype, weight.device)
-    buf = _buffers.get(key)
-    if buf is None:
-        buf = _buffers[key] = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
+    buf = _shared_buffer(quant_state, weight.device)
     packed = weight.data.view(torch.uint8) if weight.dtype != torch.uint8 else weight.data
     rows, cols = quant_state.shape
     kernel(
