@@ -214,7 +214,7 @@ def lr_multiplier(kind: str, warmup: int, total: int, step: int) -> float:
     if kind == "linear":
         return max(0.0, float(total - step) / float(max(1, total - warmup)))
     progress = float(step - warmup) / float(max(1, total - warmup))
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # half a cycle
 
 
 def steps_per_epoch(n_examples: int, micro_batch_size: int, accumulation: int, num_processes: int = 1) -> int:
