@@ -458,3 +458,82 @@ def test_torch_compile_is_refused_with_gradient_checkpointing(tmp_path):
     assert_user_error(run_cli("train", str(cfg)), "key 'torch_compile': not with gradient_checkpointing")
     assert load_config(None, base_model="x", datasets=[{"path": "x"}], torch_compile=True,
                        gradient_checkpointing=False).torch_compile  # fmt: skip
+
+
+def _mlp_of(llama_dir, dropout: float, compute: str = "float32"):
+    cfg = load_config(None, base_model=str(llama_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=compute,
+                      lora_target_modules="all-linear", lora_dropout=dropout)  # fmt: skip
+    torch.manual_seed(0)
+    model = load_base_model(cfg, torch.device("cpu"))
+    inject_lora(model, cfg.lora)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, 0, 0.1)
+    return model.train(), model.model.layers[0].mlp
+
+
+def _mlp_step(model, mlp, x, fused: bool, autocast: bool = False):
+    set_fused(model, fused)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    torch.manual_seed(3)  # the same dropout masks on both paths
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=autocast):
+        y = mlp(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return [y.detach(), x.grad] + [p.grad.clone() for p in params], saved
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_swiglu_mlp_equals_plain(llama_dir, dropout):
+    """The MLP as one node (gate, up, SiLU, product, down): the same output and gradients (input and all six
+    adapter matrices) as three fused LoRA layers with autograd's SiLU and product between them, dropout masks
+    included; and it keeps less for backward: silu(G) and h are recomputed, not saved."""
+    model, mlp = _mlp_of(llama_dir, dropout)
+    assert mlp.__dict__.get("forward") is None  # not yet fused
+    x = torch.randn(3, 11, model.config.hidden_size)
+    plain, saved_plain = _mlp_step(model, mlp, x, False)
+    fused, saved_fused = _mlp_step(model, mlp, x, True)
+    assert getattr(mlp, "_qlora_fused_mlp", False)
+    assert len(plain) == 8
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    tokens, inter = 3 * 11, model.config.intermediate_size
+    # two (tokens, intermediate) float32 tensors fewer: silu(G) and the product h
+    assert sum(saved_plain) - sum(saved_fused) >= 2 * tokens * inter * 4
+    # back to the plain forward when the fused flag is off
+    set_fused(model, False)
+    assert "forward" not in mlp.__dict__ and not hasattr(mlp, "_qlora_fused_mlp")
+
+
+def test_fused_swiglu_mlp_under_bf16_autocast(llama_dir):
+    model, mlp = _mlp_of(llama_dir, 0.1)
+    x = torch.randn(2, 9, model.config.hidden_size)
+    plain, _ = _mlp_step(model, mlp, x, False, autocast=True)
+    fused, _ = _mlp_step(model, mlp, x, True, autocast=True)
+    for a, b in zip(plain, fused):  # bf16 matmuls round differently from bitsandbytes': within 2% in norm
+        assert a.dtype == b.dtype
+        assert (b.float() - a.float()).norm() <= 0.02 * a.float().norm()
+
+
+def test_fused_swiglu_mlp_steps_aside_for_a_disabled_or_merged_adapter(llama_dir):
+    """Inside ``lora_disabled`` (preference tuning's reference pass) the fused MLP computes the base alone."""
+    from qlora_cli.model.lora import lora_disabled
+
+    model, mlp = _mlp_of(llama_dir, 0.0)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    set_fused(model, True)
+    with torch.no_grad():
+        with lora_disabled(model):
+            base_only = mlp(x)
+        with_adapter = mlp(x)
+        g, u, d = (getattr(mlp, n).base for n in ("gate_proj", "up_proj", "down_proj"))
+        expected = d(F.silu(g(x)) * u(x))
+    torch.testing.assert_close(base_only, expected, atol=1e-5, rtol=1e-5)
+    assert (with_adapter - base_only).abs().max() > 1e-3

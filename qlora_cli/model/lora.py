@@ -25,6 +25,7 @@ from qlora_cli.config import LoRASettings, lora_scaling
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
 from qlora_cli.kernels.lora_linear import dense_weight, fused_lora_linear
+from qlora_cli.kernels.swiglu import fused_swiglu_mlp, swiglu_supported
 from qlora_cli.model.loading import module_device
 
 try:  # transformers' GPT-2 style linear layer, weight (in, out)
@@ -178,7 +179,7 @@ class LoRALinear(AroundLinear):
         if self.use_dora and not (self.merged or self.disabled):
             return self._dora_forward(x)
         if self.fused and not (self.merged or self.disabled):
-            p = self.dropout.p if isinstance(self.dropout, LoRADropout) and self.dropout.training else 0.0
+            p = _dropout_p(self)
             out = fused_lora_linear(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, p)
             return out if self.offset is None else out - self._offset_update(x).to(out.dtype)
         out = self.base(x)
@@ -338,9 +339,51 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def set_fused(model: nn.Module, fused: bool) -> None:
     """Run every LoRA layer through the fused kernel (``kernels.lora_linear``) or the plain path: the config's
-    ``fused_lora``, set the same way by training, evaluation and the memory plan."""
+    ``fused_lora``, set the same way by training, evaluation and the memory plan. Fused, a SwiGLU MLP whose three
+    projections are LoRA layers runs as one node (``kernels.swiglu``)."""
     for _, layer in lora_layers(model):
         layer.fused = fused
+    for module in model.modules():
+        if fused and is_swiglu_mlp(module):
+            module.forward = _fused_mlp_forward.__get__(module)  # an instance attribute: the class is untouched
+            module._qlora_fused_mlp = True
+        elif getattr(module.__dict__.get("forward"), "__func__", None) is _fused_mlp_forward:
+            del module.forward, module._qlora_fused_mlp
+
+
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """A transformers MLP computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU (Llama, Mistral,
+    Qwen2/3, SmolLM3, Granite, OLMo-2, ...): exactly those children, no parameters of its own, LoRA layers."""
+    children = dict(module.named_children())
+    return (
+        type(module).__name__.endswith("MLP")
+        and type(module).__module__.startswith("transformers.models.")
+        and set(children) == {*_MLP_PARTS, "act_fn"}
+        and type(children["act_fn"]).__name__ in ("SiLU", "SiLUActivation")
+        and all(isinstance(children[n], LoRALinear) for n in _MLP_PARTS)
+        and not list(module.parameters(recurse=False))
+    )
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's forward through ``fused_swiglu_mlp`` while its three LoRA layers take the plain fused path (not
+    merged, disabled, a reference, DoRA or offset; one dropout); otherwise the class's own forward."""
+    parts = [getattr(self, n) for n in _MLP_PARTS]
+    rates = {_dropout_p(p) for p in parts}
+    plain = any(
+        not p.fused or p.merged or p.disabled or p.use_reference or p.use_dora or p.offset is not None for p in parts
+    )
+    if plain or len(rates) != 1 or not swiglu_supported(x, tuple(p.base for p in parts)):
+        return type(self).forward(self, x)
+    layers = tuple((p.lora_A.weight, p.lora_B.weight, p.base) for p in parts)
+    return fused_swiglu_mlp(x, layers, tuple(p.scaling for p in parts), rates.pop())
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return layer.dropout.p if isinstance(layer.dropout, LoRADropout) and layer.dropout.training else 0.0
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -429,7 +429,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
             model,
             device,
             lambda m: console.print(f"[yellow]warning:[/yellow] {m}"),
-            lambda m: isinstance(m, AroundLinear),
+            lambda m: isinstance(m, AroundLinear) or getattr(m, "_qlora_fused_mlp", False),
         )
         if cfg.torch_compile
         else 0
