@@ -95,6 +95,28 @@ def test_fused_cross_entropy_equals_plain(softcap):
     torch.testing.assert_close(fused_grad, hidden.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_fused_cross_entropy_reuses_its_cpu_buffer_without_mixing_calls():
+    """On a CPU the chunk of logits lives in one buffer kept between calls (fresh memory is mapped page by page
+    at every step otherwise): calls of different sizes, one after the other, each give the plain loss."""
+    from qlora_cli.kernels import cross_entropy
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 8)
+    buffers = []
+    for rows in (7, 5, 12):  # smaller than the buffer, then larger: it grows
+        hidden = torch.randn(1, rows + 1, 8, requires_grad=True)
+        labels = torch.randint(0, 40, (1, rows + 1))
+        total, _ = fused_linear_cross_entropy(hidden, weight, labels, chunk=16)
+        total.backward()
+        buffers.append(cross_entropy._buffer[0])
+        ref_hidden = hidden.detach().clone().requires_grad_(True)
+        ref = F.cross_entropy(ref_hidden[0, :-1] @ weight.T, labels[0, 1:], reduction="sum")
+        ref.backward()
+        torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(hidden.grad, ref_hidden.grad, atol=1e-5, rtol=1e-4)
+    assert buffers[0] is buffers[1] and buffers[2] is not buffers[1] and buffers[2].shape == (12, 40)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2", "gpt2", "gpt_neox", "opt"])
 def test_fused_loss_equals_plain_loss_on_real_models(model_factory, arch):
     cfg = load_config(

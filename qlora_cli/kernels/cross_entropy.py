@@ -41,22 +41,32 @@ class _FusedLinearTokenNLL(torch.autograd.Function):
         w = weight.to(dtype)
         nll = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
+        buffer = _logits_buffer(min(chunk, hidden.shape[0]), w.shape[0], hidden)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             y = labels[start : start + chunk]
-            logits = (h @ w.T).float()
+            if buffer is None:
+                logits = (h @ w.T).float()
+            elif dtype == torch.float32:
+                logits = torch.mm(h, w.T, out=buffer[: h.shape[0]])
+            else:
+                logits = buffer[: h.shape[0]].copy_(h @ w.T)
             if softcap is not None:
                 t = torch.tanh(logits / softcap)
                 logits = t * softcap
-            logp = torch.log_softmax(logits, dim=-1)
-            del logits
-            nll[start : start + chunk] = -logp.gather(1, y[:, None])[:, 0]
+            # log-softmax in place: nll = max + log(sum(exp(logits - max))) - logit of the target
+            target = logits.gather(1, y[:, None])
+            top = logits.amax(1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(1, keepdim=True)
+            nll[start : start + chunk] = (top + total.log() - target)[:, 0]
             if grad_hidden is not None:
-                grad = logp.exp_()
+                grad = probs.div_(total)  # softmax
                 grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 if softcap is not None:
                     grad *= 1.0 - t * t
                 torch.mm(grad.to(dtype), w, out=grad_hidden[start : start + chunk])
+            del logits, probs
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         return nll
@@ -68,6 +78,22 @@ class _FusedLinearTokenNLL(torch.autograd.Function):
             return None, None, None, None, None, None
         grad = (grad_hidden * grad_nll[:, None].to(grad_hidden.dtype)).to(ctx.hidden_dtype)
         return grad, None, None, None, None, None
+
+
+_buffer: list[torch.Tensor] = []  # the last CPU logits buffer, reused by the next call of the same size or less
+
+
+def _logits_buffer(rows: int, vocab: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    """A (rows, vocab) float32 buffer for one chunk of logits on a CPU, kept from call to call: a fresh one is
+    new memory the kernel must map page by page at every step (on some machines a tenth of a CPU step). None on
+    other devices (their caching allocators reuse memory already) and for tensor subclasses (the memory plan's
+    fake tensors)."""
+    if hidden.device.type != "cpu" or type(hidden) is not torch.Tensor:
+        return None
+    if _buffer and _buffer[0].shape[1] == vocab and _buffer[0].shape[0] >= rows:
+        return _buffer[0]
+    _buffer[:] = [torch.empty(rows, vocab, dtype=torch.float32)]
+    return _buffer[0]
 
 
 def fused_linear_cross_entropy(
