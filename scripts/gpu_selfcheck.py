@@ -5,7 +5,9 @@
 
 1. the fused LoRA node equals the plain LoRALinear on a 4-bit layer under autocast, dropout on: outputs, the
    input's gradient and the adapter's gradients;
-2. the fused head + cross-entropy equals the plain loss and its gradients on a tiny Llama;
+2. the fused head + cross-entropy equals the plain loss and its gradients on a tiny Llama; the SwiGLU MLP as one
+   node equals its three LoRA layers with SiLU and product between them (dropout on); compiled decoder layers
+   equal the plain model;
 3. `qlora train` on the shipped demo task (reverse a word) with gradient checkpointing, in the compute dtype:
    `qlora eval` shows exact match rising from the base's;
 4. PEFT loads that adapter on the same 4-bit base and gives qlora's logits: both stacks run under the run's
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from qlora_cli.config import load_config  # noqa: E402
 from qlora_cli.model.loading import DTYPES, disable_cpu_weight_repacking, load_base_model, quiet_libraries  # noqa: E402
-from qlora_cli.model.lora import LoRALinear, inject_lora, lora_layers  # noqa: E402
+from qlora_cli.model.lora import LoRALinear, inject_lora, lora_layers, set_fused  # noqa: E402
 from qlora_cli.testing.tiny import build_tiny_model  # noqa: E402
 from qlora_cli.train.loss import loss_sum  # noqa: E402
 from qlora_cli.train.step import Precision  # noqa: E402
@@ -81,6 +83,35 @@ def fused_lora_matches_plain(base_dir: Path, device: torch.device, dtype: str) -
     errors = [rel(f, p) for p, f in zip(*results)]
     tol = 1e-5 if dtype == "float32" else 2e-2
     check("fused LoRA node == plain (4-bit, dropout)", max(errors) < tol, max_rel_error=max(errors), tol=tol)
+
+
+def fused_mlp_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
+    cfg = load_config(
+        None, base_model=str(base_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=dtype,
+        lora_target_modules="all-linear", lora_dropout=0.1,
+    )  # fmt: skip
+    model = load_base_model(cfg, device)
+    inject_lora(model, cfg.lora)
+    for _, m in lora_layers(model):
+        with torch.no_grad():
+            m.lora_B.weight.normal_(0, 0.1)
+    model.train()
+    mlp = model.model.layers[0].mlp
+    x0 = torch.randn(4, 33, model.config.hidden_size, device=device)
+    results = []
+    for fused in (False, True):
+        set_fused(model, fused)
+        model.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(3)  # the same dropout masks on both paths
+        with Precision.for_run(dtype, device).autocast():
+            y = mlp(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        grads = [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
+        results.append([y.detach(), x.grad] + grads)
+    errors = [rel(f, p) for p, f in zip(*results)]
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    check("fused SwiGLU MLP == plain (4-bit, dropout)", max(errors) < tol, max_rel_error=max(errors), tol=tol)
 
 
 def fused_loss_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
@@ -240,7 +271,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-gpu-check-") as tmp:
         work = Path(tmp)
         small = build_tiny_model(work / "small", "llama", seed=1, initializer_range=0.1)
-        for fn in (fused_lora_matches_plain, fused_loss_matches_plain, compiled_layers_match_plain):
+        checks = (
+            fused_lora_matches_plain,
+            fused_mlp_matches_plain,
+            fused_loss_matches_plain,
+            compiled_layers_match_plain,
+        )
+        for fn in checks:
             fn(small, device, args.dtype)
         train_eval_merge(work, args.device, args.dtype, args.steps)
     write_report()

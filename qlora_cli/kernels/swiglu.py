@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from qlora_cli.kernels import lora_linear  # dense_weight read through the module: the memory plan stands it in
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
@@ -60,7 +59,7 @@ class _FusedSwiGLU(torch.autograd.Function):
         g, xas_g = _project(xc, drop_g, a_g, b_g, bases[0], scalings[0], dtype)
         u, xas_u = _project(xc, drop_u, a_u, b_u, bases[1], scalings[1], dtype)
         g, u = g.to(act_dtype), u.to(act_dtype)
-        h = F.silu(g).mul_(u)  # (N, intermediate): not saved
+        h = torch.ops.aten.silu.out(g, out=_scratch(0, g)).mul_(u)  # (N, intermediate): not saved
         out, xas_d = _project(h.to(dtype), drop_d, a_d, b_d, bases[2], scalings[2], dtype)
         del h
         ctx.save_for_backward(xc, g, u, xas_g, xas_u, xas_d, drop_g, drop_u, drop_d, a_g, b_g, a_u, b_u, a_d, b_d)
@@ -75,21 +74,23 @@ class _FusedSwiGLU(torch.autograd.Function):
         # down: its input's gradient dh, and its adapter's gradients (h recomputed for A's)
         gbs_d = (go @ b_d.to(dtype)).mul_(s_d)  # (N, r)
         w = lora_linear.dense_weight(base_d, dtype)
+        dh = torch.mm(go, w, out=_scratch(1, g, dtype))  # (N, intermediate)
         if drop_d is None:
-            dh = (go @ w).addmm_(gbs_d, a_d.to(dtype))
+            dh.addmm_(gbs_d, a_d.to(dtype))
         else:
-            dh = torch.addmm(torch.where(drop_d, 0.0, gbs_d @ a_d.to(dtype)), go, w)
+            dh += (gbs_d @ a_d.to(dtype)).masked_fill_(drop_d, 0.0)
         dh = dh.to(g.dtype)
-        silu = F.silu(g)
-        h = (silu * u).to(dtype)
+        silu = torch.ops.aten.silu.out(g, out=_scratch(0, g))
+        h = torch.mul(silu, u, out=_scratch(2, g)).to(dtype)
         if drop_d is not None:
             h.masked_fill_(drop_d, 0.0)
         grad_a_d = (gbs_d.T @ h).to(a_d.dtype)  # (r, intermediate)
         del h
         grad_b_d = (go.T @ xas_d).to(b_d.dtype)  # (hidden, r)
-        du = silu.mul_(dh).to(dtype)  # d/dU of silu(G) * U
-        dg = torch.ops.aten.silu_backward(dh.mul_(u), g).to(dtype)  # d/dG, autograd's SiLU kernel
-        del dh, silu
+        du = torch.mul(dh, silu, out=_scratch(2, g)).to(dtype)  # d/dU of silu(G) * U
+        del silu
+        dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dh).to(dtype)  # d/dG, SiLU's kernel
+        del dh
         # gate and up: the input's gradient from both in one tensor, the second matmul accumulating onto the first
         grad_x = None
         gbs_g = (dg @ b_g.to(dtype)).mul_(s_g)
@@ -112,6 +113,25 @@ class _FusedSwiGLU(torch.autograd.Function):
         return (
             grad_x, None, None, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d, None, None, None, None
         )  # fmt: skip
+
+
+_scratches: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(slot: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor shaped as ``like`` for a temporary of the forward or backward (slot 0, 1, 2): on a CPU the same
+    memory every call, grown as needed; elsewhere, and for tensor subclasses (the memory plan's fake tensors), a
+    new one. Fresh memory is mapped page by page at every use; on some machines mapping a (tokens,
+    intermediate) temporary cost several times the elementwise pass that fills it. The kernel's layers run
+    one after another, so a slot is never in use twice at once."""
+    dtype = dtype or like.dtype
+    if like.device.type != "cpu" or type(like) is not torch.Tensor:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    key = (slot, dtype)
+    buf = _scratches.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _scratches[key] = torch.empty(like.numel(), dtype=dtype)
+    return buf[: like.numel()].view(like.shape)
 
 
 def _dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
