@@ -5,10 +5,11 @@
 
 The same arithmetic as three fused LoRA layers (``kernels.lora_linear``) with autograd's SiLU and product
 between them, in the same dtypes, with the same dropout masks drawn in the same order (gate, up, down). What
-changes is what is kept for backward: x (shared with nothing else), G, U and the rank-r products. autograd
-keeps silu(G) and h as well, two more (tokens, intermediate) tensors per layer, the largest activations of a
-decoder layer; backward recomputes them from G and U instead (two elementwise passes). The input's gradient
-through gate and up is accumulated by the second matmul (``addmm``) instead of a separate add.
+changes is what is kept for backward: x (one copy for gate and up), G, U, the dropout masks and the rank-r
+products. autograd keeps silu(G) and h as well, two more (tokens, intermediate) tensors per layer, the largest
+activations of a decoder layer; backward recomputes them from G and U instead (two elementwise passes). The
+input's gradient through gate and up is accumulated by the second matmul (``addmm``) instead of a separate add,
+and the (tokens, intermediate) temporaries live in reused CPU slots (``_scratch``).
 """
 
 from __future__ import annotations
