@@ -85,17 +85,22 @@ def fused_lora_matches_plain(base_dir: Path, device: torch.device, dtype: str) -
     check("fused LoRA node == plain (4-bit, dropout)", max(errors) < tol, max_rel_error=max(errors), tol=tol)
 
 
-def fused_mlp_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
+def lora_model(base_dir: Path, device: torch.device, dtype: str, dropout: float, b_std: float) -> Any:
+    """The tiny 4-bit model with LoRA on every linear layer, B drawn with ``b_std`` so adapters matter."""
     cfg = load_config(
         None, base_model=str(base_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=dtype,
-        lora_target_modules="all-linear", lora_dropout=0.1,
+        lora_target_modules="all-linear", lora_dropout=dropout,
     )  # fmt: skip
     model = load_base_model(cfg, device)
     inject_lora(model, cfg.lora)
     for _, m in lora_layers(model):
         with torch.no_grad():
-            m.lora_B.weight.normal_(0, 0.1)
-    model.train()
+            m.lora_B.weight.normal_(0, b_std)
+    return model
+
+
+def fused_mlp_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
+    model = lora_model(base_dir, device, dtype, dropout=0.1, b_std=0.1).train()
     mlp = model.model.layers[0].mlp
     x0 = torch.randn(4, 33, model.config.hidden_size, device=device)
     results = []
@@ -115,15 +120,7 @@ def fused_mlp_matches_plain(base_dir: Path, device: torch.device, dtype: str) ->
 
 
 def fused_loss_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
-    cfg = load_config(
-        None, base_model=str(base_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=dtype,
-        lora_target_modules="all-linear", lora_dropout=0.0,
-    )  # fmt: skip
-    model = load_base_model(cfg, device)
-    inject_lora(model, cfg.lora)
-    for _, m in lora_layers(model):
-        with torch.no_grad():
-            m.lora_B.weight.normal_(0, 0.05)
+    model = lora_model(base_dir, device, dtype, dropout=0.0, b_std=0.05)
     ids = torch.randint(5, 90, (3, 40), device=device)
     labels = ids.clone()
     labels[:, :10] = -100
