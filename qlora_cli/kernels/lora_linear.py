@@ -141,6 +141,35 @@ def compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return getattr(base, "compute_dtype", None) or x.dtype
 
 
+def dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """x with dropout's zeros (``drop``: True where dropped), or x itself without dropout."""
+    return x if drop is None else torch.where(drop, 0.0, x)
+
+
+def lora_project(
+    xc: torch.Tensor, drop: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, base: nn.Module, scaling: float, dtype: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + bias + s (m x) A^T B^T, s (m x) A^T) in ``dtype``: a LoRA layer's forward, (N, out) and (N, r)."""
+    out = xc @ dense_weight(base, dtype).T  # (N, out)
+    bias = getattr(base, "bias", None)
+    if bias is not None:
+        out += bias.to(dtype)
+    xas = (dropped(xc, drop) @ lora_A.to(dtype).T).mul_(scaling)  # scaling on the rank-r side, the cheap one
+    out.addmm_(xas, lora_B.to(dtype).T)
+    return out, xas
+
+
+def lora_input_grad(
+    g: torch.Tensor, gbs: torch.Tensor, lora_A: torch.Tensor, drop: Any, base: nn.Module, dtype: Any
+) -> torch.Tensor:
+    """A LoRA layer's input gradient (N, in) from its output's, g, and gbs = s g B: through the frozen base plus
+    the adapter's part (through the dropout) in the same tensor, accumulated by the matmul."""
+    w, a = dense_weight(base, dtype), lora_A.to(dtype)
+    if drop is None:
+        return (g @ w).addmm_(gbs, a)
+    return torch.addmm(torch.where(drop, 0.0, gbs @ a), g, w)
+
+
 class _FusedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -158,15 +187,7 @@ class _FusedLoRA(torch.autograd.Function):
         # it are summed at its precision); xc: x in the compute dtype, detached, possibly shared (shared_cast);
         # drop: (N, in) bool, True where dropout zeroes the adapter's input, or None;
         # scaling: the LoRA scaling times dropout's 1 / (1 - p)
-        xl = xc if drop is None else torch.where(drop, 0.0, xc)
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        out = xc @ dense_weight(base, dtype).T  # (N, out)
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            out += bias.to(dtype)
-        xas = (xl @ a.T).mul_(scaling)  # (N, r): scaling on the rank-r side, the cheap one
-        del xl
-        out.addmm_(xas, b.T)
+        out, xas = lora_project(xc, drop, lora_A, lora_B, base, scaling, dtype)
         ctx.save_for_backward(xc, drop, xas, lora_A, lora_B)
         ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
         return out
@@ -176,19 +197,12 @@ class _FusedLoRA(torch.autograd.Function):
         xc, drop, xas, lora_A, lora_B = ctx.saved_tensors
         dtype = ctx.dtype
         g = grad_out.to(dtype)  # (N, out)
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        gbs = (g @ b).mul_(ctx.scaling)  # (N, r)
+        gbs = (g @ lora_B.to(dtype)).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            w = dense_weight(ctx.base, dtype)
-            if drop is None:  # (N, in): through the frozen base, plus the adapter's part in the same tensor
-                grad_x = (g @ w).addmm_(gbs, a)
-            else:  # the adapter's part through the dropout, then the base's accumulated onto it by the matmul
-                grad_x = torch.addmm(torch.where(drop, 0.0, gbs @ a), g, w)
-            grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            xl = xc if drop is None else torch.where(drop, 0.0, xc)  # recomputed: one byte per element saved
-            grad_A = (gbs.T @ xl).to(lora_A.dtype)  # (r, in)
+            grad_x = lora_input_grad(g, gbs, lora_A, drop, ctx.base, dtype).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:  # the dropped input recomputed: one byte per element saved
+            grad_A = (gbs.T @ dropped(xc, drop)).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
             grad_B = (g.T @ xas).to(lora_B.dtype)  # (out, r)
         return grad_x, None, None, grad_A, grad_B, None, None, None

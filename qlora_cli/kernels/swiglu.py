@@ -17,23 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qlora_cli.kernels import lora_linear  # dense_weight read through the module: the memory plan stands it in
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
-from qlora_cli.kernels.lora_linear import compute_dtype, quant_state_of, shared_cast
-
-
-def _project(xc: torch.Tensor, drop: Any, a: torch.Tensor, b: torch.Tensor, base: nn.Module, s: float, dtype: Any):
-    """(x W^T + bias + s (m x) A^T B^T, s (m x) A^T) in ``dtype``."""
-    out = xc @ lora_linear.dense_weight(base, dtype).T
-    bias = getattr(base, "bias", None)
-    if bias is not None:
-        out += bias.to(dtype)
-    xl = xc if drop is None else torch.where(drop, 0.0, xc)
-    xas = (xl @ a.to(dtype).T).mul_(s)
-    out.addmm_(xas, b.to(dtype).T)
-    return out, xas
+from qlora_cli.kernels.lora_linear import (
+    compute_dtype,
+    dropped,
+    lora_input_grad,
+    lora_project,
+    quant_state_of,
+    shared_cast,
+)
 
 
 class _FusedSwiGLU(torch.autograd.Function):
@@ -57,11 +51,11 @@ class _FusedSwiGLU(torch.autograd.Function):
         # x: (N, hidden), differentiable; xc: x in the compute dtype, detached (shared_cast); drops: the three
         # bool masks (True: dropped) or None each; act_dtype: the dtype the plain path applies silu and * in
         drop_g, drop_u, drop_d = drops
-        g, xas_g = _project(xc, drop_g, a_g, b_g, bases[0], scalings[0], dtype)
-        u, xas_u = _project(xc, drop_u, a_u, b_u, bases[1], scalings[1], dtype)
+        g, xas_g = lora_project(xc, drop_g, a_g, b_g, bases[0], scalings[0], dtype)
+        u, xas_u = lora_project(xc, drop_u, a_u, b_u, bases[1], scalings[1], dtype)
         g, u = g.to(act_dtype), u.to(act_dtype)
         h = torch.ops.aten.silu.out(g, out=_scratch(0, g)).mul_(u)  # (N, intermediate): not saved
-        out, xas_d = _project(h.to(dtype), drop_d, a_d, b_d, bases[2], scalings[2], dtype)
+        out, xas_d = lora_project(h.to(dtype), drop_d, a_d, b_d, bases[2], scalings[2], dtype)
         del h
         ctx.save_for_backward(xc, g, u, xas_g, xas_u, xas_d, drop_g, drop_u, drop_d, a_g, b_g, a_u, b_u, a_d, b_d)
         ctx.bases, ctx.scalings, ctx.dtype, ctx.x_dtype = bases, scalings, dtype, x.dtype
@@ -97,7 +91,7 @@ class _FusedSwiGLU(torch.autograd.Function):
         gbs_g = (dg @ b_g.to(dtype)).mul_(s_g)
         gbs_u = (du @ b_u.to(dtype)).mul_(s_u)
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(dg, gbs_g, a_g, drop_g, base_g, dtype)
+            grad_x = lora_input_grad(dg, gbs_g, a_g, drop_g, base_g, dtype)
             if dtype == ctx.x_dtype:  # the second matmul accumulates onto the first
                 grad_x.addmm_(du, lora_linear.dense_weight(base_u, dtype))
                 if drop_u is None:
@@ -105,10 +99,10 @@ class _FusedSwiGLU(torch.autograd.Function):
                 else:
                     grad_x += torch.where(drop_u, 0.0, gbs_u @ a_u.to(dtype))
             else:  # summed at the input's precision, as autograd sums two layers' gradients
-                grad_u = _input_grad(du, gbs_u, a_u, drop_u, base_u, dtype)
+                grad_u = lora_input_grad(du, gbs_u, a_u, drop_u, base_u, dtype)
                 grad_x = grad_x.to(ctx.x_dtype).add_(grad_u.to(ctx.x_dtype))
-        grad_a_g = (gbs_g.T @ _dropped(xc, drop_g)).to(a_g.dtype)
-        grad_a_u = (gbs_u.T @ _dropped(xc, drop_u)).to(a_u.dtype)
+        grad_a_g = (gbs_g.T @ dropped(xc, drop_g)).to(a_g.dtype)
+        grad_a_u = (gbs_u.T @ dropped(xc, drop_u)).to(a_u.dtype)
         grad_b_g = (dg.T @ xas_g).to(b_g.dtype)
         grad_b_u = (du.T @ xas_u).to(b_u.dtype)
         return (
@@ -133,16 +127,6 @@ def _scratch(slot: int, like: torch.Tensor, dtype: torch.dtype | None = None) ->
     if buf is None or buf.numel() < like.numel():
         buf = _scratches[key] = torch.empty(like.numel(), dtype=dtype)
     return buf[: like.numel()].view(like.shape)
-
-
-def _dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-    return x if drop is None else torch.where(drop, 0.0, x)
-
-
-def _input_grad(g: Any, gbs: Any, a: Any, drop: Any, base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    if drop is None:
-        return (g @ lora_linear.dense_weight(base, dtype)).addmm_(gbs, a.to(dtype))
-    return torch.addmm(torch.where(drop, 0.0, gbs @ a.to(dtype)), g, lora_linear.dense_weight(base, dtype))
 
 
 def fused_swiglu_mlp(x: torch.Tensor, layers: tuple, scalings: tuple, dropout: float = 0.0) -> torch.Tensor:
