@@ -119,6 +119,28 @@ def fused_mlp_matches_plain(base_dir: Path, device: torch.device, dtype: str) ->
     check("fused SwiGLU MLP == plain (4-bit, dropout)", max(errors) < tol, max_rel_error=max(errors), tol=tol)
 
 
+def fused_norm_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
+    """A decoder layer's norm through the fused RMSNorm node against transformers' own, on the device."""
+    model = lora_model(base_dir, device, dtype, dropout=0.0, b_std=0.1).train()
+    norm = model.model.layers[0].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
+    norm.weight.requires_grad_(True)
+    x0 = 2 * torch.randn(4, 33, model.config.hidden_size, device=device) + 0.5
+    results = []
+    for fused in (False, True):
+        set_fused(model, True, norms=fused)
+        norm.weight.grad = None
+        x = x0.to(norm.weight.dtype, copy=True).requires_grad_(True)
+        with Precision.for_run(dtype, device).autocast():
+            y = norm(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        results.append((y.detach(), x.grad, norm.weight.grad.clone()))
+    errors = [rel(f, p) for p, f in zip(*results)]
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    check("fused RMSNorm == transformers' (weight trained)", max(errors) < tol, max_rel_error=max(errors), tol=tol)
+
+
 def fused_loss_matches_plain(base_dir: Path, device: torch.device, dtype: str) -> None:
     model = lora_model(base_dir, device, dtype, dropout=0.0, b_std=0.05)
     ids = torch.randint(5, 90, (3, 40), device=device)
@@ -271,6 +293,7 @@ def main() -> int:
         checks = (
             fused_lora_matches_plain,
             fused_mlp_matches_plain,
+            fused_norm_matches_plain,
             fused_loss_matches_plain,
             compiled_layers_match_plain,
         )

@@ -559,3 +559,86 @@ def test_fused_swiglu_mlp_steps_aside_for_a_disabled_or_merged_adapter(llama_dir
         expected = d(F.silu(g(x)) * u(x))
     torch.testing.assert_close(base_only, expected, atol=1e-5, rtol=1e-5)
     assert (with_adapter - base_only).abs().max() > 1e-3
+
+
+def _norm_step(norm: nn.Module, x: torch.Tensor, fused: bool):
+    from qlora_cli.kernels.rms_norm import fused_rms_norm
+
+    norm.weight.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fused_rms_norm(x, norm.weight, norm.variance_epsilon) if fused else norm(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grad_w = None if norm.weight.grad is None else norm.weight.grad.clone()
+    return y.detach(), x.grad, grad_w, sum(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 48), (2, 7, 3, 16)])  # hidden states; Qwen3's per-head q/k norm
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_fused_rms_norm_equals_transformers_norm(dtype, shape, train_weight):
+    """One node for Llama's RMSNorm: the same output to the bit, the same gradients (input, and the weight when it
+    trains), and one (tokens, hidden) tensor fewer kept for backward (the normalized input is recomputed)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(shape[-1]))
+    norm.weight.requires_grad_(train_weight)
+    x = (2 * torch.randn(shape) + 0.3).to(dtype)
+    y0, gx0, gw0, saved0 = _norm_step(norm, x, False)
+    y1, gx1, gw1, saved1 = _norm_step(norm, x, True)
+    assert y1.dtype == y0.dtype == dtype and torch.equal(y1, y0)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(gx1, gx0, **tol)
+    assert gx1.abs().max() > 0.1
+    if train_weight:
+        assert gw1.dtype == dtype
+        torch.testing.assert_close(gw1, gw0, **tol)
+    else:
+        assert gw0 is None and gw1 is None
+    assert saved0 - saved1 >= x.numel() * x.element_size()
+
+
+def test_set_fused_puts_llama_norms_on_the_fused_node_and_keeps_gemma_and_olmo2_their_own(llama_dir):
+    """The whole model's logits and input gradients are the same with its norms fused; un-fusing, or fusing with
+    ``norms=False`` (as torch_compile does), leaves the class's forward. Norms that compute something else
+    (Gemma's ``1 + weight``, OLMo-2's product before the cast) fail the probe and are left alone."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from qlora_cli.model.lora import _fused_norm_forward, is_rms_norm
+
+    assert is_rms_norm(LlamaRMSNorm(16))
+    assert not is_rms_norm(GemmaRMSNorm(16)) and not is_rms_norm(Olmo2RMSNorm(16))
+
+    model, _ = _mlp_of(llama_dir, 0.0)
+    norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+
+    def logits_and_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), embeds.grad
+
+    set_fused(model, True, norms=False)
+    assert not any("forward" in m.__dict__ for m in norms)
+    plain = logits_and_grad()
+    set_fused(model, True)
+    assert all(m.__dict__["forward"].__func__ is _fused_norm_forward for m in norms)
+    fused = logits_and_grad()
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], plain[1], atol=1e-5, rtol=1e-4)
+    assert plain[1].abs().max() > 1e-3
+    set_fused(model, False)
+    assert not any("forward" in m.__dict__ for m in norms)

@@ -432,7 +432,7 @@ def trace_step(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _quantize_stand_ins(model, cfg)
     inject_lora(model, cfg.lora)  # on the meta device: LoRA layers as training has them, float32, trainable
-    set_fused(model, cfg.fused_lora)  # as run_train sets it
+    set_fused(model, cfg.fused_lora, norms=not cfg.torch_compile)  # as run_train sets it
     with fake_mode, _patched_for_trace(device_type):
         _materialize(model, cfg, device)
         if gradient_checkpointing and train:

@@ -25,6 +25,7 @@ from qlora_cli.config import LoRASettings, lora_scaling
 from qlora_cli.errors import ModelError
 from qlora_cli.kernels.dropout import dropout_mask, dropout_rate
 from qlora_cli.kernels.lora_linear import dense_weight, fused_lora_linear
+from qlora_cli.kernels.rms_norm import fused_rms_norm
 from qlora_cli.kernels.swiglu import fused_swiglu_mlp, swiglu_supported
 from qlora_cli.model.loading import module_device
 
@@ -337,18 +338,27 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def set_fused(model: nn.Module, fused: bool) -> None:
+def set_fused(model: nn.Module, fused: bool, norms: bool = True) -> None:
     """Run every LoRA layer through the fused kernel (``kernels.lora_linear``) or the plain path: the config's
     ``fused_lora``, set the same way by training, evaluation and the memory plan. Fused, a SwiGLU MLP whose three
-    projections are LoRA layers runs as one node (``kernels.swiglu``)."""
+    projections are LoRA layers runs as one node (``kernels.swiglu``), and so does each Llama-style RMSNorm
+    (``kernels.rms_norm``) unless ``norms`` is False (``torch_compile`` fuses them itself)."""
     for _, layer in lora_layers(model):
         layer.fused = fused
     for module in model.modules():
         if fused and is_swiglu_mlp(module):
             module.forward = _fused_mlp_forward.__get__(module)  # an instance attribute: the class is untouched
             module._qlora_fused_mlp = True
-        elif getattr(module.__dict__.get("forward"), "__func__", None) is _fused_mlp_forward:
+        elif _installed(module, _fused_mlp_forward):
             del module.forward, module._qlora_fused_mlp
+        if fused and norms and is_rms_norm(module):
+            module.forward = _fused_norm_forward.__get__(module)
+        elif _installed(module, _fused_norm_forward):
+            del module.forward
+
+
+def _installed(module: nn.Module, forward: object) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is forward
 
 
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -380,6 +390,61 @@ def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     layers = tuple((p.lora_A.weight, p.lora_B.weight, p.base) for p in parts)
     return fused_swiglu_mlp(x, layers, tuple(p.scaling for p in parts), rates.pop())
+
+
+_RMS_NORM_CLASSES: dict[type, bool] = {}  # class -> its forward computes what fused_rms_norm does, to the bit
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """A transformers RMSNorm computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` in float32, as
+    Llama's does: a ``weight`` vector, an ``eps`` (``variance_epsilon``), no children, and a class whose own
+    forward gives the same bits as the fused node on a probe in float32 and bfloat16 (Gemma's ``1 + weight``
+    and OLMo-2's product before the cast fail it and keep their own forward)."""
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    cls = type(module)
+    if (
+        not cls.__name__.endswith("RMSNorm")
+        or not cls.__module__.startswith("transformers.models.")
+        or weight is None
+        or weight.dim() != 1
+        or _norm_eps(module) is None
+        or list(module.children())
+        or set(module._parameters) != {"weight"}
+    ):
+        return False
+    if cls not in _RMS_NORM_CLASSES:
+        _RMS_NORM_CLASSES[cls] = _probe_rms_norm(module, weight.shape[0])
+    return _RMS_NORM_CLASSES[cls]
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _probe_rms_norm(module: nn.Module, width: int) -> bool:
+    """Does the class's forward equal ``fused_rms_norm`` on random rows and a random weight (a stand-in module
+    sharing the instance's attributes: the model's own weight may be on the meta device)?"""
+    g = torch.Generator().manual_seed(0)
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__.update(module.__dict__)
+    eps = _norm_eps(module)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = (1 + torch.randn(width, generator=g)).to(dtype)
+        stand_in.__dict__["_parameters"] = {"weight": nn.Parameter(weight, requires_grad=False)}
+        x = (3 * torch.randn(4, width, generator=g)).to(dtype)
+        try:
+            with torch.no_grad():
+                same = torch.equal(type(module).forward(stand_in, x), fused_rms_norm(x, weight, eps))
+        except Exception:  # noqa: BLE001 - a forward that takes other arguments is not this norm
+            return False
+        if not same:
+            return False
+    return True
+
+
+def _fused_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return fused_rms_norm(x, self.weight, _norm_eps(self))
 
 
 def _dropout_p(layer: LoRALinear) -> float:

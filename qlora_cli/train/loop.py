@@ -422,7 +422,7 @@ def setup(cfg: RunConfig, *, force: bool = False, console: Console | None = None
         load_start_adapter(model, cfg.ref_adapter, cfg.lora, "ref_adapter")
     if cfg.preference and cfg.ref_adapter:
         freeze_reference(model)
-    set_fused(model, cfg.fused_lora)
+    set_fused(model, cfg.fused_lora, norms=not cfg.torch_compile)  # compiling fuses the norms itself
     liger = apply_liger(model, cfg.liger_kernels)
     compiled = (
         compile_layers(

@@ -1,0 +1,70 @@
+"""RMSNorm as one autograd node: ``y = w * (x * rsqrt(mean(x^2) + eps))``, in float32, cast back.
+
+transformers' Llama-family norm is five autograd nodes (pow, mean, rsqrt, two multiplies). Together they keep
+the normalized input, a (tokens, hidden) float32 tensor, beside x for backward, and run about twelve elementwise
+passes forward and backward. This node keeps x and one float per row (the reciprocal root mean square) and
+recomputes the normalized input in backward:
+
+    x̂ = x r          r = rsqrt(mean(x^2) + eps)          y = w x̂
+    dx = r (gw - x̂ mean(gw x̂))    with gw = g w          dw = Σ_rows g x̂
+
+The dtypes follow transformers' code: the statistics and the normalization in float32, the normalized input
+cast back to x's dtype before the weight multiplies it (the product in the promotion of both dtypes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = _rstd(xf, eps)  # (..., 1) float32
+        normed = torch.mul(xf, rstd)
+        if x.dtype != torch.float32:
+            normed = normed.to(x.dtype)
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        out = normed.mul_(weight) if out_dtype == normed.dtype else weight * normed
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        x, rstd, weight = ctx.saved_tensors
+        xf = x.float()
+        normed = torch.mul(xf, rstd)  # x̂, float32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            hat = normed if x.dtype == torch.float32 else normed.to(x.dtype)
+            rows = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_weight = _column_dot(rows, hat.reshape(rows.shape)).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = torch.mul(grad_out, weight, out=torch.empty_like(normed))  # float32 (grad_out, w: any dtypes)
+            dot = _row_dot(gw, normed).div_(x.shape[-1])  # mean(gw x̂) per row
+            grad_x = gw.sub_(normed.mul_(dot)).mul_(rstd)
+            if x.dtype != torch.float32:
+                grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def _rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # transformers' own expression, to the bit
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_last a b per row, kept as a (..., 1) column."""
+    return torch.mul(a, b).sum(-1, keepdim=True)
+
+
+def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_rows a b per column of two (N, d) tensors."""
+    return torch.mul(a, b).sum(0)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _FusedRMSNorm.apply(x, weight, eps)
