@@ -10,7 +10,8 @@
 
 Same random-init model (saved once, loaded by both stacks from the same folder), same token batch, LoRA
 r=16 on all linear layers, paged 8-bit AdamW, same precision and recomputation mode. Speed: both stacks
-live in one process and take steps alternately after a warm-up; the median step time gives tokens/s.
+live in one process and take steps alternately after a warm-up; the median step time gives tokens/s, and the
+ratio of each step to the other stack's next one shows how far a single run's ratio can move.
 Peak memory: each stack in its own subprocess (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS
 above the process's RSS before the model was loaded). The last line is
 `speedup_vs_peft=X.XX memory_vs_peft=Y.YY` for the preset's first mode.
@@ -325,6 +326,7 @@ def time_alternating(folder: Path, preset: Preset, mode: str, stacks: list[str],
         name: {
             "median_step_sec": statistics.median(t),
             "tokens_per_sec": tokens / statistics.median(t),
+            "step_secs": t,
             "first_loss": losses[name][0],
         }
         for name, t in times.items()
@@ -740,6 +742,11 @@ def main() -> int:
                     f"{s:8s} {r['tokens_per_sec']:10,.0f} {r['speedup_vs_peft']:7.2f}x "
                     f"{(mem or 0) / 2**20:10,.0f} {ratio_m:7.2f}x{moved}"
                 )
+            for s in stacks:  # each step beside PEFT's next one: the spread one run of the ratio shows
+                if s != "peft":
+                    pairs = [p / q for q, p in zip(speed[s]["step_secs"], base["step_secs"])]
+                    speed[s]["speedup_per_step_pair"] = pairs
+                    print(f"{s:8s} vs peft, step by step: {min(pairs):.2f}x-{max(pairs):.2f}x over {len(pairs)} pairs")
             ref = PEFT_REFERENCE.get((args.preset, mode))
             if ref is not None and not args.model and DATA == "full":
                 report["modes"][mode]["peft_reference"] = {"tokens_per_sec": ref[0], "peak_gib": ref[1]}
