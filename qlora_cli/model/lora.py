@@ -392,14 +392,19 @@ def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fused_swiglu_mlp(x, layers, tuple(p.scaling for p in parts), rates.pop())
 
 
-_RMS_NORM_CLASSES: dict[type, bool] = {}  # class -> its forward computes what fused_rms_norm does, to the bit
+_NORM_VARIANTS = (("llama", 0.0), ("gemma", 1.0), ("gemma", 0.0))  # Llama ..., Gemma 1-3, OLMo-2
+_RMS_NORM_CLASSES: dict[type, tuple[str, float] | None] = {}  # class -> the fused variant equal to it, to the bit
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """A transformers RMSNorm computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` in float32, as
-    Llama's does: a ``weight`` vector, an ``eps`` (``variance_epsilon``), no children, and a class whose own
-    forward gives the same bits as the fused node on a probe in float32 and bfloat16 (Gemma's ``1 + weight``
-    and OLMo-2's product before the cast fail it and keep their own forward)."""
+    """A transformers RMSNorm that ``fused_rms_norm`` computes: a ``weight`` vector, an ``eps``
+    (``variance_epsilon``), no children, and a class whose own forward gives the same bits as one of the fused
+    variants on a probe in float32 and bfloat16: Llama's ``weight * x̂.to(dtype)`` (Mistral, Qwen, Phi-3, SmolLM3,
+    Granite, ...), Gemma's ``(x̂ * (1 + weight)).to(dtype)``, OLMo-2's ``(weight * x̂).to(dtype)``."""
+    return _norm_variant(module) is not None
+
+
+def _norm_variant(module: nn.Module) -> tuple[str, float] | None:
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
     cls = type(module)
     if (
@@ -411,9 +416,9 @@ def is_rms_norm(module: nn.Module) -> bool:
         or list(module.children())
         or set(module._parameters) != {"weight"}
     ):
-        return False
+        return None
     if cls not in _RMS_NORM_CLASSES:
-        _RMS_NORM_CLASSES[cls] = _probe_rms_norm(module, weight.shape[0])
+        _RMS_NORM_CLASSES[cls] = next((v for v in _NORM_VARIANTS if _probe_rms_norm(module, *v)), None)
     return _RMS_NORM_CLASSES[cls]
 
 
@@ -422,10 +427,11 @@ def _norm_eps(module: nn.Module) -> float | None:
     return eps if isinstance(eps, float) else None
 
 
-def _probe_rms_norm(module: nn.Module, width: int) -> bool:
-    """Does the class's forward equal ``fused_rms_norm`` on random rows and a random weight (a stand-in module
-    sharing the instance's attributes: the model's own weight may be on the meta device)?"""
+def _probe_rms_norm(module: nn.Module, style: str, offset: float) -> bool:
+    """Does the class's forward equal this variant of ``fused_rms_norm`` on random rows and a random weight (a
+    stand-in module sharing the instance's attributes: the model's own weight may be on the meta device)?"""
     g = torch.Generator().manual_seed(0)
+    width = module._parameters["weight"].shape[0]
     stand_in = object.__new__(type(module))
     stand_in.__dict__.update(module.__dict__)
     eps = _norm_eps(module)
@@ -435,7 +441,7 @@ def _probe_rms_norm(module: nn.Module, width: int) -> bool:
         x = (3 * torch.randn(4, width, generator=g)).to(dtype)
         try:
             with torch.no_grad():
-                same = torch.equal(type(module).forward(stand_in, x), fused_rms_norm(x, weight, eps))
+                same = torch.equal(type(module).forward(stand_in, x), fused_rms_norm(x, weight, eps, style, offset))
         except Exception:  # noqa: BLE001 - a forward that takes other arguments is not this norm
             return False
         if not same:
@@ -444,7 +450,8 @@ def _probe_rms_norm(module: nn.Module, width: int) -> bool:
 
 
 def _fused_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return fused_rms_norm(x, self.weight, _norm_eps(self))
+    style, offset = _RMS_NORM_CLASSES[type(self)]
+    return fused_rms_norm(x, self.weight, _norm_eps(self), style, offset)
 
 
 def _dropout_p(layer: LoRALinear) -> float:
