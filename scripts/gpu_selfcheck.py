@@ -6,8 +6,8 @@
 1. the fused LoRA node equals the plain LoRALinear on a 4-bit layer under autocast, dropout on: outputs, the
    input's gradient and the adapter's gradients;
 2. the fused head + cross-entropy equals the plain loss and its gradients on a tiny Llama; the SwiGLU MLP as one
-   node equals its three LoRA layers with SiLU and product between them (dropout on); compiled decoder layers
-   equal the plain model;
+   node equals its three LoRA layers with SiLU and product between them (dropout on); the fused RMSNorm equals
+   transformers' (weight trained); compiled decoder layers equal the plain model;
 3. `qlora train` on the shipped demo task (reverse a word) with gradient checkpointing, in the compute dtype:
    `qlora eval` shows exact match rising from the base's;
 4. PEFT loads that adapter on the same 4-bit base and gives qlora's logits: both stacks run under the run's

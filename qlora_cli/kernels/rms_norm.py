@@ -52,12 +52,12 @@ class _FusedRMSNorm(torch.autograd.Function):
             rows = grad_out.reshape(-1, grad_out.shape[-1])
             if not llama:
                 rows = rows.float()
-            grad_weight = _column_dot(rows, hat.reshape(rows.shape)).to(weight.dtype)
+            grad_weight = torch.mul(rows, hat.reshape(rows.shape)).sum(0).to(weight.dtype)  # Σ_rows g x̂
         grad_x = None
         if ctx.needs_input_grad[0]:
             scale = weight if llama else _scale(weight, ctx.offset)
             gw = torch.mul(grad_out, scale, out=torch.empty_like(normed))  # float32 (grad_out, w: any dtypes)
-            dot = _row_dot(gw, normed).div_(x.shape[-1])  # mean(gw x̂) per row
+            dot = torch.mul(gw, normed).sum(-1, keepdim=True).div_(x.shape[-1])  # mean(gw x̂) per row
             grad_x = gw.sub_(normed.mul_(dot)).mul_(rstd)
             if x.dtype != torch.float32:
                 grad_x = grad_x.to(x.dtype)
@@ -71,16 +71,6 @@ def _scale(weight: torch.Tensor, offset: float) -> torch.Tensor:
 
 def _rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # transformers' own expression, to the bit
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_last a b per row, kept as a (..., 1) column."""
-    return torch.mul(a, b).sum(-1, keepdim=True)
-
-
-def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_rows a b per column of two (N, d) tensors."""
-    return torch.mul(a, b).sum(0)
 
 
 def fused_rms_norm(

@@ -341,8 +341,9 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def set_fused(model: nn.Module, fused: bool, norms: bool = True) -> None:
     """Run every LoRA layer through the fused kernel (``kernels.lora_linear``) or the plain path: the config's
     ``fused_lora``, set the same way by training, evaluation and the memory plan. Fused, a SwiGLU MLP whose three
-    projections are LoRA layers runs as one node (``kernels.swiglu``), and so does each Llama-style RMSNorm
-    (``kernels.rms_norm``) unless ``norms`` is False (``torch_compile`` fuses them itself)."""
+    projections are LoRA layers runs as one node (``kernels.swiglu``), and so does each RMSNorm that
+    ``kernels.rms_norm`` computes to the bit (``is_rms_norm``), unless ``norms`` is False (``torch_compile``
+    fuses norms itself)."""
     for _, layer in lora_layers(model):
         layer.fused = fused
     for module in model.modules():
@@ -405,7 +406,7 @@ def is_rms_norm(module: nn.Module) -> bool:
 
 
 def _norm_variant(module: nn.Module) -> tuple[str, float] | None:
-    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    weight = module._parameters.get("weight")
     cls = type(module)
     if (
         not cls.__name__.endswith("RMSNorm")
