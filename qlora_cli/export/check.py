@@ -75,7 +75,12 @@ def load_gguf_model(
     try:
         with alone(path) as file:
             return AutoModelForCausalLM.from_pretrained(
-                file.parent, gguf_file=file.name, dtype=torch.float32, device_map={"": device}, **kwargs
+                file.parent,
+                gguf_file=file.name,
+                dtype=torch.float32,
+                device_map={"": device},
+                use_kernels=False,
+                **kwargs,
             )
     finally:
         if bar is not None:

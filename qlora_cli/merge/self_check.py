@@ -231,7 +231,12 @@ def self_check(
         del model
     gc.collect()
     if load_candidate is None:
-        merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": device})
+        merged_model = AutoModelForCausalLM.from_pretrained(
+            merged_dir,
+            dtype=torch.float32,
+            device_map={"": device},
+            use_kernels=False,  # no hub kernels: see loading
+        )
     else:
         merged_model = load_candidate()
     merged = _logits(merged_model.eval(), prompts, device, nullcontext)

@@ -213,6 +213,10 @@ def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device, keep_1
         "device_map": {"": device},
         "trust_remote_code": cfg.trust_remote_code,
         "use_safetensors": not cfg.allow_pickle_weights,
+        # transformers (5.x, with the `kernels` package installed) otherwise swaps hub kernels into the norms and
+        # rotary at load and again at every train()/eval(), undoing qlora's fused norms and Liger's, and on a GPU
+        # fetches them from the Hub
+        "use_kernels": False,
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
