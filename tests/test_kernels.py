@@ -38,9 +38,32 @@ def run(layer: LoRALinear, x: torch.Tensor, fused: bool, seed: int = 0):
     return y.detach(), x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
 
 
+def count_merges(monkeypatch) -> list[bool]:
+    """Records, at every call of ``merged_weight`` (the rank-r update merged into the base weight), whether it
+    merged."""
+    from qlora_cli.kernels import lora_linear, swiglu
+
+    calls: list[bool] = []
+    original = lora_linear.merged_weight
+
+    def spy(*args):
+        w = original(*args)
+        calls.append(w is not None)
+        return w
+
+    monkeypatch.setattr(lora_linear, "merged_weight", spy)
+    monkeypatch.setattr(swiglu, "merged_weight", spy)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["linear", "linear-bias", "conv1d", "4bit"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_lora_equals_plain(llama_dir, kind, dropout):
+@pytest.mark.parametrize("rows", [(3, 5), (4, 40)])
+def test_fused_lora_equals_plain(llama_dir, kind, dropout, rows, monkeypatch):
+    """Output, input gradient and both adapter gradients equal the plain path's. With more rows than features,
+    no dropout and float32, the update rides in the base matmul (x (W + s B A)^T, forward and backward): the
+    same numbers, and a dense base weight is left as it was."""
+    merges = count_merges(monkeypatch)
     torch.manual_seed(1)
     base = {
         "linear": lambda: nn.Linear(64, 48, bias=False),
@@ -51,11 +74,15 @@ def test_fused_lora_equals_plain(llama_dir, kind, dropout):
     layer = LoRALinear(base, r=4, alpha=8, dropout=dropout)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.3)
-    x = torch.randn(3, 5, layer.in_features)
+    x = torch.randn(*rows, layer.in_features)
+    before = base.weight.detach().clone()
     plain, fused = run(layer, x, False), run(layer, x, True)
     for a, b in zip(plain, fused):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
     assert plain[0].dtype == fused[0].dtype
+    assert torch.equal(base.weight, before)
+    # forward and the input's gradient merge exactly when the rows outnumber the features and nothing is dropped
+    assert merges == ([] if dropout else [rows[0] * rows[1] > 64] * 2)
 
 
 def test_fused_lora_under_bf16_autocast(llama_dir):
@@ -161,12 +188,27 @@ def test_lora_head_falls_back_to_the_plain_loss(model_factory):
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console, compute):
+def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console, compute, monkeypatch):
     """Issue 7's numerics: same data and seed, 20 steps on the 4-bit base, losses within 1% relative (bf16
-    autocast too, where the fused path shares one bf16 copy of each input between q, k and v)."""
+    autocast too, where the fused path shares one bf16 copy of each input between q, k and v). The fast run
+    goes through every fused node (norms, MLP, the other LoRA layers), the plain run through none: nothing on
+    the way (transformers' hub kernels at ``model.train()``, say) puts the model's own forwards back."""
+    from qlora_cli.model import lora
+
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(80, seed=9))
-    runs = {}
+    runs, calls = {}, {}
+
+    def counted(name: str, kernel):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return kernel(*args, **kwargs)
+
+        return call
+
+    for name in ("fused_rms_norm", "fused_swiglu_mlp", "fused_lora_linear"):
+        monkeypatch.setattr(lora, name, counted(name, getattr(lora, name)))
     for fast in (False, True):
+        calls.clear()
         cfg = make_config(
             llama_dir,
             data,
@@ -182,6 +224,7 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             gradient_checkpointing=True,
         )
         runs[fast] = run_train(cfg, console=quiet_console)
+        assert sorted(calls) == (["fused_lora_linear", "fused_rms_norm", "fused_swiglu_mlp"] if fast else [])
     plain = [r["loss"] for r in runs[False].history if r["type"] == "train"]
     fast = [r["loss"] for r in runs[True].history if r["type"] == "train"]
     assert len(plain) == len(fast) == 20 and plain[-1] < plain[0]
@@ -513,20 +556,24 @@ def _mlp_step(model, mlp, x, fused: bool, autocast: bool = False):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_swiglu_mlp_equals_plain(llama_dir, dropout):
+@pytest.mark.parametrize("rows", [(3, 11), (4, 40)])
+def test_fused_swiglu_mlp_equals_plain(llama_dir, dropout, rows, monkeypatch):
     """The MLP as one node (gate, up, SiLU, product, down): the same output and gradients (input and all six
     adapter matrices) as three fused LoRA layers with autograd's SiLU and product between them, dropout masks
-    included; and it keeps less for backward: silu(G) and h are recomputed, not saved."""
+    included; and it keeps less for backward: silu(G) and h are recomputed, not saved. With more rows than
+    features and no dropout, each of the six matmuls carries its adapter's update in the weight."""
     model, mlp = _mlp_of(llama_dir, dropout)
     assert mlp.__dict__.get("forward") is None  # not yet fused
-    x = torch.randn(3, 11, model.config.hidden_size)
+    x = torch.randn(*rows, model.config.hidden_size)
     plain, saved_plain = _mlp_step(model, mlp, x, False)
+    merges = count_merges(monkeypatch)
     fused, saved_fused = _mlp_step(model, mlp, x, True)
+    assert merges == ([] if dropout else [rows[0] * rows[1] > model.config.intermediate_size] * 6)
     assert getattr(mlp, "_qlora_fused_mlp", False)
     assert len(plain) == 8
     for a, b in zip(plain, fused):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
-    tokens, inter = 3 * 11, model.config.intermediate_size
+    tokens, inter = rows[0] * rows[1], model.config.intermediate_size
     # two (tokens, intermediate) float32 tensors fewer: silu(G) and the product h
     assert sum(saved_plain) - sum(saved_fused) >= 2 * tokens * inter * 4
     # back to the plain forward when the fused flag is off
@@ -661,6 +708,8 @@ def test_set_fused_puts_the_models_norms_on_the_fused_node(llama_dir):
     assert not any("forward" in m.__dict__ for m in norms)
     plain = logits_and_grad()
     set_fused(model, True)
+    model.eval()
+    model.train()  # with transformers' hub kernels on, a mode change put the class's forward back
     assert all(m.__dict__["forward"].__func__ is _fused_norm_forward for m in norms)
     fused = logits_and_grad()
     torch.testing.assert_close(fused[0], plain[0], atol=1e-5, rtol=1e-5)

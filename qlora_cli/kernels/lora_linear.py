@@ -146,28 +146,64 @@ def dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
     return x if drop is None else torch.where(drop, 0.0, x)
 
 
+def merged_weight(
+    base: nn.Module, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, rows: int, side: int
+) -> torch.Tensor | None:
+    """W + s B A (out, in) from the dense weight ``w``, where multiplying by it once replaces the rank-r update's
+    pass over a (rows, side) tensor: float32 only (in bf16 the small update would round away against W), and only
+    where the weight is the smaller pass (``side`` is in for the output, out for the input's gradient, so this
+    needs rows > the other dimension). None otherwise. The shared 4-bit dequantization buffer (or a fresh
+    dequantized copy) takes the update in place; a dense weight is never written, a new tensor is made."""
+    if w.dtype != torch.float32 or rows * side <= w.numel():
+        return None
+    b, a = lora_B.to(w.dtype), lora_A.to(w.dtype)
+    if quant_state_of(base) is not None:
+        return w.addmm_(b, a, alpha=scaling)
+    return torch.addmm(w, b, a, alpha=scaling)
+
+
 def lora_project(
     xc: torch.Tensor, drop: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, base: nn.Module, scaling: float, dtype: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + bias + s (m x) A^T B^T, s (m x) A^T) in ``dtype``: a LoRA layer's forward, (N, out) and (N, r)."""
-    out = xc @ dense_weight(base, dtype).T  # (N, out)
+    """(x W^T + bias + s (m x) A^T B^T, s (m x) A^T) in ``dtype``: a LoRA layer's forward, (N, out) and (N, r).
+
+    Without dropout, in float32, with more rows than input features, the update rides in the base matmul:
+    x (W + s B A)^T, one pass over W instead of one over the (N, out) output."""
+    w = dense_weight(base, dtype)
+    xas = (dropped(xc, drop) @ lora_A.to(dtype).T).mul_(scaling)  # scaling on the rank-r side, the cheap one
+    merged = None if drop is not None else merged_weight(base, w, lora_A, lora_B, scaling, xc.shape[0], w.shape[0])
+    out = xc @ (w if merged is None else merged).T  # (N, out)
     bias = getattr(base, "bias", None)
     if bias is not None:
         out += bias.to(dtype)
-    xas = (dropped(xc, drop) @ lora_A.to(dtype).T).mul_(scaling)  # scaling on the rank-r side, the cheap one
-    out.addmm_(xas, lora_B.to(dtype).T)
+    if merged is None:
+        out.addmm_(xas, lora_B.to(dtype).T)
     return out, xas
 
 
 def lora_input_grad(
-    g: torch.Tensor, gbs: torch.Tensor, lora_A: torch.Tensor, drop: Any, base: nn.Module, dtype: Any
+    g: torch.Tensor,
+    gbs: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    drop: Any,
+    base: nn.Module,
+    dtype: Any,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A LoRA layer's input gradient (N, in) from its output's, g, and gbs = s g B: through the frozen base plus
-    the adapter's part (through the dropout) in the same tensor, accumulated by the matmul."""
+    the adapter's part (through the dropout) in the same tensor, accumulated by the matmul. ``out``: a
+    gradient to add it to (in place), else a new tensor. Without dropout the adapter's part rides in the base
+    matmul where that pays (``merged_weight``): g (W + s B A)."""
     w, a = dense_weight(base, dtype), lora_A.to(dtype)
+    merged = None if drop is not None else merged_weight(base, w, lora_A, lora_B, scaling, g.shape[0], w.shape[1])
+    if merged is not None:
+        return g @ merged if out is None else out.addmm_(g, merged)
     if drop is None:
-        return (g @ w).addmm_(gbs, a)
-    return torch.addmm(torch.where(drop, 0.0, gbs @ a), g, w)
+        return (g @ w if out is None else out.addmm_(g, w)).addmm_(gbs, a)
+    update = torch.where(drop, 0.0, gbs @ a)
+    return torch.addmm(update, g, w) if out is None else out.addmm_(g, w).add_(update)
 
 
 class _FusedLoRA(torch.autograd.Function):
@@ -200,7 +236,7 @@ class _FusedLoRA(torch.autograd.Function):
         gbs = (g @ lora_B.to(dtype)).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = lora_input_grad(g, gbs, lora_A, drop, ctx.base, dtype).to(ctx.x_dtype)
+            grad_x = lora_input_grad(g, gbs, lora_A, lora_B, ctx.scaling, drop, ctx.base, dtype).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:  # the dropped input recomputed: one byte per element saved
             grad_A = (gbs.T @ dropped(xc, drop)).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:

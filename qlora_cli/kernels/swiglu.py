@@ -25,6 +25,7 @@ from qlora_cli.kernels.lora_linear import (
     dropped,
     lora_input_grad,
     lora_project,
+    merged_weight,
     quant_state_of,
     shared_cast,
 )
@@ -69,11 +70,12 @@ class _FusedSwiGLU(torch.autograd.Function):
         # down: its input's gradient dh, and its adapter's gradients (h recomputed for A's)
         gbs_d = (go @ b_d.to(dtype)).mul_(s_d)  # (N, r)
         w = lora_linear.dense_weight(base_d, dtype)
-        dh = torch.mm(go, w, out=_scratch(1, g, dtype))  # (N, intermediate)
-        if drop_d is None:
-            dh.addmm_(gbs_d, a_d.to(dtype))
-        else:
+        merged = None if drop_d is not None else merged_weight(base_d, w, a_d, b_d, s_d, go.shape[0], w.shape[1])
+        dh = torch.mm(go, w if merged is None else merged, out=_scratch(1, g, dtype))  # (N, intermediate)
+        if drop_d is not None:
             dh += (gbs_d @ a_d.to(dtype)).masked_fill_(drop_d, 0.0)
+        elif merged is None:
+            dh.addmm_(gbs_d, a_d.to(dtype))
         dh = dh.to(g.dtype)
         silu = torch.ops.aten.silu.out(g, out=_scratch(0, g))
         h = torch.mul(silu, u, out=_scratch(2, g)).to(dtype)
@@ -91,15 +93,11 @@ class _FusedSwiGLU(torch.autograd.Function):
         gbs_g = (dg @ b_g.to(dtype)).mul_(s_g)
         gbs_u = (du @ b_u.to(dtype)).mul_(s_u)
         if ctx.needs_input_grad[0]:
-            grad_x = lora_input_grad(dg, gbs_g, a_g, drop_g, base_g, dtype)
+            grad_x = lora_input_grad(dg, gbs_g, a_g, b_g, s_g, drop_g, base_g, dtype)
             if dtype == ctx.x_dtype:  # the second matmul accumulates onto the first
-                grad_x.addmm_(du, lora_linear.dense_weight(base_u, dtype))
-                if drop_u is None:
-                    grad_x.addmm_(gbs_u, a_u.to(dtype))
-                else:
-                    grad_x += torch.where(drop_u, 0.0, gbs_u @ a_u.to(dtype))
+                lora_input_grad(du, gbs_u, a_u, b_u, s_u, drop_u, base_u, dtype, out=grad_x)
             else:  # summed at the input's precision, as autograd sums two layers' gradients
-                grad_u = lora_input_grad(du, gbs_u, a_u, drop_u, base_u, dtype)
+                grad_u = lora_input_grad(du, gbs_u, a_u, b_u, s_u, drop_u, base_u, dtype)
                 grad_x = grad_x.to(ctx.x_dtype).add_(grad_u.to(ctx.x_dtype))
         grad_a_g = (gbs_g.T @ dropped(xc, drop_g)).to(a_g.dtype)
         grad_a_u = (gbs_u.T @ dropped(xc, drop_u)).to(a_u.dtype)
