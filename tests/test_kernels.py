@@ -191,8 +191,9 @@ def test_lora_head_falls_back_to_the_plain_loss(model_factory):
 def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_console, compute, monkeypatch):
     """Issue 7's numerics: same data and seed, 20 steps on the 4-bit base, losses within 1% relative (bf16
     autocast too, where the fused path shares one bf16 copy of each input between q, k and v). The fast run
-    goes through every fused node (norms, MLP, the other LoRA layers), the plain run through none: nothing on
+    goes through every fused node (norms, MLP, the other LoRA layers, the loss), the plain run through none: nothing on
     the way (transformers' hub kernels at ``model.train()``, say) puts the model's own forwards back."""
+    from qlora_cli.kernels import cross_entropy
     from qlora_cli.model import lora
 
     data = write_jsonl(tmp_path / "d.jsonl", upper_rows(80, seed=9))
@@ -207,6 +208,8 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
 
     for name in ("fused_rms_norm", "fused_swiglu_mlp", "fused_lora_linear"):
         monkeypatch.setattr(lora, name, counted(name, getattr(lora, name)))
+    loss = "fused_linear_cross_entropy"  # imported by the loss at each call
+    monkeypatch.setattr(cross_entropy, loss, counted(loss, getattr(cross_entropy, loss)))
     for fast in (False, True):
         calls.clear()
         cfg = make_config(
@@ -224,7 +227,8 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             gradient_checkpointing=True,
         )
         runs[fast] = run_train(cfg, console=quiet_console)
-        assert sorted(calls) == (["fused_lora_linear", "fused_rms_norm", "fused_swiglu_mlp"] if fast else [])
+        fused = ["fused_linear_cross_entropy", "fused_lora_linear", "fused_rms_norm", "fused_swiglu_mlp"]
+        assert sorted(calls) == (fused if fast else [])
     plain = [r["loss"] for r in runs[False].history if r["type"] == "train"]
     fast = [r["loss"] for r in runs[True].history if r["type"] == "train"]
     assert len(plain) == len(fast) == 20 and plain[-1] < plain[0]
