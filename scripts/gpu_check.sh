@@ -20,6 +20,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# transformers' hub kernels off for every stack (qlora loads without them; the peers' baselines would otherwise try
+# to fetch them on a machine that reaches nothing)
+export USE_HUB_KERNELS=0
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f .gpu/site.tgz ]; then
     mkdir -p /tmp/site && tar -xzf .gpu/site.tgz -C /tmp/site && export PYTHONPATH=".:/tmp/site${PYTHONPATH#.}"

@@ -64,8 +64,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fused_lora_matches_plain(base_dir: Path, device: torch.device, dtype: str, dropout: float = 0.1) -> None:
-    """One 4-bit LoRA layer, fused against plain. Without dropout in float32, with more rows than features, the
-    fused node adds the update into the dequantized weight (``merged_weight``): that case is checked too."""
+    """One 4-bit LoRA layer, fused against plain, with dropout and (float32, more rows than features) without."""
     cfg = load_config(None, base_model=str(base_dir), datasets=[{"path": "x"}], bnb_4bit_compute_dtype=dtype)
     base = load_base_model(cfg, device).model.layers[0].mlp.up_proj
     layer = LoRALinear(base, r=8, alpha=16, dropout=dropout).to(device)
@@ -85,8 +84,12 @@ def fused_lora_matches_plain(base_dir: Path, device: torch.device, dtype: str, d
         results.append((y.detach(), x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
     errors = [rel(f, p) for p, f in zip(*results)]
     tol = 1e-5 if dtype == "float32" else 2e-2
-    what = "dropout" if dropout else "no dropout: update in the weight" if dtype == "float32" else "no dropout"
-    check(f"fused LoRA node == plain (4-bit, {what})", max(errors) < tol, max_rel_error=max(errors), tol=tol)
+    check(
+        f"fused LoRA node == plain (4-bit, {dtype}, {'dropout' if dropout else 'no dropout'})",
+        max(errors) < tol,
+        max_rel_error=max(errors),
+        tol=tol,
+    )
 
 
 def lora_model(base_dir: Path, device: torch.device, dtype: str, dropout: float, b_std: float) -> Any:

@@ -227,8 +227,16 @@ def test_twenty_steps_fast_path_matches_plain_path(tmp_path, llama_dir, quiet_co
             gradient_checkpointing=True,
         )
         runs[fast] = run_train(cfg, console=quiet_console)
-        fused = ["fused_linear_cross_entropy", "fused_lora_linear", "fused_rms_norm", "fused_swiglu_mlp"]
-        assert sorted(calls) == (fused if fast else [])
+        if not fast:
+            assert calls == {}
+            continue
+        # at every step: the loss once, each layer's MLP, its four attention projections and its two norms (and the
+        # final one); the norm's probe in set_fused calls the kernel a few times and would not reach these counts
+        layers = 2
+        assert calls["fused_linear_cross_entropy"] >= 20, calls
+        assert calls["fused_swiglu_mlp"] >= 20 * layers, calls
+        assert calls["fused_lora_linear"] >= 20 * 4 * layers, calls
+        assert calls["fused_rms_norm"] >= 20 * (2 * layers + 1), calls
     plain = [r["loss"] for r in runs[False].history if r["type"] == "train"]
     fast = [r["loss"] for r in runs[True].history if r["type"] == "train"]
     assert len(plain) == len(fast) == 20 and plain[-1] < plain[0]

@@ -150,11 +150,12 @@ def merged_weight(
     base: nn.Module, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, rows: int, side: int
 ) -> torch.Tensor | None:
     """W + s B A (out, in) from the dense weight ``w``, where multiplying by it once replaces the rank-r update's
-    pass over a (rows, side) tensor: float32 only (in bf16 the small update would round away against W), and only
-    where the weight is the smaller pass (``side`` is in for the output, out for the input's gradient, so this
-    needs rows > the other dimension). None otherwise. The shared 4-bit dequantization buffer (or a fresh
-    dequantized copy) takes the update in place; a dense weight is never written, a new tensor is made."""
-    if w.dtype != torch.float32 or rows * side <= w.numel():
+    pass over a (rows, side) tensor: ``side`` is out for the output, in for the input's gradient, so this pays
+    where rows exceed the weight's other dimension. On a CPU in float32 only: in bf16, or in TF32 on a GPU, the
+    small update would round away against W (and a GPU does the rank-r pass at little cost). None otherwise.
+    The shared 4-bit dequantization buffer (or a fresh dequantized copy) takes the update in place; a dense weight
+    is never written, a new tensor is made."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or rows * side <= w.numel():
         return None
     b, a = lora_B.to(w.dtype), lora_A.to(w.dtype)
     if quant_state_of(base) is not None:
@@ -167,8 +168,8 @@ def lora_project(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + bias + s (m x) A^T B^T, s (m x) A^T) in ``dtype``: a LoRA layer's forward, (N, out) and (N, r).
 
-    Without dropout, in float32, with more rows than input features, the update rides in the base matmul:
-    x (W + s B A)^T, one pass over W instead of one over the (N, out) output."""
+    Without dropout, in float32 on a CPU, with more rows than input features, the update rides in the base
+    matmul: x (W + s B A)^T, one pass over W instead of one over the (N, out) output (``merged_weight``)."""
     w = dense_weight(base, dtype)
     xas = (dropped(xc, drop) @ lora_A.to(dtype).T).mul_(scaling)  # scaling on the rank-r side, the cheap one
     merged = None if drop is not None else merged_weight(base, w, lora_A, lora_B, scaling, xc.shape[0], w.shape[0])
