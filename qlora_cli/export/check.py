@@ -19,7 +19,7 @@ from rich.console import Console
 from qlora_cli.export.gguf_arch import rope_settings
 from qlora_cli.merge import MergeSource
 from qlora_cli.merge.self_check import BUILTIN_PROMPTS, CHECK_LIMITS, CheckResult, self_check
-from qlora_cli.model.loading import quiet_libraries
+from qlora_cli.model.loading import NO_HUB_KERNELS, quiet_libraries
 
 # --quant -> which CHECK_LIMITS judge the file (f32 is "exact" only when the run computed in float32)
 LIMITS = {"f16": "16-bit", "bf16": "16-bit", "q8_0": "q8_0", "q4_0": "4/5-bit", "q4_1": "4/5-bit", "q5_0": "4/5-bit"}
@@ -79,7 +79,7 @@ def load_gguf_model(
                 gguf_file=file.name,
                 dtype=torch.float32,
                 device_map={"": device},
-                use_kernels=False,
+                **NO_HUB_KERNELS,
                 **kwargs,
             )
     finally:

@@ -17,7 +17,7 @@ import torch
 from qlora_cli.layout import MODEL_CONFIG
 from qlora_cli.merge.plan import is_quantized_in_training, model_skeleton, not_quantized_modules
 from qlora_cli.model.adapter_io import adapter_modules
-from qlora_cli.model.loading import autocast
+from qlora_cli.model.loading import NO_HUB_KERNELS, autocast
 from qlora_cli.run_folder import RunFolder
 
 # Self-check thresholds. The merged model (loaded in float32) is compared with the adapter on its base, run
@@ -232,10 +232,7 @@ def self_check(
     gc.collect()
     if load_candidate is None:
         merged_model = AutoModelForCausalLM.from_pretrained(
-            merged_dir,
-            dtype=torch.float32,
-            device_map={"": device},
-            use_kernels=False,  # no hub kernels: see loading
+            merged_dir, dtype=torch.float32, device_map={"": device}, **NO_HUB_KERNELS
         )
     else:
         merged_model = load_candidate()

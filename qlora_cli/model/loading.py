@@ -194,6 +194,12 @@ def bnb_config(quant: QuantSettings) -> Any:
     )
 
 
+# For every from_pretrained: transformers (5.x, with the `kernels` package installed) otherwise swaps hub kernels
+# into the norms and rotary at load and again at every train()/eval(), undoing qlora's fused norms and Liger's, and
+# on a GPU fetches them from the Hub.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device, keep_16bit: list[str] | None = None) -> Any:
     """The frozen base model on ``device``, 4-bit when asked, norms and biases in float32 under autocast.
 
@@ -213,10 +219,7 @@ def load_base_model(cfg: RunConfig | ModelSettings, device: torch.device, keep_1
         "device_map": {"": device},
         "trust_remote_code": cfg.trust_remote_code,
         "use_safetensors": not cfg.allow_pickle_weights,
-        # transformers (5.x, with the `kernels` package installed) otherwise swaps hub kernels into the norms and
-        # rotary at load and again at every train()/eval(), undoing qlora's fused norms and Liger's, and on a GPU
-        # fetches them from the Hub
-        "use_kernels": False,
+        **NO_HUB_KERNELS,
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
